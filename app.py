@@ -1,0 +1,196 @@
+"""Wan T2V Studio: the composition root.
+
+    python app.py [serve options]     run the web app (default 127.0.0.1:7860)
+    python app.py download [...]      download the INT8 weights
+    python app.py doctor [...]        check this machine and explain what to fix
+
+Nothing heavy happens at import: torch and LightX2V load on the first Generate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("wan_studio")
+
+DEFAULT_WEIGHTS_DIR = Path("weights") / "Wan2.1-T2V-14B-StepDistill-CfgDistill-Lightx2v"
+DEFAULT_OUTPUTS_DIR = Path("outputs")
+AUTH_ENV = "WAN_STUDIO_AUTH"
+
+
+class ConfigError(SystemExit):
+    """A start-up refusal with a message for the terminal (exit status 2)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str
+    port: int
+    share: bool
+    auth: tuple[str, str] | None
+    weights_dir: Path
+    outputs_dir: Path
+    backend: str
+    vram_cap_gib: float | None
+    quant_scheme: str
+    attn_mode: str
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ConfigError("--auth / WAN_STUDIO_AUTH must be 'user:password' with both parts non-empty.")
+    return user, password
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Wan T2V Studio: local text-to-video web app.")
+    p.add_argument("--host", default=_env("WAN_STUDIO_HOST", "127.0.0.1"),
+                   help="address to bind (default 127.0.0.1, this machine only)")
+    p.add_argument("--listen", action="store_true",
+                   help="bind 0.0.0.0 so other machines on the LAN can connect (needs --auth)")
+    p.add_argument("--port", type=int, default=int(_env("WAN_STUDIO_PORT", "7860")))
+    p.add_argument("--share", action="store_true",
+                   help="create a public Gradio share link (needs --auth)")
+    p.add_argument("--auth", default=_env(AUTH_ENV),
+                   help=f"user:password required to open the app (or env {AUTH_ENV})")
+    p.add_argument("--weights-dir", type=Path,
+                   default=Path(_env("WAN_STUDIO_WEIGHTS_DIR", str(DEFAULT_WEIGHTS_DIR))))
+    p.add_argument("--outputs-dir", type=Path,
+                   default=Path(_env("WAN_STUDIO_OUTPUTS_DIR", str(DEFAULT_OUTPUTS_DIR))))
+    p.add_argument("--backend", choices=("lightx2v", "fake"), default=_env("WAN_STUDIO_BACKEND", "lightx2v"),
+                   help="'fake' runs a CPU test double that writes noise clips (UI work, tests)")
+    p.add_argument("--vram-cap-gib", type=float, default=_env("WAN_STUDIO_VRAM_CAP_GIB"),
+                   help="cap this app's PyTorch at this many GiB, leaving the rest for other programs")
+    p.add_argument("--quant-scheme", default=_env("WAN_STUDIO_QUANT_SCHEME", "auto"),
+                   help="INT8 kernel: auto (int8-triton unless vllm/sgl kernels are installed) or a "
+                        "LightX2V scheme name")
+    p.add_argument("--attn-mode", default=_env("WAN_STUDIO_ATTN_MODE", "auto"),
+                   help="attention: auto (sage_attn2 when sageattention is installed, else torch_sdpa)")
+    return p
+
+
+def settings_from_args(argv: list[str]) -> Settings:
+    args = build_parser().parse_args(argv)
+    auth = parse_auth(args.auth)
+    host = "0.0.0.0" if args.listen else args.host
+    exposed = args.share or host not in ("127.0.0.1", "localhost", "::1")
+    if exposed and auth is None:
+        what = "--share" if args.share else f"binding {host} (--listen/--host)"
+        raise ConfigError(f"Refusing to start: {what} makes the app reachable by others, and it "
+                          f"would be open without a password. Add --auth user:password (or set "
+                          f"{AUTH_ENV}=user:password).")
+    if args.vram_cap_gib is not None and float(args.vram_cap_gib) <= 0:
+        raise ConfigError("--vram-cap-gib must be a positive number of GiB.")
+    return Settings(host=host, port=args.port, share=args.share, auth=auth,
+                    weights_dir=args.weights_dir, outputs_dir=args.outputs_dir, backend=args.backend,
+                    vram_cap_gib=None if args.vram_cap_gib is None else float(args.vram_cap_gib),
+                    quant_scheme=args.quant_scheme, attn_mode=args.attn_mode)
+
+
+def build_app(settings: Settings):
+    """Wire presets, backend, cache, service, job lane and UI. Returns (demo, ui_context)."""
+    # Must be set before anything initialises CUDA: it is what lets 720p fit (measured-baseline.md).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+    from pipeline.cache import PipelineCache
+    from pipeline.gpu import GpuMonitor
+    from pipeline.history import History
+    from pipeline.jobs import JobQueue
+    from pipeline.outputs import OutputStore
+    from pipeline.service import VideoService
+    from presets import load_presets
+    from ui import UiContext, build_ui
+
+    presets = load_presets()
+    if settings.backend == "fake":
+        from pipeline.fake_backend import FakeBackend
+
+        backend = FakeBackend(step_seconds=float(_env("WAN_STUDIO_FAKE_STEP_SECONDS", "0.2")))
+    else:
+        from pipeline.lightx2v_backend import LightX2VBackend
+
+        backend = LightX2VBackend(weights_dir=settings.weights_dir, quant_scheme=settings.quant_scheme,
+                                  attn_mode=settings.attn_mode, vram_cap_gib=settings.vram_cap_gib)
+    outputs = OutputStore(settings.outputs_dir)
+    outputs.ensure()
+    outputs.clean_leftovers()
+    history = History(settings.outputs_dir / "history.sqlite3")
+    interrupted = history.mark_interrupted()
+    if interrupted:
+        log.warning("%d job(s) were interrupted when the app last stopped", interrupted)
+    monitor = GpuMonitor()
+    service = VideoService(presets=presets, cache=PipelineCache(backend), outputs=outputs,
+                           history=history, monitor=monitor, vram_cap_gib=settings.vram_cap_gib)
+    ctx = UiContext(service=service, jobs=JobQueue(service), presets=presets, monitor=monitor,
+                    history=history)
+    demo = build_ui(ctx, extra_tabs=_system_tab(settings, monitor))
+    return demo, ctx
+
+
+def _system_tab(settings: Settings, monitor):
+    def render() -> None:
+        import gradio as gr
+
+        try:
+            from ui.system_tab import build_system_tab
+        except ImportError:
+            return
+        from pipeline import doctor, weights
+
+        with gr.Tab("System"):
+            build_system_tab(
+                doctor=lambda: doctor.run_doctor(weights_dir=settings.weights_dir,
+                                                 outputs_dir=settings.outputs_dir, monitor=monitor),
+                weights_dir=settings.weights_dir,
+                start_download=lambda: weights.download_iter(settings.weights_dir))
+    return render
+
+
+def serve(argv: list[str]) -> int:
+    try:
+        settings = settings_from_args(argv)
+    except ConfigError as exc:
+        sys.stderr.write(exc.message + "\n")
+        return 2
+    demo, _ = build_app(settings)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
+                auth=settings.auth, allowed_paths=[str(settings.outputs_dir.resolve())],
+                show_error=True, css=None)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=_env("WAN_STUDIO_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] == "download":
+        from pipeline.weights import main_download
+
+        return main_download(argv[1:])
+    if argv and argv[0] == "doctor":
+        from pipeline.doctor import main_doctor
+
+        return main_doctor(argv[1:])
+    return serve(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Domain errors. Messages are written for the person at the keyboard: they say what happened and
+what to do. `ui/handlers.py` is the one place that turns them into Gradio alerts."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.types import Attempt
+
+
+class StudioError(Exception):
+    """Base class: anything the user should see as a clear message rather than a traceback."""
+
+
+class InvalidRequest(StudioError):
+    """The request was rejected before it reached the GPU."""
+
+
+class NoGPUError(StudioError):
+    """The real backend needs an NVIDIA GPU with CUDA and there is none."""
+
+
+class BackendUnavailable(StudioError):
+    """The backend's software (LightX2V, torch with CUDA, ...) is not installed or not importable."""
+
+
+class ModelLoadError(StudioError):
+    """Loading the weights failed; the previously loaded pipeline (if any) was kept."""
+
+
+class WeightsError(StudioError):
+    """Weights are missing, incomplete or corrupt, or could not be downloaded."""
+
+
+class GenerationCancelled(StudioError):
+    """The user pressed Cancel; the run stopped at a step boundary."""
+
+
+class OutputError(StudioError):
+    """The video or its record could not be written (disk full, folder not writable)."""
+
+
+class OutOfVRAM(StudioError):
+    """Every rung of the fallback ladder ran out of GPU memory."""
+
+    def __init__(self, message: str, attempts: "tuple[Attempt, ...]"):
+        super().__init__(message)
+        self.attempts = attempts

@@ -1,0 +1,137 @@
+"""A CPU stand-in for the LightX2V backend: the test double, and `--backend fake` for UI work.
+
+It honours the whole backend contract (load keys, phases, steps, cancel, decode-only retry,
+recover) and produces real frames, deterministic in the seed, at 1/`scale` of the preset's size so
+that CPU tests stay fast. It can be told to raise CUDA's OOM error at chosen presets, rungs and
+phases, or to fail loading, which is how the OOM ladder and the cache rollback are tested.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.backend import DecodeOutOfMemory, LoadKey, RunHooks
+from pipeline.errors import GenerationCancelled, NoGPUError
+from pipeline.types import Phase, RunSpec
+
+# Settings the fake treats as build-time, mirroring the real backend's choice.
+FAKE_BUILD_SETTINGS = ("offload_granularity", "text_encoder", "vae_offload")
+
+
+def simulated_oom(where: str) -> BaseException:
+    """The error CUDA raises, when torch is installed (it is in tests); a look-alike otherwise."""
+    message = f"CUDA out of memory. Tried to allocate 740.00 MiB (simulated in {where})"
+    torch = sys.modules.get("torch")
+    if torch is None:
+        try:
+            import torch  # noqa: F811 - test environments have CPU torch
+        except ImportError:
+            return RuntimeError(message)
+    return torch.cuda.OutOfMemoryError(message)
+
+
+@dataclass
+class FakeBackend:
+    name: str = "fake"
+    scale: int = 8
+    step_seconds: float = 0.0
+    gpu_present: bool = True
+    # (preset, rung or "*", phase) triples that raise OOM.
+    oom_at: set[tuple[str, str, Phase]] = field(default_factory=set)
+    fail_loads: set[LoadKey] = field(default_factory=set)
+    weights_dir: str = "fake-weights"
+    loads: list[LoadKey] = field(default_factory=list)
+    generated: list[RunSpec] = field(default_factory=list)
+    on_step_hook: Callable[[RunSpec, int], None] | None = None
+
+    def check_available(self) -> None:
+        if not self.gpu_present:
+            raise NoGPUError("No NVIDIA GPU with CUDA was found. This app needs one to generate "
+                             "video; the VRAM panel says what the driver reports.")
+
+    def load_key(self, memory: dict[str, Any]) -> LoadKey:
+        return LoadKey(self.name, self.weights_dir,
+                       tuple(sorted((k, memory[k]) for k in FAKE_BUILD_SETTINGS)))
+
+    def load(self, key: LoadKey, on_phase: Callable[[Phase], None]) -> "FakeModel":
+        on_phase(Phase.LOADING)
+        if key in self.fail_loads:
+            raise RuntimeError(f"simulated load failure for {dict(key.build_settings)}")
+        self.loads.append(key)
+        return FakeModel(self, key)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "model_id": "fake (CPU test double)", "quant_scheme": "none",
+                "attn_mode": "none"}
+
+    def _maybe_oom(self, spec: RunSpec, phase: Phase) -> bool:
+        return any(p == spec.preset and r in ("*", spec.rung) and ph is phase
+                   for p, r, ph in self.oom_at)
+
+
+class FakeModel:
+    def __init__(self, backend: FakeBackend, key: LoadKey):
+        self.backend = backend
+        self.key = key
+        self.released = False
+        self.dirty = False  # set by a failed run, cleared by recover()
+        self._lock = threading.Lock()
+
+    def _check(self, spec: RunSpec, phase: Phase) -> None:
+        if self.backend._maybe_oom(spec, phase):
+            self.dirty = True
+            raise simulated_oom(f"{spec.preset}/{spec.rung} {phase.value}")
+
+    def generate(self, spec: RunSpec, hooks: RunHooks) -> np.ndarray:
+        assert not self.released, "generate() on a released model"
+        assert not self.dirty, "generate() after a failure without recover()"
+        self.backend.generated.append(spec)
+        hooks.on_phase(Phase.TEXT_ENCODING)
+        self._check(spec, Phase.TEXT_ENCODING)
+        hooks.on_phase(Phase.DENOISING)
+        for step in range(1, spec.steps + 1):
+            if hooks.should_stop():
+                self.dirty = True
+                raise GenerationCancelled("Cancelled at a step boundary.")
+            if self.backend.step_seconds:
+                time.sleep(self.backend.step_seconds)
+            self._check(spec, Phase.DENOISING)
+            if self.backend.on_step_hook:
+                self.backend.on_step_hook(spec, step)
+            hooks.on_step(step, spec.steps)
+        latents = np.random.default_rng(spec.seed).random(
+            ((spec.frames - 1) // 4 + 1, 4, 4), dtype=np.float32)
+        hooks.on_phase(Phase.DECODING)
+        if self.backend._maybe_oom(spec, Phase.DECODING):
+            self.dirty = True
+            raise DecodeOutOfMemory(latents, f"simulated in {spec.preset}/{spec.rung}")
+        return self._pixels(spec, latents)
+
+    def decode(self, latents: Any, spec: RunSpec, hooks: RunHooks) -> np.ndarray:
+        assert not self.dirty, "decode() after a failure without recover()"
+        hooks.on_phase(Phase.DECODING)
+        self._check(spec, Phase.DECODING)
+        return self._pixels(spec, latents)
+
+    def _pixels(self, spec: RunSpec, latents: np.ndarray) -> np.ndarray:
+        def shrink(n: int) -> int:
+            return max(16, (n // self.backend.scale) // 16 * 16)
+
+        h, w = shrink(spec.height), shrink(spec.width)
+        rng = np.random.default_rng(spec.seed)
+        base = rng.integers(0, 256, size=(1, h, w, 3), dtype=np.uint8)
+        # A slow drift per frame keeps the clip visibly moving while staying deterministic.
+        drift = (np.arange(spec.frames, dtype=np.uint16) * 3 % 256).reshape(-1, 1, 1, 1)
+        return ((base.astype(np.uint16) + drift) % 256).astype(np.uint8)
+
+    def recover(self) -> None:
+        self.dirty = False
+
+    def release(self) -> None:
+        self.released = True

@@ -1,0 +1,253 @@
+"""Everything that reads or frees GPU memory, in one module.
+
+`GpuMonitor.read()` returns a `MemorySnapshot` or `None`: no NVIDIA driver, no `nvidia-ml-py`, an
+NVML call that is not supported, all give `None`, never an exception, because the VRAM panel calls
+it from a timer. Torch is consulted only when something else has already imported it, so reading
+memory never initialises CUDA.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+
+# Messages that mean "the allocator could not get device memory" even where the exception type is
+# a plain RuntimeError: cuBLAS/cuDNN workspace allocations fail this way, and LightX2V re-raises
+# some errors as bare Exception with the original text.
+_OOM_MARKERS = (
+    "cuda out of memory",
+    "out of memory",
+    "cublas_status_alloc_failed",
+    "cudnn_status_alloc_failed",
+    "cudnn_status_not_enough_workspace",
+    "cudaerrormemoryallocation",
+)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True when `exc` (or anything in its cause/context chain) is a GPU out-of-memory error."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                          getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None))
+                              if isinstance(t, type))
+            if oom_types and isinstance(current, oom_types):
+                return True
+        # Triton's OutOfResources is shared memory per kernel, not VRAM: stepping down won't help.
+        if type(current).__name__ != "OutOfResources":
+            text = str(current).lower()
+            if any(marker in text for marker in _OOM_MARKERS):
+                return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def free_gpu_memory() -> None:
+    """Collect garbage and return cached blocks to the driver. Call it outside `except` blocks."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+        except RuntimeError:
+            log.warning("could not empty the CUDA cache", exc_info=True)
+
+
+@dataclass(frozen=True)
+class MemorySnapshot:
+    gpu_name: str
+    used_bytes: int
+    total_bytes: int
+    free_bytes: int
+    torch_reserved_bytes: int | None = None  # this process's PyTorch caching allocator
+    torch_allocated_bytes: int | None = None
+
+    @property
+    def used_gib(self) -> float:
+        return self.used_bytes / GIB
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / GIB
+
+    @property
+    def available_gib(self) -> float:
+        """What a new run can use: free on the device plus what this process already reserved."""
+        return (self.free_bytes + (self.torch_reserved_bytes or 0)) / GIB
+
+
+class GpuMonitor:
+    """NVML view of one GPU. `nvml` defaults to the `pynvml` module of nvidia-ml-py; tests pass a fake."""
+
+    def __init__(self, nvml: Any = None, device_index: int = 0):
+        self._nvml = nvml
+        self._device_index = device_index
+        self._handle: Any = None
+        self._name: str | None = None
+        self._lock = threading.Lock()
+        self._failed = False
+
+    def _ensure(self) -> bool:
+        if self._handle is not None:
+            return True
+        if self._failed:
+            return False
+        try:
+            if self._nvml is None:
+                import pynvml  # nvidia-ml-py
+
+                self._nvml = pynvml
+            self._nvml.nvmlInit()
+            self._handle = self._nvml.nvmlDeviceGetHandleByIndex(self._device_index)
+            name = self._nvml.nvmlDeviceGetName(self._handle)
+            self._name = name.decode() if isinstance(name, bytes) else str(name)
+            return True
+        except Exception:  # noqa: BLE001 - ImportError, NVMLError_LibraryNotFound, DriverNotLoaded...
+            log.info("NVML unavailable: no NVIDIA GPU readings")
+            self._failed = True
+            return False
+
+    def read(self) -> MemorySnapshot | None:
+        with self._lock:
+            if not self._ensure():
+                return None
+            try:
+                info = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
+            except Exception:  # noqa: BLE001 - NVMLError_NotSupported / GPU lost: no reading
+                log.debug("nvmlDeviceGetMemoryInfo failed", exc_info=True)
+                return None
+        reserved = allocated = None
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            try:
+                if torch.cuda.is_initialized():
+                    reserved = int(torch.cuda.memory_reserved(self._device_index))
+                    allocated = int(torch.cuda.memory_allocated(self._device_index))
+            except Exception:  # noqa: BLE001
+                reserved = allocated = None
+        return MemorySnapshot(gpu_name=self._name or "GPU", used_bytes=int(info.used),
+                              total_bytes=int(info.total), free_bytes=int(info.free),
+                              torch_reserved_bytes=reserved, torch_allocated_bytes=allocated)
+
+    def facts(self) -> dict[str, Any] | None:
+        """Static facts for the doctor: name, driver, compute capability. None without NVML."""
+        with self._lock:
+            if not self._ensure():
+                return None
+            out: dict[str, Any] = {"name": self._name}
+            for key, call in (("driver", lambda: self._nvml.nvmlSystemGetDriverVersion()),
+                              ("cuda_driver", lambda: self._nvml.nvmlSystemGetCudaDriverVersion()),
+                              ("compute_capability",
+                               lambda: self._nvml.nvmlDeviceGetCudaComputeCapability(self._handle))):
+                try:
+                    value = call()
+                    out[key] = value.decode() if isinstance(value, bytes) else value
+                except Exception:  # noqa: BLE001
+                    out[key] = None
+            return out
+
+
+@dataclass
+class VramTimeline:
+    """Samples of device memory in use during one job: (seconds since start, used bytes, phase)."""
+
+    samples: list[tuple[float, int, str]] = field(default_factory=list)
+    peak_used_bytes: int = 0
+    baseline_used_bytes: int | None = None
+    peak_torch_reserved_bytes: int | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "baseline_used_gib": None if self.baseline_used_bytes is None
+            else round(self.baseline_used_bytes / GIB, 3),
+            "peak_used_gib": round(self.peak_used_bytes / GIB, 3) if self.samples else None,
+            "peak_torch_reserved_gib": None if self.peak_torch_reserved_bytes is None
+            else round(self.peak_torch_reserved_bytes / GIB, 3),
+            "samples": [[round(t, 3), round(u / GIB, 3), p] for t, u, p in self.samples],
+        }
+
+
+class VramSampler:
+    """Samples `monitor.read()` on a thread while a job runs; keeps the peak and the timeline."""
+
+    def __init__(self, monitor: GpuMonitor, interval_s: float = 0.1, max_samples: int = 20000):
+        self._monitor = monitor
+        self._interval = interval_s
+        self._max = max_samples
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._t0 = 0.0
+        self.phase = ""
+        self.timeline = VramTimeline()
+
+    def _sample(self) -> None:
+        snap = self._monitor.read()
+        if snap is None:
+            return
+        tl = self.timeline
+        if tl.baseline_used_bytes is None:
+            tl.baseline_used_bytes = snap.used_bytes
+        tl.peak_used_bytes = max(tl.peak_used_bytes, snap.used_bytes)
+        if len(tl.samples) < self._max:
+            tl.samples.append((time.monotonic() - self._t0, snap.used_bytes, self.phase))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._sample()
+
+    def __enter__(self) -> "VramSampler":
+        self._t0 = time.monotonic()
+        self._sample()
+        self._thread = threading.Thread(target=self._loop, name="vram-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        self._sample()
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            try:
+                if torch.cuda.is_initialized():
+                    self.timeline.peak_torch_reserved_bytes = int(torch.cuda.max_memory_reserved())
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def reset_torch_peak() -> None:
+    """Start a new peak-reserved window (per attempt), if torch has CUDA initialised."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            if torch.cuda.is_initialized():
+                torch.cuda.reset_peak_memory_stats()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def torch_peak_reserved_gib() -> float | None:
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            if torch.cuda.is_initialized():
+                return torch.cuda.max_memory_reserved() / GIB
+        except Exception:  # noqa: BLE001
+            return None
+    return None

@@ -1,0 +1,104 @@
+"""The one GPU lane: a single worker thread that runs jobs in submission order.
+
+The UI submits a job and follows its events; the job does not belong to the browser tab. If the tab
+closes, the job still finishes and lands in history. Cancel is cooperative: it sets the job's flag,
+which the backend checks at step boundaries.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from pipeline.errors import StudioError
+from pipeline.service import VideoService
+from pipeline.types import GenerationRequest, GenerationResult, ProgressEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    id: int
+    request: GenerationRequest
+    cancel_flag: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    events: "queue.Queue[ProgressEvent]" = field(default_factory=queue.Queue)
+    result: GenerationResult | None = None
+    error: BaseException | None = None
+
+    def cancel(self) -> None:
+        self.cancel_flag.set()
+
+    def follow(self, poll_s: float = 0.25) -> Iterator[ProgressEvent | None]:
+        """Progress events until the job ends; yields None every `poll_s` without news."""
+        while True:
+            try:
+                yield self.events.get(timeout=poll_s)
+            except queue.Empty:
+                if self.done.is_set() and self.events.empty():
+                    return
+                yield None
+
+
+class JobQueue:
+    def __init__(self, service: VideoService):
+        self.service = service
+        self._queue: "queue.Queue[Job | None]" = queue.Queue()
+        self._ids = itertools.count(1)
+        self._jobs: dict[int, Job] = {}
+        self._lock = threading.Lock()
+        self.current: Job | None = None
+        self._worker = threading.Thread(target=self._work, name="gpu-lane", daemon=True)
+        self._worker.start()
+
+    def submit(self, request: GenerationRequest) -> Job:
+        # Reject bad requests here, before they take a place in the lane.
+        self.service.validate(request)
+        job = Job(next(self._ids), request)
+        with self._lock:
+            self._jobs[job.id] = job
+        self._queue.put(job)
+        return job
+
+    def get(self, job_id: int) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def cancel(self, job_id: int) -> bool:
+        job = self.get(job_id)
+        if job is None or job.done.is_set():
+            return False
+        job.cancel()
+        return True
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            self.current = job
+            try:
+                job.result = self.service.generate(job.request, job.events.put, job.cancel_flag.is_set)
+            except StudioError as exc:
+                job.error = exc
+            except Exception as exc:  # noqa: BLE001 - the lane must survive any job
+                log.exception("job %d crashed", job.id)
+                job.error = exc
+            finally:
+                self.current = None
+                job.done.set()
+                with self._lock:
+                    # Keep finished jobs briefly for late followers; drop old ones.
+                    for old in [k for k, j in self._jobs.items() if j.done.is_set()][:-50]:
+                        del self._jobs[old]
+
+    def shutdown(self) -> None:
+        self._queue.put(None)

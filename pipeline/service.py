@@ -1,0 +1,321 @@
+"""The generation service: one request in, one saved clip out, with the OOM ladder as a policy.
+
+`VideoService.generate` plans the ladder (planner.py), then tries rungs in order. An attempt that
+runs out of GPU memory is recorded and recovered from *after* leaving the `except` block (the
+traceback's frames would otherwise keep the failed run's tensors alive), then the next rung runs.
+When only the VAE decode ran out of memory, the kept latents are decoded again with tiling instead
+of re-running the steps. Every rung tried is in the result, the record and the history.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline import gpu
+from pipeline.backend import DecodeOutOfMemory, LoadedModel, RunHooks
+from pipeline.cache import PipelineCache
+from pipeline.errors import GenerationCancelled, InvalidRequest, OutOfVRAM, StudioError
+from pipeline.history import History
+from pipeline.outputs import OutputStore
+from pipeline.planner import Planner, PresetForecast, Rung
+from pipeline.types import (Attempt, GenerationRequest, GenerationResult, Phase, ProgressEvent,
+                            RunSpec, prompt_token_estimate, TEXT_ENCODER_MAX_TOKENS)
+from presets import PresetBook
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "Wan T2V Studio"
+APP_VERSION = "0.1.0"
+_VERSIONED_PACKAGES = ("torch", "triton", "lightx2v", "sageattention", "numpy", "imageio",
+                       "imageio-ffmpeg", "av", "nvidia-ml-py", "gradio")
+
+EventSink = Callable[[ProgressEvent], None]
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _VERSIONED_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+@dataclass
+class _PhaseClock:
+    """Wall time per phase and per denoising step for one job."""
+
+    sink: EventSink
+    sampler: gpu.VramSampler | None = None
+
+    def __post_init__(self) -> None:
+        self.current: Phase | None = None
+        self.started = time.perf_counter()
+        self.phase_started = self.started
+        self.seconds: dict[str, float] = {}
+        self.step_seconds: list[float] = []
+        self._last_step = self.started
+
+    def phase(self, phase: Phase, message: str = "") -> None:
+        now = time.perf_counter()
+        if self.current is not None:
+            self.seconds[self.current.value] = self.seconds.get(self.current.value, 0.0) + (
+                now - self.phase_started)
+        self.current, self.phase_started = phase, now
+        if phase is Phase.DENOISING:
+            self._last_step = now
+        if self.sampler is not None:
+            self.sampler.phase = phase.value
+        self.sink(ProgressEvent(phase, message=message))
+
+    def step(self, index: int, total: int) -> None:
+        now = time.perf_counter()
+        self.step_seconds.append(now - self._last_step)
+        self._last_step = now
+        self.sink(ProgressEvent(Phase.DENOISING, step=index, total=total))
+
+    def snapshot(self) -> dict[str, Any]:
+        """Seconds per finished phase and per step so far, plus the total."""
+        now = time.perf_counter()
+        out: dict[str, Any] = {k: round(v, 3) for k, v in self.seconds.items()}
+        if self.current is not None and self.current is not Phase.DONE:
+            out[self.current.value] = round(out.get(self.current.value, 0.0) + now - self.phase_started, 3)
+        out["steps"] = [round(s, 3) for s in self.step_seconds]
+        out["total"] = round(now - self.started, 3)
+        return out
+
+    def finish(self) -> dict[str, Any]:
+        self.phase(Phase.DONE)
+        return self.snapshot()
+
+
+@dataclass
+class _Outcome:
+    frames: np.ndarray | None = None
+    failure: Attempt | None = None
+    latents: Any = None  # kept when only the decode failed
+
+
+class VideoService:
+    def __init__(self, *, presets: PresetBook, cache: PipelineCache, outputs: OutputStore,
+                 history: History, monitor: gpu.GpuMonitor, planner: Planner | None = None,
+                 vram_cap_gib: float | None = None):
+        self.presets = presets
+        self.cache = cache
+        self.outputs = outputs
+        self.history = history
+        self.monitor = monitor
+        self.planner = planner or Planner(presets)
+        self.vram_cap_gib = vram_cap_gib
+
+    # -- planning, for the UI before Generate -------------------------------------------------
+    def available_gib(self) -> tuple[str | None, float | None]:
+        snap = self.monitor.read()
+        if snap is None:
+            return None, None
+        available = snap.available_gib
+        if self.vram_cap_gib is not None:
+            available = min(available, self.vram_cap_gib)
+        return snap.gpu_name, available
+
+    def forecasts(self) -> list[PresetForecast]:
+        gpu_name, available = self.available_gib()
+        measured = self.history.measured_peaks(gpu_name) if gpu_name else {}
+        return [self.planner.forecast(name, available, measured) for name in self.presets]
+
+    # -- the job ------------------------------------------------------------------------------
+    def validate(self, request: GenerationRequest) -> None:
+        if request.preset not in self.presets:
+            raise InvalidRequest(f"Unknown preset {request.preset!r}; choose one of "
+                                 f"{', '.join(self.presets)}.")
+
+    def generate(self, request: GenerationRequest, on_event: EventSink = lambda e: None,
+                 should_stop: Callable[[], bool] = lambda: False) -> GenerationResult:
+        self.validate(request)
+        self.cache.backend.check_available()
+        job_id = self.history.start_job(prompt=request.prompt, negative_prompt=request.negative_prompt,
+                                        seed=request.seed, preset=request.preset)
+        attempts: list[Attempt] = []
+        status, error = "failed", "unknown error"
+        try:
+            result = self._run(job_id, request, on_event, should_stop, attempts)
+            status = "done"
+            return result
+        except GenerationCancelled as exc:
+            status, error = "cancelled", str(exc)
+            raise
+        except StudioError as exc:
+            error = str(exc)
+            raise
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            log.exception("job %d failed", job_id)
+            raise
+        finally:
+            if status != "done":
+                self.history.fail_job(job_id, status=status, error=error,
+                                      attempts=[asdict(a) for a in attempts])
+
+    def _spec(self, request: GenerationRequest, rung: Rung) -> RunSpec:
+        p = rung.preset
+        return RunSpec(preset=p.name, rung=rung.memory.name, prompt=request.prompt,
+                       negative_prompt=request.negative_prompt, seed=request.seed, height=p.height,
+                       width=p.width, frames=p.frames, steps=p.steps, shift=p.shift,
+                       guidance=p.guidance, memory=rung.memory.settings())
+
+    def _run(self, job_id: int, request: GenerationRequest, on_event: EventSink,
+             should_stop: Callable[[], bool], attempts: list[Attempt]) -> GenerationResult:
+        gpu_name, available = self.available_gib()
+        measured = self.history.measured_peaks(gpu_name) if gpu_name else {}
+        ladder = self.planner.plan(request.preset, available, measured)
+        loads_before = self.cache.loads
+        with gpu.VramSampler(self.monitor) as sampler:
+            clock = _PhaseClock(on_event, sampler)
+            hooks = RunHooks(on_phase=clock.phase, on_step=clock.step, should_stop=should_stop)
+            frames, chosen = None, None
+            for rung in ladder:
+                if should_stop():
+                    raise GenerationCancelled("Cancelled before the run started.")
+                if attempts:
+                    clock.phase(Phase.LOADING, f"Retrying on {rung.preset.name}/{rung.memory.name}")
+                outcome = self._attempt(request, rung, hooks)
+                if outcome.failure is not None and outcome.latents is not None:
+                    attempts.append(outcome.failure)
+                    outcome = self._retry_decode(request, rung, hooks, outcome.latents)
+                if outcome.failure is None:
+                    frames, chosen = outcome.frames, rung
+                    attempts.append(Attempt(rung.preset.name, rung.memory.name, "ok",
+                                            peak_gib=_round(gpu.torch_peak_reserved_gib())))
+                    break
+                attempts.append(outcome.failure)
+                log.warning("out of GPU memory on %s/%s (%s); stepping down", rung.preset.name,
+                            rung.memory.name, outcome.failure.phase)
+            if frames is None or chosen is None:
+                raise OutOfVRAM(self._exhausted_message(request.preset, attempts), tuple(attempts))
+            peak = gpu.torch_peak_reserved_gib()
+            clock.phase(Phase.ENCODING)
+        # The sampler has stopped: the timeline covers the GPU work, and the record can carry it.
+        record = self._record(job_id, request, chosen, attempts, available, gpu_name,
+                              loads_before, sampler.timeline.as_record())
+        record["timings_s"] = clock.snapshot()  # up to the mp4 encode, which the record precedes
+        stem = self.outputs.new_stem(job_id, chosen.preset.name, request.seed)
+        video, sidecar = self.outputs.save(stem, frames, chosen.preset.fps, record)
+        timings = clock.finish()
+        self.history.finish_job(job_id, preset_used=chosen.preset.name, rung_used=chosen.memory.name,
+                                video_path=video, record_path=sidecar, peak_gib=_round(peak),
+                                seconds=timings["total"], attempts=[asdict(a) for a in attempts])
+        if gpu_name and peak is not None:
+            self.history.record_peak(gpu_name, chosen.preset.name, chosen.memory.name, peak)
+        return GenerationResult(video_path=video, record_path=sidecar, record=record,
+                                attempts=tuple(attempts))
+
+    def _attempt(self, request: GenerationRequest, rung: Rung, hooks: RunHooks) -> _Outcome:
+        spec = self._spec(request, rung)
+        key = self.cache.backend.load_key(spec.memory)
+        gpu.reset_torch_peak()
+        model: LoadedModel | None = None
+        failure: Attempt | None = None
+        latents = None
+        phase = Phase.LOADING
+        try:
+            model = self.cache.get(key, hooks.on_phase)
+            phase = Phase.TEXT_ENCODING
+            return _Outcome(frames=model.generate(spec, hooks))
+        except DecodeOutOfMemory as exc:
+            latents = exc.latents
+            failure = Attempt(rung.preset.name, rung.memory.name, "out of memory",
+                              Phase.DECODING.value, exc.cause, _round(gpu.torch_peak_reserved_gib()))
+        except BaseException as exc:
+            if not gpu.is_oom(exc):
+                self._recover(model)
+                raise
+            failure = Attempt(rung.preset.name, rung.memory.name, "out of memory",
+                              _current_phase(hooks) or phase.value, _short(exc),
+                              _round(gpu.torch_peak_reserved_gib()))
+        # Recovery runs here, outside the except block, once the exception is unreachable.
+        self._recover(model)
+        return _Outcome(failure=failure, latents=latents)
+
+    def _retry_decode(self, request: GenerationRequest, rung: Rung, hooks: RunHooks,
+                      latents: Any) -> _Outcome:
+        """Decode kept latents with the leanest VAE settings on the loaded model."""
+        spec = self._spec(request, rung)
+        spec = replace(spec, memory=dict(spec.memory, vae_tiling=True))
+        model = self.cache.get(self.cache.backend.load_key(spec.memory), hooks.on_phase)
+        failure = None
+        try:
+            frames = model.decode(latents, spec, hooks)
+        except BaseException as exc:
+            if not gpu.is_oom(exc):
+                self._recover(model)
+                raise
+            failure = Attempt(rung.preset.name, f"{rung.memory.name}+tiled-decode", "out of memory",
+                              Phase.DECODING.value, _short(exc))
+        else:
+            return _Outcome(frames=frames)
+        self._recover(model)
+        return _Outcome(failure=failure)
+
+    def _recover(self, model: LoadedModel | None) -> None:
+        if model is not None:
+            try:
+                model.recover()
+            except Exception:  # noqa: BLE001 - a model that cannot recover is dropped instead
+                log.exception("recover() failed; releasing the model")
+                self.cache.release()
+        gpu.free_gpu_memory()
+
+    def _exhausted_message(self, preset: str, attempts: list[Attempt]) -> str:
+        tried = ", ".join(f"{a.preset}/{a.rung}" for a in attempts)
+        return (f"Out of GPU memory on every fallback for {preset} (tried {tried}). Close other "
+                f"programs that use the GPU (browsers with hardware acceleration, games), or pick "
+                f"a smaller preset.")
+
+    def _record(self, job_id: int, request: GenerationRequest, chosen: Rung,
+                attempts: list[Attempt], available: float | None, gpu_name: str | None,
+                loads_before: int, vram: dict[str, Any]) -> dict[str, Any]:
+        p = chosen.preset
+        return {
+            "app": APP_NAME, "app_version": APP_VERSION, "job_id": job_id,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "prompt": request.prompt, "negative_prompt": request.negative_prompt,
+            "prompt_truncated": prompt_token_estimate(request.prompt) > TEXT_ENCODER_MAX_TOKENS,
+            "seed": request.seed,
+            "preset_requested": request.preset, "preset_used": p.name, "rung_used": chosen.memory.name,
+            "height": p.height, "width": p.width, "frames": p.frames, "fps": p.fps,
+            "steps": p.steps, "shift": p.shift, "guidance": p.guidance,
+            "memory_settings": chosen.memory.settings(),
+            "attempts": [asdict(a) for a in attempts],
+            "model": self.cache.backend.describe(),
+            "weights_loaded_this_job": self.cache.loads > loads_before,
+            "load_seconds": _round(self.cache.last_load_seconds),
+            "vram": {"gpu": gpu_name, "available_at_start_gib": _round(available),
+                     "cap_gib": self.vram_cap_gib, "predicted_peak_gib": chosen.predicted_gib,
+                     **vram},
+            "versions": package_versions(), "platform": platform.platform(),
+            "argv": sys.argv[:1],
+        }
+
+
+def _current_phase(hooks: RunHooks) -> str | None:
+    clock = getattr(hooks.on_phase, "__self__", None)
+    current = getattr(clock, "current", None)
+    return current.value if isinstance(current, Phase) else None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:300]
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)

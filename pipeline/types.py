@@ -1,0 +1,136 @@
+"""Typed objects that cross the UI border. They are built by keyword, never by widget order."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InvalidRequest
+
+MAX_SEED = 2**32 - 1
+# The UMT5 encoder truncates at 512 tokens. Tokens are not characters, so the UI counts characters
+# only as a guard against pastes that are far too long; the truncation warning comes from the
+# token count (see `prompt_token_estimate`).
+MAX_PROMPT_CHARS = 2000
+TEXT_ENCODER_MAX_TOKENS = 512
+
+
+def prompt_token_estimate(prompt: str) -> int:
+    """A tokenizer-free upper-bound estimate of UMT5 tokens (~1 per 3.5 chars of English, +1 </s>)."""
+    return int(len(prompt) / 3.5) + 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    preset: str
+    seed: int
+    negative_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise InvalidRequest("The prompt is empty: describe the clip you want.")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(f"The prompt is {len(self.prompt)} characters; the limit is "
+                                 f"{MAX_PROMPT_CHARS} (the text encoder reads at most "
+                                 f"{TEXT_ENCODER_MAX_TOKENS} tokens).")
+        if not isinstance(self.negative_prompt, str) or len(self.negative_prompt) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(f"The negative prompt must be text of at most {MAX_PROMPT_CHARS} "
+                                 f"characters.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise InvalidRequest(f"The seed must be a whole number, got {self.seed!r}.")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise InvalidRequest(f"The seed must be between 0 and {MAX_SEED}, got {self.seed}.")
+        if not isinstance(self.preset, str) or not self.preset:
+            raise InvalidRequest("No preset was chosen.")
+
+
+class Phase(str, enum.Enum):
+    QUEUED = "queued"
+    LOADING = "loading model"
+    TEXT_ENCODING = "text encoding"
+    DENOISING = "denoising"
+    DECODING = "VAE decode"
+    ENCODING = "writing mp4"
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    phase: Phase
+    step: int = 0
+    total: int = 0
+    message: str = ""
+
+    @property
+    def fraction(self) -> float:
+        """Overall progress 0..1, weighting the phases roughly by their share of a 480p run."""
+        weights = {Phase.QUEUED: 0.0, Phase.LOADING: 0.0, Phase.TEXT_ENCODING: 0.02,
+                   Phase.DENOISING: 0.05, Phase.DECODING: 0.85, Phase.ENCODING: 0.95,
+                   Phase.DONE: 1.0}
+        base = weights[self.phase]
+        if self.phase is Phase.DENOISING and self.total:
+            return base + 0.80 * self.step / self.total
+        return base
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What one backend attempt is asked to do: a preset at one memory rung."""
+
+    preset: str
+    rung: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    height: int
+    width: int
+    frames: int
+    steps: int
+    shift: float
+    guidance: float
+    memory: dict[str, Any]  # MemoryRung.settings()
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One rung tried by the OOM ladder, as recorded and shown to the user."""
+
+    preset: str
+    rung: str
+    outcome: str  # "ok" | "out of memory" | "decode retried"
+    phase: str = ""
+    detail: str = ""
+    peak_gib: float | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    video_path: Path
+    record_path: Path
+    record: dict[str, Any] = field(compare=False)
+    attempts: tuple[Attempt, ...]
+
+    @property
+    def preset_requested(self) -> str:
+        return self.record["preset_requested"]
+
+    @property
+    def preset_used(self) -> str:
+        return self.record["preset_used"]
+
+    @property
+    def fell_back(self) -> bool:
+        return len(self.attempts) > 1
+
+    def fallback_summary(self) -> str:
+        """One sentence for the UI: what failed and what ran instead; empty when nothing failed."""
+        failed = [a for a in self.attempts if a.outcome != "ok"]
+        if not failed:
+            return ""
+        tried = "; ".join(f"{a.preset}/{a.rung} ran out of GPU memory"
+                          f"{' in ' + a.phase if a.phase else ''}" for a in failed)
+        ok = self.attempts[-1]
+        return f"{tried}. Ran {ok.preset} on the '{ok.rung}' memory settings instead."

@@ -1,0 +1,240 @@
+"""Presets: strict data files (one TOML file per preset) and their loader.
+
+A preset is a recipe: output size, frame count, sampler settings, the memory rungs the backend may
+run it on (ordered fast -> lean) and the smaller preset to fall back to when every rung runs out of
+GPU memory. Everything here is plain data; nothing imports torch, gradio or the pipeline.
+
+The loader is deliberately unforgiving: an unknown key, a frame count that is not 4n+1, a size that
+is not a multiple of 16, a fallback naming a preset that does not exist or a fallback cycle raises
+`PresetError` naming the file and the field. A typo in a preset must never be silently ignored.
+"""
+
+from __future__ import annotations
+
+import enum
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+PRESETS_DIR = Path(__file__).resolve().parent
+
+
+class PresetError(ValueError):
+    """A preset file is malformed. The message names the file and the field."""
+
+
+class OffloadGranularity(str, enum.Enum):
+    # "model" is deliberately absent: it moves the whole 14 GB DiT onto the GPU.
+    BLOCK = "block"
+    PHASE = "phase"
+
+
+class TextEncoderPlacement(str, enum.Enum):
+    # Blocks streamed from pinned host memory; the 2.1 GB token embedding goes back to the CPU after
+    # each prompt (LightX2V leaves it on the GPU otherwise, measured-baseline.md bug 5).
+    OFFLOAD = "offload"
+    # LightX2V's own behaviour: blocks streamed, the token embedding stays on the GPU after first use.
+    OFFLOAD_KEEP_EMBEDDING = "offload_keep_embedding"
+    # Whole int8 encoder resident (6.7 GB): only for cards far larger than our target.
+    GPU = "gpu"
+
+
+@dataclass(frozen=True)
+class MemoryRung:
+    """One way to run a preset, with the memory settings the backend must apply."""
+
+    name: str
+    offload_granularity: OffloadGranularity = OffloadGranularity.BLOCK
+    text_encoder: TextEncoderPlacement = TextEncoderPlacement.OFFLOAD
+    vae_offload: bool = False
+    vae_tiling: bool = False
+    rope_chunk: int = 0  # tokens per RoPE chunk; 0 = unchunked
+    clean_cuda_cache: bool = False
+    # Measured peak of torch-reserved GPU memory (GiB) for this preset on this rung; None = unmeasured.
+    predicted_peak_gib: float | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The memory settings as plain values (what records and the backend see)."""
+        return {
+            "offload_granularity": self.offload_granularity.value,
+            "text_encoder": self.text_encoder.value,
+            "vae_offload": self.vae_offload,
+            "vae_tiling": self.vae_tiling,
+            "rope_chunk": self.rope_chunk,
+            "clean_cuda_cache": self.clean_cuda_cache,
+        }
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str  # the file stem, e.g. "480x832x81"
+    label: str
+    height: int
+    width: int
+    frames: int
+    fps: int
+    steps: int
+    shift: float
+    guidance: float
+    rungs: tuple[MemoryRung, ...]
+    fallback: str | None  # name of the preset to run when every rung is out of memory
+    source: Path = field(compare=False)
+
+    @property
+    def seconds(self) -> float:
+        return (self.frames - 1) / self.fps
+
+    def rung(self, name: str) -> MemoryRung:
+        for rung in self.rungs:
+            if rung.name == name:
+                return rung
+        raise KeyError(f"preset {self.name} has no memory rung {name!r}")
+
+
+_PRESET_KEYS = {
+    "label": str,
+    "height": int,
+    "width": int,
+    "frames": int,
+    "fps": int,
+    "steps": int,
+    "shift": float,
+    "guidance": float,
+    "fallback": str,
+    "rungs": list,
+}
+_REQUIRED_PRESET_KEYS = set(_PRESET_KEYS) - {"fallback"}
+_RUNG_KEYS = {
+    "name": str,
+    "offload_granularity": str,
+    "text_encoder": str,
+    "vae_offload": bool,
+    "vae_tiling": bool,
+    "rope_chunk": int,
+    "clean_cuda_cache": bool,
+    "predicted_peak_gib": float,
+}
+_REQUIRED_RUNG_KEYS = {"name"}
+
+
+def _check_type(path: Path, where: str, value: Any, expected: type) -> Any:
+    # bool is an int subclass in Python; a preset saying `frames = true` is still a mistake.
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+        raise PresetError(f"{path.name}: field '{where}' must be {expected.__name__}, got {value!r}")
+    return value
+
+
+def _check_keys(path: Path, where: str, data: Mapping[str, Any], allowed: dict, required: set) -> None:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise PresetError(f"{path.name}: unknown field{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(repr(where + k) for k in unknown)}")
+    missing = sorted(required - set(data))
+    if missing:
+        raise PresetError(f"{path.name}: missing field{'s' if len(missing) > 1 else ''} "
+                          f"{', '.join(repr(where + k) for k in missing)}")
+
+
+def _parse_rung(path: Path, index: int, data: Any) -> MemoryRung:
+    where = f"rungs[{index}]."
+    if not isinstance(data, dict):
+        raise PresetError(f"{path.name}: field 'rungs[{index}]' must be a table")
+    _check_keys(path, where, data, _RUNG_KEYS, _REQUIRED_RUNG_KEYS)
+    values = {k: _check_type(path, where + k, v, _RUNG_KEYS[k]) for k, v in data.items()}
+    try:
+        if "offload_granularity" in values:
+            values["offload_granularity"] = OffloadGranularity(values["offload_granularity"])
+        if "text_encoder" in values:
+            values["text_encoder"] = TextEncoderPlacement(values["text_encoder"])
+    except ValueError as exc:
+        raise PresetError(f"{path.name}: {where}: {exc}") from None
+    if values.get("rope_chunk", 0) < 0:
+        raise PresetError(f"{path.name}: field '{where}rope_chunk' must be >= 0")
+    peak = values.get("predicted_peak_gib")
+    if peak is not None and peak <= 0:
+        raise PresetError(f"{path.name}: field '{where}predicted_peak_gib' must be > 0")
+    return MemoryRung(**values)
+
+
+def load_preset_file(path: Path) -> Preset:
+    """Parse and validate one preset file (fallback targets are checked by `load_presets`)."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise PresetError(f"{path.name}: not valid TOML: {exc}") from None
+    _check_keys(path, "", data, _PRESET_KEYS, _REQUIRED_PRESET_KEYS)
+    v = {k: _check_type(path, k, val, _PRESET_KEYS[k]) for k, val in data.items()}
+
+    for dim in ("height", "width"):
+        if v[dim] <= 0 or v[dim] % 16:
+            raise PresetError(f"{path.name}: field '{dim}' must be a positive multiple of 16 "
+                              f"(VAE stride 8 x patch 2), got {v[dim]}")
+    if v["frames"] < 1 or (v["frames"] - 1) % 4:
+        raise PresetError(f"{path.name}: field 'frames' must be 4n+1 (the VAE packs 4 frames per "
+                          f"latent after the first), got {v['frames']}")
+    if v["steps"] < 1:
+        raise PresetError(f"{path.name}: field 'steps' must be >= 1")
+    if v["fps"] < 1:
+        raise PresetError(f"{path.name}: field 'fps' must be >= 1")
+    if v["guidance"] != 1.0:
+        raise PresetError(f"{path.name}: field 'guidance' must be 1.0: the distilled model runs "
+                          f"without CFG")
+    if not v["rungs"]:
+        raise PresetError(f"{path.name}: field 'rungs' needs at least one memory rung")
+    rungs = tuple(_parse_rung(path, i, r) for i, r in enumerate(v["rungs"]))
+    names = [r.name for r in rungs]
+    if len(set(names)) != len(names):
+        raise PresetError(f"{path.name}: field 'rungs': duplicate rung names {names}")
+    return Preset(
+        name=path.stem, label=v["label"], height=v["height"], width=v["width"],
+        frames=v["frames"], fps=v["fps"], steps=v["steps"], shift=v["shift"],
+        guidance=v["guidance"], rungs=rungs, fallback=v.get("fallback") or None, source=path,
+    )
+
+
+class PresetBook(Mapping[str, Preset]):
+    """Validated presets in file-name order, with the fallback ladder between them."""
+
+    def __init__(self, presets: dict[str, Preset]):
+        self._presets = presets
+
+    def __getitem__(self, name: str) -> Preset:
+        return self._presets[name]
+
+    def __iter__(self):
+        return iter(self._presets)
+
+    def __len__(self) -> int:
+        return len(self._presets)
+
+    def chain(self, name: str) -> list[Preset]:
+        """The preset and every fallback below it, in order."""
+        out = [self._presets[name]]
+        while out[-1].fallback:
+            out.append(self._presets[out[-1].fallback])
+        return out
+
+
+def load_presets(directory: Path = PRESETS_DIR) -> PresetBook:
+    """Load every `*.toml` in `directory`; raise PresetError on the first problem."""
+    files = sorted(Path(directory).glob("*.toml"))
+    if not files:
+        raise PresetError(f"{directory}: no preset files (*.toml)")
+    presets = {p.name: p for p in (load_preset_file(f) for f in files)}
+    for preset in presets.values():
+        if preset.fallback is not None and preset.fallback not in presets:
+            raise PresetError(f"{preset.source.name}: field 'fallback' names {preset.fallback!r}, "
+                              f"which is not a preset in {directory}")
+    for preset in presets.values():
+        seen = [preset.name]
+        current = preset
+        while current.fallback is not None:
+            if current.fallback in seen:
+                raise PresetError(f"{preset.source.name}: field 'fallback' makes a cycle: "
+                                  f"{' -> '.join(seen + [current.fallback])}")
+            seen.append(current.fallback)
+            current = presets[current.fallback]
+    return PresetBook(presets)

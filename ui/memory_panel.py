@@ -1,0 +1,53 @@
+"""Pure formatting for the VRAM panel: snapshots and timelines in, markdown and table rows out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.gpu import GIB, MemorySnapshot
+from pipeline.planner import Fit, PresetForecast
+
+NO_GPU_TEXT = "**No NVIDIA GPU** detected (NVML unavailable): generation needs one."
+
+_FIT_BADGE = {Fit.FITS: "🟢 fits", Fit.TIGHT: "🟠 tight", Fit.STEPS_DOWN: "🔴 will step down",
+              Fit.UNKNOWN: "⚪ unknown"}
+
+
+def format_memory(snapshot: MemorySnapshot | None, last_peak_gib: float | None = None) -> str:
+    if snapshot is None:
+        return NO_GPU_TEXT
+    used, total = snapshot.used_bytes / GIB, snapshot.total_bytes / GIB
+    pct = 100 * used / total if total else 0
+    lines = [f"**{snapshot.gpu_name}**",
+             f"In use: **{used:.2f} / {total:.2f} GiB** ({pct:.0f} %), free {snapshot.free_bytes / GIB:.2f} GiB"]
+    if snapshot.torch_reserved_bytes is not None:
+        lines.append(f"This app's PyTorch: reserved {snapshot.torch_reserved_bytes / GIB:.2f} GiB, "
+                     f"allocated {(snapshot.torch_allocated_bytes or 0) / GIB:.2f} GiB")
+    lines.append("Peak of last run: " + ("—" if last_peak_gib is None else f"**{last_peak_gib:.2f} GiB**"))
+    return "  \n".join(lines)
+
+
+def format_forecasts(forecasts: list[PresetForecast], labels: dict[str, str]) -> str:
+    rows = ["| preset | predicted peak | verdict |", "|---|---|---|"]
+    for f in forecasts:
+        pred = "—" if f.start.predicted_gib is None else f"{f.start.predicted_gib:.1f} GiB"
+        if f.start.measured_here:
+            pred += " (measured here)"
+        verdict = _FIT_BADGE[f.fit]
+        if f.fit is Fit.STEPS_DOWN:
+            verdict += f" to {f.start.preset.name}/{f.start.memory.name}"
+        elif f.fit is not Fit.UNKNOWN:
+            verdict += f" ('{f.start.memory.name}', margin {f.margin_gib:+.1f} GiB)"
+        rows.append(f"| {labels.get(f.preset, f.preset)} | {pred} | {verdict} |")
+    available = next((f.available_gib for f in forecasts if f.available_gib is not None), None)
+    rows.append("")
+    rows.append("Available now: " + ("no GPU reading" if available is None else f"{available:.1f} GiB"))
+    return "\n".join(rows)
+
+
+def timeline_rows(vram_record: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The saved timeline of a run as rows for a line plot: seconds, GiB in use, phase."""
+    if not vram_record:
+        return []
+    return [{"seconds": t, "GiB in use": gib, "phase": phase or "—"}
+            for t, gib, phase in vram_record.get("samples", [])]
