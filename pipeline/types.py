@@ -72,7 +72,7 @@ class ProgressEvent:
                    Phase.DONE: 1.0}
         base = weights[self.phase]
         if self.phase is Phase.DENOISING and self.total:
-            return base + 0.80 * self.step / self.total
+            return base + 0.78 * self.step / self.total
         return base
 
 

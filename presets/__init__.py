@@ -144,13 +144,14 @@ def _parse_rung(path: Path, index: int, data: Any) -> MemoryRung:
         raise PresetError(f"{path.name}: field 'rungs[{index}]' must be a table")
     _check_keys(path, where, data, _RUNG_KEYS, _REQUIRED_RUNG_KEYS)
     values = {k: _check_type(path, where + k, v, _RUNG_KEYS[k]) for k, v in data.items()}
-    try:
-        if "offload_granularity" in values:
-            values["offload_granularity"] = OffloadGranularity(values["offload_granularity"])
-        if "text_encoder" in values:
-            values["text_encoder"] = TextEncoderPlacement(values["text_encoder"])
-    except ValueError as exc:
-        raise PresetError(f"{path.name}: {where}: {exc}") from None
+    for key, enum_type in (("offload_granularity", OffloadGranularity),
+                           ("text_encoder", TextEncoderPlacement)):
+        if key in values:
+            allowed = [m.value for m in enum_type]
+            if values[key] not in allowed:
+                raise PresetError(f"{path.name}: field '{where}{key}' must be one of "
+                                  f"{', '.join(allowed)}; got {values[key]!r}")
+            values[key] = enum_type(values[key])
     if values.get("rope_chunk", 0) < 0:
         raise PresetError(f"{path.name}: field '{where}rope_chunk' must be >= 0")
     peak = values.get("predicted_peak_gib")

@@ -1,0 +1,93 @@
+"""GPU memory reading with no NVML, a fake NVML and failing NVML calls; the OOM predicate."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from pipeline.gpu import GpuMonitor, VramSampler, is_oom
+from tests.conftest import FakeNvml
+
+GIB = 1024**3
+
+
+def test_no_nvml_returns_none_on_this_machine():
+    # This CI machine has no NVIDIA driver: the real pynvml must fail quietly.
+    monitor = GpuMonitor()
+    assert monitor.read() is None and monitor.facts() is None
+
+
+def test_missing_driver_returns_none():
+    assert GpuMonitor(nvml=FakeNvml(fail_init=True)).read() is None
+
+
+def test_not_supported_memory_query_returns_none():
+    assert GpuMonitor(nvml=FakeNvml(fail_memory=True)).read() is None
+
+
+def test_fake_nvml_snapshot():
+    snap = GpuMonitor(nvml=FakeNvml(total_gib=12.0, used_gib=3.0)).read()
+    assert snap.gpu_name == "NVIDIA GeForce RTX 3060"
+    assert snap.total_gib == pytest.approx(12.0) and snap.used_gib == pytest.approx(3.0)
+    assert snap.available_gib == pytest.approx(9.0)
+    assert snap.torch_reserved_bytes is None  # CPU torch: no CUDA allocator to read
+
+
+def test_facts_for_the_doctor():
+    facts = GpuMonitor(nvml=FakeNvml()).facts()
+    assert facts["compute_capability"] == (8, 6) and facts["driver"] == "580.95.05"
+
+
+def test_sampler_keeps_peak_and_timeline():
+    nvml = FakeNvml(total_gib=12.0, used_gib=1.0)
+    with VramSampler(GpuMonitor(nvml=nvml), interval_s=0.01) as sampler:
+        sampler.phase = "denoising"
+        nvml.used = int(9.5 * GIB)
+        time.sleep(0.08)
+        nvml.used = int(2.0 * GIB)
+        time.sleep(0.05)
+    tl = sampler.timeline
+    assert tl.baseline_used_bytes == 1 * GIB and tl.peak_used_bytes == int(9.5 * GIB)
+    record = tl.as_record()
+    assert record["peak_used_gib"] == 9.5 and record["baseline_used_gib"] == 1.0
+    assert any(phase == "denoising" and gib == 9.5 for _, gib, phase in record["samples"])
+    times = [t for t, _, _ in record["samples"]]
+    assert times == sorted(times)
+
+
+def test_sampler_without_gpu_records_nothing():
+    with VramSampler(GpuMonitor(nvml=FakeNvml(fail_init=True)), interval_s=0.01) as sampler:
+        time.sleep(0.03)
+    assert sampler.timeline.as_record()["samples"] == [] and sampler.timeline.as_record()["peak_used_gib"] is None
+
+
+@pytest.mark.parametrize("exc, expected", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"), True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE"), True),
+    (RuntimeError("shape mismatch"), False),
+    (ValueError("bad value"), False),
+    (KeyError("target_video_length"), False),
+])
+def test_is_oom(exc, expected):
+    assert is_oom(exc) is expected
+
+
+def test_is_oom_follows_the_cause_chain():
+    try:
+        try:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        except torch.cuda.OutOfMemoryError as inner:
+            raise Exception("find rank: 0 failed") from inner
+    except Exception as outer:  # noqa: BLE001
+        assert is_oom(outer)
+
+
+def test_triton_out_of_resources_is_not_vram():
+    class OutOfResources(Exception):
+        pass
+
+    # Same words as a VRAM OOM, but a per-kernel shared-memory limit: a leaner rung would not help.
+    assert not is_oom(OutOfResources("out of memory: shared memory, Required: 99000"))

@@ -1,0 +1,111 @@
+"""Atomic outputs and the SQLite history."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pipeline.errors import OutputError
+from pipeline.history import History
+from pipeline.outputs import OutputStore, read_mp4_record, write_mp4
+
+
+def frames(n=9, h=32, w=48):
+    return np.random.default_rng(0).integers(0, 255, (n, h, w, 3), dtype=np.uint8)
+
+
+def test_save_is_atomic_and_embeds_the_record(tmp_path):
+    store = OutputStore(tmp_path)
+    video, sidecar = store.save("clip", frames(), 16, {"prompt": "p", "seed": 1})
+    assert video.name == "clip.mp4" and sidecar.name == "clip.json"
+    assert json.loads(sidecar.read_text())["seed"] == 1
+    assert read_mp4_record(video) == {"prompt": "p", "seed": 1, "video": "clip.mp4"}
+    assert not list(tmp_path.glob(".*"))  # no temp files left
+
+
+def test_pyav_writer_matches(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_imageio_ffmpeg(name, *args, **kwargs):
+        if name == "imageio_ffmpeg":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_imageio_ffmpeg)
+    path = tmp_path / "x.mp4"
+    write_mp4(frames(), 16, path, json.dumps({"a": 1}))
+    monkeypatch.undo()
+    import imageio.v3 as iio
+
+    assert iio.imread(path, plugin="pyav").shape == (9, 32, 48, 3)
+    assert read_mp4_record(path) == {"a": 1}
+
+
+def test_disk_full_leaves_nothing_and_says_so(tmp_path, monkeypatch):
+    store = OutputStore(tmp_path)
+    store.save("earlier", frames(), 16, {"n": 0})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("pipeline.outputs.os.replace", full)
+    with pytest.raises(OutputError, match="is full: the video was not saved"):
+        store.save("next", frames(), 16, {"n": 1})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier.json", "earlier.mp4"]
+
+
+def test_clean_leftovers_removes_partials_and_orphan_records(tmp_path):
+    store = OutputStore(tmp_path)
+    store.save("kept", frames(), 16, {})
+    (tmp_path / ".dead.partial.mp4").write_bytes(b"half")
+    (tmp_path / "orphan.json").write_text("{}")
+    removed = {p.name for p in store.clean_leftovers()}
+    assert removed == {".dead.partial.mp4", "orphan.json"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json", "kept.mp4"]
+
+
+def test_unwritable_outputs_dir_is_a_clear_error(tmp_path):
+    if os.geteuid() == 0:
+        target = tmp_path / "file-not-dir"
+        target.write_text("x")
+        store = OutputStore(target / "sub")  # mkdir under a regular file fails even for root
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        store = OutputStore(locked / "sub")
+    with pytest.raises(OutputError):
+        store.save("x", frames(), 16, {})
+
+
+def test_history_lifecycle_and_restart(tmp_path):
+    db = tmp_path / "h.sqlite3"
+    history = History(db)
+    done = history.start_job(prompt="a", negative_prompt="", seed=1, preset="480x832x49")
+    history.finish_job(done, preset_used="480x832x49", rung_used="fast", video_path=tmp_path / "a.mp4",
+                       record_path=tmp_path / "a.json", peak_gib=7.1, seconds=3.0, attempts=[])
+    failed = history.start_job(prompt="b", negative_prompt="", seed=2, preset="480x832x81")
+    history.fail_job(failed, status="failed", error="boom", attempts=[])
+    history.start_job(prompt="c", negative_prompt="", seed=3, preset="720x1280x81")  # killed mid-run
+    history.close()
+
+    reopened = History(db)
+    assert reopened.mark_interrupted() == 1
+    statuses = {e.prompt: e.status for e in reopened.recent(status=None)}
+    assert statuses == {"a": "done", "b": "failed", "c": "interrupted"}
+    assert [e.prompt for e in reopened.recent()] == ["a"]
+    assert reopened.get(done).peak_gib == 7.1
+
+
+def test_measured_peaks_upsert(tmp_path):
+    history = History(tmp_path / "h.sqlite3")
+    history.record_peak("RTX 3060", "480x832x81", "fast", 8.0)
+    history.record_peak("RTX 3060", "480x832x81", "fast", 8.4)
+    history.record_peak("H100", "480x832x81", "fast", 9.0)
+    assert history.measured_peaks("RTX 3060") == {("480x832x81", "fast"): 8.4}

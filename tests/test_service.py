@@ -1,0 +1,193 @@
+"""The generation service against the fake backend: OOM ladder, records, cancel, progress."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from pipeline.errors import GenerationCancelled, InvalidRequest, NoGPUError, OutOfVRAM
+from pipeline.fake_backend import FakeBackend
+from pipeline.outputs import read_mp4_record
+from pipeline.types import GenerationRequest, Phase
+from tests.conftest import FakeNvml
+
+
+def request(preset="480x832x49", seed=42, prompt="A man plays a red electric guitar."):
+    return GenerationRequest(prompt=prompt, preset=preset, seed=seed)
+
+
+def read_frames(path):
+    import imageio.v3 as iio
+
+    return iio.imread(path, plugin="pyav")
+
+
+def test_success_writes_video_record_and_history(make_service):
+    service = make_service()
+    events = []
+    result = service.generate(request(), events.append)
+    assert result.video_path.exists() and result.record_path.exists()
+    frames = read_frames(result.video_path)
+    assert frames.shape[0] == 49  # the preset's frame count, at the fake's reduced size
+    sidecar = json.loads(result.record_path.read_text())
+    embedded = read_mp4_record(result.video_path)
+    for record in (sidecar, embedded):
+        assert record["prompt"] == "A man plays a red electric guitar."
+        assert record["seed"] == 42
+        assert record["preset_requested"] == record["preset_used"] == "480x832x49"
+        assert record["rung_used"] == "fast"
+        assert record["memory_settings"]["vae_tiling"] is False
+        assert record["model"]["backend"] == "fake"
+        assert set(record["timings_s"]) >= {"text encoding", "denoising", "VAE decode", "steps", "total"}
+        assert len(record["timings_s"]["steps"]) == 4
+        assert record["versions"]["python"]
+    (entry,) = service.history.recent()
+    assert entry.status == "done" and entry.video_path == str(result.video_path)
+    assert entry.preset_used == "480x832x49" and entry.rung_used == "fast"
+    phases = [e.phase for e in events]
+    assert phases.index(Phase.TEXT_ENCODING) < phases.index(Phase.DENOISING) < phases.index(
+        Phase.DECODING) < phases.index(Phase.ENCODING) < phases.index(Phase.DONE)
+    steps = [(e.step, e.total) for e in events if e.phase is Phase.DENOISING and e.total]
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_oom_steps_down_the_explicit_ladder_and_records_every_rung(make_service):
+    backend = FakeBackend(oom_at={("720x1280x81", "*", Phase.DENOISING),
+                                  ("480x832x81", "fast", Phase.TEXT_ENCODING)})
+    service = make_service(backend)
+    result = service.generate(request("720x1280x81"))
+    tried = [(a.preset, a.rung, a.outcome, a.phase) for a in result.attempts]
+    assert tried == [
+        ("720x1280x81", "tiled-vae", "out of memory", "denoising"),
+        ("720x1280x81", "chunked-rope", "out of memory", "denoising"),
+        ("720x1280x81", "lean", "out of memory", "denoising"),
+        ("480x832x81", "fast", "out of memory", "text encoding"),
+        ("480x832x81", "tiled-vae", "ok", ""),
+    ]
+    assert result.preset_used == "480x832x81" and result.fell_back
+    summary = result.fallback_summary()
+    assert "720x1280x81/tiled-vae ran out of GPU memory in denoising" in summary
+    assert summary.endswith("Ran 480x832x81 on the 'tiled-vae' memory settings instead.")
+    record = json.loads(result.record_path.read_text())
+    assert [a["rung"] for a in record["attempts"]] == [t[1] for t in tried]
+    assert record["memory_settings"]["vae_tiling"] is True
+    # Only build-time settings reload: block->phase->block is three loads, not five.
+    assert len(backend.loads) == 3
+
+
+def test_exhausted_ladder_is_a_clear_error_and_a_failed_history_row(make_service):
+    backend = FakeBackend(oom_at={(p, "*", Phase.DENOISING)
+                                  for p in ("720x1280x81", "480x832x81", "480x832x49")})
+    service = make_service(backend)
+    with pytest.raises(OutOfVRAM) as err:
+        service.generate(request("480x832x81"))
+    assert len(err.value.attempts) == 6  # 3 rungs of 480x832x81 + 3 of 480x832x49
+    assert "Out of GPU memory on every fallback for 480x832x81" in str(err.value)
+    assert "480x832x49/lean" in str(err.value)
+    (entry,) = service.history.recent(status=None)
+    assert entry.status == "failed" and "every fallback" in entry.error
+    assert not list(service.outputs.root.glob("*.mp4"))
+
+
+def test_decode_oom_keeps_latents_and_retries_decode_only(make_service):
+    backend = FakeBackend(oom_at={("480x832x49", "fast", Phase.DECODING)})
+    service = make_service(backend)
+    original_check = backend._maybe_oom
+
+    def only_untiled(spec, phase):  # the untiled decode fails, the tiled one fits
+        return original_check(spec, phase) and not spec.memory["vae_tiling"]
+
+    backend._maybe_oom = only_untiled
+    result = service.generate(request())
+    assert [(a.rung, a.outcome, a.phase) for a in result.attempts] == [
+        ("fast", "out of memory", "VAE decode"), ("fast", "ok", "")]
+    # The denoising steps ran once: the retry decoded the kept latents.
+    assert len(backend.generated) == 1
+    assert result.video_path.exists()
+
+
+def test_cancel_between_steps_stops_and_the_next_run_works(make_service):
+    backend = FakeBackend()
+    service = make_service(backend)
+    stop = threading.Event()
+    backend.on_step_hook = lambda spec, step: stop.set() if step == 2 else None
+    events = []
+    with pytest.raises(GenerationCancelled):
+        service.generate(request(), events.append, stop.is_set)
+    steps = [e.step for e in events if e.phase is Phase.DENOISING and e.total]
+    assert steps == [1, 2]  # stopped at the boundary after step 2
+    (entry,) = service.history.recent(status=None)
+    assert entry.status == "cancelled"
+    backend.on_step_hook = None
+    result = service.generate(request())  # the model was recovered and is reused
+    assert result.video_path.exists() and len(backend.loads) == 1
+
+
+def test_same_seed_same_frames_also_after_an_oom(make_service):
+    backend = FakeBackend()
+    service = make_service(backend)
+    first = read_frames(service.generate(request(seed=7)).video_path)
+    backend.oom_at = {("480x832x49", "fast", Phase.DENOISING)}
+    service.generate(request(seed=99))
+    backend.oom_at = set()
+    again = read_frames(service.generate(request(seed=7)).video_path)
+    assert np.array_equal(first, again)
+    other = read_frames(service.generate(request(seed=8)).video_path)
+    assert not np.array_equal(first, other)
+
+
+def test_no_gpu_is_a_clear_error_before_any_history(make_service):
+    service = make_service(FakeBackend(gpu_present=False))
+    with pytest.raises(NoGPUError, match="No NVIDIA GPU"):
+        service.generate(request())
+    assert service.history.recent(status=None) == []
+
+
+def test_unknown_preset_is_rejected_before_the_gpu(make_service):
+    backend = FakeBackend()
+    service = make_service(backend)
+    with pytest.raises(InvalidRequest, match="Unknown preset '1080p'"):
+        service.generate(request("1080p"))
+    assert backend.generated == [] and service.history.recent(status=None) == []
+
+
+def test_start_rung_follows_free_memory_and_measured_peaks(make_service):
+    nvml = FakeNvml(total_gib=12.0, used_gib=12.0 - 7.5)  # 7.5 GiB free
+    backend = FakeBackend()
+    service = make_service(backend, nvml=nvml)
+    result = service.generate(request("480x832x81"))
+    # fast (8.9) does not fit 7.5; tiled-vae (6.6 + 0.5 headroom) does.
+    assert [a.rung for a in result.attempts] == ["tiled-vae"]
+    assert result.record["vram"]["gpu"] == "NVIDIA GeForce RTX 3060"
+    assert result.record["vram"]["available_at_start_gib"] == pytest.approx(7.5, abs=0.01)
+    # A peak measured on this GPU supersedes the shipped figure.
+    service.history.record_peak("NVIDIA GeForce RTX 3060", "480x832x81", "fast", 6.0)
+    result = service.generate(request("480x832x81"))
+    assert [a.rung for a in result.attempts] == ["fast"]
+
+
+def test_vram_cap_limits_available_memory(make_service):
+    service = make_service(nvml=FakeNvml(total_gib=80.0, used_gib=1.0), vram_cap_gib=11.0)
+    _, available = service.available_gib()
+    assert available == 11.0
+    forecasts = {f.preset: f for f in service.forecasts()}
+    assert forecasts["720x1280x81"].fit.value in ("tight", "fits", "will step down")
+    assert forecasts["480x832x49"].fit.value == "fits"
+
+
+def test_request_validation():
+    with pytest.raises(InvalidRequest, match="prompt is empty"):
+        GenerationRequest(prompt="   ", preset="480x832x49", seed=1)
+    with pytest.raises(InvalidRequest, match="between 0 and 4294967295"):
+        GenerationRequest(prompt="x", preset="480x832x49", seed=2**32)
+    with pytest.raises(InvalidRequest, match="between 0 and"):
+        GenerationRequest(prompt="x", preset="480x832x49", seed=-1)
+    with pytest.raises(InvalidRequest, match="whole number"):
+        GenerationRequest(prompt="x", preset="480x832x49", seed=1.5)
+    with pytest.raises(InvalidRequest, match="limit is 2000"):
+        GenerationRequest(prompt="x" * 2001, preset="480x832x49", seed=1)
