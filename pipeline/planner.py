@@ -76,12 +76,15 @@ class Planner:
         return out
 
     def _start_index(self, ladder: list[Rung], available_gib: float) -> int:
-        # First choice: the fastest rung that fits with headroom; else one that fits at all
-        # (tight); else the leanest rung of the whole ladder.
-        for margin in (self.headroom_gib, 0.0):
-            for index, rung in enumerate(ladder):
-                if rung.predicted_gib is None or rung.predicted_gib + margin <= available_gib:
-                    return index
+        # Within each preset, in ladder order: the fastest rung that fits with headroom, else one
+        # that fits at all (tight). A smaller preset is a worse clip, so a tight fit of the
+        # requested preset beats a roomy fit of its fallback. Nothing fits: the leanest rung.
+        for preset_name in dict.fromkeys(r.preset.name for r in ladder):
+            group = [(i, r) for i, r in enumerate(ladder) if r.preset.name == preset_name]
+            for margin in (self.headroom_gib, 0.0):
+                for index, rung in group:
+                    if rung.predicted_gib is None or rung.predicted_gib + margin <= available_gib:
+                        return index
         return len(ladder) - 1
 
     def plan(self, preset_name: str, available_gib: float | None,

@@ -32,7 +32,7 @@ def test_plan_skips_rungs_predicted_not_to_fit():
     # A slower rung with headroom beats a faster one without: an OOM at step 3 costs far more.
     assert names(planner().plan("720x1280x81", 11.0))[0] == "720x1280x81/lean"
     assert names(planner().plan("720x1280x81", 8.3))[0] == "720x1280x81/lean"  # tight
-    assert names(planner().plan("720x1280x81", 6.0))[0] == "480x832x81/tiled-vae"
+    assert names(planner().plan("720x1280x81", 6.0))[0] == "480x832x81/lean"
     assert names(planner().plan("720x1280x81", 1.0)) == ["480x832x49/lean"]
 
 
@@ -45,7 +45,8 @@ def test_forecast_verdicts():
     assert round(tight.margin_gib, 2) == 0.2
     down = p.forecast("720x1280x81", 6.0)
     assert down.fit is Fit.STEPS_DOWN and down.start.preset.name == "480x832x81"
-    assert "will start on 480x832x81/tiled-vae" in down.describe()
+    assert down.start.memory.name == "lean"
+    assert "will start on 480x832x81/lean" in down.describe()
     assert p.forecast("720x1280x81", None).fit is Fit.UNKNOWN
 
 
