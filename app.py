@@ -10,17 +10,30 @@ Nothing heavy happens at import: torch and LightX2V load on the first Generate.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("wan_studio")
 
+APP_DIR = Path(__file__).resolve().parent
 DEFAULT_WEIGHTS_DIR = Path("weights") / "Wan2.1-T2V-14B-StepDistill-CfgDistill-Lightx2v"
 DEFAULT_OUTPUTS_DIR = Path("outputs")
 AUTH_ENV = "WAN_STUDIO_AUTH"
+HISTORY_DB_NAME = "history.sqlite3"
+# The app takes no uploads, but Gradio's /upload route exists anyway: keep it from filling the disk.
+MAX_UPLOAD = "1mb"
+# Waiting jobs beyond this are refused ("queue full") rather than piling up hours of GPU work.
+MAX_QUEUED = 100
+
+# Test-only switches, honoured only with --backend fake (CPU test double); see _fake_backend.
+FAKE_STEP_SECONDS_ENV = "WAN_STUDIO_FAKE_STEP_SECONDS"
+FAKE_OOM_ENV = "WAN_STUDIO_FAKE_OOM"  # "preset:rung-or-*:phase[,...]", e.g. 720x1280x81:*:denoising
+FAKE_FAULTS_ENV = "WAN_STUDIO_FAKE_FAULTS_DIR"  # a folder of switch files, see _FaultSwitches
 
 
 class ConfigError(SystemExit):
@@ -98,10 +111,141 @@ def settings_from_args(argv: list[str]) -> Settings:
                           f"{AUTH_ENV}=user:password).")
     if args.vram_cap_gib is not None and float(args.vram_cap_gib) <= 0:
         raise ConfigError("--vram-cap-gib must be a positive number of GiB.")
+    _check_outputs_dir(args.outputs_dir, args.weights_dir)
     return Settings(host=host, port=args.port, share=args.share, auth=auth,
                     weights_dir=args.weights_dir, outputs_dir=args.outputs_dir, backend=args.backend,
                     vram_cap_gib=None if args.vram_cap_gib is None else float(args.vram_cap_gib),
                     quant_scheme=args.quant_scheme, attn_mode=args.attn_mode)
+
+
+def _check_outputs_dir(outputs_dir: Path, weights_dir: Path) -> None:
+    # Everything in the outputs folder is served to the browser (launch's allowed_paths), so it
+    # must not contain the app's code or the weights.
+    outputs = outputs_dir.resolve()
+    for what, path in (("the app's own folder", APP_DIR), ("the weights folder", weights_dir.resolve())):
+        if path == outputs or outputs in path.parents:
+            raise ConfigError(f"--outputs-dir {outputs_dir} contains {what} ({path}); everything in "
+                              f"the outputs folder is served to the browser. Choose a folder of its "
+                              f"own, e.g. the default '{DEFAULT_OUTPUTS_DIR}'.")
+
+
+def blocked_paths(settings: Settings) -> list[str]:
+    """Files under the served outputs folder that Gradio must never hand out: the history database
+    (every prompt ever typed) and its SQLite side files."""
+    db = (settings.outputs_dir / HISTORY_DB_NAME).resolve()
+    return [str(db)] + [f"{db}{suffix}" for suffix in ("-wal", "-shm", "-journal")]
+
+
+class _MissingBackend:
+    """Stands in for the LightX2V backend when its module cannot be imported, so that the app still
+    starts (UI, history, VRAM panel, doctor) and Generate explains what is missing."""
+
+    name = "lightx2v"
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def _error(self):
+        from pipeline.errors import BackendUnavailable
+
+        return BackendUnavailable(
+            f"The LightX2V backend cannot run here: {self.reason}. Generating needs an NVIDIA GPU "
+            f"with CUDA and the GPU packages: run ./run.sh on such a machine (it installs them), "
+            f"and 'python app.py doctor' explains what is missing. '--backend fake' runs the UI "
+            f"without a GPU.")
+
+    def check_available(self) -> None:
+        raise self._error()
+
+    def load_key(self, memory):
+        raise self._error()
+
+    def load(self, key, on_phase):
+        raise self._error()
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "unavailable": self.reason}
+
+
+def _real_backend(settings: Settings):
+    try:
+        from pipeline.lightx2v_backend import LightX2VBackend
+    except ImportError as exc:
+        # Not at start: the UI must come up on machines without the GPU stack; Generate explains.
+        log.warning("LightX2V backend unavailable: %s", exc)
+        return _MissingBackend(f"{type(exc).__name__}: {exc}")
+    return LightX2VBackend(weights_dir=settings.weights_dir, quant_scheme=settings.quant_scheme,
+                           attn_mode=settings.attn_mode, vram_cap_gib=settings.vram_cap_gib)
+
+
+def parse_fake_oom(text: str | None, preset_names) -> set:
+    """WAN_STUDIO_FAKE_OOM: comma-separated preset:rung:phase triples (rung may be '*'); phase is
+    text_encoding, denoising or decoding. Test-only: makes the fake backend raise CUDA's OOM."""
+    from pipeline.types import Phase
+
+    phases = {"text_encoding": Phase.TEXT_ENCODING, "denoising": Phase.DENOISING,
+              "decoding": Phase.DECODING, "decode": Phase.DECODING}
+    rules = set()
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        preset, _, rest = item.partition(":")
+        rung, _, phase = rest.partition(":")
+        if preset not in preset_names or not rung or phase.lower() not in phases:
+            raise ConfigError(f"{FAKE_OOM_ENV}: cannot read {item!r}; expected preset:rung:phase with "
+                              f"preset one of {', '.join(preset_names)}, rung a name or '*', phase "
+                              f"one of {', '.join(phases)}.")
+        rules.add((preset, rung, phases[phase.lower()]))
+    return rules
+
+
+class _FaultSwitches:
+    """Test-only fault injection for the fake backend, switched on and off by files in a folder
+    (WAN_STUDIO_FAKE_FAULTS_DIR) so that a test can change them while the app runs:
+
+    disk-full     while present, writing the mp4 fails with ENOSPC after writing part of it
+    slow-write    seconds to hold the finished mp4 under its temporary name before publishing it
+    slow-steps    seconds to add to every denoising step
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def seconds(self, name: str) -> float:
+        try:
+            return max(0.0, float((self.folder / name).read_text().strip() or 0))
+        except (OSError, ValueError):
+            return 0.0
+
+    def writer(self, frames, fps, path, comment) -> None:
+        from pipeline.outputs import write_mp4
+
+        if (self.folder / "disk-full").exists():
+            path.write_bytes(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        write_mp4(frames, fps, path, comment)
+        delay = self.seconds("slow-write")
+        if delay:
+            time.sleep(delay)
+
+    def on_step(self, spec, step) -> None:
+        delay = self.seconds("slow-steps")
+        if delay:
+            time.sleep(delay)
+
+
+def _fake_backend(presets):
+    from pipeline.fake_backend import FakeBackend
+
+    backend = FakeBackend(step_seconds=float(_env(FAKE_STEP_SECONDS_ENV, "0.2")),
+                          oom_at=parse_fake_oom(_env(FAKE_OOM_ENV), list(presets)))
+    if backend.oom_at:
+        log.warning("TEST SWITCH %s: the fake backend will run out of memory at %s", FAKE_OOM_ENV,
+                    sorted((p, r, ph.value) for p, r, ph in backend.oom_at))
+    faults_dir = _env(FAKE_FAULTS_ENV)
+    switches = _FaultSwitches(Path(faults_dir)) if faults_dir else None
+    if switches is not None:
+        log.warning("TEST SWITCH %s: fault injection from %s", FAKE_FAULTS_ENV, faults_dir)
+        backend.on_step_hook = switches.on_step
+    return backend, switches
 
 
 def build_app(settings: Settings):
@@ -119,19 +263,15 @@ def build_app(settings: Settings):
     from ui import UiContext, build_ui
 
     presets = load_presets()
+    switches = None
     if settings.backend == "fake":
-        from pipeline.fake_backend import FakeBackend
-
-        backend = FakeBackend(step_seconds=float(_env("WAN_STUDIO_FAKE_STEP_SECONDS", "0.2")))
+        backend, switches = _fake_backend(presets)
     else:
-        from pipeline.lightx2v_backend import LightX2VBackend
-
-        backend = LightX2VBackend(weights_dir=settings.weights_dir, quant_scheme=settings.quant_scheme,
-                                  attn_mode=settings.attn_mode, vram_cap_gib=settings.vram_cap_gib)
-    outputs = OutputStore(settings.outputs_dir)
+        backend = _real_backend(settings)
+    outputs = OutputStore(settings.outputs_dir, writer=switches.writer if switches else None)
     outputs.ensure()
     outputs.clean_leftovers()
-    history = History(settings.outputs_dir / "history.sqlite3")
+    history = History(settings.outputs_dir / HISTORY_DB_NAME)
     interrupted = history.mark_interrupted()
     if interrupted:
         log.warning("%d job(s) were interrupted when the app last stopped", interrupted)
@@ -159,21 +299,35 @@ def _system_tab(settings: Settings, monitor):
                 doctor=lambda: doctor.run_doctor(weights_dir=settings.weights_dir,
                                                  outputs_dir=settings.outputs_dir, monitor=monitor),
                 weights_dir=settings.weights_dir,
-                start_download=lambda: weights.download_iter(settings.weights_dir))
+                start_download=lambda: weights.iter_download(settings.weights_dir))
     return render
 
 
 def serve(argv: list[str]) -> int:
     try:
         settings = settings_from_args(argv)
+        demo, _ = build_app(settings)
     except ConfigError as exc:
         sys.stderr.write(exc.message + "\n")
         return 2
-    demo, _ = build_app(settings)
-    demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
-                auth=settings.auth, allowed_paths=[str(settings.outputs_dir.resolve())],
-                show_error=True, css=None)
+    from ui.layout import CSS
+
+    demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUED)
+    try:
+        demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
+                    auth=settings.auth, show_error=True, css=CSS,
+                    # Only the outputs folder is served, never the history database inside it.
+                    allowed_paths=[str(settings.outputs_dir.resolve())],
+                    blocked_paths=blocked_paths(settings), max_file_size=MAX_UPLOAD,
+                    # This app keeps its own history; Gradio's run history could upload prompts
+                    # and videos to a Hugging Face bucket, and its monitoring page is not needed.
+                    run_history=False, enable_monitoring=False, mcp_server=False, ssr_mode=False)
+    except OSError as exc:
+        if "port" not in str(exc).lower():
+            raise
+        sys.stderr.write(f"Cannot listen on {settings.host}:{settings.port}: the port is in use "
+                         f"(is Wan T2V Studio already running?). Choose another with --port.\n")
+        return 1
     return 0
 
 

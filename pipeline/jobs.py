@@ -20,6 +20,10 @@ from pipeline.types import GenerationRequest, GenerationResult, ProgressEvent
 
 log = logging.getLogger(__name__)
 
+# Put on a job's event queue after its last event, so that a follower ends at once instead of
+# noticing `done` only at its next poll timeout.
+_END = object()
+
 
 @dataclass
 class Job:
@@ -27,7 +31,7 @@ class Job:
     request: GenerationRequest
     cancel_flag: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
-    events: "queue.Queue[ProgressEvent]" = field(default_factory=queue.Queue)
+    events: "queue.Queue[ProgressEvent | object]" = field(default_factory=queue.Queue)
     result: GenerationResult | None = None
     error: BaseException | None = None
 
@@ -38,11 +42,15 @@ class Job:
         """Progress events until the job ends; yields None every `poll_s` without news."""
         while True:
             try:
-                yield self.events.get(timeout=poll_s)
+                event = self.events.get(timeout=poll_s)
             except queue.Empty:
                 if self.done.is_set() and self.events.empty():
                     return
                 yield None
+                continue
+            if event is _END:
+                return
+            yield event
 
 
 class JobQueue:
@@ -95,6 +103,7 @@ class JobQueue:
             finally:
                 self.current = None
                 job.done.set()
+                job.events.put(_END)
                 with self._lock:
                     # Keep finished jobs briefly for late followers; drop old ones.
                     for old in [k for k, j in self._jobs.items() if j.done.is_set()][:-50]:

@@ -13,9 +13,10 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -24,13 +25,23 @@ from pipeline.errors import OutputError
 log = logging.getLogger(__name__)
 
 PARTIAL_MARK = ".partial"
+# First-frame stills for the history gallery, made on demand; hidden so listings show only clips.
+THUMBS_DIR = ".thumbs"
+# Below this much free space a failed write is reported as "disk full": ffmpeg run by
+# imageio-ffmpeg reports ENOSPC only on its own stderr and exits without an exception.
+DISK_FULL_FREE_BYTES = 64 * 1024**2
+
+Mp4Writer = Callable[[np.ndarray, int, Path, str], None]
+
+
+def _disk_full_message(path: Path) -> str:
+    return (f"The disk holding {path.parent} is full: the video was not saved. Free some space "
+            f"and generate again; earlier videos and the history are untouched.")
 
 
 def _disk_error(path: Path, exc: OSError) -> OutputError:
     if exc.errno == errno.ENOSPC:
-        return OutputError(f"The disk holding {path.parent} is full: the video was not saved. "
-                           f"Free some space and generate again; earlier videos and the history "
-                           f"are untouched.")
+        return OutputError(_disk_full_message(path))
     if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
         return OutputError(f"Cannot write to {path.parent} ({exc.strerror}). Choose a writable "
                            f"outputs folder with --outputs-dir.")
@@ -70,7 +81,10 @@ def _write_mp4_pyav(frames: np.ndarray, fps: int, path: Path, comment: str) -> N
 
 
 def write_mp4(frames: np.ndarray, fps: int, path: Path, comment: str) -> None:
-    """Encode uint8 frames [T, H, W, 3] as H.264 mp4 at `path` (written in place, not atomic)."""
+    """Encode uint8 frames [T, H, W, 3] as H.264 mp4 at `path` (written in place, not atomic).
+
+    Not every failure raises (imageio-ffmpeg ignores ffmpeg's exit status): check the result with
+    `count_mp4_frames`."""
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 [T,H,W,3], got {frames.dtype} {frames.shape}")
     try:
@@ -79,6 +93,27 @@ def write_mp4(frames: np.ndarray, fps: int, path: Path, comment: str) -> None:
         _write_mp4_pyav(frames, fps, path, comment)
     else:
         _write_mp4_imageio(frames, fps, path, comment)
+
+
+def count_mp4_frames(path: Path) -> int | None:
+    """Video packets actually present in the file (a truncated file has fewer); None without PyAV.
+
+    Raises OSError/ValueError (PyAV's errors derive from them) when the file is not a readable mp4.
+    """
+    try:
+        import av
+    except ImportError:
+        return None
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            return 0
+        stream = container.streams.video[0]
+        return sum(1 for packet in container.demux(stream) if packet.size)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -97,8 +132,10 @@ def _fsync_dir(directory: Path) -> None:
 class OutputStore:
     """The outputs folder: one `<stem>.mp4` and `<stem>.json` per finished job."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, writer: Mp4Writer | None = None):
         self.root = Path(root)
+        # Injectable so that tests (and the fake backend's fault switches) can simulate a full disk.
+        self.writer: Mp4Writer = writer or write_mp4
 
     def ensure(self) -> None:
         try:
@@ -121,7 +158,10 @@ class OutputStore:
         record = dict(record, video=video.name)
         comment = json.dumps(record, separators=(",", ":"), default=str)
         try:
-            write_mp4(frames, fps, tmp_video, comment)
+            self.writer(frames, fps, tmp_video, comment)
+            self._verify(tmp_video, len(frames), video)
+            # A kill or power cut after the rename must not leave a name pointing at lost data.
+            _fsync_file(tmp_video)
             with open(tmp_sidecar, "w", encoding="utf-8") as fh:
                 json.dump(record, fh, indent=2, default=str)
                 fh.flush()
@@ -130,29 +170,93 @@ class OutputStore:
             os.replace(tmp_sidecar, sidecar)
             os.replace(tmp_video, video)
             _fsync_dir(self.root)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure must remove the partial files first
             for leftover in (tmp_video, tmp_sidecar):
                 leftover.unlink(missing_ok=True)
             if not video.exists():
                 sidecar.unlink(missing_ok=True)
-            raise _disk_error(video, exc) from None
+            if isinstance(exc, OutputError):
+                raise
+            log.warning("saving %s failed", video.name, exc_info=exc)
+            # The encoder's own errors (a broken pipe, a RuntimeError) hide ENOSPC; free space tells.
+            if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or self._disk_nearly_full():
+                raise OutputError(_disk_full_message(video)) from None
+            if isinstance(exc, OSError):
+                raise _disk_error(video, exc) from None
+            raise
         return video, sidecar
+
+    def _disk_nearly_full(self) -> bool:
+        try:
+            return shutil.disk_usage(self.root).free < DISK_FULL_FREE_BYTES
+        except OSError:
+            return False
+
+    def _verify(self, tmp_video: Path, expected_frames: int, video: Path) -> None:
+        """Refuse to publish an mp4 the encoder left short: a full disk makes ffmpeg stop quietly."""
+        try:
+            found = count_mp4_frames(tmp_video)
+        except (OSError, ValueError):
+            found = 0
+        if found is None:  # no PyAV: at least the file must not be empty
+            found = expected_frames if tmp_video.exists() and tmp_video.stat().st_size else 0
+        if found == expected_frames:
+            return
+        if self._disk_nearly_full():
+            raise OutputError(_disk_full_message(video))
+        raise OutputError(f"Writing {video.name} failed: the encoder produced {found} of "
+                          f"{expected_frames} frames. Nothing was saved; see the terminal log.")
+
+    def thumbnail(self, video: Path, size: int = 320) -> Path | None:
+        """A JPEG of the clip's first frame for the history gallery, made once and kept beside the
+        videos. None when it cannot be made (no PyAV/Pillow, unreadable clip): show the video."""
+        video = Path(video)
+        thumb = self.root / THUMBS_DIR / f"{video.stem}.jpg"
+        if thumb.exists():
+            return thumb
+        tmp = thumb.with_name(f".{thumb.stem}{PARTIAL_MARK}.jpg")
+        try:
+            import av
+
+            with av.open(str(video)) as container:
+                image = next(container.decode(video=0)).to_image()
+            image.thumbnail((size, size))
+            thumb.parent.mkdir(exist_ok=True)
+            image.save(tmp, "JPEG", quality=85)
+            os.replace(tmp, thumb)
+        except Exception as exc:  # noqa: BLE001 - PyAV/Pillow errors of any kind: show the video
+            log.debug("no thumbnail for %s: %s", video.name, exc)
+            tmp.unlink(missing_ok=True)
+            return None
+        return thumb
 
     def clean_leftovers(self) -> list[Path]:
         """Remove temp files left by a kill mid-write, and records whose video never landed."""
         if not self.root.is_dir():
             return []
         removed = []
-        for path in self.root.glob(f".*{PARTIAL_MARK}*"):
+        for path in [*self.root.glob(f".*{PARTIAL_MARK}*"),
+                     *(self.root / THUMBS_DIR).glob(f".*{PARTIAL_MARK}*")]:
             path.unlink(missing_ok=True)
             removed.append(path)
         for sidecar in self.root.glob("*.json"):
-            if not sidecar.with_suffix(".mp4").exists():
+            # Only our own records (save() names the video in them): the folder may hold the
+            # user's files too.
+            if not sidecar.with_suffix(".mp4").exists() and _is_record_of(sidecar):
                 sidecar.unlink(missing_ok=True)
                 removed.append(sidecar)
         if removed:
             log.info("removed %d leftover file(s) from an interrupted run", len(removed))
         return removed
+
+
+def _is_record_of(sidecar: Path) -> bool:
+    """True when `sidecar` is a record save() wrote for the mp4 beside it."""
+    try:
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("video") == sidecar.with_suffix(".mp4").name
 
 
 def read_mp4_record(path: Path) -> dict[str, Any] | None:
@@ -166,4 +270,8 @@ def read_mp4_record(path: Path) -> dict[str, Any] | None:
             comment = container.metadata.get("comment")
     except Exception:  # noqa: BLE001 - any unreadable file simply has no record
         return None
-    return json.loads(comment) if comment else None
+    try:
+        record = json.loads(comment) if comment else None
+    except ValueError:  # a comment written by another tool
+        return None
+    return record if isinstance(record, dict) else None

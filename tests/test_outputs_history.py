@@ -65,7 +65,7 @@ def test_clean_leftovers_removes_partials_and_orphan_records(tmp_path):
     store = OutputStore(tmp_path)
     store.save("kept", frames(), 16, {})
     (tmp_path / ".dead.partial.mp4").write_bytes(b"half")
-    (tmp_path / "orphan.json").write_text("{}")
+    (tmp_path / "orphan.json").write_text('{"video": "orphan.mp4"}')  # a record save() wrote
     removed = {p.name for p in store.clean_leftovers()}
     assert removed == {".dead.partial.mp4", "orphan.json"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json", "kept.mp4"]

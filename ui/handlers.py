@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,12 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from pipeline.errors import GenerationCancelled, InvalidRequest, StudioError
+from pipeline.errors import (BackendUnavailable, GenerationCancelled, InvalidRequest, ModelLoadError,
+                             NoGPUError, OutOfVRAM, OutputError, StudioError, WeightsError)
 from pipeline.gpu import GpuMonitor
 from pipeline.history import History, HistoryEntry
 from pipeline.jobs import Job, JobQueue
+from pipeline.outputs import OutputStore
 from pipeline.service import VideoService
 from pipeline.types import (MAX_SEED, TEXT_ENCODER_MAX_TOKENS, GenerationRequest, Phase,
                             ProgressEvent, prompt_token_estimate)
@@ -39,17 +42,42 @@ class UiContext:
     history: History
 
 
+# Titles for the alert box, in words rather than class names.
+_TITLES: tuple[tuple[type[StudioError], str], ...] = (
+    (InvalidRequest, "Check your input"),
+    (NoGPUError, "No NVIDIA GPU"),
+    (BackendUnavailable, "Generation is not available"),
+    (WeightsError, "Model weights"),
+    (ModelLoadError, "Loading the model failed"),
+    (OutOfVRAM, "Out of GPU memory"),
+    (OutputError, "Saving the video failed"),
+)
+
+
 def as_alert(exc: BaseException) -> Exception:
-    """The one mapping from pipeline errors to what the user sees."""
+    """The one mapping from pipeline errors to what the user sees.
+
+    Expected errors are logged as one line: a traceback in the terminal for a typo in a seed, or
+    for a machine without a GPU, would read like a crash."""
     if isinstance(exc, GenerationCancelled):
-        return gr.Error(f"Cancelled. {exc}", title="Cancelled")
-    if isinstance(exc, InvalidRequest):
-        return gr.Error(str(exc), title="Check your input")
+        log.info("job cancelled: %s", exc)
+        return gr.Error(str(exc) or "Cancelled.", title="Cancelled", print_exception=False)
     if isinstance(exc, StudioError):
-        return gr.Error(str(exc), title=type(exc).__name__)
+        title = next((t for cls, t in _TITLES if isinstance(exc, cls)), "Generation failed")
+        log.log(logging.INFO if isinstance(exc, InvalidRequest) else logging.WARNING,
+                "%s: %s", title, exc)
+        return gr.Error(str(exc), title=title, print_exception=False)
     log.error("unexpected error reached the UI", exc_info=exc)
     return gr.Error(f"Unexpected error ({type(exc).__name__}: {exc}). The details are in the "
-                    f"terminal log.", title="Unexpected error")
+                    f"terminal log.", title="Unexpected error", print_exception=False)
+
+
+def failure_status(exc: BaseException, alert: Exception) -> str:
+    """The status line after a failed or cancelled job (the alert box fades, this stays)."""
+    # Plain text marks: colour emoji are missing from many Linux fonts and show as boxes.
+    if isinstance(exc, GenerationCancelled):
+        return f"**Cancelled.** {getattr(alert, 'message', exc)}"
+    return f"✖ **{getattr(alert, 'title', 'Error')}.** {getattr(alert, 'message', exc)}"
 
 
 def parse_seed(seed: Any, randomize: bool) -> int:
@@ -57,25 +85,50 @@ def parse_seed(seed: Any, randomize: bool) -> int:
         return secrets.randbelow(MAX_SEED + 1)
     if seed is None or seed == "":
         raise InvalidRequest("Enter a seed, or tick 'Random seed'.")
+    # bool is an int in Python; `true` as a seed is a caller's mistake, not seed 1.
+    if isinstance(seed, bool) or not isinstance(seed, (int, float, str)):
+        raise InvalidRequest(f"The seed must be a whole number, got {seed!r}.")
     try:
         value = float(seed)
     except (TypeError, ValueError):
         raise InvalidRequest(f"The seed must be a whole number, got {seed!r}.") from None
-    if not value.is_integer():
+    if not value.is_integer():  # also NaN and infinity
         raise InvalidRequest(f"The seed must be a whole number, got {seed!r}.")
+    if not 0 <= value <= MAX_SEED:
+        raise InvalidRequest(f"The seed must be between 0 and {MAX_SEED}, got {seed!r}.")
     return int(value)
 
 
-def make_request(*, prompt: Any, preset: Any, seed: Any, randomize_seed: bool,
-                 negative_prompt: Any = "") -> GenerationRequest:
-    return GenerationRequest(prompt=prompt if isinstance(prompt, str) else "",
-                             preset=preset if isinstance(preset, str) else "",
-                             seed=parse_seed(seed, bool(randomize_seed)),
-                             negative_prompt=negative_prompt if isinstance(negative_prompt, str) else "")
+def _text(value: Any, what: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"The {what} must be text, got {type(value).__name__} {value!r:.40}.")
+    return value
 
 
-def prompt_hint(prompt: str) -> str:
-    tokens = prompt_token_estimate(prompt or "")
+def make_request(*, prompt: Any, preset: Any, seed: Any, randomize_seed: Any,
+                 negative_prompt: Any = "", presets: PresetBook | None = None) -> GenerationRequest:
+    """Check raw widget or API values and build the request. Generate runs with Gradio's own
+    preprocessing off, so this is the one place its inputs are checked, with our messages."""
+    if randomize_seed is None:
+        randomize_seed = False
+    if not isinstance(randomize_seed, bool):
+        raise InvalidRequest(f"'Random seed' must be true or false, got {randomize_seed!r:.40}.")
+    if not isinstance(preset, str) or not preset:
+        raise InvalidRequest("No preset was chosen." if preset in (None, "") else
+                             f"The preset must be a preset name, got {preset!r:.40}.")
+    if presets is not None and preset not in presets:
+        raise InvalidRequest(f"Unknown preset {preset[:60]!r}; choose one of {', '.join(presets)}.")
+    return GenerationRequest(prompt=_text(prompt, "prompt"), preset=preset,
+                             seed=parse_seed(seed, randomize_seed),
+                             negative_prompt=_text(negative_prompt, "negative prompt"))
+
+
+def prompt_hint(prompt: Any) -> str:
+    if not isinstance(prompt, str):
+        return ""
+    tokens = prompt_token_estimate(prompt)
     if tokens > TEXT_ENCODER_MAX_TOKENS:
         return (f"⚠️ About {tokens} tokens: the text encoder reads only the first "
                 f"{TEXT_ENCODER_MAX_TOKENS}; the rest is ignored.")
@@ -88,11 +141,16 @@ def describe_event(event: ProgressEvent) -> str:
     return event.message or event.phase.value.capitalize() + "…"
 
 
-def gallery_items(history: History, limit: int = 24) -> list[tuple[str, str]]:
+def gallery_items(history: History, outputs: OutputStore | None = None,
+                  limit: int = 24) -> list[tuple[str, str]]:
+    """(picture, caption) per finished clip, newest first. The picture is the clip's first frame when
+    `outputs` can make one: a grid of stills loads at once, where two dozen videos would not."""
     items = []
     for entry in history.recent(limit):
         if entry.video_path and Path(entry.video_path).exists():
-            items.append((entry.video_path, f"#{entry.id} · {entry.preset_used} · seed {entry.seed}"))
+            thumb = outputs.thumbnail(Path(entry.video_path)) if outputs is not None else None
+            items.append((str(thumb or entry.video_path),
+                          f"#{entry.id} · {entry.preset_used} · seed {entry.seed}"))
     return items
 
 
@@ -101,6 +159,18 @@ def entry_for_gallery_index(history: History, index: int | None, limit: int = 24
     if index is None or not 0 <= index < len(entries):
         return None
     return entries[index]
+
+
+_CAPTION_ID = re.compile(r"#(\d+) ·")
+
+
+def entry_for_gallery_selection(history: History, value: Any, index: int | None) -> HistoryEntry | None:
+    """The history entry a gallery click chose, by the '#<id> ·' its caption starts with."""
+    caption = value.get("caption") if isinstance(value, dict) else None
+    match = _CAPTION_ID.match(caption or "")
+    if match:
+        return history.get(int(match.group(1)))
+    return entry_for_gallery_index(history, index)
 
 
 def load_record(path: str | None) -> dict[str, Any] | None:
@@ -113,6 +183,7 @@ def load_record(path: str | None) -> dict[str, Any] | None:
 
 
 def result_summary(record: dict[str, Any]) -> str:
+    """One paragraph on a finished run; says so when the prompt was cut by the text encoder."""
     timings = record.get("timings_s", {})
     vram = record.get("vram", {})
     peak = vram.get("peak_torch_reserved_gib") or vram.get("peak_used_gib")
@@ -122,13 +193,18 @@ def result_summary(record: dict[str, Any]) -> str:
         parts.append(f"peak {peak:.2f} GiB")
     parts.append("weights loaded for this job" if record.get("weights_loaded_this_job")
                  else "model was already resident (no reload)")
-    return ", ".join(parts) + "."
+    text = ", ".join(parts) + "."
+    if record.get("prompt_truncated"):
+        text += (f"\n\n⚠️ The prompt is longer than the text encoder's {TEXT_ENCODER_MAX_TOKENS} "
+                 f"tokens: only its beginning was used.")
+    return text
 
 
 def run_generation(ctx: UiContext, request: GenerationRequest) -> Iterator[tuple[Job, ProgressEvent | None]]:
     """Submit to the GPU lane and follow the job; the caller turns events into widget updates."""
     job = ctx.jobs.submit(request)
-    yield job, ProgressEvent(Phase.QUEUED, message=f"Queued (job #{job.id})")
+    # No number here: the lane's ids restart with the app, history ids do not.
+    yield job, ProgressEvent(Phase.QUEUED, message="Queued: waiting for the GPU…")
     for event in job.follow():
         yield job, event
 

@@ -1,0 +1,210 @@
+"""The app as a user starts it: `python app.py ...` as a subprocess on 127.0.0.1, driven with
+gradio_client. Generate -> video, history (SQLite and the gallery), record beside the mp4 and inside
+it; a forced OOM shows its fallback; start-up refusals; a machine without an NVIDIA GPU."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import socket
+from pathlib import Path
+
+import pytest
+from gradio_client.exceptions import AppError
+
+from apphelpers import raw_get, run_app_to_exit, running_app, wait_for
+from pipeline.outputs import read_mp4_record
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    with running_app(tmp, faults=True, WAN_STUDIO_FAKE_OOM="720x1280x81:*:denoising") as running:
+        yield running
+
+
+def test_generate_returns_the_video_and_records_it_everywhere(app):
+    client = app.client()
+    prompt = "A lighthouse on a cliff at dusk, waves below"
+    status, seed, video, record_text, gallery, _plot = client.predict(
+        prompt, "480x832x49", 1234, False, "blurry", api_name="/generate")
+
+    assert status.startswith("Done: **480x832x49** on 'fast' settings, seed 1234")
+    assert seed == 1234
+    rows = [r for r in app.history() if r["prompt"] == prompt]
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["status"], row["seed"], row["negative_prompt"]) == ("done", 1234, "blurry")
+    mp4, sidecar = Path(row["video_path"]), Path(row["record_path"])
+    assert mp4.parent == app.outputs and sidecar == mp4.with_suffix(".json")
+    # What the caller downloaded is the saved file.
+    assert Path(video).read_bytes() == mp4.read_bytes()
+    # The record: beside the mp4, in the mp4's metadata, and in the result, all the same.
+    record = json.loads(sidecar.read_text())
+    assert read_mp4_record(mp4) == record
+    assert json.loads(record_text) == {k: v for k, v in record.items() if k != "video"}
+    assert record["video"] == mp4.name
+    assert (record["job_id"], record["prompt"], record["seed"]) == (row["id"], prompt, 1234)
+    assert (record["preset_used"], record["frames"], record["height"], record["width"]) == (
+        "480x832x49", 49, 480, 832)
+    assert record["model"]["backend"] == "fake"
+    # The gallery, from the result and from the history endpoint a freshly opened tab calls.
+    caption = f"#{row['id']} · 480x832x49 · seed 1234"
+    assert [g["caption"] for g in gallery][0] == caption
+    fresh_gallery, _ = client.predict(api_name="/history")
+    assert [g["caption"] for g in fresh_gallery][0] == caption
+    still = Path(fresh_gallery[0]["image"])  # the clip's first frame, as a JPEG
+    assert still.suffix == ".jpg" and still.read_bytes()[:3] == b"\xff\xd8\xff"
+
+
+def _non_loopback_address() -> str | None:
+    # A UDP "connect" sends nothing; it only asks the kernel which local address would be used.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_the_app_binds_loopback_only_by_default(app):
+    import app as app_module
+
+    assert app_module.settings_from_args([]).host == "127.0.0.1"
+    assert app_module.settings_from_args(["--listen", "--auth", "u:p"]).host == "0.0.0.0"
+    assert f"Running on local URL:  http://127.0.0.1:{app.port}" in app.log()
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to try")
+    with socket.socket() as other:
+        other.settimeout(3)
+        assert other.connect_ex((address, app.port)) != 0, f"reachable on {address}"
+
+
+def test_forced_oom_falls_back_and_says_so(app):
+    client = app.client(download_files=False)
+    prompt = "A city street in the rain at night"
+    status, *_ = client.predict(prompt, "720x1280x81", 7, False, "", api_name="/generate")
+    assert "Done: **480x832x81**" in status
+    assert ("720x1280x81/tiled-vae ran out of GPU memory in denoising; 720x1280x81/chunked-rope ran "
+            "out of GPU memory in denoising; 720x1280x81/lean ran out of GPU memory in denoising. "
+            "Ran 480x832x81 on the 'fast' memory settings instead.") in status
+    (row,) = [r for r in app.history() if r["prompt"] == prompt]
+    assert (row["preset_requested"], row["preset_used"], row["rung_used"]) == (
+        "720x1280x81", "480x832x81", "fast")
+    record = read_mp4_record(Path(row["video_path"]))
+    assert [a["outcome"] for a in record["attempts"]] == ["out of memory"] * 3 + ["ok"]
+
+
+def test_a_prompt_past_the_text_encoders_limit_runs_and_says_what_was_cut(app):
+    client = app.client(download_files=False)
+    prompt = "A slow pan across a mountain lake at sunrise, mist over the water. " * 28  # ~1900 chars
+    status, *_ = client.predict(prompt, "480x832x49", 1, False, "", api_name="/generate")
+    assert status.startswith("Done:")
+    assert "longer than the text encoder's 512 tokens: only its beginning was used" in status
+    (row,) = [r for r in app.history() if r["prompt"] == prompt]
+    assert json.loads(Path(row["record_path"]).read_text())["prompt_truncated"] is True
+
+
+def test_cancel_through_the_api_stops_the_job_at_a_step_boundary(app):
+    client = app.client(download_files=False)
+    prompt = "A job that will be cancelled"
+    app.fault("slow-steps", "0.5")
+    try:
+        job = client.submit(prompt, "480x832x49", 3, False, "", api_name="/generate")
+        wait_for(lambda: any(r["prompt"] == prompt for r in app.history()), 20, 0.05, "the job")
+        wait_for(lambda: "Denoising" in (job.outputs() or [[""]])[-1][0], 20, 0.05, "a step")
+        assert client.predict(api_name="/cancel") == "Cancelling at the next step boundary…"
+        with pytest.raises(AppError) as err:
+            job.result(timeout=30)
+    finally:
+        app.fault("slow-steps", None)
+    assert err.value.title == "Cancelled" and "step boundary" in str(err.value)
+    assert job.outputs()[-1][0] == "**Cancelled.** Cancelled at a step boundary."
+    (row,) = [r for r in app.history() if r["prompt"] == prompt]
+    assert (row["status"], row["video_path"]) == ("cancelled", None)
+    # With nothing running, Cancel says so.
+    assert client.predict(api_name="/cancel") == "Nothing to cancel."
+
+
+@pytest.mark.parametrize("args, what", [
+    (["--share"], "--share"),
+    (["--listen"], "binding 0.0.0.0"),
+    (["--host", "0.0.0.0"], "binding 0.0.0.0"),
+    (["--listen", "--share"], "--share"),
+])
+def test_exposing_the_app_without_auth_is_refused(tmp_path, args, what):
+    result = run_app_to_exit(["--backend", "fake", *args], tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert "Refusing to start" in result.stderr and what in result.stderr
+    assert "--auth user:password" in result.stderr and "WAN_STUDIO_AUTH" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "outputs").exists(), "nothing may happen before the refusal"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--listen", "--auth", "nopassword"], "must be 'user:password'"),
+    (["--outputs-dir", "."], "everything in the outputs folder is served"),
+    (["--vram-cap-gib", "0"], "must be a positive number"),
+])
+def test_bad_start_options_are_refused_with_a_message(tmp_path, args, message):
+    result = run_app_to_exit(["--backend", "fake", "--weights-dir", str(tmp_path / "w" / "x"), *args],
+                             tmp_path, timeout=60)
+    assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_port_in_use_is_reported_plainly(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_app_to_exit(["--backend", "fake", "--port", str(port),
+                                  "--outputs-dir", str(tmp_path / "out")], tmp_path, timeout=90)
+    assert result.returncode == 1
+    assert f"Cannot listen on 127.0.0.1:{port}: the port is in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_without_an_nvidia_gpu_the_app_starts_and_generate_explains(tmp_path):
+    """This machine has no NVIDIA GPU and no LightX2V: the real backend must still start the UI."""
+    with running_app(tmp_path, backend="lightx2v") as app:
+        status, body = raw_get(app.port, "/config")
+        assert status == 200
+        assert re.search(r"No NVIDIA GPU\*\* detected", body.decode()), "the VRAM panel"
+        client = app.client(download_files=False)
+        with pytest.raises(AppError) as err:
+            client.predict("A cat on a windowsill", "480x832x49", 1, False, "", api_name="/generate")
+        message = str(err.value)
+        # Whichever check answers first (no LightX2V here, or no GPU), it is a sentence, not a trace.
+        assert re.search(r"LightX2V|NVIDIA GPU", message), message
+        assert err.value.title in ("Generation is not available", "No NVIDIA GPU")
+        assert "Traceback" not in message and "Unexpected error" not in message
+        assert app.history() == [], "nothing was started"
+        # The app is still up and answering after the refusal.
+        assert raw_get(app.port, "/config")[0] == 200
+    assert "Traceback" not in app.log()
+
+
+def test_a_backend_module_that_cannot_be_imported_fails_at_generate_not_at_start(tmp_path,
+                                                                                 monkeypatch):
+    import app as app_module
+    from pipeline.errors import BackendUnavailable
+    from pipeline.types import GenerationRequest
+
+    # None in sys.modules makes `import pipeline.lightx2v_backend` raise ImportError.
+    monkeypatch.setitem(sys.modules, "pipeline.lightx2v_backend", None)
+    settings = app_module.settings_from_args(["--outputs-dir", str(tmp_path / "out")])
+    _demo, ctx = app_module.build_app(settings)  # the app still builds
+    job = ctx.jobs.submit(GenerationRequest(prompt="a cat", preset="480x832x49", seed=1))
+    assert job.done.wait(10)
+    assert isinstance(job.error, BackendUnavailable)
+    assert "The LightX2V backend cannot run here: ModuleNotFoundError" in str(job.error)
+    assert "./run.sh" in str(job.error) and "doctor" in str(job.error)
+    assert ctx.history.recent(10, status=None) == []
+    ctx.jobs.shutdown()
+    ctx.history.close()

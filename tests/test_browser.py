@@ -1,0 +1,95 @@
+"""The page in headless Chromium (the system package, never a downloaded browser): type a prompt,
+click Generate, see the video and the VRAM panel; a closed tab does not lose its job; a tab opened
+later shows it in the history. Screenshots go to test-artifacts/ for a person to look at."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from apphelpers import running_app, wait_for
+from conftest import CHROMIUM
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM or "/usr/bin/chromium",
+                                      headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def _open(browser, url: str):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url, wait_until="domcontentloaded", timeout=30_000)
+    page.locator("#prompt textarea").wait_for(state="visible", timeout=30_000)
+    return page, errors
+
+
+def test_type_generate_and_watch_the_video_arrive(browser, tmp_path, artifacts_dir: Path):
+    with running_app(tmp_path, faults=True, WAN_STUDIO_FAKE_STEP_SECONDS="0.1") as app:
+        page, errors = _open(browser, app.url)
+        panel = page.locator("#vram-panel")
+        assert "No NVIDIA GPU" in panel.inner_text(timeout=10_000)
+
+        page.locator("#prompt textarea").fill("A paper boat drifting down a rain gutter")
+        page.locator("#generate").click()
+        video = page.locator("#video video")
+        video.wait_for(state="attached", timeout=30_000)
+        wait_for(lambda: video.get_attribute("src"), 30, 0.1, "the video to get a source")
+        src = video.get_attribute("src")
+        assert "/gradio_api/file=" in src and src.endswith(".mp4")
+        status = page.locator("#status")
+        wait_for(lambda: "Done:" in status.inner_text(), 15, 0.1, "the status line")
+        assert "480x832x49" in status.inner_text()
+        assert page.locator("#history img").count() == 1  # a still, not a second video player
+        # The panel keeps refreshing (1 s timer) without breaking.
+        page.wait_for_timeout(1500)
+        assert "No NVIDIA GPU" in panel.inner_text()
+        page.screenshot(path=str(artifacts_dir / "browser-generate.png"), full_page=True)
+        (row,) = app.history()
+        assert row["status"] == "done" and row["prompt"] == "A paper boat drifting down a rain gutter"
+        assert errors == [], errors
+
+        # Close the tab while a job runs: the job still finishes and is in history.
+        app.fault("slow-steps", "0.5")
+        page.locator("#prompt textarea").fill("A closed tab must not cancel this")
+        page.locator("#generate").click()
+        wait_for(lambda: len(app.history()) == 2, 20, 0.05, "the second job to start")
+        assert app.history()[1]["status"] == "running"
+        page.close()
+        app.fault("slow-steps", None)
+        wait_for(lambda: app.history()[1]["status"] != "running", 30, 0.1, "the job to finish")
+        assert app.history()[1]["status"] == "done"
+
+        # A tab opened afterwards lists both clips (the gallery is read on page load), and clicking
+        # the older one plays it and selects it for a re-run.
+        page, errors = _open(browser, app.url)
+        thumbs = page.locator("#history img")
+        wait_for(lambda: thumbs.count() == 2, 15, 0.1, "the history gallery to show both clips")
+        first_id = app.history()[0]["id"]
+        page.locator("#history button", has_text=f"#{first_id} ·").click()
+        selected = page.locator("#selected")
+        wait_for(lambda: f"#{first_id}:" in selected.inner_text(), 10, 0.1, "the selection text")
+        assert "paper boat" in selected.inner_text()
+        wait_for(lambda: (page.locator("#video video").get_attribute("src") or "").endswith(
+            Path(app.history()[0]["video_path"]).name), 10, 0.1, "the selected clip in the player")
+        page.locator("#rerun").click()
+        wait_for(lambda: "paper boat" in page.locator("#prompt textarea").input_value(), 10, 0.1,
+                 "the prompt to be restored")
+        page.screenshot(path=str(artifacts_dir / "browser-reopened.png"), full_page=True)
+        assert errors == [], errors
+        page.close()
