@@ -10,11 +10,9 @@ Nothing heavy happens at import: torch and LightX2V load on the first Generate.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +29,6 @@ MAX_UPLOAD = "1mb"
 MAX_QUEUED = 100
 
 # Test-only switches, honoured only with --backend fake (CPU test double); see _fake_backend.
-FAKE_STEP_SECONDS_ENV = "WAN_STUDIO_FAKE_STEP_SECONDS"
-FAKE_OOM_ENV = "WAN_STUDIO_FAKE_OOM"  # "preset:rung-or-*:phase[,...]", e.g. 720x1280x81:*:denoising
-FAKE_FAULTS_ENV = "WAN_STUDIO_FAKE_FAULTS_DIR"  # a folder of switch files, see _FaultSwitches
 
 
 class ConfigError(SystemExit):
@@ -136,116 +131,26 @@ def blocked_paths(settings: Settings) -> list[str]:
     return [str(db)] + [f"{db}{suffix}" for suffix in ("-wal", "-shm", "-journal")]
 
 
-class _MissingBackend:
-    """Stands in for the LightX2V backend when its module cannot be imported, so that the app still
-    starts (UI, history, VRAM panel, doctor) and Generate explains what is missing."""
-
-    name = "lightx2v"
-
-    def __init__(self, reason: str):
-        self.reason = reason
-
-    def _error(self):
-        from pipeline.errors import BackendUnavailable
-
-        return BackendUnavailable(
-            f"The LightX2V backend cannot run here: {self.reason}. Generating needs an NVIDIA GPU "
-            f"with CUDA and the GPU packages: run ./run.sh on such a machine (it installs them), "
-            f"and 'python app.py doctor' explains what is missing. '--backend fake' runs the UI "
-            f"without a GPU.")
-
-    def check_available(self) -> None:
-        raise self._error()
-
-    def load_key(self, memory):
-        raise self._error()
-
-    def load(self, key, on_phase):
-        raise self._error()
-
-    def describe(self) -> dict:
-        return {"backend": self.name, "unavailable": self.reason}
-
-
 def _real_backend(settings: Settings):
+    from pipeline.backend import UnavailableBackend
+
     try:
         from pipeline.lightx2v_backend import LightX2VBackend
     except ImportError as exc:
         # Not at start: the UI must come up on machines without the GPU stack; Generate explains.
         log.warning("LightX2V backend unavailable: %s", exc)
-        return _MissingBackend(f"{type(exc).__name__}: {exc}")
+        return UnavailableBackend("LightX2V", f"{type(exc).__name__}: {exc}")
     return LightX2VBackend(weights_dir=settings.weights_dir, quant_scheme=settings.quant_scheme,
                            attn_mode=settings.attn_mode, vram_cap_gib=settings.vram_cap_gib)
 
 
-def parse_fake_oom(text: str | None, preset_names) -> set:
-    """WAN_STUDIO_FAKE_OOM: comma-separated preset:rung:phase triples (rung may be '*'); phase is
-    text_encoding, denoising or decoding. Test-only: makes the fake backend raise CUDA's OOM."""
-    from pipeline.types import Phase
-
-    phases = {"text_encoding": Phase.TEXT_ENCODING, "denoising": Phase.DENOISING,
-              "decoding": Phase.DECODING, "decode": Phase.DECODING}
-    rules = set()
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
-        preset, _, rest = item.partition(":")
-        rung, _, phase = rest.partition(":")
-        if preset not in preset_names or not rung or phase.lower() not in phases:
-            raise ConfigError(f"{FAKE_OOM_ENV}: cannot read {item!r}; expected preset:rung:phase with "
-                              f"preset one of {', '.join(preset_names)}, rung a name or '*', phase "
-                              f"one of {', '.join(phases)}.")
-        rules.add((preset, rung, phases[phase.lower()]))
-    return rules
-
-
-class _FaultSwitches:
-    """Test-only fault injection for the fake backend, switched on and off by files in a folder
-    (WAN_STUDIO_FAKE_FAULTS_DIR) so that a test can change them while the app runs:
-
-    disk-full     while present, writing the mp4 fails with ENOSPC after writing part of it
-    slow-write    seconds to hold the finished mp4 under its temporary name before publishing it
-    slow-steps    seconds to add to every denoising step
-    """
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def seconds(self, name: str) -> float:
-        try:
-            return max(0.0, float((self.folder / name).read_text().strip() or 0))
-        except (OSError, ValueError):
-            return 0.0
-
-    def writer(self, frames, fps, path, comment) -> None:
-        from pipeline.outputs import write_mp4
-
-        if (self.folder / "disk-full").exists():
-            path.write_bytes(b"\0" * 4096)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        write_mp4(frames, fps, path, comment)
-        delay = self.seconds("slow-write")
-        if delay:
-            time.sleep(delay)
-
-    def on_step(self, spec, step) -> None:
-        delay = self.seconds("slow-steps")
-        if delay:
-            time.sleep(delay)
-
-
 def _fake_backend(presets):
-    from pipeline.fake_backend import FakeBackend
+    from pipeline.fake_backend import fake_backend_from_env
 
-    backend = FakeBackend(step_seconds=float(_env(FAKE_STEP_SECONDS_ENV, "0.2")),
-                          oom_at=parse_fake_oom(_env(FAKE_OOM_ENV), list(presets)))
-    if backend.oom_at:
-        log.warning("TEST SWITCH %s: the fake backend will run out of memory at %s", FAKE_OOM_ENV,
-                    sorted((p, r, ph.value) for p, r, ph in backend.oom_at))
-    faults_dir = _env(FAKE_FAULTS_ENV)
-    switches = _FaultSwitches(Path(faults_dir)) if faults_dir else None
-    if switches is not None:
-        log.warning("TEST SWITCH %s: fault injection from %s", FAKE_FAULTS_ENV, faults_dir)
-        backend.on_step_hook = switches.on_step
-    return backend, switches
+    try:
+        return fake_backend_from_env(os.environ, list(presets))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def build_app(settings: Settings):

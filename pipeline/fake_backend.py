@@ -8,17 +8,28 @@ phases, or to fail loading, which is how the OOM ladder and the cache rollback a
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from pipeline.backend import DecodeOutOfMemory, LoadKey, RunHooks
 from pipeline.errors import GenerationCancelled, NoGPUError
+from pipeline.outputs import write_mp4
 from pipeline.types import Phase, RunSpec
+
+log = logging.getLogger(__name__)
+
+FAKE_STEP_SECONDS_ENV = "WAN_STUDIO_FAKE_STEP_SECONDS"
+FAKE_OOM_ENV = "WAN_STUDIO_FAKE_OOM"  # "preset:rung-or-*:phase[,...]", e.g. 720x1280x81:*:denoising
+FAKE_FAULTS_ENV = "WAN_STUDIO_FAKE_FAULTS_DIR"  # a folder of switch files, see FaultSwitches
 
 # Settings the fake treats as build-time, mirroring the real backend's choice.
 FAKE_BUILD_SETTINGS = ("offload_granularity", "text_encoder", "vae_offload")
@@ -135,3 +146,70 @@ class FakeModel:
 
     def release(self) -> None:
         self.released = True
+
+
+def parse_fake_oom(text: str | None, preset_names) -> set:
+    """WAN_STUDIO_FAKE_OOM: comma-separated preset:rung:phase triples (rung may be '*'); phase is
+    text_encoding, denoising or decoding. Test-only: makes the fake backend raise CUDA's OOM."""
+    phases = {"text_encoding": Phase.TEXT_ENCODING, "denoising": Phase.DENOISING,
+              "decoding": Phase.DECODING, "decode": Phase.DECODING}
+    rules = set()
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        preset, _, rest = item.partition(":")
+        rung, _, phase = rest.partition(":")
+        if preset not in preset_names or not rung or phase.lower() not in phases:
+            raise ValueError(f"{FAKE_OOM_ENV}: cannot read {item!r}; expected preset:rung:phase with "
+                              f"preset one of {', '.join(preset_names)}, rung a name or '*', phase "
+                              f"one of {', '.join(phases)}.")
+        rules.add((preset, rung, phases[phase.lower()]))
+    return rules
+
+
+class FaultSwitches:
+    """Test-only fault injection for the fake backend, switched on and off by files in a folder
+    (WAN_STUDIO_FAKE_FAULTS_DIR) so that a test can change them while the app runs:
+
+    disk-full     while present, writing the mp4 fails with ENOSPC after writing part of it
+    slow-write    seconds to hold the finished mp4 under its temporary name before publishing it
+    slow-steps    seconds to add to every denoising step
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def seconds(self, name: str) -> float:
+        try:
+            return max(0.0, float((self.folder / name).read_text().strip() or 0))
+        except (OSError, ValueError):
+            return 0.0
+
+    def writer(self, frames, fps, path, comment) -> None:
+        if (self.folder / "disk-full").exists():
+            path.write_bytes(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        write_mp4(frames, fps, path, comment)
+        delay = self.seconds("slow-write")
+        if delay:
+            time.sleep(delay)
+
+    def on_step(self, spec, step) -> None:
+        delay = self.seconds("slow-steps")
+        if delay:
+            time.sleep(delay)
+
+
+def fake_backend_from_env(env: Mapping[str, str], preset_names: list[str]
+                          ) -> tuple[FakeBackend, "FaultSwitches | None"]:
+    """The fake backend as `--backend fake` runs it, with the test-only switches read from `env`.
+    Raises ValueError for an unreadable switch."""
+    backend = FakeBackend(step_seconds=float(env.get(FAKE_STEP_SECONDS_ENV) or "0.2"),
+                          oom_at=parse_fake_oom(env.get(FAKE_OOM_ENV), preset_names))
+    if backend.oom_at:
+        log.warning("TEST SWITCH %s: the fake backend will run out of memory at %s", FAKE_OOM_ENV,
+                    sorted((p, r, ph.value) for p, r, ph in backend.oom_at))
+    faults_dir = env.get(FAKE_FAULTS_ENV)
+    switches = FaultSwitches(Path(faults_dir)) if faults_dir else None
+    if switches is not None:
+        log.warning("TEST SWITCH %s: fault injection from %s", FAKE_FAULTS_ENV, faults_dir)
+        backend.on_step_hook = switches.on_step
+    return backend, switches

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from gradio_client.exceptions import AppError
 
-from apphelpers import raw_get, run_app_to_exit, running_app, wait_for
+from tests.apphelpers import raw_get, run_app_to_exit, running_app, wait_for
 from pipeline.outputs import read_mp4_record
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from apphelpers import running_app, wait_for
-from conftest import CHROMIUM
+from tests.apphelpers import running_app, wait_for
+from tests.conftest import CHROMIUM
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

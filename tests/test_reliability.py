@@ -20,7 +20,7 @@ import pytest
 from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
 
-from apphelpers import (PYTHON, REPO, history_rows, listed_files, raw_get, raw_post, running_app,
+from tests.apphelpers import (PYTHON, REPO, history_rows, listed_files, raw_get, raw_post, running_app,
                         start_app, wait_for)
 from pipeline.outputs import read_mp4_record
 
