@@ -7,8 +7,9 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 gpu=no
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=yes; fi
-stamp=".venv/.installed-$(cat requirements.txt requirements-gpu.txt 2>/dev/null | sha1sum | cut -c1-12)-$gpu"
+stamp=".venv/.installed-$(cat requirements.txt requirements-gpu.txt | sha1sum | cut -c1-12)-$gpu"
 if [ ! -e "$stamp" ]; then
+  echo "Setting up .venv (the first time takes a few minutes)..." >&2
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r requirements.txt
   if [ "$gpu" = yes ]; then

@@ -8,6 +8,7 @@ PY=${PYTHON:-python3}
 [ -x .venv-test/bin/python ] || "$PY" -m venv .venv-test
 stamp=".venv-test/.installed-$(cat requirements.txt requirements-test.txt | sha1sum | cut -c1-12)"
 if [ ! -e "$stamp" ]; then
+  echo "Setting up .venv-test (the first time takes a few minutes)..." >&2
   .venv-test/bin/python -m pip install -q --upgrade pip
   .venv-test/bin/python -m pip install -q -r requirements-test.txt
   touch "$stamp"

@@ -9,6 +9,7 @@ video and into the mp4's `comment` metadata, so a video copied elsewhere still e
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -87,12 +88,24 @@ def write_mp4(frames: np.ndarray, fps: int, path: Path, comment: str) -> None:
     `count_mp4_frames`."""
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 [T,H,W,3], got {frames.dtype} {frames.shape}")
-    try:
-        import imageio_ffmpeg  # noqa: F401
-    except ImportError:
-        _write_mp4_pyav(frames, fps, path, comment)
-    else:
+    if _bundled_ffmpeg_available():
         _write_mp4_imageio(frames, fps, path, comment)
+    else:
+        _write_mp4_pyav(frames, fps, path, comment)
+
+
+@functools.lru_cache(maxsize=1)
+def _bundled_ffmpeg_available() -> bool:
+    # imageio-ffmpeg's pure-Python wheel (other platforms, or carried without its 68 MB binary)
+    # imports fine but has no ffmpeg to run; PyAV links FFmpeg itself.
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError):
+        log.info("no ffmpeg binary from imageio-ffmpeg: writing mp4 with PyAV")
+        return False
+    return True
 
 
 def count_mp4_frames(path: Path) -> int | None:
@@ -158,8 +171,13 @@ class OutputStore:
         record = dict(record, video=video.name)
         comment = json.dumps(record, separators=(",", ":"), default=str)
         try:
+            started = time.perf_counter()
             self.writer(frames, fps, tmp_video, comment)
+            encode_s = time.perf_counter() - started
             self._verify(tmp_video, len(frames), video)
+            if isinstance(record.get("timings_s"), dict):
+                # The copy inside the mp4 cannot know how long its own encode took; the sidecar can.
+                record = dict(record, timings_s=dict(record["timings_s"], **{"writing mp4": round(encode_s, 3)}))
             # A kill or power cut after the rename must not leave a name pointing at lost data.
             _fsync_file(tmp_video)
             with open(tmp_sidecar, "w", encoding="utf-8") as fh:

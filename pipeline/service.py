@@ -83,11 +83,11 @@ class _PhaseClock:
         self._last_step = now
         self.sink(ProgressEvent(Phase.DENOISING, step=index, total=total))
 
-    def snapshot(self) -> dict[str, Any]:
-        """Seconds per finished phase and per step so far, plus the total."""
+    def snapshot(self, include_current: bool = True) -> dict[str, Any]:
+        """Seconds per phase and per step so far, plus the total."""
         now = time.perf_counter()
         out: dict[str, Any] = {k: round(v, 3) for k, v in self.seconds.items()}
-        if self.current is not None and self.current is not Phase.DONE:
+        if include_current and self.current is not None and self.current is not Phase.DONE:
             out[self.current.value] = round(out.get(self.current.value, 0.0) + now - self.phase_started, 3)
         out["steps"] = [round(s, 3) for s in self.step_seconds]
         out["total"] = round(now - self.started, 3)
@@ -206,7 +206,8 @@ class VideoService:
         # The sampler has stopped: the timeline covers the GPU work, and the record can carry it.
         record = self._record(job_id, request, chosen, attempts, available, gpu_name,
                               loads_before, sampler.timeline.as_record())
-        record["timings_s"] = clock.snapshot()  # up to the mp4 encode, which the record precedes
+        # Up to the mp4 encode, which the record precedes (the sidecar adds the encode time).
+        record["timings_s"] = clock.snapshot(include_current=False)
         stem = self.outputs.new_stem(job_id, chosen.preset.name, request.seed)
         video, sidecar = self.outputs.save(stem, frames, chosen.preset.fps, record)
         timings = clock.finish()

@@ -44,6 +44,8 @@ def test_success_writes_video_record_and_history(make_service):
         assert set(record["timings_s"]) >= {"text encoding", "denoising", "VAE decode", "steps", "total"}
         assert len(record["timings_s"]["steps"]) == 4
         assert record["versions"]["python"]
+    # The encode time is only knowable after the encode: the sidecar has it, the mp4 cannot.
+    assert sidecar["timings_s"]["writing mp4"] > 0 and "writing mp4" not in embedded["timings_s"]
     (entry,) = service.history.recent()
     assert entry.status == "done" and entry.video_path == str(result.video_path)
     assert entry.preset_used == "480x832x49" and entry.rung_used == "fast"
@@ -63,7 +65,6 @@ def test_oom_steps_down_the_explicit_ladder_and_records_every_rung(make_service)
     result = service.generate(request("720x1280x81"))
     tried = [(a.preset, a.rung, a.outcome, a.phase) for a in result.attempts]
     assert tried == [
-        ("720x1280x81", "tiled-vae", "out of memory", "denoising"),
         ("720x1280x81", "chunked-rope", "out of memory", "denoising"),
         ("720x1280x81", "lean", "out of memory", "denoising"),
         ("480x832x81", "fast", "out of memory", "text encoding"),
@@ -71,12 +72,12 @@ def test_oom_steps_down_the_explicit_ladder_and_records_every_rung(make_service)
     ]
     assert result.preset_used == "480x832x81" and result.fell_back
     summary = result.fallback_summary()
-    assert "720x1280x81/tiled-vae ran out of GPU memory in denoising" in summary
+    assert "720x1280x81/chunked-rope ran out of GPU memory in denoising" in summary
     assert summary.endswith("Ran 480x832x81 on the 'tiled-vae' memory settings instead.")
     record = json.loads(result.record_path.read_text())
     assert [a["rung"] for a in record["attempts"]] == [t[1] for t in tried]
     assert record["memory_settings"]["vae_tiling"] is True
-    # Only build-time settings reload: block->phase->block is three loads, not five.
+    # Only build-time settings reload: block->phase->block is three loads, not four.
     assert len(backend.loads) == 3
 
 
@@ -160,8 +161,9 @@ def test_start_rung_follows_free_memory_and_measured_peaks(make_service):
     nvml = FakeNvml(total_gib=12.0, used_gib=12.0 - 7.5)  # 7.5 GiB free
     backend = FakeBackend()
     service = make_service(backend, nvml=nvml)
+    fast, tiled = (service.presets["480x832x81"].rung(n).predicted_peak_gib for n in ("fast", "tiled-vae"))
+    assert fast > 7.5 and tiled + 0.5 <= 7.5  # the shipped figures this test relies on
     result = service.generate(request("480x832x81"))
-    # fast (8.9) does not fit 7.5; tiled-vae (6.6 + 0.5 headroom) does.
     assert [a.rung for a in result.attempts] == ["tiled-vae"]
     assert result.record["vram"]["gpu"] == "NVIDIA GeForce RTX 3060"
     assert result.record["vram"]["available_at_start_gib"] == pytest.approx(7.5, abs=0.01)

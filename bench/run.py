@@ -1,0 +1,331 @@
+"""Benchmark every preset on every memory rung, on a CUDA machine, under a VRAM budget.
+
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python -m bench.run [--ckpt DIR] [--budget-gib 11.0]
+
+Uses a full-size synthetic checkpoint (pipeline/synthetic_checkpoint.py; written to a temporary
+folder unless --ckpt names one): real kernels and real memory, random weights. PyTorch is capped at
+the budget (default 11.0 GiB, a 12 GB RTX 3060 beside a desktop). For each configuration it
+measures, per run: load time, text encoder, every denoising step, VAE decode and mp4 encode
+(seconds), and per phase the peak of torch-reserved memory and of NVML device memory above the
+level before the run. Configurations:
+
+  ours      LightX2VBackend as the app runs it, every preset on every rung of its preset file
+  peer      LightX2V's own recipe from measured-baseline.md (block offload, T5 offload, VAE on the
+            GPU, untiled, only the fixes it needs to run: our fixes 5 and the FFN chunking off)
+  resident  no offload, uncapped: the step-time reference of the targets (needs ~30 GB VRAM)
+
+It writes <out>/<date>-<gpu>.json and .md (default docs/benchmarks/). Each build starts with a small
+unmeasured warm-up run so Triton's compilation stays out of the numbers; per-shape autotuning still
+lengthens step 1, which is reported apart from the mean of steps 2-4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("bench")
+GIB = 1024**3
+PROMPT = "A man with short gray hair plays a red electric guitar."
+SEED = 42
+
+
+@dataclass
+class PhaseProbe:
+    """RunHooks for one run: phase/step times, and per-phase peaks (torch reserved via the
+    allocator's peak counter, NVML via a 20 ms sampler)."""
+
+    torch: Any
+    nvml: Any  # pipeline.gpu.GpuMonitor
+    baseline_used: int
+    t0: float = field(default_factory=time.perf_counter)
+    phase: str = "start"
+    phase_started: float = 0.0
+    seconds: dict[str, float] = field(default_factory=dict)
+    steps: list[float] = field(default_factory=list)
+    reserved_peak: dict[str, float] = field(default_factory=dict)
+    nvml_peak: dict[str, float] = field(default_factory=dict)
+    _last_step: float = 0.0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.phase_started = self._last_step = self.t0
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            snap = self.nvml.read()
+            if snap is not None:
+                above = (snap.used_bytes - self.baseline_used) / GIB
+                self.nvml_peak[self.phase] = max(self.nvml_peak.get(self.phase, 0.0), above)
+
+    def _close_phase(self, now: float) -> None:
+        self.seconds[self.phase] = self.seconds.get(self.phase, 0.0) + now - self.phase_started
+        self.reserved_peak[self.phase] = max(self.reserved_peak.get(self.phase, 0.0),
+                                             self.torch.cuda.max_memory_reserved() / GIB)
+        self.torch.cuda.reset_peak_memory_stats()
+
+    def on_phase(self, phase: Any) -> None:
+        self.torch.cuda.synchronize()
+        now = time.perf_counter()
+        self._close_phase(now)
+        self.phase, self.phase_started, self._last_step = phase.value, now, now
+
+    def on_step(self, index: int, total: int) -> None:
+        self.torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.steps.append(now - self._last_step)
+        self._last_step = now
+
+    def finish(self, name: str = "done") -> None:
+        self.torch.cuda.synchronize()
+        self._close_phase(time.perf_counter())
+        self.phase = name
+        self._stop.set()
+        self._thread.join(timeout=1)
+
+    def hooks(self):
+        from pipeline.backend import RunHooks
+
+        return RunHooks(on_phase=self.on_phase, on_step=self.on_step, should_stop=lambda: False)
+
+
+def _spec(preset: Any, memory: dict[str, Any]):
+    from pipeline.types import RunSpec
+
+    return RunSpec(preset=preset.name, rung="bench", prompt=PROMPT, negative_prompt="", seed=SEED,
+                   height=preset.height, width=preset.width, frames=preset.frames, steps=preset.steps,
+                   shift=preset.shift, guidance=preset.guidance, memory=memory)
+
+
+def _mp4_writer():
+    from pipeline import outputs
+
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+        return outputs.write_mp4
+    except (ImportError, RuntimeError):
+        return outputs._write_mp4_pyav  # no ffmpeg binary here: PyAV's bundled encoder
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, ckpt: Path):
+        import torch
+
+        from pipeline.gpu import GpuMonitor
+        from presets import load_presets
+
+        self.args, self.ckpt, self.torch = args, ckpt, torch
+        self.presets = load_presets()
+        self.monitor = GpuMonitor()
+        self.results: list[dict[str, Any]] = []
+        self.started = time.monotonic()
+        self.writer = _mp4_writer()
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-mp4-"))
+
+    def time_left(self) -> float:
+        return self.args.time_budget_s - (time.monotonic() - self.started)
+
+    def set_cap(self, gib: float | None) -> None:
+        total = self.torch.cuda.get_device_properties(0).total_memory
+        self.torch.cuda.set_per_process_memory_fraction(1.0 if gib is None else min(1.0, gib * GIB / total), 0)
+
+    def run_config(self, label: str, backend_kwargs: dict[str, Any], runs: list[tuple[Any, str, dict[str, Any]]],
+                   cap_gib: float | None) -> None:
+        """Load once per build and run (preset, rung name, memory) in order."""
+        from pipeline.lightx2v_backend import LightX2VBackend
+
+        backend = LightX2VBackend(self.ckpt, vram_cap_gib=None, **backend_kwargs)
+        by_key: dict[Any, list[tuple[Any, str, dict[str, Any]]]] = {}
+        for run in runs:
+            by_key.setdefault(backend.load_key(run[2]), []).append(run)
+        for key, key_runs in by_key.items():
+            if self.time_left() < 60:
+                log.warning("time budget spent: skipping %s %s", label, dict(key.build_settings))
+                continue
+            self.set_cap(cap_gib)
+            self.torch.cuda.empty_cache()
+            started = time.perf_counter()
+            try:
+                model = backend.load(key, lambda phase: None)
+            except Exception as exc:  # noqa: BLE001 - record and go on with the next build
+                log.exception("load failed")
+                self.results.append({"config": label, "build": dict(key.build_settings), "result": f"load failed: {exc}"})
+                continue
+            load_s = time.perf_counter() - started
+            fixes = list(model.compat_fixes)
+            if self.args.warmup:
+                # One small run compiles every Triton kernel (the first run ever takes ~15 s more);
+                # per-shape autotuning then only lengthens step 1, reported on its own.
+                small = replace(key_runs[0][0], name="warmup", height=256, width=448, frames=9)
+                self._one(model, small, "warmup", key_runs[0][2], label, None, fixes, record=False)
+            for preset, rung, memory in key_runs:
+                if self.time_left() < 30:
+                    log.warning("time budget spent: skipping %s %s/%s", label, preset.name, rung)
+                    continue
+                self._one(model, preset, rung, memory, label, load_s, fixes, record=True)
+                load_s = None  # only the first run of a build carries the load time
+                self._flush()
+            model.release()
+            del model
+            self.torch.cuda.empty_cache()
+
+    def _one(self, model: Any, preset: Any, rung: str, memory: dict[str, Any], label: str, load_s: float | None,
+             fixes: list[str], record: bool) -> None:
+        from pipeline.gpu import is_oom
+
+        torch = self.torch
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        snap = self.monitor.read()
+        probe = PhaseProbe(torch, self.monitor, snap.used_bytes if snap else 0)
+        outcome, frames, error, failed_phase = "ok", None, None, None
+        try:
+            frames = model.generate(_spec(preset, memory), probe.hooks())
+        except Exception as exc:  # noqa: BLE001
+            outcome = "OOM" if is_oom(exc) else "error"
+            error = f"{type(exc).__name__}: {str(exc)[:160]}"
+            failed_phase = probe.phase
+        probe.finish()
+        mp4_s = None
+        if frames is not None and record and label.startswith("ours"):  # a property of the preset, timed once
+            started = time.perf_counter()
+            self.writer(frames, preset.fps, self.tmp / "bench.mp4", "bench")
+            mp4_s = time.perf_counter() - started
+        if not record:
+            if outcome != "ok":
+                log.warning("warm-up of %s %s/%s: %s", label, preset.name, rung, error)
+            return
+        steps = probe.steps
+        row = {
+            "config": label, "preset": preset.name, "rung": rung, "memory": memory, "result": outcome,
+            "error": error, "failed_phase": failed_phase,
+            "load_s": None if load_s is None else round(load_s, 1),
+            "text_encoder_s": round(probe.seconds.get("text encoding", 0.0), 3),
+            "steps_s": [round(s, 3) for s in steps],
+            "step_s": round(sum(steps[1:]) / len(steps[1:]), 3) if len(steps) > 1 else None,
+            "decode_s": round(probe.seconds.get("VAE decode", 0.0), 3),
+            "mp4_s": None if mp4_s is None else round(mp4_s, 3),
+            "total_s": round(sum(probe.seconds.values()) + (mp4_s or 0.0), 3),
+            "reserved_peak_gib": {k: round(v, 3) for k, v in probe.reserved_peak.items()},
+            "nvml_peak_gib": {k: round(v, 3) for k, v in probe.nvml_peak.items()},
+            "peak_reserved_gib": round(max(probe.reserved_peak.values(), default=0.0), 3),
+            "peak_nvml_gib": round(max(probe.nvml_peak.values(), default=0.0), 3),
+            "fixes": fixes,
+        }
+        log.info("%s %s/%s: %s step %.2fs peak %.2f GiB", label, preset.name, rung, outcome,
+                 row["step_s"] or -1, row["peak_reserved_gib"])
+        self.results.append(row)
+
+    def _flush(self) -> None:
+        out = Path(self.args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = environment(self.torch, self.args)
+        stem = f"{meta['date']}-{meta['gpu'].replace(' ', '_')}"
+        (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "runs": self.results}, indent=2))
+        (out / f"{stem}.md").write_text(markdown(meta, self.results))
+
+
+def environment(torch: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.lightx2v_backend import LightX2VBackend
+
+    describe = LightX2VBackend(args.ckpt or ".").describe()
+    return {"date": dt.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0),
+            "budget_gib": args.budget_gib, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "triton": describe["triton"], "sageattention": describe["sageattention"],
+            "lightx2v_commit": describe["lightx2v_commit"], "quant_scheme": describe["quant_scheme"],
+            "attn_mode": describe["attn_mode"], "platform": platform.platform(),
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "prompt": PROMPT, "seed": SEED,
+            "checkpoint": "synthetic full-size (random weights: timings and memory real, pixels noise)"}
+
+
+def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    lines = [f"# Benchmark {meta['date']} on {meta['gpu']}", "",
+             f"PyTorch capped at {meta['budget_gib']} GiB (except `resident`); torch {meta['torch']} (CUDA "
+             f"{meta['cuda']}), triton {meta['triton']}, sageattention {meta['sageattention']}, LightX2V "
+             f"{meta['lightx2v_commit']}, {meta['quant_scheme']} + {meta['attn_mode']}, "
+             f"`PYTORCH_CUDA_ALLOC_CONF={meta['alloc_conf']}`. {meta['checkpoint']}. Written by `python -m bench.run`.",
+             "", "s/step: mean of steps 2-4 (step 1 in its own column). Peaks: torch max reserved / NVML above the "
+             "level before the run, GiB, over the whole run; `DiT` and `decode` give the reserved peak of those phases.", "",
+             "| config | preset | rung | result | load s | text enc s | step 1 s | s/step | decode s | mp4 s | total s | "
+             "peak reserved | DiT | decode | NVML peak |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "preset" not in r:
+            lines.append(f"| {r['config']} | | | {r['result']} | | | | | | | | | | | |")
+            continue
+        steps = r["steps_s"]
+        peaks = r["reserved_peak_gib"]
+        lines.append("| {config} | {preset} | {rung} | {result} | {load} | {te} | {s1} | {ss} | {dec} | {mp4} | {tot} | "
+                     "{pr} | {dit} | {vae} | {nv} |".format(
+                         config=r["config"], preset=r["preset"], rung=r["rung"],
+                         result=r["result"] + (f" ({r['failed_phase']})" if r.get("failed_phase") else ""),
+                         load=r["load_s"] or "", te=r["text_encoder_s"], s1=steps[0] if steps else "",
+                         ss=r["step_s"] or "", dec=r["decode_s"], mp4=r["mp4_s"] or "", tot=r["total_s"],
+                         pr=r["peak_reserved_gib"], dit=peaks.get("denoising", ""), vae=peaks.get("VAE decode", ""),
+                         nv=r["peak_nvml_gib"]))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", type=Path, default=None, help="full-size synthetic checkpoint (else written to a temp dir)")
+    parser.add_argument("--budget-gib", type=float, default=11.0)
+    parser.add_argument("--configs", default="ours,peer,resident", help="comma list of ours, peer, resident, ours-nochunk")
+    parser.add_argument("--presets", default="", help="comma list of preset names (default: all)")
+    parser.add_argument("--rungs", default="", help="comma list of rung names for `ours` (default: all)")
+    parser.add_argument("--out", default="docs/benchmarks")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false")
+    parser.add_argument("--time-budget-s", type=float, default=1e9, help="stop starting new runs after this long")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if "expandable_segments" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        log.warning("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True is not exported: 720p numbers will be worse")
+    if args.ckpt is None:
+        from pipeline.synthetic_checkpoint import write_checkpoint
+
+        args.ckpt = write_checkpoint(Path(tempfile.mkdtemp(prefix="bench-ckpt-")), "full").root
+    bench = Bench(args, args.ckpt)
+    wanted = set(filter(None, args.presets.split(",")))
+    presets = [p for name, p in bench.presets.items() if not wanted or name in wanted]
+    rung_filter = set(filter(None, args.rungs.split(",")))
+    configs = args.configs.split(",")
+    peer_memory = {"offload_granularity": "block", "text_encoder": "offload", "vae_offload": False,
+                   "vae_tiling": False, "rope_chunk": 0, "clean_cuda_cache": False}
+    for config in configs:
+        if config in ("ours", "ours-nochunk"):
+            runs = [(p, r.name, r.settings()) for p in presets for r in p.rungs
+                    if not rung_filter or r.name in rung_filter]
+            runs.sort(key=lambda run: (run[2]["offload_granularity"], run[2]["text_encoder"]))
+            kwargs = {} if config == "ours" else {"ffn_chunk_tokens": 0}
+            bench.run_config(config, kwargs, runs, args.budget_gib)
+        elif config == "peer":
+            bench.run_config("peer (LightX2V recipe)", {"compat_skip": {"t5_token_embedding_on_host"}, "ffn_chunk_tokens": 0},
+                             [(p, "recipe", peer_memory) for p in presets], args.budget_gib)
+        elif config == "resident":
+            resident = dict(peer_memory, text_encoder="gpu")
+            bench.run_config("resident (no offload, uncapped)", {"resident": True, "ffn_chunk_tokens": 0},
+                             [(p, "resident", resident) for p in presets], None)
+        else:
+            parser.error(f"unknown config {config!r}")
+    bench._flush()
+    print(markdown(environment(bench.torch, args), bench.results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

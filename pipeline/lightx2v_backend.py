@@ -1,0 +1,780 @@
+"""The real backend: LightX2V's 4-step CFG-free distilled INT8 Wan2.1-T2V-14B.
+
+This is the only module that imports LightX2V, and it does so inside functions: importing it costs
+nothing and needs neither torch nor LightX2V (CPU CI, the doctor, the UI without a GPU).
+
+Which rung settings LightX2V fixes when the runner is built, and which we change per call
+(LightX2V f8aee98b; see shared/reference/lightx2v-notes.md):
+
+build time (part of the LoadKey, a change reloads the weights)
+  offload_granularity   WanTransformerWeights.register_offload_buffers allocates 2 CUDA block
+                        buffers or 3 phase buffers (networks/wan/weights/transformer_weights.py:162-239)
+                        and WanOffloadTransformerInfer.__init__ picks infer_with_blocks_offload or
+                        infer_with_phases_offload (networks/wan/infer/offload/transformer_infer.py:13-35).
+  text_encoder == "gpu" T5Encoder builds either the offload block buffers or resident int8 blocks
+                        (input_encoders/hf/wan/t5/model.py:487-511), and T5EncoderModel loads them
+                        accordingly (:815-857); "offload" and "offload_keep_embedding" share one build.
+per call (set on the built objects before each run)
+  text_encoder offload vs offload_keep_embedding: where the token embedding lives, our own
+                        HostTokenEmbedding (pipeline/lightx2v_compat.py, bug 5), `keep_on_device`.
+  vae_offload           WanVAE.cpu_offload is read at each decode (video_encoders/hf/wan/vae.py:1566-1597);
+                        we move the VAE between host and GPU to match (WanVAE.to_cpu/to_cuda, :1035-1049).
+  vae_tiling            WanVAE.use_tiling is read at each decode (vae.py:1590).
+  rope_chunk            each WanSelfAttention builds its `rope` (a ChunkedRope around the inner RoPE when
+                        rope_chunk is set) at init (transformer_weights.py:365-368) and the blocks call
+                        `phase.rope.apply` per step (networks/wan/infer/transformer_infer.py:312-315):
+                        we swap that module on every self-attention weight module, CUDA buffers included.
+  clean_cuda_cache      copied into attributes at init (networks/base_model.py:89, wan/infer/pre_infer.py:17,
+                        post_infer.py:12, transformer_infer.py:45) and read per call (wan/model.py:260,
+                        transformer_infer.py:215-506, offload/transformer_infer.py:64-90): we set all four.
+  frames                config["target_video_length"] is read per run (wan_runner.py:913-925) ->
+                        pipe.modify_config (pipeline.py:533-536).
+  size, seed            generate(target_shape=..., seed=...) (pipeline.py:494, 515-516).
+  shift                 WanStepDistillScheduler.sample_shift is read at each prepare
+                        (schedulers/wan/step_distill/scheduler.py:15, 25-33).
+fixed for the life of the runner (not a rung setting): steps (denoising_step_list, captured at
+scheduler init, step_distill/scheduler.py:13-14), guidance (enable_cfg, pipeline.py:267-270),
+quant scheme, attention backend.
+
+Beyond LightX2V: progress and cancel hook into the runner (run_text_encoder / run_vae_decoder
+wrappers, the step progress callback, and a cancel check before every DiT block, so a cancel on a
+slow card waits for one block, not one step); a VAE decode that runs out of memory hands its latents
+back (DecodeOutOfMemory); failures are cleaned up (recover, bug 6); and the FFN runs over token
+slices above 32,768 tokens (720p), which cuts 720p's peak by ~2.7 GiB at no cost
+(docs/benchmarks/2026-11-27-NVIDIA_H100_80GB_HBM3.md).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.backend import DecodeOutOfMemory, LoadKey, RunHooks
+from pipeline.errors import (BackendUnavailable, GenerationCancelled, InvalidRequest, NoGPUError,
+                             WeightsError)
+from pipeline.gpu import GIB, is_oom
+from pipeline.types import Phase, RunSpec
+
+log = logging.getLogger(__name__)
+
+MODEL_ID = "lightx2v/Wan2.1-T2V-14B-StepDistill-CfgDistill-Lightx2v (distill_int8)"
+LIGHTX2V_PINNED_COMMIT = "f8aee98b5462cca8d7288888146ebd95592bf266"
+DENOISING_STEPS = [1000, 750, 500, 250]  # the distilled schedule; LightX2V captures it at init
+# 720x1280x81 has 75,600 tokens, 480x832x81 32,760: chunk 720p's FFN (3 slices), leave 480p alone.
+FFN_CHUNK_TOKENS = 32768
+
+INSTALL_HINT = ("Install the GPU requirements: `pip install -r requirements-gpu.txt`, then LightX2V itself "
+                "(`pip install --no-deps \"lightx2v @ git+https://github.com/ModelTC/LightX2V@"
+                f"{LIGHTX2V_PINNED_COMMIT}\"`); the README's GPU setup section does both.")
+
+# What `import lightx2v` needs (lightx2v-notes.md §8: `from lightx2v import LightX2VPipeline` imports
+# every runner). Module names, checked with find_spec so a check does not import them.
+REQUIRED_MODULES = ("lightx2v", "lightx2v_platform", "triton", "torchvision", "torchaudio", "loguru",
+                    "diffusers", "transformers", "tokenizers", "safetensors", "accelerate", "einops",
+                    "ftfy", "regex", "gguf", "yaml", "imageio", "imageio_ffmpeg", "cv2", "av", "decord",
+                    "zmq", "prometheus_client", "pydantic", "requests", "PIL", "tqdm", "packaging")
+
+QUANT_SCHEMES = {"int8-triton": None, "int8-vllm": "vllm", "int8-sgl": "sgl_kernel", "int8-torchao": "torchao"}
+ATTN_MODES = {"sage_attn2": "sageattention", "torch_sdpa": None, "flash_attn2": "flash_attn",
+              "flash_attn3": "flash_attn_interface"}
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _lightx2v_commit() -> str | None:
+    """The commit pip recorded for a `git+https://...@<commit>` install (PEP 610 direct_url.json)."""
+    from importlib import metadata
+
+    try:
+        text = metadata.distribution("lightx2v").read_text("direct_url.json")
+    except metadata.PackageNotFoundError:
+        return None
+    if not text:
+        return None
+    try:
+        return json.loads(text).get("vcs_info", {}).get("commit_id")
+    except ValueError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Weights
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    root: Path
+    dit_dir: Path
+    config: dict[str, Any]
+    t5: Path
+    vae: Path
+    tokenizer: Path
+    synthetic: bool
+
+
+def locate_weights(root: Path | str) -> WeightFiles:
+    """Find the files of the HF repo layout under `root`; raise WeightsError naming what is missing.
+
+    DiT: root/distill_int8/{config.json, non_block.safetensors, block_0..N-1.safetensors}.
+    T5 and VAE .pth: in distill_int8/ or in root (both layouts are in use). Tokenizer: root/google/umt5-xxl.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise WeightsError(f"The weights folder {root} does not exist. Download the model into it first.")
+    dit = root / "distill_int8"
+    missing: list[str] = []
+    config: dict[str, Any] = {}
+    config_path = dit / "config.json"
+    if not config_path.is_file():
+        missing.append(str(config_path.relative_to(root)))
+    else:
+        try:
+            config = json.loads(config_path.read_text())
+        except ValueError as exc:
+            raise WeightsError(f"{config_path} is not valid JSON ({exc}); download it again.") from None
+    if not (dit / "non_block.safetensors").is_file():
+        missing.append("distill_int8/non_block.safetensors")
+    layers = config.get("num_layers")
+    if isinstance(layers, int):
+        absent = [i for i in range(layers) if not (dit / f"block_{i}.safetensors").is_file()]
+        if absent:
+            shown = ", ".join(f"block_{i}" for i in absent[:5]) + (" ..." if len(absent) > 5 else "")
+            missing.append(f"distill_int8/{{{shown}}}.safetensors ({len(absent)} of {layers})")
+
+    def find(name: str) -> Path | None:
+        for candidate in (dit / name, root / name):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    t5 = find("models_t5_umt5-xxl-enc-int8.pth")
+    vae = find("Wan2.1_VAE.pth")
+    if t5 is None:
+        missing.append("models_t5_umt5-xxl-enc-int8.pth (in distill_int8/ or the root)")
+    if vae is None:
+        missing.append("Wan2.1_VAE.pth (in distill_int8/ or the root)")
+    tokenizer = root / "google" / "umt5-xxl"
+    if not any((tokenizer / f).is_file() for f in ("tokenizer.json", "spiece.model", "tokenizer_config.json")):
+        missing.append("google/umt5-xxl/ (the T5 tokenizer)")
+    if missing:
+        raise WeightsError(f"The model in {root} is incomplete; missing: {'; '.join(missing)}. "
+                           f"Download it again (it resumes).")
+    return WeightFiles(root=root, dit_dir=dit, config=config, t5=t5, vae=vae, tokenizer=tokenizer,
+                       synthetic=(root / "README.txt").is_file()
+                       and "SYNTHETIC CHECKPOINT" in (root / "README.txt").read_text(errors="replace"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Backend
+
+
+class LightX2VBackend:
+    """Builds LightX2V's wan2.1_distill T2V runner; see the module doc for what a LoadKey holds."""
+
+    name = "lightx2v"
+
+    def __init__(self, weights_dir: Path | str, quant_scheme: str = "auto", attn_mode: str = "auto",
+                 vram_cap_gib: float | None = None, *, compat_skip: frozenset[str] | set[str] = frozenset(),
+                 ffn_chunk_tokens: int = FFN_CHUNK_TOKENS, resident: bool = False):
+        """`vram_cap_gib`: limit this process's PyTorch allocations to that many GiB (emulates a
+        smaller card; leaves VRAM to other programs). `compat_skip`: compat fixes NOT to apply, for
+        the GPU tests that prove each fix is needed. Never set it in the app. `ffn_chunk_tokens`:
+        run the DiT FFN over token slices of at most this many tokens (0 = never; see
+        lightx2v_compat.ffn_chunked_over_tokens). `resident`: no offload at all (DiT, T5 and VAE on
+        the GPU, ~30 GB): only the benchmark's reference for step times."""
+        if quant_scheme != "auto" and quant_scheme not in QUANT_SCHEMES:
+            raise ValueError(f"quant_scheme must be 'auto' or one of {sorted(QUANT_SCHEMES)}, got {quant_scheme!r}")
+        if attn_mode != "auto" and attn_mode not in ATTN_MODES:
+            raise ValueError(f"attn_mode must be 'auto' or one of {sorted(ATTN_MODES)}, got {attn_mode!r}")
+        if vram_cap_gib is not None and vram_cap_gib <= 0:
+            raise ValueError(f"vram_cap_gib must be positive, got {vram_cap_gib}")
+        self.weights_dir = Path(weights_dir).expanduser()
+        self.quant_scheme_requested = quant_scheme
+        self.attn_mode_requested = attn_mode
+        self.vram_cap_gib = vram_cap_gib
+        self.compat_skip = frozenset(compat_skip)
+        self.ffn_chunk_tokens = int(ffn_chunk_tokens)
+        self.resident = bool(resident)
+        self._last_fixes: list[str] = []
+
+    # -- resolution of "auto" (cheap: find_spec only) --
+
+    @property
+    def quant_scheme(self) -> str:
+        # int8-triton needs nothing beyond the triton that ships with Linux torch and compiles for
+        # sm_86 (lightx2v-notes.md §3); the others are opt-in.
+        return "int8-triton" if self.quant_scheme_requested == "auto" else self.quant_scheme_requested
+
+    @property
+    def attn_mode(self) -> str:
+        if self.attn_mode_requested != "auto":
+            return self.attn_mode_requested
+        return "sage_attn2" if _has_module("sageattention") else "torch_sdpa"
+
+    def check_available(self) -> None:
+        if not _has_module("torch"):
+            raise BackendUnavailable(f"PyTorch is not installed. {INSTALL_HINT}")
+        import torch
+
+        if not torch.version.cuda:
+            raise NoGPUError(f"The installed PyTorch ({torch.__version__}) has no CUDA support; this app "
+                             f"needs an NVIDIA GPU and a CUDA build of PyTorch. {INSTALL_HINT}")
+        if not torch.cuda.is_available():
+            raise NoGPUError("No NVIDIA GPU is visible to PyTorch (driver missing, too old for "
+                             f"CUDA {torch.version.cuda}, or CUDA_VISIBLE_DEVICES hides it).")
+        missing = [m for m in REQUIRED_MODULES if not _has_module(m)]
+        quant_module = QUANT_SCHEMES[self.quant_scheme]
+        if quant_module and not _has_module(quant_module):
+            missing.append(f"{quant_module} (for quant scheme {self.quant_scheme})")
+        attn_module = ATTN_MODES[self.attn_mode]
+        if attn_module and not _has_module(attn_module):
+            missing.append(f"{attn_module} (for attention {self.attn_mode})")
+        if missing:
+            raise BackendUnavailable(f"LightX2V cannot be imported: missing {', '.join(missing)}. {INSTALL_HINT}")
+        locate_weights(self.weights_dir)
+
+    def load_key(self, memory: dict[str, Any]) -> LoadKey:
+        granularity = memory.get("offload_granularity", "block")
+        if granularity not in ("block", "phase"):
+            raise ValueError(f"offload_granularity must be 'block' or 'phase', got {granularity!r}")
+        placement = memory.get("text_encoder", "offload")
+        if placement not in ("offload", "offload_keep_embedding", "gpu"):
+            raise ValueError(f"unknown text_encoder placement {placement!r}")
+        build = {
+            "attn_mode": self.attn_mode,
+            "offload_granularity": granularity,
+            "quant_scheme": self.quant_scheme,
+            "text_encoder_offload": placement != "gpu",
+        }
+        if self.resident:
+            build["resident"] = True
+        return LoadKey(backend=self.name, weights_dir=str(self.weights_dir.resolve()),
+                       build_settings=tuple(sorted(build.items())))
+
+    def load(self, key: LoadKey, on_phase: Callable[[Phase], None]) -> "LightX2VModel":
+        on_phase(Phase.LOADING)
+        build = dict(key.build_settings)
+        files = locate_weights(key.weights_dir)
+        torch = _import_torch_for_cuda()
+        _apply_vram_cap(torch, self.vram_cap_gib)
+        lx = _import_lightx2v()
+        fixes = lx.compat.CompatFixes(skip=self.compat_skip)
+        started = time.perf_counter()
+        pipe = None
+        try:
+            pipe = _build_pipeline(lx, fixes, files, build)
+            model = LightX2VModel(pipe, fixes, build, files, torch, lx, ffn_chunk_tokens=self.ffn_chunk_tokens)
+        except BaseException:
+            # A failed build (OOM while loading, missing kernel...) must not keep pinned host memory
+            # or GPU buffers: the cache rolls back to the previous model right after this.
+            pipe = None
+            gc.collect()
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+            raise
+        self._last_fixes = fixes.names
+        log.info("LightX2V pipeline built in %.1f s (%s); compat fixes: %s", time.perf_counter() - started,
+                 ", ".join(f"{k}={v}" for k, v in sorted(build.items())), fixes.names or "none")
+        return model
+
+    def describe(self) -> dict[str, Any]:
+        synthetic = None
+        try:
+            synthetic = locate_weights(self.weights_dir).synthetic
+        except WeightsError:
+            pass
+        return {
+            "backend": self.name,
+            "model_id": MODEL_ID,
+            "weights_dir": str(self.weights_dir),
+            "synthetic_weights": synthetic,
+            "lightx2v_version": _dist_version("lightx2v"),
+            "lightx2v_commit": _lightx2v_commit() or os.environ.get("WAN_STUDIO_LIGHTX2V_COMMIT"),
+            "torch": _dist_version("torch"),
+            "cuda": _torch_cuda_version(),
+            "triton": _dist_version("triton"),
+            "sageattention": _dist_version("sageattention"),
+            "quant_scheme": self.quant_scheme,
+            "attn_mode": self.attn_mode,
+            "vram_cap_gib": self.vram_cap_gib,
+            "compat_fixes": list(self._last_fixes),
+        }
+
+
+def _torch_cuda_version() -> str | None:
+    torch = sys.modules.get("torch")
+    return getattr(getattr(torch, "version", None), "cuda", None) if torch is not None else None
+
+
+def _import_torch_for_cuda():
+    # measured-baseline.md: expandable segments decide whether 720p fits. LightX2V only
+    # setdefault()s it when lightx2v.pipeline is imported (pipeline.py:8), which is too late if
+    # anything touched CUDA before; the app should export it before Python starts. We set the
+    # default here and, if CUDA is already up without it, switch the allocator at runtime.
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    if "expandable_segments" not in conf:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(filter(None, [conf, "expandable_segments:True"]))
+    import torch
+
+    if "expandable_segments" not in conf and torch.cuda.is_initialized():
+        try:
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+            log.warning("CUDA was initialised before PYTORCH_CUDA_ALLOC_CONF was set; switched the "
+                        "allocator to expandable segments at runtime. Export it before starting Python.")
+        except (AttributeError, RuntimeError):
+            log.warning("could not enable expandable segments; 720p may not fit", exc_info=True)
+    return torch
+
+
+def _apply_vram_cap(torch: Any, cap_gib: float | None) -> None:
+    if cap_gib is None:
+        return
+    total = torch.cuda.get_device_properties(0).total_memory
+    fraction = cap_gib * GIB / total
+    if fraction >= 1.0:
+        log.info("VRAM cap %.2f GiB is not below the card's %.2f GiB; not capping", cap_gib, total / GIB)
+        return
+    torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    log.info("PyTorch capped at %.2f GiB of %.2f GiB (fraction %.4f)", cap_gib, total / GIB, fraction)
+
+
+@dataclass
+class _LightX2VModules:
+    compat: Any
+    input_info: Any
+    pipeline_cls: Any
+    mm_weight_register: Any
+    pre_infer_cls: Any
+    t5_encoder_cls: Any
+    default_runner_cls: Any
+    wan_runner_cls: Any
+    chunked_rope_cls: Any
+
+
+def _import_lightx2v() -> _LightX2VModules:
+    from pipeline import lightx2v_compat as compat
+
+    try:
+        from lightx2v.utils import input_info  # runs lightx2v/__init__: every runner (notes §8)
+        from lightx2v import LightX2VPipeline
+        from lightx2v.common.ops.rope.chunked_rope import ChunkedRope
+        from lightx2v.models.input_encoders.hf.wan.t5.model import T5Encoder
+        from lightx2v.models.networks.wan.infer.pre_infer import WanPreInfer
+        from lightx2v.models.runners.default_runner import DefaultRunner
+        from lightx2v.models.runners.wan.wan_runner import WanRunner
+        from lightx2v.utils.registry_factory import MM_WEIGHT_REGISTER
+    except ImportError as exc:
+        raise BackendUnavailable(f"LightX2V could not be imported ({exc}). {INSTALL_HINT}") from exc
+    return _LightX2VModules(compat=compat, input_info=input_info, pipeline_cls=LightX2VPipeline,
+                            mm_weight_register=MM_WEIGHT_REGISTER, pre_infer_cls=WanPreInfer,
+                            t5_encoder_cls=T5Encoder, default_runner_cls=DefaultRunner,
+                            wan_runner_cls=WanRunner, chunked_rope_cls=ChunkedRope)
+
+
+def _build_pipeline(lx: _LightX2VModules, fixes: Any, files: WeightFiles, build: dict[str, Any]) -> Any:
+    compat = lx.compat
+    compat.keep_target_video_length_in_config(fixes, lx.input_info)
+    pipe = lx.pipeline_cls(model_path=str(files.root), model_cls="wan2.1_distill", task="t2v")
+    scheme = build["quant_scheme"]
+    quantize = {"dit_quantized": True, "dit_quantized_ckpt": str(files.dit_dir), "quant_scheme": scheme,
+                "text_encoder_quantized": True}
+    compat.explicit_t5_checkpoint_path(fixes, lx.pipeline_cls, quantize, str(files.t5))
+    pipe.enable_quantize(**quantize)
+    t5_offload = bool(build["text_encoder_offload"])
+    if scheme == "int8-sgl" and not t5_offload:
+        # The resident T5 uses the q_linear classes, which have no int8-sgl kernel (notes §3).
+        pipe.t5_quant_scheme = "int8-triton"
+        log.info("T5 resident on the GPU: using int8-triton for it (int8-sgl has no resident T5 kernel)")
+    # The VAE is built on the host; vae_offload is applied per call (module doc).
+    pipe.enable_offload(cpu_offload=not build.get("resident", False), offload_granularity=build["offload_granularity"],
+                        text_encoder_offload=t5_offload, vae_offload=True)
+    pipe.vae_path = str(files.vae)
+    pipe.t5_tokenizer_path = str(files.tokenizer)
+    compat.t2v_without_image_encoder(fixes, pipe, lx.pre_infer_cls)
+    if t5_offload:
+        compat.t5_offload_linear_bias_default(fixes, lx.mm_weight_register, pipe.t5_quant_scheme)
+    compat.reset_runner_after_exception(fixes, ((lx.default_runner_cls, "run_main"),
+                                                (lx.wan_runner_cls, "_run_pipeline_local"),
+                                                (lx.wan_runner_cls, "run_pipeline")))
+    if build["attn_mode"] == "torch_sdpa" and _has_module("sageattention") is False:
+        log.warning("sageattention is not installed: using torch_sdpa attention (slower). "
+                    "`pip install sageattention==1.0.6` enables sage_attn2.")
+    pipe.create_generator(attn_mode=build["attn_mode"], infer_steps=len(DENOISING_STEPS), num_frames=81,
+                          height=480, width=832, guidance_scale=1.0, sample_shift=5.0,
+                          denoising_step_list=list(DENOISING_STEPS))
+    return pipe
+
+
+# ------------------------------------------------------------------------------------------------
+# Loaded model
+
+
+class _Cancelled(Exception):
+    """Raised by our block wrapper when the user cancelled; never leaves this module."""
+
+
+@dataclass
+class _Call:
+    hooks: RunHooks
+    total_steps: int
+    steps_done: int = 0
+    cancel_seen: bool = False
+    decode_oom: tuple[Any, str] | None = None  # (latents on the host, message)
+
+    def should_stop(self) -> bool:
+        if not self.cancel_seen and self.hooks.should_stop():
+            self.cancel_seen = True
+        return self.cancel_seen
+
+
+class LightX2VModel:
+    """A built LightX2V runner plus the per-call plumbing (settings, progress, cancel, OOM)."""
+
+    def __init__(self, pipe: Any, fixes: Any, build: dict[str, Any], files: WeightFiles, torch: Any,
+                 lx: _LightX2VModules, ffn_chunk_tokens: int = 0):
+        self._pipe = pipe
+        self._runner = pipe.runner
+        self._torch = torch
+        self.compat = fixes
+        self.build = dict(build)
+        self.files = files
+        self._call: _Call | None = None
+        self._dirty = False
+        self._compat = lx.compat
+        self._chunked_rope_cls = lx.chunked_rope_cls
+        self.host_embedding = None
+        if build["text_encoder_offload"]:
+            self.host_embedding = lx.compat.t5_token_embedding_on_host(fixes, self._runner, lx.t5_encoder_cls)
+        lx.compat.ffn_chunked_over_tokens(fixes, self._runner.model.transformer_infer, ffn_chunk_tokens)
+        self._install_wrappers()
+
+    # -- public protocol --
+
+    @property
+    def compat_fixes(self) -> list[str]:
+        return self.compat.names
+
+    def generate(self, spec: RunSpec, hooks: RunHooks) -> np.ndarray:
+        self._validate(spec)
+        if self._dirty:
+            self.recover()
+        runner = self._runner
+        self._apply_per_call(spec.memory)
+        self._pipe.modify_config({"target_video_length": spec.frames})
+        runner.scheduler.sample_shift = float(spec.shift)
+        call = _Call(hooks, total_steps=runner.scheduler.infer_steps)
+        self._call = call
+        runner.set_progress_callback(self._progress_callback)
+        failure: tuple[str, Any, str] | None = None
+        result = None
+        try:
+            result = self._pipe.generate(seed=int(spec.seed), prompt=spec.prompt,
+                                         negative_prompt=spec.negative_prompt, save_result_path=None,
+                                         return_result_tensor=True, target_shape=[spec.height, spec.width])
+        except Exception as exc:  # noqa: BLE001 - classified below; anything else is re-raised
+            failure = self._classify(exc, call)
+            if failure is None:
+                self._dirty = True
+                raise
+        finally:
+            self._call = None
+            runner.set_progress_callback(None)
+        if failure is not None:
+            # Outside the except block: the traceback (and the GPU tensors its frames hold) is gone.
+            self.recover()
+            _raise_failure(failure, call, self._torch)
+        video = result["video"]
+        result = None
+        self._drop_run_outputs()
+        frames = _comfy_video_to_uint8(video, self._torch)
+        del video
+        self._torch.cuda.empty_cache()
+        return frames
+
+    def decode(self, latents: Any, spec: RunSpec, hooks: RunHooks) -> np.ndarray:
+        """Decode latents kept from a DecodeOutOfMemory with `spec.memory`'s VAE settings."""
+        torch = self._torch
+        if self._dirty:
+            self.recover()
+        self._apply_per_call(spec.memory)
+        call = _Call(hooks, total_steps=0)
+        self._call = call
+        failure = None
+        images = None
+        try:
+            images = self._runner.run_vae_decoder(latents.to("cuda"))
+        except Exception as exc:  # noqa: BLE001
+            failure = self._classify(exc, call)
+            if failure is None:
+                self._dirty = True
+                raise
+        finally:
+            self._call = None
+        if failure is not None:
+            self.recover()
+            if failure[0] == "decode_oom":
+                failure = ("decode_oom", latents, failure[2])  # hand back the caller's host copy
+            _raise_failure(failure, call, torch)
+        frames = _vae_output_to_uint8(images, torch)
+        del images
+        torch.cuda.empty_cache()
+        return frames
+
+    def recover(self) -> None:
+        """Clean state after any exception (bug 6), so the next run honours its seed and starts
+        the block-offload double buffer from block 0; then give cached GPU memory back."""
+        torch = self._torch
+        runner = self._runner
+        self._call = None
+        if runner is None:
+            return
+        if self.compat.has("reset_runner_after_exception"):
+            self._compat.reset_runner_state(runner)
+        # Our cancel sets it; LightX2V never resets it (models/runners/base_runner.py:352-389).
+        runner.stop_signal = False
+        runner.set_progress_callback(None)
+        if self.host_embedding is not None and not self.host_embedding.keep_on_device:
+            self.host_embedding.drop_device_copy()
+        self._drop_run_outputs()
+        try:
+            torch.cuda.synchronize()
+        except RuntimeError:
+            log.warning("CUDA synchronize failed during recovery", exc_info=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+        self._dirty = False
+
+    def release(self) -> None:
+        # LightX2V gc.freeze()s the object graph after its first successful run
+        # (base_runner.py:90-107); frozen objects are never collected, so unfreeze first.
+        gc.unfreeze()
+        self._call = None
+        if self.host_embedding is not None:
+            self.host_embedding.drop_device_copy()
+        self.host_embedding = None
+        if self._pipe is not None:
+            self._pipe.runner = None
+        self._runner = None
+        self._pipe = None
+        gc.collect()
+        torch = self._torch
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    # -- per call --
+
+    def _validate(self, spec: RunSpec) -> None:
+        if spec.steps != len(DENOISING_STEPS):
+            raise InvalidRequest(f"This distilled model runs exactly {len(DENOISING_STEPS)} steps "
+                                 f"(asked for {spec.steps}).")
+        if spec.guidance != 1.0:
+            raise InvalidRequest("This distilled model runs without CFG: guidance must be 1.0.")
+        if spec.height % 16 or spec.width % 16 or spec.height <= 0 or spec.width <= 0:
+            raise InvalidRequest(f"Height and width must be positive multiples of 16, got {spec.height}x{spec.width}.")
+        if spec.frames < 1 or (spec.frames - 1) % 4:
+            raise InvalidRequest(f"The frame count must be 4n+1, got {spec.frames}.")
+        if spec.memory.get("offload_granularity", "block") != self.build["offload_granularity"] or \
+                (spec.memory.get("text_encoder", "offload") == "gpu") == self.build["text_encoder_offload"]:
+            raise ValueError(f"memory settings {spec.memory} need another build than this one ({self.build}); "
+                             f"the cache should have reloaded")
+
+    def _apply_per_call(self, memory: dict[str, Any]) -> None:
+        runner = self._runner
+        model = runner.model
+        # clean_cuda_cache (module doc for where it is read)
+        clean = bool(memory.get("clean_cuda_cache", False))
+        for obj in (model, model.pre_infer, model.post_infer, model.transformer_infer):
+            obj.clean_cuda_cache = clean
+        self._set_rope_chunk(int(memory.get("rope_chunk", 0) or 0))
+        vae = runner.vae_decoder
+        vae.use_tiling = bool(memory.get("vae_tiling", False))
+        offload_vae = bool(memory.get("vae_offload", False))
+        vae.cpu_offload = offload_vae
+        if offload_vae and _module_device(vae.model) != "cpu":
+            vae.to_cpu()  # off the GPU for the DiT phase; decode moves it in and out
+        if self.host_embedding is not None:
+            keep = memory.get("text_encoder", "offload") == "offload_keep_embedding"
+            self.host_embedding.keep_on_device = keep
+            if not keep:
+                self.host_embedding.drop_device_copy()
+
+    def _set_rope_chunk(self, chunk: int) -> None:
+        for holder in _rope_holders(self._runner.model.transformer_weights):
+            current = holder.rope
+            inner = current.inner if isinstance(current, self._chunked_rope_cls) else current
+            wanted = self._chunked_rope_cls(inner=inner, chunk_size=chunk) if chunk > 0 else inner
+            if chunk > 0 and isinstance(current, self._chunked_rope_cls) and current.chunk_size == chunk:
+                continue
+            if chunk <= 0 and current is inner:
+                continue
+            holder.add_module("rope", wanted)  # WeightModule.add_module sets _modules and the attribute
+
+    def _progress_callback(self, percent: float, total: float) -> None:
+        call = self._call
+        if call is None:
+            return
+        n = call.total_steps
+        step = min(n, max(0, round(percent / 100.0 * n)))
+        call.steps_done = step
+        call.hooks.on_step(step, n)
+        if call.should_stop():
+            # LightX2V checks it at the next step boundary (default_runner.py:241-242).
+            self._runner.stop_signal = True
+
+    # -- wrappers installed once on the runner --
+
+    def _install_wrappers(self) -> None:
+        runner = self._runner
+        original_text = runner.run_text_encoder
+        original_decode = runner.run_vae_decoder
+        infer = runner.model.transformer_infer
+
+        def run_text_encoder(input_info):
+            call = self._call
+            if call is not None:
+                call.hooks.on_phase(Phase.TEXT_ENCODING)
+            out = original_text(input_info)
+            if call is not None:
+                if call.should_stop():
+                    raise _Cancelled()
+                call.hooks.on_phase(Phase.DENOISING)
+            return out
+
+        def run_vae_decoder(latents):
+            call = self._call
+            if call is not None:
+                if call.should_stop():
+                    raise _Cancelled()
+                call.hooks.on_phase(Phase.DECODING)
+            vae = runner.vae_decoder
+            if not vae.cpu_offload and _module_device(vae.model) == "cpu":
+                vae.to_cuda()  # the rung keeps the VAE resident; it moves in at the first decode
+            try:
+                return original_decode(latents)
+            except Exception as exc:
+                if call is not None and is_oom(exc):
+                    # Keep the final latents (small: 16 x T/4 x H/8 x W/8) so the service can decode
+                    # them again on a leaner rung without re-running the steps.
+                    call.decode_oom = (latents.detach().to("cpu"), f"{type(exc).__name__}: {exc}")
+                raise
+
+        def guard(original):
+            def run(*args, **kwargs):
+                call = self._call
+                if call is not None and call.should_stop():
+                    raise _Cancelled()  # between blocks: recover() re-initialises the offload buffers
+                return original(*args, **kwargs)
+
+            return run
+
+        runner.run_text_encoder = run_text_encoder
+        runner.run_vae_decoder = run_vae_decoder
+        infer.run_block = guard(infer.run_block)
+        if hasattr(infer, "run_phase"):
+            infer.run_phase = guard(infer.run_phase)
+
+    # -- helpers --
+
+    def _classify(self, exc: BaseException, call: _Call) -> tuple[str, Any, str] | None:
+        message = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, _Cancelled) or call.cancel_seen or "stop_signal" in str(exc):
+            return ("cancel", None, message)
+        if call.decode_oom is not None:
+            latents, oom_message = call.decode_oom
+            call.decode_oom = None
+            return ("decode_oom", latents, oom_message)
+        if is_oom(exc):
+            log.warning("GPU out of memory: %s", message)
+            return ("oom", None, message)
+        log.exception("LightX2V run failed")
+        return None
+
+    def _drop_run_outputs(self) -> None:
+        # The runner keeps the last VAE output (on the GPU without vae_offload) until the next run
+        # (default_runner.py:472-475, base_runner.py:266-267): 0.45 GB at 720p.
+        runner = self._runner
+        if runner is not None:
+            runner.gen_video = None
+            runner.gen_video_final = None
+
+
+def _raise_failure(failure: tuple[str, Any, str], call: _Call, torch: Any) -> None:
+    kind, latents, message = failure
+    if kind == "cancel":
+        raise GenerationCancelled(f"Cancelled after step {call.steps_done} of {call.total_steps}.")
+    if kind == "decode_oom":
+        raise DecodeOutOfMemory(latents, message)
+    # A fresh exception without the failed run's traceback, so holding it keeps no GPU memory.
+    raise torch.OutOfMemoryError(message)
+
+
+def _rope_holders(weights: Any) -> list[Any]:
+    """Every weight module that owns a `rope` (the self-attention phase of each block and of the
+    CUDA offload buffers)."""
+    found, seen, stack = [], set(), [weights]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        modules = getattr(obj, "_modules", None)
+        if not isinstance(modules, dict):
+            continue
+        if "rope" in modules:
+            found.append(obj)
+        stack.extend(m for m in modules.values() if m is not None)
+    return found
+
+
+def _module_device(module: Any) -> str:
+    for p in module.parameters():
+        return p.device.type
+    return "cpu"
+
+
+def _comfy_video_to_uint8(video: Any, torch: Any, chunk: int = 8) -> np.ndarray:
+    """[T, H, W, 3] float in [0, 1] (LightX2V's return_result_tensor) -> uint8, a few frames at a
+    time so the float copy never holds the whole clip."""
+    t, h, w, c = video.shape
+    out = np.empty((t, h, w, c), dtype=np.uint8)
+    for i in range(0, t, chunk):
+        part = video[i:i + chunk].float().mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+        out[i:i + chunk] = part.cpu().numpy()
+    return out
+
+
+def _vae_output_to_uint8(images: Any, torch: Any, chunk: int = 8) -> np.ndarray:
+    """[1, 3, T, H, W] in [-1, 1] (WanVAE.decode) -> uint8 [T, H, W, 3], with the same arithmetic
+    as LightX2V's wan_vae_to_comfy (bf16 (x+1)/2, clamp) so both paths give identical frames."""
+    video = images[0]
+    _, t, h, w = video.shape
+    out = np.empty((t, h, w, 3), dtype=np.uint8)
+    for i in range(0, t, chunk):
+        part = video[:, i:i + chunk].clone().add_(1.0).mul_(0.5).clamp_(0.0, 1.0).permute(1, 2, 3, 0)
+        out[i:i + chunk] = part.float().mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+    return out

@@ -1,0 +1,180 @@
+"""The LightX2V backend's CPU-side logic: weights lookup, the reload key, the availability check and
+each compat fix's detection. Running it on a GPU is tests/gpu/."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+
+from pipeline import lightx2v_compat as compat
+from pipeline.errors import NoGPUError, WeightsError
+from pipeline.lightx2v_backend import LightX2VBackend, locate_weights
+
+
+def _layout(root, layers=2, t5_in_root=False):
+    dit = root / "distill_int8"
+    dit.mkdir(parents=True)
+    (dit / "config.json").write_text(json.dumps({"num_layers": layers}))
+    (dit / "non_block.safetensors").write_bytes(b"x")
+    for i in range(layers):
+        (dit / f"block_{i}.safetensors").write_bytes(b"x")
+    ((root if t5_in_root else dit) / "models_t5_umt5-xxl-enc-int8.pth").write_bytes(b"x")
+    (dit / "Wan2.1_VAE.pth").write_bytes(b"x")
+    tok = root / "google" / "umt5-xxl"
+    tok.mkdir(parents=True)
+    (tok / "tokenizer.json").write_text("{}")
+    return root
+
+
+def test_importing_the_backend_imports_neither_torch_nor_lightx2v():
+    code = ("import sys, pipeline.lightx2v_backend, pipeline.lightx2v_compat; "
+            "print(sorted(m for m in ('torch', 'lightx2v') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_locate_weights_finds_both_layouts(tmp_path):
+    files = locate_weights(_layout(tmp_path / "a", t5_in_root=True))
+    assert files.t5 == tmp_path / "a" / "models_t5_umt5-xxl-enc-int8.pth"
+    assert files.vae.parent.name == "distill_int8" and not files.synthetic
+
+
+def test_locate_weights_names_what_is_missing(tmp_path):
+    root = _layout(tmp_path / "m", layers=3)
+    (root / "distill_int8" / "block_1.safetensors").unlink()
+    (root / "distill_int8" / "Wan2.1_VAE.pth").unlink()
+    with pytest.raises(WeightsError, match=r"block_1.*1 of 3.*Wan2.1_VAE.pth"):
+        locate_weights(root)
+    with pytest.raises(WeightsError, match="does not exist"):
+        locate_weights(tmp_path / "nowhere")
+
+
+def test_load_key_holds_only_build_time_settings(tmp_path):
+    backend = LightX2VBackend(tmp_path, attn_mode="torch_sdpa")
+    base = {"offload_granularity": "block", "text_encoder": "offload", "vae_offload": False,
+            "vae_tiling": False, "rope_chunk": 0, "clean_cuda_cache": False}
+    key = backend.load_key(base)
+    for per_call in ({"vae_offload": True}, {"vae_tiling": True}, {"rope_chunk": 100},
+                     {"clean_cuda_cache": True}, {"text_encoder": "offload_keep_embedding"}):
+        assert backend.load_key(dict(base, **per_call)) == key, per_call
+    assert backend.load_key(dict(base, offload_granularity="phase")) != key
+    assert backend.load_key(dict(base, text_encoder="gpu")) != key
+    assert dict(key.build_settings) == {"attn_mode": "torch_sdpa", "offload_granularity": "block",
+                                        "quant_scheme": "int8-triton", "text_encoder_offload": True}
+    with pytest.raises(ValueError):
+        backend.load_key(dict(base, offload_granularity="model"))  # the 14 GB DiT on a 12 GB card
+
+
+def test_check_available_without_cuda(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(NoGPUError):
+        LightX2VBackend(tmp_path).check_available()
+
+
+def test_fix_1_detected_from_the_input_info_keys():
+    fixes = compat.CompatFixes()
+    module = types.SimpleNamespace(ALL_INPUT_INFO_KEYS={"seed"})
+    compat._PROCESS_WIDE.discard("keep_target_video_length_in_config")
+    compat.keep_target_video_length_in_config(fixes, module)
+    assert fixes.names == []  # a LightX2V without the bug
+    module.ALL_INPUT_INFO_KEYS.add("target_video_length")
+    compat.keep_target_video_length_in_config(fixes, module)
+    assert fixes.names == ["keep_target_video_length_in_config"]
+    assert module.ALL_INPUT_INFO_KEYS == {"seed"}
+    with fixes.disabled("keep_target_video_length_in_config"):
+        assert "target_video_length" in module.ALL_INPUT_INFO_KEYS
+    assert module.ALL_INPUT_INFO_KEYS == {"seed"}
+    compat._PROCESS_WIDE.discard("keep_target_video_length_in_config")
+
+
+def test_fix_2_detected_from_the_signature():
+    class Fixed:
+        def enable_quantize(self, text_encoder_quantized_ckpt=None): ...
+
+    class Buggy:
+        def enable_quantize(self, text_encoder_quantized_ckpt=False): ...
+
+    fixes, kwargs = compat.CompatFixes(), {}
+    compat.explicit_t5_checkpoint_path(fixes, Fixed, kwargs, "/w/t5.pth")
+    assert kwargs == {} and fixes.names == []
+    compat.explicit_t5_checkpoint_path(fixes, Buggy, kwargs, "/w/t5.pth")
+    assert kwargs == {"text_encoder_quantized_ckpt": "/w/t5.pth"}
+    skipped = compat.CompatFixes(skip=frozenset({"explicit_t5_checkpoint_path"}))
+    kwargs = {}
+    compat.explicit_t5_checkpoint_path(skipped, Buggy, kwargs, "/w/t5.pth")
+    assert kwargs == {} and skipped.names == []
+
+
+def test_fix_3_detected_on_a_bias_less_weight():
+    class WithBias:
+        def __init__(self, weight_name, bias_name):
+            self.bias = None
+
+    class WithoutBias:
+        def __init__(self, weight_name, bias_name):
+            self.weight_name = weight_name
+
+    fixes = compat.CompatFixes()
+    compat.t5_offload_linear_bias_default(fixes, {"int8-triton": WithBias}, "int8-triton")
+    assert fixes.names == []
+    compat._PROCESS_WIDE.discard("t5_offload_linear_bias_default")
+    compat.t5_offload_linear_bias_default(fixes, {"int8-triton": WithoutBias}, "int8-triton")
+    assert fixes.names == ["t5_offload_linear_bias_default"] and WithoutBias("w", None).bias is None
+    with fixes.disabled("t5_offload_linear_bias_default"):
+        assert not hasattr(WithoutBias("w", None), "bias")
+    assert WithoutBias("w", None).bias is None
+    compat._PROCESS_WIDE.discard("t5_offload_linear_bias_default")
+
+
+def test_fix_4_detected_from_the_pre_infer_source():
+    class PreInfer:
+        def infer(self, clean, use_image_encoder):
+            if clean and use_image_encoder:
+                del context_clip  # noqa: F821 - the upstream bug, reproduced
+
+    class FixedPreInfer:
+        def infer(self):
+            return None
+
+    pipe = types.SimpleNamespace(task="t2v")
+    fixes = compat.CompatFixes()
+    compat.t2v_without_image_encoder(fixes, pipe, FixedPreInfer)
+    assert fixes.names == [] and not hasattr(pipe, "use_image_encoder")
+    compat.t2v_without_image_encoder(fixes, pipe, PreInfer)
+    assert pipe.use_image_encoder is False and fixes.names == ["t2v_without_image_encoder"]
+    i2v = types.SimpleNamespace(task="i2v")
+    compat.t2v_without_image_encoder(compat.CompatFixes(), i2v, PreInfer)
+    assert not hasattr(i2v, "use_image_encoder")  # image tasks need their encoder
+
+
+def test_fix_6_detected_from_the_run_path_source():
+    class NoCleanup:
+        def run_main(self):
+            return 1
+
+    class Cleanup:
+        def run_main(self):
+            try:
+                return 1
+            finally:
+                pass
+
+    fixes = compat.CompatFixes()
+    compat.reset_runner_after_exception(fixes, ((Cleanup, "run_main"),))
+    assert fixes.names == []
+    compat.reset_runner_after_exception(fixes, ((NoCleanup, "run_main"),))
+    assert fixes.has("reset_runner_after_exception")
+    with fixes.disabled("reset_runner_after_exception"):
+        assert not fixes.has("reset_runner_after_exception")
+    assert fixes.has("reset_runner_after_exception")
+
+
+def test_unknown_fix_names_are_rejected():
+    with pytest.raises(KeyError):
+        compat.CompatFixes().wanted("no_such_fix")
