@@ -10,6 +10,7 @@ of re-running the steps. Every rung tried is in the result, the record and the h
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import platform
 import sys
@@ -210,6 +211,8 @@ class VideoService:
         record["timings_s"] = clock.snapshot(include_current=False)
         stem = self.outputs.new_stem(job_id, chosen.preset.name, request.seed)
         video, sidecar = self.outputs.save(stem, frames, chosen.preset.fps, record)
+        # What the user is shown is exactly what was saved (the sidecar adds the mp4 encode time).
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
         timings = clock.finish()
         self.history.finish_job(job_id, preset_used=chosen.preset.name, rung_used=chosen.memory.name,
                                 video_path=video, record_path=sidecar, peak_gib=_round(peak),

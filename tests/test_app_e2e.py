@@ -44,8 +44,12 @@ def test_generate_returns_the_video_and_records_it_everywhere(app):
     assert Path(video).read_bytes() == mp4.read_bytes()
     # The record: beside the mp4, in the mp4's metadata, and in the result, all the same.
     record = json.loads(sidecar.read_text())
+    # The sidecar adds the mp4 encode time, which the copy inside the mp4 cannot know.
+    encode_s = record["timings_s"].pop("writing mp4")
+    assert encode_s > 0
     assert read_mp4_record(mp4) == record
-    assert json.loads(record_text) == {k: v for k, v in record.items() if k != "video"}
+    record["timings_s"]["writing mp4"] = encode_s
+    assert json.loads(record_text) == record
     assert record["video"] == mp4.name
     assert (record["job_id"], record["prompt"], record["seed"]) == (row["id"], prompt, 1234)
     assert (record["preset_used"], record["frames"], record["height"], record["width"]) == (
@@ -90,14 +94,16 @@ def test_forced_oom_falls_back_and_says_so(app):
     prompt = "A city street in the rain at night"
     status, *_ = client.predict(prompt, "720x1280x81", 7, False, "", api_name="/generate")
     assert "Done: **480x832x81**" in status
-    assert ("720x1280x81/tiled-vae ran out of GPU memory in denoising; 720x1280x81/chunked-rope ran "
-            "out of GPU memory in denoising; 720x1280x81/lean ran out of GPU memory in denoising. "
-            "Ran 480x832x81 on the 'fast' memory settings instead.") in status
+    from presets import load_presets
+
+    rungs = [r.name for r in load_presets()["720x1280x81"].rungs]
+    failed = "; ".join(f"720x1280x81/{r} ran out of GPU memory in denoising" for r in rungs)
+    assert f"{failed}. Ran 480x832x81 on the 'fast' memory settings instead." in status
     (row,) = [r for r in app.history() if r["prompt"] == prompt]
     assert (row["preset_requested"], row["preset_used"], row["rung_used"]) == (
         "720x1280x81", "480x832x81", "fast")
     record = read_mp4_record(Path(row["video_path"]))
-    assert [a["outcome"] for a in record["attempts"]] == ["out of memory"] * 3 + ["ok"]
+    assert [a["outcome"] for a in record["attempts"]] == ["out of memory"] * len(rungs) + ["ok"]
 
 
 def test_a_prompt_past_the_text_encoders_limit_runs_and_says_what_was_cut(app):
