@@ -62,7 +62,7 @@ import numpy as np
 from pipeline.backend import DecodeOutOfMemory, LoadKey, RunHooks
 from pipeline.errors import (BackendUnavailable, GenerationCancelled, InvalidRequest, NoGPUError,
                              WeightsError)
-from pipeline.gpu import GIB, is_oom
+from pipeline.gpu import GIB, GpuMonitor, is_oom
 from pipeline.types import Phase, RunSpec
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ FFN_CHUNK_TOKENS = 32768
 
 INSTALL_HINT = ("Install the GPU requirements: `pip install -r requirements-gpu.txt`, then LightX2V itself "
                 "(`pip install --no-deps \"lightx2v @ git+https://github.com/ModelTC/LightX2V@"
-                f"{LIGHTX2V_PINNED_COMMIT}\"`); the README's GPU setup section does both.")
+                f"{LIGHTX2V_PINNED_COMMIT}\"`); ./run.sh does both where nvidia-smi sees the GPU.")
 
 # What `import lightx2v` needs (lightx2v-notes.md §8: `from lightx2v import LightX2VPipeline` imports
 # every runner). Module names, checked with find_spec so a check does not import them.
@@ -237,6 +237,11 @@ class LightX2VBackend:
 
     def check_available(self) -> None:
         if not _has_module("torch"):
+            if GpuMonitor().facts() is None:
+                # Installing the GPU packages would not help: say what is really missing.
+                raise NoGPUError("No NVIDIA GPU was found on this machine (the NVIDIA driver does not "
+                                 "answer), and generating needs one. The UI, the history and the "
+                                 "System tab still work; `--backend fake` tries the UI with noise clips.")
             raise BackendUnavailable(f"PyTorch is not installed. {INSTALL_HINT}")
         import torch
 

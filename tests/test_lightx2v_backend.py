@@ -178,3 +178,13 @@ def test_fix_6_detected_from_the_run_path_source():
 def test_unknown_fix_names_are_rejected():
     with pytest.raises(KeyError):
         compat.CompatFixes().wanted("no_such_fix")
+
+
+def test_check_available_without_torch_or_gpu_says_no_gpu(tmp_path, monkeypatch):
+    # A CPU-only machine set up by ./run.sh has no torch: the message must be about the missing GPU,
+    # not about installing GPU packages that would not help.
+    import pipeline.lightx2v_backend as backend_module
+
+    monkeypatch.setattr(backend_module, "_has_module", lambda name: name != "torch")
+    with pytest.raises(NoGPUError, match="No NVIDIA GPU was found on this machine"):
+        LightX2VBackend(tmp_path).check_available()
