@@ -253,7 +253,7 @@ def test_system_tab_builds_and_its_handlers_render(tmp_path):
     handler = next(f.fn for f in demo.fns.values() if f.name == "run_download")
     outputs = list(handler())
     assert calls == ["start"]
-    assert outputs[0][0].startswith("⬇️ **Downloading**") and outputs[1][0].startswith("✅ **Weights ready.**")
+    assert outputs[0][0].startswith("⬇️ **Downloading**") and outputs[1][0].startswith("✓ **Weights ready.**")
     assert outputs[-1][1] == st.report_headline(report) and outputs[-1][2] == st.report_rows(report)
 
     rows = st.report_rows(report)

@@ -18,7 +18,7 @@ from pipeline.errors import StudioError
 from pipeline.weights import DownloadPhase, DownloadProgress, format_bytes, format_eta, format_rate
 
 TABLE_HEADERS = ["Check", "Status", "What we found", "What to do"]
-_STATUS_LABEL = {Status.OK: "✅ ok", Status.INFO: "ℹ️ info", Status.WARN: "⚠️ warning", Status.FAIL: "❌ fix this"}
+_STATUS_LABEL = {Status.OK: "✓ ok", Status.INFO: "ℹ info", Status.WARN: "⚠ warning", Status.FAIL: "✗ fix this"}
 _BAR_CELLS = 24
 
 
@@ -27,18 +27,18 @@ def report_rows(report: DoctorReport) -> list[list[str]]:
 
 
 def report_headline(report: DoctorReport) -> str:
-    icon = {Status.FAIL: "❌", Status.WARN: "⚠️"}.get(report.worst, "✅")
+    icon = {Status.FAIL: "✗", Status.WARN: "⚠"}.get(report.worst, "✓")
     return f"{icon} **{report.headline()}**"
 
 
 def progress_markdown(p: DownloadProgress) -> str:
     """Text for the progress area: a bar, bytes, rate and time left while downloading; the outcome after."""
     if p.phase is DownloadPhase.DONE:
-        return f"✅ **Weights ready.** {p.message}"
+        return f"✓ **Weights ready.** {p.message}"
     if p.phase is DownloadPhase.CANCELLED:
         return f"⏸️ **Download stopped.** {p.message}"
     if p.phase is DownloadPhase.FAILED:
-        return "❌ **Download failed.**\n\n" + p.message.replace("\n", "  \n")
+        return "✗ **Download failed.**\n\n" + p.message.replace("\n", "  \n")
     if p.phase is not DownloadPhase.DOWNLOADING:
         return f"⏳ {p.phase.value.capitalize()}… {'`' + p.message + '`' if p.message else ''}"
     filled = round(p.fraction * _BAR_CELLS)
@@ -68,7 +68,7 @@ def build_system_tab(*, doctor: Callable[[], DoctorReport], weights_dir: Path,
                 "tokenizer). The download resumes where it stopped if it is interrupted.")
     with gr.Row():
         download = gr.Button("Download weights", variant="primary")
-        stop = gr.Button("Stop download", variant="stop")
+        stop = gr.Button("Stop download", variant="secondary")
     progress = gr.Markdown("")
 
     def check() -> tuple[str, list[list[str]]]:
@@ -81,7 +81,7 @@ def build_system_tab(*, doctor: Callable[[], DoctorReport], weights_dir: Path,
                 for event in events:
                     yield progress_markdown(event), gr.skip(), gr.skip()
         except StudioError as exc:
-            yield f"❌ **Download failed.**\n\n{exc}", gr.skip(), gr.skip()
+            yield f"✗ **Download failed.**\n\n{exc}", gr.skip(), gr.skip()
         # The weights (and the disk) changed: refresh the checks so the table matches.
         yield gr.skip(), *check()
 
