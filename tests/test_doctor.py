@@ -258,7 +258,7 @@ def test_system_tab_builds_and_its_handlers_render(tmp_path):
 
     rows = st.report_rows(report)
     assert rows[0][:2] == ["GPU", "✓ ok"] and any(r[1] == "⚠ warning" and "32 GB" in r[3] for r in rows)
-    assert st.report_headline(report).startswith("⚠️")
+    assert st.report_headline(report).startswith("⚠")
     line = st.progress_markdown(next(start_download()))
     assert "50%" in line and "11.10 GB of 22.20 GB" in line and "50.00 MB/s" in line and "3 min 42 s" in line
     failed = st.progress_markdown(DownloadProgress(DownloadPhase.FAILED, "Not enough disk space.\nFree some."))
