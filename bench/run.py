@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unknown config {config!r}")
     bench._flush()
-    print(markdown(environment(bench.torch, args), bench.results))
+    sys.stdout.write(markdown(environment(bench.torch, args), bench.results) + "\n")
     return 0
 
 

@@ -23,8 +23,8 @@ from pipeline.history import History, HistoryEntry
 from pipeline.jobs import Job, JobQueue
 from pipeline.outputs import OutputStore
 from pipeline.service import VideoService
-from pipeline.types import (MAX_SEED, TEXT_ENCODER_MAX_TOKENS, GenerationRequest, Phase,
-                            ProgressEvent, prompt_token_estimate)
+from pipeline.types import (MAX_SEED, TEXT_ENCODER_MAX_TOKENS, GenerationRequest, GenerationResult,
+                            Phase, ProgressEvent, prompt_token_estimate)
 from presets import PresetBook
 from ui.memory_panel import format_forecasts, format_memory, timeline_rows
 
@@ -70,6 +70,12 @@ def as_alert(exc: BaseException) -> Exception:
     log.error("unexpected error reached the UI", exc_info=exc)
     return gr.Error(f"Unexpected error ({type(exc).__name__}: {exc}). The details are in the "
                     f"terminal log.", title="Unexpected error", print_exception=False)
+
+
+def warn_if_fell_back(result: GenerationResult) -> None:
+    """A run that stepped down the OOM ladder says so: what failed and what ran instead."""
+    if result.fell_back:
+        gr.Warning(result.fallback_summary(), duration=None, title="Ran a smaller setting")
 
 
 def failure_status(exc: BaseException, alert: Exception) -> str:

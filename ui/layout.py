@@ -111,8 +111,7 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
                 yield {job_id: None, status: h.failure_status(exc, alert)}
                 raise alert from None
             result = job.result
-            if result.fell_back:
-                gr.Warning(result.fallback_summary(), duration=None, title="Ran a smaller setting")
+            h.warn_if_fell_back(result)
             yield {job_id: None, seed: request.seed, video: str(result.video_path),
                    status: h.result_summary(result.record) + (
                        "\n\n⚠️ " + result.fallback_summary() if result.fell_back else ""),
