@@ -3,7 +3,8 @@
 A job row is inserted as `running` when the job starts and completed in ONE transaction after its
 video and record are in place, so a kill leaves a `running` row that `mark_interrupted` turns into
 `interrupted` at the next start, and never a `done` row without a file. The same database keeps
-the peak VRAM measured per GPU, preset and memory rung, which supersedes the shipped prediction.
+the peak VRAM and time measured per GPU, preset and memory rung, which supersede the shipped
+prediction and give an honest time estimate before Generate.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# How many recent runs per GPU, preset and rung a prediction is made from.
+MEASUREMENT_WINDOW = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -35,14 +39,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     seconds REAL,
     attempts TEXT
 );
-CREATE TABLE IF NOT EXISTS measured_peaks (
+CREATE TABLE IF NOT EXISTS measurements (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     gpu_name TEXT NOT NULL,
     preset TEXT NOT NULL,
     rung TEXT NOT NULL,
     peak_gib REAL NOT NULL,
-    measured_at REAL NOT NULL,
-    PRIMARY KEY (gpu_name, preset, rung)
+    seconds REAL,
+    measured_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS measurements_by_key ON measurements (gpu_name, preset, rung, id);
 """
 
 
@@ -134,14 +140,34 @@ class History:
         rows = self._rows(f"SELECT {self._COLUMNS} FROM jobs WHERE id=?", (job_id,))
         return rows[0] if rows else None
 
-    def record_peak(self, gpu_name: str, preset: str, rung: str, peak_gib: float) -> None:
-        self._write("INSERT INTO measured_peaks VALUES (?, ?, ?, ?, ?) ON CONFLICT(gpu_name, preset,"
-                    " rung) DO UPDATE SET peak_gib=excluded.peak_gib, measured_at=excluded.measured_at",
-                    (gpu_name, preset, rung, peak_gib, time.time()))
+    def record_measurement(self, gpu_name: str, preset: str, rung: str, peak_gib: float,
+                           seconds: float | None = None) -> None:
+        self._write("INSERT INTO measurements (gpu_name, preset, rung, peak_gib, seconds, measured_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)", (gpu_name, preset, rung, peak_gib, seconds, time.time()))
 
-    def measured_peaks(self, gpu_name: str) -> dict[tuple[str, str], float]:
+    def _recent_measurements(self, gpu_name: str) -> dict[tuple[str, str], list[tuple[float, float | None]]]:
         with self._lock:
             rows = self._conn.execute(
-                "SELECT preset, rung, peak_gib FROM measured_peaks WHERE gpu_name=?", (gpu_name,)
-            ).fetchall()
-        return {(p, r): g for p, r, g in rows}
+                "SELECT preset, rung, peak_gib, seconds FROM measurements WHERE gpu_name=? ORDER BY id DESC",
+                (gpu_name,)).fetchall()
+        out: dict[tuple[str, str], list[tuple[float, float | None]]] = {}
+        for preset, rung, peak, seconds in rows:
+            runs = out.setdefault((preset, rung), [])
+            if len(runs) < MEASUREMENT_WINDOW:
+                runs.append((peak, seconds))
+        return out
+
+    def measured_peaks(self, gpu_name: str) -> dict[tuple[str, str], float]:
+        """The highest peak of the last few runs per preset and rung on this GPU: a first run that
+        also loaded the weights peaks higher than a warm one, and the prediction must cover both."""
+        return {key: max(peak for peak, _ in runs)
+                for key, runs in self._recent_measurements(gpu_name).items()}
+
+    def measured_seconds(self, gpu_name: str) -> dict[tuple[str, str], float]:
+        """The median wall time of the last few runs per preset and rung on this GPU."""
+        out = {}
+        for key, runs in self._recent_measurements(gpu_name).items():
+            seconds = sorted(s for _, s in runs if s is not None)
+            if seconds:
+                out[key] = seconds[len(seconds) // 2]
+        return out

@@ -40,6 +40,7 @@ class PresetForecast:
     fit: Fit
     start: Rung  # where a run would start
     available_gib: float | None
+    eta_s: float | None = None  # median time of recent runs of the start rung on this GPU
 
     @property
     def margin_gib(self) -> float | None:
@@ -96,8 +97,10 @@ class Planner:
         return ladder[self._start_index(ladder, available_gib):]
 
     def forecast(self, preset_name: str, available_gib: float | None,
-                 measured: Mapping[tuple[str, str], float] | None = None) -> PresetForecast:
+                 measured: Mapping[tuple[str, str], float] | None = None,
+                 seconds: Mapping[tuple[str, str], float] | None = None) -> PresetForecast:
         ladder = self.ladder(preset_name, measured)
+        seconds = seconds or {}
         if available_gib is None:
             return PresetForecast(preset_name, Fit.UNKNOWN, ladder[0], None)
         start = ladder[self._start_index(ladder, available_gib)]
@@ -109,4 +112,5 @@ class Planner:
             fit = Fit.FITS
         else:
             fit = Fit.TIGHT
-        return PresetForecast(preset_name, fit, start, available_gib)
+        return PresetForecast(preset_name, fit, start, available_gib,
+                              seconds.get((start.preset.name, start.memory.name)))

@@ -131,7 +131,8 @@ class VideoService:
     def forecasts(self) -> list[PresetForecast]:
         gpu_name, available = self.available_gib()
         measured = self.history.measured_peaks(gpu_name) if gpu_name else {}
-        return [self.planner.forecast(name, available, measured) for name in self.presets]
+        seconds = self.history.measured_seconds(gpu_name) if gpu_name else {}
+        return [self.planner.forecast(name, available, measured, seconds) for name in self.presets]
 
     # -- the job ------------------------------------------------------------------------------
     def validate(self, request: GenerationRequest) -> None:
@@ -218,7 +219,10 @@ class VideoService:
                                 video_path=video, record_path=sidecar, peak_gib=_round(peak),
                                 seconds=timings["total"], attempts=[asdict(a) for a in attempts])
         if gpu_name and peak is not None:
-            self.history.record_peak(gpu_name, chosen.preset.name, chosen.memory.name, peak)
+            # The time estimate excludes the one-off weight load and counts only clean runs.
+            seconds = timings["total"] - timings.get(Phase.LOADING.value, 0.0)
+            self.history.record_measurement(gpu_name, chosen.preset.name, chosen.memory.name, peak,
+                                            seconds if len(attempts) == 1 else None)
         return GenerationResult(video_path=video, record_path=sidecar, record=record,
                                 attempts=tuple(attempts))
 

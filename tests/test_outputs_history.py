@@ -103,9 +103,12 @@ def test_history_lifecycle_and_restart(tmp_path):
     assert reopened.get(done).peak_gib == 7.1
 
 
-def test_measured_peaks_upsert(tmp_path):
+def test_measurements_predict_the_highest_recent_peak_and_the_median_time(tmp_path):
     history = History(tmp_path / "h.sqlite3")
-    history.record_peak("RTX 3060", "480x832x81", "fast", 8.0)
-    history.record_peak("RTX 3060", "480x832x81", "fast", 8.4)
-    history.record_peak("H100", "480x832x81", "fast", 9.0)
-    assert history.measured_peaks("RTX 3060") == {("480x832x81", "fast"): 8.4}
+    history.record_measurement("RTX 3060", "480x832x81", "fast", 9.9, 200.0)  # oldest: falls out
+    for peak, seconds in ((8.6, 190.0), (8.2, 150.0), (8.2, 152.0), (8.3, None), (8.2, 151.0)):
+        history.record_measurement("RTX 3060", "480x832x81", "fast", peak, seconds)
+    history.record_measurement("H100", "480x832x81", "fast", 9.0, 20.0)
+    assert history.measured_peaks("RTX 3060") == {("480x832x81", "fast"): 8.6}
+    assert history.measured_seconds("RTX 3060") == {("480x832x81", "fast"): 152.0}
+    assert history.measured_peaks("RTX 2060") == {}

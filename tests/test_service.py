@@ -168,9 +168,11 @@ def test_start_rung_follows_free_memory_and_measured_peaks(make_service):
     assert result.record["vram"]["gpu"] == "NVIDIA GeForce RTX 3060"
     assert result.record["vram"]["available_at_start_gib"] == pytest.approx(7.5, abs=0.01)
     # A peak measured on this GPU supersedes the shipped figure.
-    service.history.record_peak("NVIDIA GeForce RTX 3060", "480x832x81", "fast", 6.0)
+    service.history.record_measurement("NVIDIA GeForce RTX 3060", "480x832x81", "fast", 6.0, 95.0)
     result = service.generate(request("480x832x81"))
     assert [a.rung for a in result.attempts] == ["fast"]
+    forecast = {f.preset: f for f in service.forecasts()}["480x832x81"]
+    assert forecast.start.measured_here and forecast.eta_s == 95.0
 
 
 def test_vram_cap_limits_available_memory(make_service):

@@ -27,8 +27,16 @@ def format_memory(snapshot: MemorySnapshot | None, last_peak_gib: float | None =
     return "  \n".join(lines)
 
 
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    if seconds < 90:
+        return f"~{seconds:.0f} s"
+    return f"~{seconds / 60:.1f} min"
+
+
 def format_forecasts(forecasts: list[PresetForecast], labels: dict[str, str]) -> str:
-    rows = ["| preset | predicted peak | verdict |", "|---|---|---|"]
+    rows = ["| preset | predicted peak | verdict | time here |", "|---|---|---|---|"]
     for f in forecasts:
         pred = "—" if f.start.predicted_gib is None else f"{f.start.predicted_gib:.1f} GiB"
         if f.start.measured_here:
@@ -38,10 +46,11 @@ def format_forecasts(forecasts: list[PresetForecast], labels: dict[str, str]) ->
             verdict += f" to {f.start.preset.name}/{f.start.memory.name}"
         elif f.fit is not Fit.UNKNOWN:
             verdict += f" ('{f.start.memory.name}', margin {f.margin_gib:+.1f} GiB)"
-        rows.append(f"| {labels.get(f.preset, f.preset)} | {pred} | {verdict} |")
+        rows.append(f"| {labels.get(f.preset, f.preset)} | {pred} | {verdict} | {format_duration(f.eta_s)} |")
     available = next((f.available_gib for f in forecasts if f.available_gib is not None), None)
     rows.append("")
-    rows.append("Available now: " + ("no GPU reading" if available is None else f"{available:.1f} GiB"))
+    rows.append("Available now: " + ("no GPU reading" if available is None else f"{available:.1f} GiB")
+                + ". Times are from earlier runs on this GPU (the first run also loads the model).")
     return "\n".join(rows)
 
 

@@ -1,0 +1,47 @@
+"""The VRAM panel's and the forecast table's text, from snapshots and forecasts."""
+
+from __future__ import annotations
+
+from pipeline.gpu import GpuMonitor
+from pipeline.planner import Planner
+from presets import load_presets
+from tests.conftest import FakeNvml
+from ui.memory_panel import NO_GPU_TEXT, format_duration, format_forecasts, format_memory, timeline_rows
+
+
+def test_no_gpu_panel():
+    assert format_memory(None) == NO_GPU_TEXT and "No NVIDIA GPU" in NO_GPU_TEXT
+
+
+def test_panel_shows_used_total_and_last_peak():
+    snap = GpuMonitor(nvml=FakeNvml(total_gib=12.0, used_gib=3.0)).read()
+    text = format_memory(snap, last_peak_gib=8.61)
+    assert "NVIDIA GeForce RTX 3060" in text and "3.00 / 12.00 GiB" in text and "(25 %)" in text
+    assert "free 9.00 GiB" in text and "**8.61 GiB**" in text
+    assert "Peak of last run: —" in format_memory(snap)
+
+
+def test_forecast_table_verdicts_margins_and_times():
+    book = load_presets()
+    planner = Planner(book)
+    labels = {n: p.label for n, p in book.items()}
+    seconds = {("480x832x49", "fast"): 75.0}
+    forecasts = [planner.forecast(n, 11.0, None, seconds) for n in book]
+    text = format_forecasts(forecasts, labels)
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| 4") or
+            line.startswith("| 7")}
+    assert "fits ('fast'" in rows[labels["480x832x49"]] and "~75 s" in rows[labels["480x832x49"]]
+    assert "Available now: 11.0 GiB" in text
+    low = format_forecasts([planner.forecast("720x1280x81", 3.0)], labels)
+    assert "will step down to 480x832x49/" in low
+
+
+def test_durations():
+    assert (format_duration(None), format_duration(42), format_duration(150)) == ("—", "~42 s", "~2.5 min")
+
+
+def test_timeline_rows():
+    rows = timeline_rows({"samples": [[0.0, 1.5, "text encoding"], [0.1, 7.25, ""]]})
+    assert rows == [{"seconds": 0.0, "GiB in use": 1.5, "phase": "text encoding"},
+                    {"seconds": 0.1, "GiB in use": 7.25, "phase": "—"}]
+    assert timeline_rows(None) == []
