@@ -28,8 +28,6 @@ MAX_UPLOAD = "1mb"
 # Waiting jobs beyond this are refused ("queue full") rather than piling up hours of GPU work.
 MAX_QUEUED = 100
 
-# Test-only switches, honoured only with --backend fake (CPU test double); see _fake_backend.
-
 
 class ConfigError(SystemExit):
     """A start-up refusal with a message for the terminal (exit status 2)."""
@@ -183,7 +181,7 @@ def build_app(settings: Settings):
     monitor = GpuMonitor()
     service = VideoService(presets=presets, cache=PipelineCache(backend), outputs=outputs,
                            history=history, monitor=monitor, vram_cap_gib=settings.vram_cap_gib)
-    ctx = UiContext(service=service, jobs=JobQueue(service), presets=presets, monitor=monitor,
+    ctx = UiContext(service=service, jobs=JobQueue(service, max_waiting=MAX_QUEUED), presets=presets, monitor=monitor,
                     history=history)
     demo = build_ui(ctx, extra_tabs=_system_tab(settings, monitor))
     return demo, ctx
@@ -193,11 +191,8 @@ def _system_tab(settings: Settings, monitor):
     def render() -> None:
         import gradio as gr
 
-        try:
-            from ui.system_tab import build_system_tab
-        except ImportError:
-            return
         from pipeline import doctor, weights
+        from ui.system_tab import build_system_tab
 
         with gr.Tab("System"):
             build_system_tab(

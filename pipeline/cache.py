@@ -13,6 +13,7 @@ import time
 import threading
 from typing import Callable
 
+from pipeline import gpu
 from pipeline.backend import Backend, LoadedModel, LoadKey
 from pipeline.errors import ModelLoadError, StudioError
 from pipeline.types import Phase
@@ -51,7 +52,9 @@ class PipelineCache:
             else:
                 self._model, self._key = model, key
                 return model
-            # Rollback happens outside the except block so the failed load's frames are gone.
+            # Rollback happens outside the except block so the failed load's frames are gone;
+            # whatever that load left on the GPU or in pinned memory is collected first.
+            gpu.free_gpu_memory()
             if previous is not None:
                 try:
                     self._model, self._key = self._load(previous, on_phase), previous

@@ -26,7 +26,7 @@ class BackendUnavailable(StudioError):
 
 
 class ModelLoadError(StudioError):
-    """Loading the weights failed; the previously loaded pipeline (if any) was kept."""
+    """Loading the weights failed; the previously loaded settings were loaded again if possible."""
 
 
 class WeightsError(StudioError):
@@ -35,6 +35,10 @@ class WeightsError(StudioError):
 
 class GenerationCancelled(StudioError):
     """The user pressed Cancel; the run stopped at a step boundary."""
+
+
+class LaneFull(StudioError):
+    """Too many jobs are already waiting for the GPU."""
 
 
 class OutputError(StudioError):

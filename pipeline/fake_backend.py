@@ -31,8 +31,6 @@ FAKE_STEP_SECONDS_ENV = "WAN_STUDIO_FAKE_STEP_SECONDS"
 FAKE_OOM_ENV = "WAN_STUDIO_FAKE_OOM"  # "preset:rung-or-*:phase[,...]", e.g. 720x1280x81:*:denoising
 FAKE_FAULTS_ENV = "WAN_STUDIO_FAKE_FAULTS_DIR"  # a folder of switch files, see FaultSwitches
 
-# Settings the fake treats as build-time, mirroring the real backend's choice.
-FAKE_BUILD_SETTINGS = ("offload_granularity", "text_encoder", "vae_offload")
 
 
 def simulated_oom(where: str) -> BaseException:
@@ -67,8 +65,10 @@ class FakeBackend:
                              "video; the VRAM panel says what the driver reports.")
 
     def load_key(self, memory: dict[str, Any]) -> LoadKey:
-        return LoadKey(self.name, self.weights_dir,
-                       tuple(sorted((k, memory[k]) for k in FAKE_BUILD_SETTINGS)))
+        # The same build-time settings as LightX2VBackend.load_key: everything else is per call.
+        build = {"offload_granularity": memory["offload_granularity"],
+                 "text_encoder_offload": memory["text_encoder"] != "gpu"}
+        return LoadKey(self.name, self.weights_dir, tuple(sorted(build.items())))
 
     def load(self, key: LoadKey, on_phase: Callable[[Phase], None]) -> "FakeModel":
         on_phase(Phase.LOADING)
@@ -127,7 +127,9 @@ class FakeModel:
     def decode(self, latents: Any, spec: RunSpec, hooks: RunHooks) -> np.ndarray:
         assert not self.dirty, "decode() after a failure without recover()"
         hooks.on_phase(Phase.DECODING)
-        self._check(spec, Phase.DECODING)
+        if self.backend._maybe_oom(spec, Phase.DECODING):
+            self.dirty = True
+            raise DecodeOutOfMemory(latents, f"simulated in {spec.preset}/{spec.rung} (decode only)")
         return self._pixels(spec, latents)
 
     def _pixels(self, spec: RunSpec, latents: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ import logging
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,13 @@ def is_oom(exc: BaseException) -> bool:
                 return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def drop_frame_locals(exc: BaseException) -> BaseException:
+    """Clear the locals of the frames in `exc`'s traceback and return `exc`. Those locals may be
+    the failed run's GPU tensors, alive for as long as the exception is kept (pytorch#18853)."""
+    traceback.clear_frames(exc.__traceback__)
+    return exc
 
 
 def free_gpu_memory() -> None:

@@ -14,7 +14,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from pipeline.errors import StudioError
+from pipeline import gpu
+from pipeline.errors import LaneFull, StudioError
 from pipeline.service import VideoService
 from pipeline.types import GenerationRequest, GenerationResult, ProgressEvent
 
@@ -54,24 +55,34 @@ class Job:
 
 
 class JobQueue:
-    def __init__(self, service: VideoService):
+    def __init__(self, service: VideoService, max_waiting: int = 100):
+        self.max_waiting = max_waiting
         self.service = service
         self._queue: "queue.Queue[Job | None]" = queue.Queue()
         self._ids = itertools.count(1)
         self._jobs: dict[int, Job] = {}
         self._lock = threading.Lock()
-        self.current: Job | None = None
         self._worker = threading.Thread(target=self._work, name="gpu-lane", daemon=True)
         self._worker.start()
 
     def submit(self, request: GenerationRequest) -> Job:
         # Reject bad requests here, before they take a place in the lane.
         self.service.validate(request)
-        job = Job(next(self._ids), request)
         with self._lock:
+            waiting = sum(1 for j in self._jobs.values() if not j.done.is_set())
+            if waiting >= self.max_waiting:
+                # Jobs of closed tabs stay in the lane, so Gradio's own queue limit is not enough.
+                raise LaneFull(f"{waiting} jobs are already waiting for the GPU; try again when "
+                               f"some have finished.")
+            job = Job(next(self._ids), request)
             self._jobs[job.id] = job
         self._queue.put(job)
         return job
+
+    def ahead_of(self, job: Job) -> int:
+        """Unfinished jobs submitted before `job` (the one running included)."""
+        with self._lock:
+            return sum(1 for j in self._jobs.values() if j.id < job.id and not j.done.is_set())
 
     def get(self, job_id: int) -> Job | None:
         with self._lock:
@@ -84,24 +95,19 @@ class JobQueue:
         job.cancel()
         return True
 
-    def pending(self) -> int:
-        return self._queue.qsize()
-
     def _work(self) -> None:
         while True:
             job = self._queue.get()
             if job is None:
                 return
-            self.current = job
             try:
                 job.result = self.service.generate(job.request, job.events.put, job.cancel_flag.is_set)
             except StudioError as exc:
-                job.error = exc
+                job.error = gpu.drop_frame_locals(exc)
             except Exception as exc:  # noqa: BLE001 - the lane must survive any job
                 log.exception("job %d crashed", job.id)
-                job.error = exc
+                job.error = gpu.drop_frame_locals(exc)
             finally:
-                self.current = None
                 job.done.set()
                 job.events.put(_END)
                 with self._lock:

@@ -139,8 +139,10 @@ class WeightFiles:
 def locate_weights(root: Path | str) -> WeightFiles:
     """Find the files of the HF repo layout under `root`; raise WeightsError naming what is missing.
 
-    DiT: root/distill_int8/{config.json, non_block.safetensors, block_0..N-1.safetensors}.
-    T5 and VAE .pth: in distill_int8/ or in root (both layouts are in use). Tokenizer: root/google/umt5-xxl.
+    DiT: root/distill_int8/{non_block.safetensors, block_0..N-1.safetensors} and config.json there
+    or in root (LightX2V merges both, set_config.py:289-339). T5 and VAE .pth: in distill_int8/ or
+    in root (both layouts are in use). Tokenizer: root/google/umt5-xxl. The same rules as
+    pipeline.weights.verify, so the doctor and Generate agree on what is complete.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -148,9 +150,9 @@ def locate_weights(root: Path | str) -> WeightFiles:
     dit = root / "distill_int8"
     missing: list[str] = []
     config: dict[str, Any] = {}
-    config_path = dit / "config.json"
-    if not config_path.is_file():
-        missing.append(str(config_path.relative_to(root)))
+    config_path = next((p for p in (dit / "config.json", root / "config.json") if p.is_file()), None)
+    if config_path is None:
+        missing.append("distill_int8/config.json (or config.json in the root)")
     else:
         try:
             config = json.loads(config_path.read_text())
@@ -178,8 +180,10 @@ def locate_weights(root: Path | str) -> WeightFiles:
     if vae is None:
         missing.append("Wan2.1_VAE.pth (in distill_int8/ or the root)")
     tokenizer = root / "google" / "umt5-xxl"
-    if not any((tokenizer / f).is_file() for f in ("tokenizer.json", "spiece.model", "tokenizer_config.json")):
-        missing.append("google/umt5-xxl/ (the T5 tokenizer)")
+    if not (tokenizer / "tokenizer_config.json").is_file() or not any(
+            (tokenizer / f).is_file() for f in ("tokenizer.json", "spiece.model")):
+        missing.append("google/umt5-xxl/ (the T5 tokenizer: tokenizer_config.json and tokenizer.json "
+                       "or spiece.model)")
     if missing:
         raise WeightsError(f"The model in {root} is incomplete; missing: {'; '.join(missing)}. "
                            f"Download it again (it resumes).")

@@ -27,7 +27,8 @@ from pipeline.errors import GenerationCancelled, InvalidRequest, OutOfVRAM, Stud
 from pipeline.history import History
 from pipeline.outputs import OutputStore
 from pipeline.planner import Planner, PresetForecast, Rung
-from pipeline.types import (Attempt, GenerationRequest, GenerationResult, Phase, ProgressEvent,
+from pipeline.types import (LEAN_DECODE_SUFFIX, Attempt, GenerationRequest, GenerationResult, Phase,
+                            ProgressEvent,
                             RunSpec, prompt_token_estimate, TEXT_ENCODER_MAX_TOKENS)
 from presets import PresetBook
 
@@ -104,6 +105,20 @@ class _Outcome:
     frames: np.ndarray | None = None
     failure: Attempt | None = None
     latents: Any = None  # kept when only the decode failed
+    memory: dict[str, Any] | None = None  # settings applied, when they differ from the rung's
+    label: str | None = None  # rung name as recorded, when it differs from the rung's
+
+
+# Settings that only change how the VAE decode runs; all of them apply per call (no reload).
+_DECODE_SETTINGS = ("vae_tiling", "vae_offload", "clean_cuda_cache")
+
+
+def _lean_decode_settings(memory: dict[str, Any]) -> dict[str, Any]:
+    return dict(memory, vae_tiling=True, vae_offload=True, clean_cuda_cache=True)
+
+
+def _dit_settings(memory: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, v) for k, v in memory.items() if k not in _DECODE_SETTINGS))
 
 
 class VideoService:
@@ -137,7 +152,7 @@ class VideoService:
     # -- the job ------------------------------------------------------------------------------
     def validate(self, request: GenerationRequest) -> None:
         if request.preset not in self.presets:
-            raise InvalidRequest(f"Unknown preset {request.preset!r}; choose one of "
+            raise InvalidRequest(f"Unknown preset {request.preset[:60]!r}; choose one of "
                                  f"{', '.join(self.presets)}.")
 
     def generate(self, request: GenerationRequest, on_event: EventSink = lambda e: None,
@@ -180,51 +195,85 @@ class VideoService:
         measured = self.history.measured_peaks(gpu_name) if gpu_name else {}
         ladder = self.planner.plan(request.preset, available, measured)
         loads_before = self.cache.loads
+        # DiT settings (per preset) whose latents could not be decoded even on the leanest VAE
+        # settings: a later rung that differs only in VAE settings would fail the same way.
+        undecodable: set[tuple[str, tuple]] = set()
         with gpu.VramSampler(self.monitor) as sampler:
             clock = _PhaseClock(on_event, sampler)
             hooks = RunHooks(on_phase=clock.phase, on_step=clock.step, should_stop=should_stop)
-            frames, chosen = None, None
+            success: _Outcome | None = None
+            chosen: Rung | None = None
             for rung in ladder:
                 if should_stop():
                     raise GenerationCancelled("Cancelled before the run started.")
+                if (rung.preset.name, _dit_settings(rung.memory.settings())) in undecodable:
+                    log.info("skipping %s/%s: only its VAE settings differ from a rung whose decode "
+                             "failed on the leanest ones", rung.preset.name, rung.memory.name)
+                    continue
                 if attempts:
                     clock.phase(Phase.LOADING, f"Retrying on {rung.preset.name}/{rung.memory.name}")
                 outcome = self._attempt(request, rung, hooks)
                 if outcome.failure is not None and outcome.latents is not None:
+                    # The steps finished and only the decode ran out of memory: decode the kept
+                    # latents again on the leanest VAE settings instead of re-running the steps.
                     attempts.append(outcome.failure)
-                    outcome = self._retry_decode(request, rung, hooks, outcome.latents)
+                    self._learn_from_oom(gpu_name, available, rung)
+                    lean = _lean_decode_settings(rung.memory.settings())
+                    outcome = (self._retry_decode(request, rung, lean, hooks, outcome.latents)
+                               if lean != rung.memory.settings() else _Outcome(failure=outcome.failure))
+                    if outcome.failure is not None:
+                        undecodable.add((rung.preset.name, _dit_settings(lean)))
+                        if outcome.failure is not attempts[-1]:
+                            attempts.append(outcome.failure)
+                        continue
                 if outcome.failure is None:
-                    frames, chosen = outcome.frames, rung
-                    attempts.append(Attempt(rung.preset.name, rung.memory.name, "ok",
+                    success, chosen = outcome, rung
+                    attempts.append(Attempt(rung.preset.name, outcome.label or rung.memory.name, "ok",
                                             peak_gib=_round(gpu.torch_peak_reserved_gib())))
                     break
                 attempts.append(outcome.failure)
+                self._learn_from_oom(gpu_name, available, rung)
                 log.warning("out of GPU memory on %s/%s (%s); stepping down", rung.preset.name,
                             rung.memory.name, outcome.failure.phase)
-            if frames is None or chosen is None:
+            if success is None or chosen is None:
                 raise OutOfVRAM(self._exhausted_message(request.preset, attempts), tuple(attempts))
             peak = gpu.torch_peak_reserved_gib()
             clock.phase(Phase.ENCODING)
+        rung_label = success.label or chosen.memory.name
+        memory = success.memory or chosen.memory.settings()
         # The sampler has stopped: the timeline covers the GPU work, and the record can carry it.
-        record = self._record(job_id, request, chosen, attempts, available, gpu_name,
-                              loads_before, sampler.timeline.as_record())
+        record = self._record(job_id, request, chosen, rung_label, memory, attempts, available,
+                              gpu_name, loads_before, sampler.timeline.as_record())
         # Up to the mp4 encode, which the record precedes (the sidecar adds the encode time).
         record["timings_s"] = clock.snapshot(include_current=False)
         stem = self.outputs.new_stem(job_id, chosen.preset.name, request.seed)
-        video, sidecar = self.outputs.save(stem, frames, chosen.preset.fps, record)
+        video, sidecar = self.outputs.save(stem, success.frames, chosen.preset.fps, record)
         # What the user is shown is exactly what was saved (the sidecar adds the mp4 encode time).
         record = json.loads(sidecar.read_text(encoding="utf-8"))
         timings = clock.finish()
-        self.history.finish_job(job_id, preset_used=chosen.preset.name, rung_used=chosen.memory.name,
-                                video_path=video, record_path=sidecar, peak_gib=_round(peak),
-                                seconds=timings["total"], attempts=[asdict(a) for a in attempts])
-        if gpu_name and peak is not None:
+        if gpu_name and peak is not None and success.label is None:
             # The time estimate excludes the one-off weight load and counts only clean runs.
             seconds = timings["total"] - timings.get(Phase.LOADING.value, 0.0)
-            self.history.record_measurement(gpu_name, chosen.preset.name, chosen.memory.name, peak,
-                                            seconds if len(attempts) == 1 else None)
+            self._measure(gpu_name, chosen, peak, seconds if len(attempts) == 1 else None)
+        self.history.finish_job(job_id, preset_used=chosen.preset.name, rung_used=rung_label,
+                                video_path=video, record_path=sidecar, peak_gib=_round(peak),
+                                seconds=timings["total"], attempts=[asdict(a) for a in attempts])
         return GenerationResult(video_path=video, record_path=sidecar, record=record,
                                 attempts=tuple(attempts))
+
+    def _measure(self, gpu_name: str, rung: Rung, peak_gib: float, seconds: float | None) -> None:
+        # A measurement improves the next prediction; failing to store one must not fail the job.
+        try:
+            self.history.record_measurement(gpu_name, rung.preset.name, rung.memory.name, peak_gib, seconds)
+        except Exception:  # noqa: BLE001
+            log.warning("could not store the measured peak for %s/%s", rung.preset.name,
+                        rung.memory.name, exc_info=True)
+
+    def _learn_from_oom(self, gpu_name: str | None, available: float | None, rung: Rung) -> None:
+        """A rung that ran out of memory needs more than was available: remember that as a lower
+        bound, so the next click with as much memory free starts below it instead of failing again."""
+        if gpu_name and available is not None:
+            self._measure(gpu_name, rung, round(available + 0.05, 3), None)
 
     def _attempt(self, request: GenerationRequest, rung: Rung, hooks: RunHooks) -> _Outcome:
         spec = self._spec(request, rung)
@@ -232,10 +281,13 @@ class VideoService:
         gpu.reset_torch_peak()
         model: LoadedModel | None = None
         failure: Attempt | None = None
+        error: BaseException | None = None
         latents = None
         phase = Phase.LOADING
         try:
             model = self.cache.get(key, hooks.on_phase)
+            if hooks.should_stop():
+                raise GenerationCancelled("Cancelled while the model loaded; nothing ran.")
             phase = Phase.TEXT_ENCODING
             return _Outcome(frames=model.generate(spec, hooks))
         except DecodeOutOfMemory as exc:
@@ -243,34 +295,38 @@ class VideoService:
             failure = Attempt(rung.preset.name, rung.memory.name, "out of memory",
                               Phase.DECODING.value, exc.cause, _round(gpu.torch_peak_reserved_gib()))
         except BaseException as exc:
-            if not gpu.is_oom(exc):
-                self._recover(model)
-                raise
-            failure = Attempt(rung.preset.name, rung.memory.name, "out of memory",
-                              _current_phase(hooks) or phase.value, _short(exc),
-                              _round(gpu.torch_peak_reserved_gib()))
-        # Recovery runs here, outside the except block, once the exception is unreachable.
+            if gpu.is_oom(exc):
+                failure = Attempt(rung.preset.name, rung.memory.name, "out of memory",
+                                  _current_phase(hooks) or phase.value, _short(exc),
+                                  _round(gpu.torch_peak_reserved_gib()))
+            else:
+                error = gpu.drop_frame_locals(exc)
+        # Recovery runs here, outside the except block, once the failed run's frames are gone.
         self._recover(model)
+        if error is not None:
+            raise error
         return _Outcome(failure=failure, latents=latents)
 
-    def _retry_decode(self, request: GenerationRequest, rung: Rung, hooks: RunHooks,
-                      latents: Any) -> _Outcome:
-        """Decode kept latents with the leanest VAE settings on the loaded model."""
-        spec = self._spec(request, rung)
-        spec = replace(spec, memory=dict(spec.memory, vae_tiling=True))
-        model = self.cache.get(self.cache.backend.load_key(spec.memory), hooks.on_phase)
-        failure = None
+    def _retry_decode(self, request: GenerationRequest, rung: Rung, memory: dict[str, Any],
+                      hooks: RunHooks, latents: Any) -> _Outcome:
+        """Decode kept latents with `memory`'s (leaner) VAE settings; no step is run again."""
+        spec = replace(self._spec(request, rung), memory=memory)
+        label = f"{rung.memory.name}{LEAN_DECODE_SUFFIX}"
+        model: LoadedModel | None = None
+        failure: Attempt | None = None
+        error: BaseException | None = None
         try:
-            frames = model.decode(latents, spec, hooks)
+            model = self.cache.get(self.cache.backend.load_key(memory), hooks.on_phase)
+            return _Outcome(frames=model.decode(latents, spec, hooks), memory=memory, label=label)
         except BaseException as exc:
-            if not gpu.is_oom(exc):
-                self._recover(model)
-                raise
-            failure = Attempt(rung.preset.name, f"{rung.memory.name}+tiled-decode", "out of memory",
-                              Phase.DECODING.value, _short(exc))
-        else:
-            return _Outcome(frames=frames)
+            if isinstance(exc, DecodeOutOfMemory) or gpu.is_oom(exc):
+                failure = Attempt(rung.preset.name, label, "out of memory", Phase.DECODING.value,
+                                  exc.cause if isinstance(exc, DecodeOutOfMemory) else _short(exc))
+            else:
+                error = gpu.drop_frame_locals(exc)
         self._recover(model)
+        if error is not None:
+            raise error
         return _Outcome(failure=failure)
 
     def _recover(self, model: LoadedModel | None) -> None:
@@ -288,9 +344,9 @@ class VideoService:
                 f"programs that use the GPU (browsers with hardware acceleration, games), or pick "
                 f"a smaller preset.")
 
-    def _record(self, job_id: int, request: GenerationRequest, chosen: Rung,
-                attempts: list[Attempt], available: float | None, gpu_name: str | None,
-                loads_before: int, vram: dict[str, Any]) -> dict[str, Any]:
+    def _record(self, job_id: int, request: GenerationRequest, chosen: Rung, rung_label: str,
+                memory: dict[str, Any], attempts: list[Attempt], available: float | None,
+                gpu_name: str | None, loads_before: int, vram: dict[str, Any]) -> dict[str, Any]:
         p = chosen.preset
         return {
             "app": APP_NAME, "app_version": APP_VERSION, "job_id": job_id,
@@ -298,10 +354,10 @@ class VideoService:
             "prompt": request.prompt, "negative_prompt": request.negative_prompt,
             "prompt_truncated": prompt_token_estimate(request.prompt) > TEXT_ENCODER_MAX_TOKENS,
             "seed": request.seed,
-            "preset_requested": request.preset, "preset_used": p.name, "rung_used": chosen.memory.name,
+            "preset_requested": request.preset, "preset_used": p.name, "rung_used": rung_label,
             "height": p.height, "width": p.width, "frames": p.frames, "fps": p.fps,
             "steps": p.steps, "shift": p.shift, "guidance": p.guidance,
-            "memory_settings": chosen.memory.settings(),
+            "memory_settings": memory,
             "attempts": [asdict(a) for a in attempts],
             "model": self.cache.backend.describe(),
             "weights_loaded_this_job": self.cache.loads > loads_before,

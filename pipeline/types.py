@@ -10,6 +10,8 @@ from typing import Any
 from pipeline.errors import InvalidRequest
 
 MAX_SEED = 2**32 - 1
+# Marks an attempt that decoded kept latents again on the leanest VAE settings.
+LEAN_DECODE_SUFFIX = "+lean-decode"
 # The UMT5 encoder truncates at 512 tokens. Tokens are not characters, so the UI counts characters
 # only as a guard against pastes that are far too long; the truncation warning comes from the
 # token count (see `prompt_token_estimate`).
@@ -100,7 +102,7 @@ class Attempt:
 
     preset: str
     rung: str
-    outcome: str  # "ok" | "out of memory" | "decode retried"
+    outcome: str  # "ok" | "out of memory"
     phase: str = ""
     detail: str = ""
     peak_gib: float | None = None
@@ -112,10 +114,6 @@ class GenerationResult:
     record_path: Path
     record: dict[str, Any] = field(compare=False)
     attempts: tuple[Attempt, ...]
-
-    @property
-    def preset_requested(self) -> str:
-        return self.record["preset_requested"]
 
     @property
     def preset_used(self) -> str:
@@ -133,4 +131,7 @@ class GenerationResult:
         tried = "; ".join(f"{a.preset}/{a.rung} ran out of GPU memory"
                           f"{' in ' + a.phase if a.phase else ''}" for a in failed)
         ok = self.attempts[-1]
+        if ok.rung.endswith(LEAN_DECODE_SUFFIX) and ok.preset == failed[-1].preset:
+            return (f"{tried}. The denoising steps had finished, so only the decode ran again, "
+                    f"on the leanest VAE settings (tiled, offloaded): same clip, no steps re-run.")
         return f"{tried}. Ran {ok.preset} on the '{ok.rung}' memory settings instead."

@@ -27,6 +27,7 @@ def _layout(root, layers=2, t5_in_root=False):
     tok = root / "google" / "umt5-xxl"
     tok.mkdir(parents=True)
     (tok / "tokenizer.json").write_text("{}")
+    (tok / "tokenizer_config.json").write_text("{}")
     return root
 
 
@@ -188,3 +189,37 @@ def test_check_available_without_torch_or_gpu_says_no_gpu(tmp_path, monkeypatch)
     monkeypatch.setattr(backend_module, "_has_module", lambda name: name != "torch")
     with pytest.raises(NoGPUError, match="No NVIDIA GPU was found on this machine"):
         LightX2VBackend(tmp_path).check_available()
+
+
+@pytest.mark.parametrize("change, complete", [
+    (None, True),
+    ("config in the root", True),
+    ("no tokenizer_config.json", False),
+    ("no vocabulary", False),
+    ("no block", False),
+])
+def test_the_doctor_and_generate_agree_on_complete_weights(tmp_path, change, complete):
+    from pipeline.weights import verify
+    from tests.fakeweights import needed_paths, repo_files
+
+    files = repo_files()
+    for rel in needed_paths(files):
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(files[rel])
+    tok = tmp_path / "google" / "umt5-xxl"
+    if change == "config in the root":
+        (tmp_path / "distill_int8" / "config.json").rename(tmp_path / "config.json")
+    elif change == "no tokenizer_config.json":
+        (tok / "tokenizer_config.json").unlink()
+    elif change == "no vocabulary":
+        (tok / "tokenizer.json").unlink()
+        (tok / "spiece.model").unlink()
+    elif change == "no block":
+        (tmp_path / "distill_int8" / "block_0.safetensors").unlink()
+    assert verify(tmp_path).ok is complete
+    if complete:
+        locate_weights(tmp_path)
+    else:
+        with pytest.raises(WeightsError):
+            locate_weights(tmp_path)

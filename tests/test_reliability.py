@@ -189,7 +189,7 @@ def test_oom_in_every_phase_falls_back_with_the_steps_reported(app):
     attempts = [(a["preset"], a["rung"], a["outcome"], a["phase"]) for a in json.loads(row["attempts"])]
     assert attempts == [
         ("720x1280x81", "chunked-rope", "out of memory", "VAE decode"),
-        ("720x1280x81", "chunked-rope+tiled-decode", "out of memory", "VAE decode"),
+        ("720x1280x81", "chunked-rope+lean-decode", "out of memory", "VAE decode"),
         ("720x1280x81", "lean", "out of memory", "text encoding"),
         ("480x832x81", "fast", "ok", ""),
     ]

@@ -106,10 +106,127 @@ def test_decode_oom_keeps_latents_and_retries_decode_only(make_service):
     backend._maybe_oom = only_untiled
     result = service.generate(request())
     assert [(a.rung, a.outcome, a.phase) for a in result.attempts] == [
-        ("fast", "out of memory", "VAE decode"), ("fast", "ok", "")]
+        ("fast", "out of memory", "VAE decode"), ("fast+lean-decode", "ok", "")]
     # The denoising steps ran once: the retry decoded the kept latents.
     assert len(backend.generated) == 1
-    assert result.video_path.exists()
+    assert result.video_path.exists() and result.preset_used == "480x832x49"
+    # The record says what really ran: the leanest VAE settings, under the retry's name.
+    assert result.record["rung_used"] == "fast+lean-decode"
+    assert {k: result.record["memory_settings"][k] for k in ("vae_tiling", "vae_offload")} == {
+        "vae_tiling": True, "vae_offload": True}
+    assert "only the decode ran again" in result.fallback_summary()
+    assert "Ran 480x832x49 on" not in result.fallback_summary()
+
+
+def test_decode_that_fails_even_lean_skips_rungs_that_differ_only_in_vae(make_service):
+    backend = FakeBackend(oom_at={("480x832x81", "*", Phase.DECODING)})
+    service = make_service(backend)
+    result = service.generate(request("480x832x81"))
+    tried = [(a.preset, a.rung, a.outcome) for a in result.attempts]
+    # fast and tiled-vae share their DiT settings: once fast's latents could not be decoded even on
+    # the leanest VAE settings, tiled-vae is skipped. lean (phase offload) differs and is tried; its
+    # own VAE settings are already the leanest, so its failed decode is not retried.
+    assert tried == [
+        ("480x832x81", "fast", "out of memory"),
+        ("480x832x81", "fast+lean-decode", "out of memory"),
+        ("480x832x81", "lean", "out of memory"),
+        ("480x832x49", "fast", "ok"),
+    ]
+    assert len(backend.generated) == 3  # fast, lean, then 480x832x49/fast: three denoise runs
+
+
+def test_reload_failing_during_the_decode_retry_steps_down_instead_of_failing(make_service):
+    backend = FakeBackend(oom_at={("480x832x49", "fast", Phase.DECODING)})
+    service = make_service(backend)
+    lean_key = backend.load_key(dict(service.presets["480x832x49"].rung("fast").settings(),
+                                     vae_tiling=True, vae_offload=True, clean_cuda_cache=True))
+    real_get = service.cache.get
+    calls = []
+
+    def get(key, on_phase=lambda p: None):
+        calls.append(key)
+        if len(calls) == 2:  # the reload for the decode retry runs out of memory
+            from pipeline.fake_backend import simulated_oom
+            raise simulated_oom("reload for the decode retry")
+        return real_get(key, on_phase)
+
+    service.cache.get = get
+    result = service.generate(request())
+    assert calls[1] == lean_key
+    assert [a.outcome for a in result.attempts][-1] == "ok" and result.video_path.exists()
+    assert result.attempts[1].rung == "fast+lean-decode" and result.attempts[1].outcome == "out of memory"
+
+
+def test_a_failed_run_keeps_nothing_alive(make_service):
+    import gc
+    import weakref
+
+    class Tensor:  # stands in for the GPU tensors a failed LightX2V frame holds
+        pass
+
+    backend = FakeBackend()
+    service = make_service(backend)
+    refs = []
+
+    def fail(spec, step):
+        activations = Tensor()
+        refs.append(weakref.ref(activations))
+        raise RuntimeError("shape mismatch in block 3")
+
+    backend.on_step_hook = fail
+    with pytest.raises(RuntimeError) as err:
+        service.generate(request())
+    gc.collect()
+    assert refs[0]() is None, "the failed step's locals are still alive"
+    assert "shape mismatch" in str(err.value)
+    (entry,) = service.history.recent(status=None)
+    assert entry.status == "failed" and "shape mismatch" in entry.error
+
+
+def test_cancel_while_loading_starts_nothing(make_service):
+    backend = FakeBackend()
+    service = make_service(backend)
+    stop = threading.Event()
+    real_load = backend.load
+
+    def load_then_cancel(key, on_phase):
+        model = real_load(key, on_phase)
+        stop.set()  # the user pressed Cancel during the load
+        return model
+
+    backend.load = load_then_cancel
+    with pytest.raises(GenerationCancelled, match="while the model loaded"):
+        service.generate(request(), should_stop=stop.is_set)
+    assert backend.generated == []
+
+
+def test_an_oom_teaches_the_planner_for_the_next_click(make_service):
+    nvml = FakeNvml(total_gib=12.0, used_gib=12.0 - 10.5)  # 10.5 GiB free: "fast" is predicted to fit
+    backend = FakeBackend(oom_at={("480x832x81", "fast", Phase.DENOISING)})
+    service = make_service(backend, nvml=nvml)
+    first = service.generate(request("480x832x81"))
+    assert [a.rung for a in first.attempts] == ["fast", "tiled-vae"]
+    second = service.generate(request("480x832x81"))
+    assert [a.rung for a in second.attempts] == ["tiled-vae"]  # no second OOM on "fast"
+
+
+def test_a_measurement_that_cannot_be_stored_does_not_fail_a_saved_job(make_service):
+    service = make_service(nvml=FakeNvml(total_gib=12.0, used_gib=1.0))
+
+    def locked(*args, **kwargs):
+        raise RuntimeError("database is locked")
+
+    service.history.record_measurement = locked
+    import pipeline.gpu as gpu_module
+
+    original = gpu_module.torch_peak_reserved_gib
+    gpu_module.torch_peak_reserved_gib = lambda: 5.0  # as on a GPU, so a measurement is taken
+    try:
+        result = service.generate(request())
+    finally:
+        gpu_module.torch_peak_reserved_gib = original
+    (entry,) = service.history.recent(status=None)
+    assert entry.status == "done" and entry.video_path == str(result.video_path)
 
 
 def test_cancel_between_steps_stops_and_the_next_run_works(make_service):
@@ -180,8 +297,10 @@ def test_vram_cap_limits_available_memory(make_service):
     _, available = service.available_gib()
     assert available == 11.0
     forecasts = {f.preset: f for f in service.forecasts()}
-    assert forecasts["720x1280x81"].fit.value in ("tight", "fits", "will step down")
-    assert forecasts["480x832x49"].fit.value == "fits"
+    # 11.0 GiB, not the 79 GiB free on the device: every shipped first rung fits with headroom.
+    assert {name: f.fit.value for name, f in forecasts.items()} == {
+        "480x832x49": "fits", "480x832x81": "fits", "720x1280x81": "fits"}
+    assert forecasts["480x832x49"].available_gib == 11.0
 
 
 def test_request_validation():

@@ -114,7 +114,7 @@ def _text(value: Any, what: str) -> str:
 
 
 def make_request(*, prompt: Any, preset: Any, seed: Any, randomize_seed: Any,
-                 negative_prompt: Any = "", presets: PresetBook | None = None) -> GenerationRequest:
+                 negative_prompt: Any = "") -> GenerationRequest:
     """Check raw widget or API values and build the request. Generate runs with Gradio's own
     preprocessing off, so this is the one place its inputs are checked, with our messages."""
     if randomize_seed is None:
@@ -124,8 +124,7 @@ def make_request(*, prompt: Any, preset: Any, seed: Any, randomize_seed: Any,
     if not isinstance(preset, str) or not preset:
         raise InvalidRequest("No preset was chosen." if preset in (None, "") else
                              f"The preset must be a preset name, got {preset!r:.40}.")
-    if presets is not None and preset not in presets:
-        raise InvalidRequest(f"Unknown preset {preset[:60]!r}; choose one of {', '.join(presets)}.")
+    # Whether the preset exists is the service's check (VideoService.validate), made on submit.
     return GenerationRequest(prompt=_text(prompt, "prompt"), preset=preset,
                              seed=parse_seed(seed, randomize_seed),
                              negative_prompt=_text(negative_prompt, "negative prompt"))
@@ -209,8 +208,11 @@ def result_summary(record: dict[str, Any]) -> str:
 def run_generation(ctx: UiContext, request: GenerationRequest) -> Iterator[tuple[Job, ProgressEvent | None]]:
     """Submit to the GPU lane and follow the job; the caller turns events into widget updates."""
     job = ctx.jobs.submit(request)
-    # No number here: the lane's ids restart with the app, history ids do not.
-    yield job, ProgressEvent(Phase.QUEUED, message="Queued: waiting for the GPU…")
+    # The lane's own count: jobs of closed tabs still run, and Gradio's queue does not see them.
+    ahead = ctx.jobs.ahead_of(job)
+    yield job, ProgressEvent(Phase.QUEUED, message=(
+        f"Queued: {ahead} job{'s' if ahead != 1 else ''} ahead of yours on the GPU…" if ahead
+        else "Starting…"))
     for event in job.follow():
         yield job, event
 

@@ -97,7 +97,7 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
             try:
                 request = h.make_request(prompt=prompt_text, preset=preset_name, seed=seed_value,
                                          randomize_seed=randomize_seed,
-                                         negative_prompt=negative_prompt, presets=ctx.presets)
+                                         negative_prompt=negative_prompt)
                 for job, event in h.run_generation(ctx, request):
                     if event is None:
                         continue
