@@ -177,12 +177,14 @@ def build_app(settings: Settings):
     history = History(settings.outputs_dir / HISTORY_DB_NAME)
     interrupted = history.mark_interrupted()
     if interrupted:
-        log.warning("%d job(s) were interrupted when the app last stopped", interrupted)
+        adopted = history.adopt_saved(outputs.find_saved)
+        log.warning("%d job(s) were interrupted when the app last stopped%s", interrupted,
+                    f"; {adopted} of them had already saved their video and are listed" if adopted else "")
     monitor = GpuMonitor()
     service = VideoService(presets=presets, cache=PipelineCache(backend), outputs=outputs,
                            history=history, monitor=monitor, vram_cap_gib=settings.vram_cap_gib)
-    ctx = UiContext(service=service, jobs=JobQueue(service, max_waiting=MAX_QUEUED), presets=presets, monitor=monitor,
-                    history=history)
+    ctx = UiContext(service=service, jobs=JobQueue(service, max_waiting=MAX_QUEUED), presets=presets,
+                    monitor=monitor, history=history)
     demo = build_ui(ctx, extra_tabs=_system_tab(settings, monitor))
     return demo, ctx
 

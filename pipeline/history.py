@@ -122,6 +122,27 @@ class History:
                           (time.time(),))
         return cur.rowcount
 
+    def adopt_saved(self, find_saved) -> int:
+        """At start-up: an interrupted job whose video and record were already in place (a kill
+        between the rename and the history update) is complete; list it as done.
+
+        `find_saved(job_id)` returns (video, record path, record) or None."""
+        adopted = 0
+        for entry in self._rows(f"SELECT {self._COLUMNS} FROM jobs WHERE status='interrupted'"):
+            saved = find_saved(entry.id)
+            if saved is None:
+                continue
+            video, record_path, record = saved
+            vram = record.get("vram") or {}
+            self._write(
+                "UPDATE jobs SET status='done', preset_used=?, rung_used=?, video_path=?, record_path=?,"
+                " peak_gib=?, seconds=?, attempts=? WHERE id=? AND status='interrupted'",
+                (record.get("preset_used"), record.get("rung_used"), str(video), str(record_path),
+                 vram.get("peak_torch_reserved_gib"), (record.get("timings_s") or {}).get("total"),
+                 json.dumps(record.get("attempts", [])), entry.id))
+            adopted += 1
+        return adopted
+
     def _rows(self, sql: str, params: tuple = ()) -> list[HistoryEntry]:
         with self._lock:
             rows = self._conn.execute(sql, params).fetchall()

@@ -248,6 +248,18 @@ class OutputStore:
             return None
         return thumb
 
+    def find_saved(self, job_id: int) -> tuple[Path, Path, dict[str, Any]] | None:
+        """The published video and record of `job_id`, if `save` got that far."""
+        for sidecar in self.root.glob(f"*_job{job_id:05d}_*.json"):
+            video = sidecar.with_suffix(".mp4")
+            try:
+                record = json.loads(sidecar.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if video.exists() and record.get("job_id") == job_id:
+                return video, sidecar, record
+        return None
+
     def clean_leftovers(self) -> list[Path]:
         """Remove temp files left by a kill mid-write, and records whose video never landed."""
         if not self.root.is_dir():

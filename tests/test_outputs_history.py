@@ -112,3 +112,24 @@ def test_measurements_predict_the_highest_recent_peak_and_the_median_time(tmp_pa
     assert history.measured_peaks("RTX 3060") == {("480x832x81", "fast"): 8.6}
     assert history.measured_seconds("RTX 3060") == {("480x832x81", "fast"): 152.0}
     assert history.measured_peaks("RTX 2060") == {}
+
+
+def test_a_job_killed_after_its_video_landed_is_adopted_at_restart(tmp_path):
+    store = OutputStore(tmp_path)
+    history = History(tmp_path / "h.sqlite3")
+    saved_id = history.start_job(prompt="saved", negative_prompt="", seed=1, preset="480x832x49")
+    lost_id = history.start_job(prompt="lost", negative_prompt="", seed=2, preset="480x832x49")
+    record = {"job_id": saved_id, "preset_used": "480x832x49", "rung_used": "fast",
+              "vram": {"peak_torch_reserved_gib": 8.3}, "timings_s": {"total": 12.5},
+              "attempts": [{"preset": "480x832x49", "rung": "fast", "outcome": "ok"}]}
+    video, sidecar = store.save(store.new_stem(saved_id, "480x832x49", 1), frames(), 16, record)
+    history.close()  # the process dies before finish_job
+
+    history = History(tmp_path / "h.sqlite3")
+    assert history.mark_interrupted() == 2
+    assert history.adopt_saved(store.find_saved) == 1
+    entries = {e.prompt: e for e in history.recent(status=None)}
+    assert entries["saved"].status == "done" and entries["saved"].video_path == str(video)
+    assert entries["saved"].rung_used == "fast" and entries["saved"].peak_gib == 8.3
+    assert entries["lost"].status == "interrupted" and entries["lost"].video_path is None
+    assert store.find_saved(lost_id) is None
