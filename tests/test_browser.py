@@ -93,3 +93,27 @@ def test_type_generate_and_watch_the_video_arrive(browser, tmp_path, artifacts_d
         page.screenshot(path=str(artifacts_dir / "browser-reopened.png"), full_page=True)
         assert errors == [], errors
         page.close()
+
+
+def test_cancel_withdraws_a_click_still_waiting_for_the_gpu(browser, tmp_path):
+    with running_app(tmp_path, faults=True, WAN_STUDIO_FAKE_STEP_SECONDS="0.1") as app:
+        app.fault("slow-steps", "2.5")  # the first job holds the GPU for ~10 s
+        try:
+            first, _ = _open(browser, app.url)
+            first.locator("#prompt textarea").fill("The job that holds the GPU")
+            first.locator("#generate").click()
+            wait_for(lambda: len(app.history()) == 1, 20, 0.05, "the first job to start")
+
+            second, errors = _open(browser, app.url)
+            second.locator("#prompt textarea").fill("A click withdrawn while it waits")
+            second.locator("#generate").click()
+            second.wait_for_timeout(500)  # queued in Gradio behind the first job
+            second.locator("#cancel").click()
+            status = second.locator("#status")
+            wait_for(lambda: "Withdrawn" in status.inner_text(), 10, 0.1, "the withdrawal")
+        finally:
+            app.fault("slow-steps", None)
+        wait_for(lambda: app.history()[0]["status"] == "done", 40, 0.1, "the first job")
+        second.wait_for_timeout(2000)  # the withdrawn click's turn comes and goes
+        assert [r["prompt"] for r in app.history()] == ["The job that holds the GPU"]
+        assert errors == [], errors

@@ -10,7 +10,8 @@ import json
 import logging
 import re
 import secrets
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,6 +41,34 @@ class UiContext:
     presets: PresetBook
     monitor: GpuMonitor
     history: History
+    waiting: "WaitingClicks" = field(default_factory=lambda: WaitingClicks())
+
+
+class WaitingClicks:
+    """Generate clicks still waiting in Gradio's queue, per browser session.
+
+    Such a click is not a job yet, so the lane cannot cancel it; Cancel withdraws it here instead,
+    and the handler drops it when its turn comes, before anything reaches the GPU."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._withdrawn: dict[str, bool] = {}
+
+    def mark(self, session: str) -> None:
+        with self._lock:
+            self._withdrawn[session] = False
+
+    def withdraw(self, session: str) -> bool:
+        with self._lock:
+            if session not in self._withdrawn:
+                return False
+            self._withdrawn[session] = True
+            return True
+
+    def take(self, session: str) -> bool:
+        """The click's turn has come: True when it was withdrawn meanwhile."""
+        with self._lock:
+            return self._withdrawn.pop(session, False)
 
 
 # Titles for the alert box, in words rather than class names.

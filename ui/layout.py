@@ -93,8 +93,10 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
 
         # The parameter names are the API's (gradio_client, /gradio_api/info).
         def on_generate(prompt_text, preset_name, seed_value, randomize_seed, negative_prompt,
-                        progress=gr.Progress()):
+                        request: gr.Request, progress=gr.Progress()):
             try:
+                if ctx.waiting.take(request.session_hash):
+                    raise h.GenerationCancelled("Withdrawn from the queue before it reached the GPU.")
                 request = h.make_request(prompt=prompt_text, preset=preset_name, seed=seed_value,
                                          randomize_seed=randomize_seed,
                                          negative_prompt=negative_prompt)
@@ -123,14 +125,21 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
         # clear message. Gradio's own preprocessing would turn a number sent as the prompt into
         # text and answer a non-numeric seed with a bare TypeError.
         # Progress shows on the video only: the history and the plot stay usable during a run.
-        generate.click(on_generate, [prompt, preset, seed, random_seed, negative],
-                       [job_id, status, seed, video, record_view, gallery, plot],
-                       concurrency_limit=1, concurrency_id=GPU_QUEUE, api_name="generate",
-                       preprocess=False, show_progress_on=[video])
+        def note_click(request: gr.Request) -> None:
+            # Noted at once (no queue), so Cancel can withdraw the click while it waits.
+            ctx.waiting.mark(request.session_hash)
 
-        def on_cancel(current_job):
+        generate.click(note_click, None, None, queue=False, api_visibility="private").then(
+            on_generate, [prompt, preset, seed, random_seed, negative],
+            [job_id, status, seed, video, record_view, gallery, plot],
+            concurrency_limit=1, concurrency_id=GPU_QUEUE, api_name="generate",
+            preprocess=False, show_progress_on=[video])
+
+        def on_cancel(current_job, request: gr.Request):
             if current_job is not None and ctx.jobs.cancel(int(current_job)):
                 return "Cancelling at the next step boundary…"
+            if ctx.waiting.withdraw(request.session_hash):
+                return "Withdrawn: your request leaves the queue before it reaches the GPU."
             return "Nothing to cancel."
 
         cancel.click(on_cancel, [job_id], [status], queue=False, api_name="cancel")
