@@ -168,14 +168,16 @@ class History:
 
     def _recent_measurements(self, gpu_name: str) -> dict[tuple[str, str], list[tuple[float, float | None]]]:
         with self._lock:
+            # The panel asks once a second: read only the window, not every run ever measured.
             rows = self._conn.execute(
-                "SELECT preset, rung, peak_gib, seconds FROM measurements WHERE gpu_name=? ORDER BY id DESC",
-                (gpu_name,)).fetchall()
+                "SELECT preset, rung, peak_gib, seconds FROM ("
+                " SELECT preset, rung, peak_gib, seconds, ROW_NUMBER() OVER ("
+                "  PARTITION BY preset, rung ORDER BY id DESC) AS age"
+                " FROM measurements WHERE gpu_name=?) WHERE age <= ?",
+                (gpu_name, MEASUREMENT_WINDOW)).fetchall()
         out: dict[tuple[str, str], list[tuple[float, float | None]]] = {}
         for preset, rung, peak, seconds in rows:
-            runs = out.setdefault((preset, rung), [])
-            if len(runs) < MEASUREMENT_WINDOW:
-                runs.append((peak, seconds))
+            out.setdefault((preset, rung), []).append((peak, seconds))
         return out
 
     def measured_peaks(self, gpu_name: str) -> dict[tuple[str, str], float]:

@@ -175,21 +175,25 @@ def describe_event(event: ProgressEvent) -> str:
     return event.message or event.phase.value.capitalize() + "…"
 
 
+def _listed_entries(history: History, limit: int) -> list[HistoryEntry]:
+    """Finished jobs whose video is still on disk, newest first: what the gallery shows."""
+    return [e for e in history.recent(limit) if e.video_path and Path(e.video_path).exists()]
+
+
 def gallery_items(history: History, outputs: OutputStore | None = None,
                   limit: int = 24) -> list[tuple[str, str]]:
     """(picture, caption) per finished clip, newest first. The picture is the clip's first frame when
     `outputs` can make one: a grid of stills loads at once, where two dozen videos would not."""
     items = []
-    for entry in history.recent(limit):
-        if entry.video_path and Path(entry.video_path).exists():
-            thumb = outputs.thumbnail(Path(entry.video_path)) if outputs is not None else None
-            items.append((str(thumb or entry.video_path),
-                          f"#{entry.id} · {entry.preset_used} · seed {entry.seed}"))
+    for entry in _listed_entries(history, limit):
+        thumb = outputs.thumbnail(Path(entry.video_path)) if outputs is not None else None
+        items.append((str(thumb or entry.video_path),
+                      f"#{entry.id} · {entry.preset_used} · seed {entry.seed}"))
     return items
 
 
 def entry_for_gallery_index(history: History, index: int | None, limit: int = 24) -> HistoryEntry | None:
-    entries = [e for e in history.recent(limit) if e.video_path and Path(e.video_path).exists()]
+    entries = _listed_entries(history, limit)
     if index is None or not 0 <= index < len(entries):
         return None
     return entries[index]

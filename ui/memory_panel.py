@@ -9,8 +9,13 @@ from pipeline.planner import Fit, PresetForecast
 
 NO_GPU_TEXT = "**No NVIDIA GPU** detected (NVML unavailable): generation needs one."
 
-_FIT_BADGE = {Fit.FITS: "🟢 fits", Fit.TIGHT: "🟠 tight", Fit.STEPS_DOWN: "🔴 will step down",
-              Fit.UNKNOWN: "⚪ unknown"}
+# A coloured disc (U+25CF is in every common font; colour emoji are not on many Linux desktops).
+def _badge(colour: str, text: str) -> str:
+    return f'<span style="color:{colour}">●</span> {text}'
+
+
+_FIT_BADGE = {Fit.FITS: _badge("#16a34a", "fits"), Fit.TIGHT: _badge("#ea580c", "tight"),
+              Fit.STEPS_DOWN: _badge("#dc2626", "will step down"), Fit.UNKNOWN: _badge("#9ca3af", "unknown")}
 
 
 def format_memory(snapshot: MemorySnapshot | None, last_peak_gib: float | None = None) -> str:
