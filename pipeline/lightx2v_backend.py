@@ -47,7 +47,6 @@ slices above 32,768 tokens (720p), which cuts 720p's peak by ~2.7 GiB at no cost
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 import logging
 import os
@@ -62,6 +61,7 @@ import numpy as np
 from pipeline.backend import DecodeOutOfMemory, LoadKey, RunHooks
 from pipeline.errors import (BackendUnavailable, GenerationCancelled, InvalidRequest, NoGPUError,
                              WeightsError)
+from pipeline.doctor import module_present as _has_module  # the doctor's check, shared
 from pipeline.gpu import GIB, GpuMonitor, is_oom
 from pipeline.types import Phase, RunSpec
 
@@ -87,13 +87,6 @@ REQUIRED_MODULES = ("lightx2v", "lightx2v_platform", "triton", "torchvision", "t
 QUANT_SCHEMES = {"int8-triton": None, "int8-vllm": "vllm", "int8-sgl": "sgl_kernel", "int8-torchao": "torchao"}
 ATTN_MODES = {"sage_attn2": "sageattention", "torch_sdpa": None, "flash_attn2": "flash_attn",
               "flash_attn3": "flash_attn_interface"}
-
-
-def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def _dist_version(name: str) -> str | None:
