@@ -11,18 +11,28 @@ level before the run. Configurations:
 
   ours      LightX2VBackend as the app runs it, every preset on every rung of its preset file
   peer      LightX2V's own recipe from measured-baseline.md (block offload, T5 offload, VAE on the
-            GPU, untiled, only the fixes it needs to run: our fixes 5 and the FFN chunking off)
+            GPU, untiled, only the fixes it needs to run: our fix 5 and both optimisations off)
   resident  no offload, uncapped: the step-time reference of the targets (needs ~30 GB VRAM)
+  ours-nochunk, ours-perstep
+            `ours` without one optimisation (the FFN over token slices; the non-block weights
+            kept on the GPU for a run), to measure what each buys
+
+Each row carries a hash of the frames: the same prompt and seed must give the same hash in every
+configuration that only changes memory or copies (ours, ours-nochunk, ours-perstep).
 
 It writes <out>/<date>-<gpu>.json and .md (default docs/benchmarks/). Each build starts with a small
 unmeasured warm-up run so Triton's compilation stays out of the numbers; per-shape autotuning still
 lengthens step 1, which is reported apart from the mean of steps 2-4.
+
+To measure without expandable segments, export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False:
+leaving it unset does not do it, because the backend then switches them on at runtime.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -226,6 +236,7 @@ class Bench:
             "peak_reserved_gib": round(max(probe.reserved_peak.values(), default=0.0), 3),
             "peak_nvml_gib": round(max(probe.nvml_peak.values(), default=0.0), 3),
             "fixes": fixes,
+            "frames_sha256": None if frames is None else hashlib.sha256(frames.tobytes()).hexdigest()[:16],
         }
         log.info("%s %s/%s: %s step %.2fs peak %.2f GiB", label, preset.name, rung, outcome,
                  row["step_s"] or -1, row["peak_reserved_gib"])
@@ -262,22 +273,22 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              "", "s/step: mean of steps 2-4 (step 1 in its own column). Peaks: torch max reserved / NVML above the "
              "level before the run, GiB, over the whole run; `DiT` and `decode` give the reserved peak of those phases.", "",
              "| config | preset | rung | result | load s | text enc s | step 1 s | s/step | decode s | mp4 s | total s | "
-             "peak reserved | DiT | decode | NVML peak |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak reserved | DiT | decode | NVML peak | frames |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "preset" not in r:
-            lines.append(f"| {r['config']} | | | {r['result']} | | | | | | | | | | | |")
+            lines.append(f"| {r['config']} | | | {r['result']} | | | | | | | | | | | | |")
             continue
         steps = r["steps_s"]
         peaks = r["reserved_peak_gib"]
         lines.append("| {config} | {preset} | {rung} | {result} | {load} | {te} | {s1} | {ss} | {dec} | {mp4} | {tot} | "
-                     "{pr} | {dit} | {vae} | {nv} |".format(
+                     "{pr} | {dit} | {vae} | {nv} | {sha} |".format(
                          config=r["config"], preset=r["preset"], rung=r["rung"],
                          result=r["result"] + (f" ({r['failed_phase']})" if r.get("failed_phase") else ""),
                          load=r["load_s"] or "", te=r["text_encoder_s"], s1=steps[0] if steps else "",
                          ss=r["step_s"] or "", dec=r["decode_s"], mp4=r["mp4_s"] or "", tot=r["total_s"],
                          pr=r["peak_reserved_gib"], dit=peaks.get("denoising", ""), vae=peaks.get("VAE decode", ""),
-                         nv=r["peak_nvml_gib"]))
+                         nv=r["peak_nvml_gib"], sha=r.get("frames_sha256") or ""))
     return "\n".join(lines) + "\n"
 
 
@@ -285,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", type=Path, default=None, help="full-size synthetic checkpoint (else written to a temp dir)")
     parser.add_argument("--budget-gib", type=float, default=11.0)
-    parser.add_argument("--configs", default="ours,peer,resident", help="comma list of ours, peer, resident, ours-nochunk")
+    parser.add_argument("--configs", default="ours,peer,resident",
+                        help="comma list of ours, peer, resident, ours-nochunk, ours-perstep")
     parser.add_argument("--presets", default="", help="comma list of preset names (default: all)")
     parser.add_argument("--rungs", default="", help="comma list of rung names for `ours` (default: all)")
     parser.add_argument("--out", default="docs/benchmarks")
@@ -293,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget-s", type=float, default=1e9, help="stop starting new runs after this long")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if "expandable_segments" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
-        log.warning("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True is not exported: 720p numbers will be worse")
+    if "expandable_segments:true" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").lower():
+        log.warning("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True is not exported before Python started: "
+                    "the numbers are not the app's")
     if args.ckpt is None:
         from pipeline.synthetic_checkpoint import write_checkpoint
 
@@ -307,14 +320,16 @@ def main(argv: list[str] | None = None) -> int:
     peer_memory = {"offload_granularity": "block", "text_encoder": "offload", "vae_offload": False,
                    "vae_tiling": False, "rope_chunk": 0, "clean_cuda_cache": False}
     for config in configs:
-        if config in ("ours", "ours-nochunk"):
+        if config in ("ours", "ours-nochunk", "ours-perstep"):
             runs = [(p, r.name, r.settings()) for p in presets for r in p.rungs
                     if not rung_filter or r.name in rung_filter]
             runs.sort(key=lambda run: (run[2]["offload_granularity"], run[2]["text_encoder"]))
-            kwargs = {} if config == "ours" else {"ffn_chunk_tokens": 0}
+            kwargs = {"ours": {}, "ours-nochunk": {"ffn_chunk_tokens": 0},
+                      "ours-perstep": {"compat_skip": {"non_block_weights_kept_for_the_run"}}}[config]
             bench.run_config(config, kwargs, runs, args.budget_gib)
         elif config == "peer":
-            bench.run_config("peer (LightX2V recipe)", {"compat_skip": {"t5_token_embedding_on_host"}, "ffn_chunk_tokens": 0},
+            upstream = {"t5_token_embedding_on_host", "non_block_weights_kept_for_the_run"}
+            bench.run_config("peer (LightX2V recipe)", {"compat_skip": upstream, "ffn_chunk_tokens": 0},
                              [(p, "recipe", peer_memory) for p in presets], args.budget_gib)
         elif config == "resident":
             resident = dict(peer_memory, text_encoder="gpu")

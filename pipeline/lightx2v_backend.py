@@ -39,8 +39,9 @@ quant scheme, attention backend.
 Beyond LightX2V: progress and cancel hook into the runner (run_text_encoder / run_vae_decoder
 wrappers, the step progress callback, and a cancel check before every DiT block, so a cancel on a
 slow card waits for one block, not one step); a VAE decode that runs out of memory hands its latents
-back (DecodeOutOfMemory); failures are cleaned up (recover, bug 6); and the FFN runs over token
-slices above 32,768 tokens (720p), which cuts 720p's peak by ~2.7 GiB at no cost
+back (DecodeOutOfMemory); failures are cleaned up (recover, bug 6); the FFN runs over token
+slices above 32,768 tokens (720p), which cuts 720p's peak by ~2.7 GiB at no cost; and the non-block
+weights stay on the GPU from the first to the last step of a run instead of moving twice per step
 (docs/benchmarks/2026-11-27-NVIDIA_H100_80GB_HBM3.md).
 """
 
@@ -472,6 +473,7 @@ class LightX2VModel:
         if build["text_encoder_offload"]:
             self.host_embedding = lx.compat.t5_token_embedding_on_host(fixes, self._runner, lx.t5_encoder_cls)
         lx.compat.ffn_chunked_over_tokens(fixes, self._runner.model.transformer_infer, ffn_chunk_tokens)
+        lx.compat.non_block_weights_kept_for_the_run(fixes, self._runner.model)
         self._install_wrappers()
 
     # -- public protocol --

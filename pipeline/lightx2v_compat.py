@@ -38,7 +38,7 @@ FIX_NAMES = (
     "reset_runner_after_exception",
 )
 # Not bugs: memory savings applied the same way (recorded with the fixes for the run records).
-OPTIMIZATION_NAMES = ("ffn_chunked_over_tokens",)
+OPTIMIZATION_NAMES = ("ffn_chunked_over_tokens", "non_block_weights_kept_for_the_run")
 
 
 # Fixes that patch process-wide LightX2V state (a module-level set, a class attribute) stay in effect
@@ -402,4 +402,98 @@ def ffn_chunked_over_tokens(fixes: CompatFixes, transformer_infer: Any, max_toke
         transformer_infer.infer_ffn = infer_ffn
 
     fixes.record("ffn_chunked_over_tokens", f"infer_ffn over slices of at most {max_tokens} tokens",
+                 undo=undo, redo=redo)
+
+
+# -- speed: non-block weights stay on the GPU for the steps of one run ----------------------------
+
+
+def non_block_weights_kept_for_the_run(fixes: CompatFixes, model: Any) -> None:
+    """Not a bug: with block or phase offload WanModel.infer copies the non-block weights
+    (embeddings, time projection, head: 0.47 GB) to the GPU at the start of every step and back to
+    the host at its end (networks/wan/model.py:300-305, 341-346). Both copies are synchronous, so no
+    block computes meanwhile, and the copy back writes unchanged weights over their host copies.
+    Measured on an H100: 39 ms of a 1.67 s step at 480x832x49, with identical frames
+    (docs/benchmarks/2026-11-27-NVIDIA_H100_80GB_HBM3.md); on a 3060 the copies are as slow or
+    slower (PCIe 4.0) but a smaller share of a longer step.
+
+    Upload them at the first step and release them after the last step of a run (the upstream
+    to_cpu, once). The peak does not move: they are on the GPU during every step anyway, and between
+    two steps nothing else runs. A step that raises (OOM, cancel, anything) releases them before the
+    exception leaves it, so a failed run holds nothing. Skipped unless WanModel.infer still moves
+    them per step (the source names non_block_weights_to_cpu)."""
+    if not getattr(model, "cpu_offload", False) or getattr(model, "offload_granularity", "block") == "model":
+        return
+    try:
+        source = inspect.getsource(type(model).infer)
+    except (OSError, TypeError, AttributeError):
+        return
+    if "non_block_weights_to_cpu" not in source or not fixes.wanted("non_block_weights_kept_for_the_run"):
+        return
+    pre, blocks = model.pre_weight, model.transformer_weights
+    originals = {(pre, "to_cuda"): pre.to_cuda, (pre, "to_cpu"): pre.to_cpu,
+                 (blocks, "non_block_weights_to_cuda"): blocks.non_block_weights_to_cuda,
+                 (blocks, "non_block_weights_to_cpu"): blocks.non_block_weights_to_cpu}
+    original_infer = model.infer
+    on_gpu: set[int] = set()  # id() of the holders whose weights are on the GPU
+    keeping = [False]  # True inside any step but the last of a run
+
+    def upload(holder: Any, original: Callable[..., Any]) -> Callable[..., Any]:
+        def to_gpu(*args: Any, **kwargs: Any) -> Any:
+            if id(holder) in on_gpu:
+                return None
+            result = original(*args, **kwargs)
+            on_gpu.add(id(holder))
+            return result
+
+        return to_gpu
+
+    def release(holder: Any, original: Callable[..., Any]) -> Callable[..., Any]:
+        def to_host(*args: Any, **kwargs: Any) -> Any:
+            if keeping[0] and id(holder) in on_gpu:
+                return None
+            on_gpu.discard(id(holder))
+            return original(*args, **kwargs)
+
+        return to_host
+
+    def give_back() -> None:
+        keeping[0] = False
+        if id(pre) in on_gpu:
+            pre.to_cpu()
+        if id(blocks) in on_gpu:
+            blocks.non_block_weights_to_cpu()
+
+    def infer(inputs: Any) -> Any:
+        scheduler = model.scheduler
+        keeping[0] = scheduler.step_index < scheduler.infer_steps - 1
+        try:
+            return original_infer(inputs)
+        except BaseException:
+            try:
+                give_back()  # a copy to host memory: needs no GPU memory, also after an OOM
+            except Exception:  # noqa: BLE001 - the step's own error is the one to report
+                log.warning("could not give the non-block weights back after a failed step", exc_info=True)
+            raise
+        finally:
+            keeping[0] = False
+
+    shims = {(pre, "to_cuda"): upload(pre, pre.to_cuda), (pre, "to_cpu"): release(pre, pre.to_cpu),
+             (blocks, "non_block_weights_to_cuda"): upload(blocks, blocks.non_block_weights_to_cuda),
+             (blocks, "non_block_weights_to_cpu"): release(blocks, blocks.non_block_weights_to_cpu)}
+
+    def redo() -> None:
+        for (holder, name), shim in shims.items():
+            setattr(holder, name, shim)
+        model.infer = infer
+
+    def undo() -> None:
+        give_back()
+        for (holder, name), original in originals.items():
+            setattr(holder, name, original)
+        model.infer = original_infer
+
+    redo()
+    fixes.record("non_block_weights_kept_for_the_run",
+                 "non-block weights move to the GPU once per run instead of twice per step",
                  undo=undo, redo=redo)

@@ -176,6 +176,123 @@ def test_fix_6_detected_from_the_run_path_source():
     assert fixes.has("reset_runner_after_exception")
 
 
+class _Holder:
+    """Counts the copies a WanModel weight holder makes (fake: no torch here)."""
+
+    def __init__(self, log, name):
+        self.log, self.name, self.on_gpu = log, name, False
+
+    def to_cuda(self, non_blocking=False):
+        self.log.append(f"{self.name} up")
+        self.on_gpu = True
+
+    def to_cpu(self, non_blocking=False):
+        self.log.append(f"{self.name} down")
+        self.on_gpu = False
+
+
+class _Blocks(_Holder):
+    def non_block_weights_to_cuda(self):
+        self.to_cuda()
+
+    def non_block_weights_to_cpu(self):
+        self.to_cpu()
+
+
+class _Scheduler:
+    def __init__(self, steps):
+        self.step_index, self.infer_steps = 0, steps
+
+
+class _WanModel:
+    """WanModel.infer's offload shape (networks/wan/model.py:299-346): weights up, step, weights down."""
+
+    def __init__(self, log, steps=4, offload=True, granularity="block"):
+        self.cpu_offload, self.offload_granularity = offload, granularity
+        self.pre_weight, self.transformer_weights = _Holder(log, "pre"), _Blocks(log, "head")
+        self.scheduler, self.log, self.fail_at = _Scheduler(steps), log, None
+
+    def infer(self, inputs):
+        if self.cpu_offload:
+            self.pre_weight.to_cuda()
+            self.transformer_weights.non_block_weights_to_cuda()
+        assert self.pre_weight.on_gpu and self.transformer_weights.on_gpu, "a step ran without its weights"
+        if self.scheduler.step_index == self.fail_at:
+            raise RuntimeError("CUDA out of memory (fake)")
+        self.log.append(f"step {self.scheduler.step_index}")
+        if self.cpu_offload:
+            self.pre_weight.to_cpu()
+            self.transformer_weights.non_block_weights_to_cpu()
+
+    def run(self):
+        for index in range(self.scheduler.infer_steps):
+            self.scheduler.step_index = index
+            self.infer(None)
+
+
+def test_non_block_weights_move_once_per_run_not_twice_per_step():
+    log = []
+    model, fixes = _WanModel(log), compat.CompatFixes()
+    compat.non_block_weights_kept_for_the_run(fixes, model)
+    assert fixes.has("non_block_weights_kept_for_the_run")
+    model.run()
+    assert log == ["pre up", "head up", "step 0", "step 1", "step 2", "step 3", "pre down", "head down"]
+    assert not model.pre_weight.on_gpu and not model.transformer_weights.on_gpu  # free for the decode
+    log.clear()
+    model.run()  # the next run uploads them again
+    assert log.count("pre up") == 1 and log.count("pre down") == 1 and log[-1] == "head down"
+
+
+def test_a_step_that_raises_gives_the_kept_weights_back_before_the_error_leaves_it():
+    log = []
+    model, fixes = _WanModel(log), compat.CompatFixes()
+    compat.non_block_weights_kept_for_the_run(fixes, model)
+    model.fail_at = 2
+    with pytest.raises(RuntimeError):
+        model.run()
+    assert log == ["pre up", "head up", "step 0", "step 1", "pre down", "head down"]
+    assert not model.pre_weight.on_gpu and not model.transformer_weights.on_gpu
+    # The backend's reset after the failure (bug 6) still calls to_cpu: harmless, as upstream.
+    model.transformer_infer = types.SimpleNamespace(offload_manager=None)
+    compat.reset_runner_state(types.SimpleNamespace(model=model, input_info=None))
+    model.fail_at = None
+    log.clear()
+    model.run()
+    assert log[:2] == ["pre up", "head up"] and log[-2:] == ["pre down", "head down"]
+    assert log.count("pre up") == 1
+
+
+def test_non_block_weights_upstream_behaviour_comes_back_when_undone():
+    log = []
+    model, fixes = _WanModel(log, steps=2), compat.CompatFixes()
+    compat.non_block_weights_kept_for_the_run(fixes, model)
+    with fixes.disabled("non_block_weights_kept_for_the_run"):
+        model.run()
+        assert log == ["pre up", "head up", "step 0", "pre down", "head down",
+                       "pre up", "head up", "step 1", "pre down", "head down"]
+    log.clear()
+    model.run()
+    assert log == ["pre up", "head up", "step 0", "step 1", "pre down", "head down"]
+
+
+@pytest.mark.parametrize("kwargs", [{"offload": False}, {"granularity": "model"}])
+def test_non_block_weights_left_alone_without_per_step_offload(kwargs):
+    model, fixes = _WanModel([], **kwargs), compat.CompatFixes()
+    compat.non_block_weights_kept_for_the_run(fixes, model)
+    assert fixes.names == []
+    assert "infer" not in vars(model)
+
+
+def test_non_block_weights_left_alone_when_upstream_keeps_them():
+    class KeepsThem(_WanModel):
+        def infer(self, inputs):
+            return None
+
+    fixes = compat.CompatFixes()
+    compat.non_block_weights_kept_for_the_run(fixes, KeepsThem([]))
+    assert fixes.names == []
+
+
 def test_unknown_fix_names_are_rejected():
     with pytest.raises(KeyError):
         compat.CompatFixes().wanted("no_such_fix")

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 
 ALL_FIXES = {"keep_target_video_length_in_config", "explicit_t5_checkpoint_path", "t5_offload_linear_bias_default",
              "t2v_without_image_encoder", "t5_token_embedding_on_host", "reset_runner_after_exception",
-             "ffn_chunked_over_tokens"}
+             "ffn_chunked_over_tokens", "non_block_weights_kept_for_the_run"}
 
 
 def _mp4_size(path):
@@ -170,6 +170,25 @@ def test_ffn_over_token_slices_gives_identical_frames(tiny_service):
     with model.compat.disabled("ffn_chunked_over_tokens"):
         whole = model.generate(big, Recorder().hooks())
     assert np.array_equal(sliced, whole)
+
+
+def test_non_block_weights_kept_for_the_run_same_frames_and_given_back(tiny_service):
+    import torch
+
+    model = loaded_model(tiny_service)
+    kept = model.generate(spec(seed=6), Recorder().hooks())  # also warms every cache
+    torch.cuda.synchronize()
+    idle = torch.cuda.memory_allocated()
+    assert np.array_equal(kept, model.generate(spec(seed=6), Recorder().hooks()))
+    assert torch.cuda.memory_allocated() == idle  # released after the last step, as upstream does
+    # Cancelled inside step 2: the weights kept since step 1 go back in the reset.
+    with pytest.raises(Exception, match="Cancelled"):
+        model.generate(spec(seed=6), Recorder(stop_at_check=3).hooks())
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == idle
+    with model.compat.disabled("non_block_weights_kept_for_the_run"):
+        per_step = model.generate(spec(seed=6), Recorder().hooks())
+    assert np.array_equal(kept, per_step)
 
 
 # -- one test per compat fix: the upstream failure with the fix off --------------------------------
