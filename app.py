@@ -124,9 +124,12 @@ def _check_outputs_dir(outputs_dir: Path, weights_dir: Path) -> None:
 
 def blocked_paths(settings: Settings) -> list[str]:
     """Files under the served outputs folder that Gradio must never hand out: the history database
-    (every prompt ever typed) and its SQLite side files."""
+    (every prompt ever typed), its SQLite side files, and the folder's lock file."""
+    from pipeline.outputs import LOCK_NAME
+
     db = (settings.outputs_dir / HISTORY_DB_NAME).resolve()
-    return [str(db)] + [f"{db}{suffix}" for suffix in ("-wal", "-shm", "-journal")]
+    return ([str(db)] + [f"{db}{suffix}" for suffix in ("-wal", "-shm", "-journal")]
+            + [str((settings.outputs_dir / LOCK_NAME).resolve())])
 
 
 def _real_backend(settings: Settings):
@@ -157,6 +160,7 @@ def build_app(settings: Settings):
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
     from pipeline.cache import PipelineCache
+    from pipeline.errors import OutputError, OutputsInUse
     from pipeline.gpu import GpuMonitor
     from pipeline.history import History
     from pipeline.jobs import JobQueue
@@ -172,7 +176,11 @@ def build_app(settings: Settings):
     else:
         backend = _real_backend(settings)
     outputs = OutputStore(settings.outputs_dir, writer=switches.writer if switches else None)
-    outputs.ensure()
+    try:
+        outputs.ensure()
+        outputs.claim()  # before anything below touches the folder another app may be writing
+    except (OutputError, OutputsInUse) as exc:
+        raise ConfigError(str(exc)) from None
     outputs.clean_leftovers()
     history = History(settings.outputs_dir / HISTORY_DB_NAME)
     interrupted = history.mark_interrupted()

@@ -45,6 +45,10 @@ class OutputError(StudioError):
     """The video or its record could not be written (disk full, folder not writable)."""
 
 
+class OutputsInUse(StudioError):
+    """Another running app already writes to this outputs folder."""
+
+
 class OutOfVRAM(StudioError):
     """Every rung of the fallback ladder ran out of GPU memory."""
 

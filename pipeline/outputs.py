@@ -21,13 +21,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.errors import OutputError
+from pipeline.errors import OutputError, OutputsInUse
 
 log = logging.getLogger(__name__)
 
 PARTIAL_MARK = ".partial"
 # First-frame stills for the history gallery, made on demand; hidden so listings show only clips.
 THUMBS_DIR = ".thumbs"
+LOCK_NAME = ".wan-studio.lock"
 # Below this much free space a failed write is reported as "disk full": ffmpeg run by
 # imageio-ffmpeg reports ENOSPC only on its own stderr and exits without an exception.
 DISK_FULL_FREE_BYTES = 64 * 1024**2
@@ -149,12 +150,39 @@ class OutputStore:
         self.root = Path(root)
         # Injectable so that tests (and the fake backend's fault switches) can simulate a full disk.
         self.writer: Mp4Writer = writer or write_mp4
+        self._lock: Any = None  # the open lock file while this process owns the folder
 
     def ensure(self) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _disk_error(self.root / "x", exc) from None
+
+    def claim(self) -> None:
+        """Take the folder for this process until it exits; call before `clean_leftovers`.
+
+        A second app on the same folder would delete the first one's video while it is being
+        written (its temp file looks like a leftover) and mark its running job interrupted. The
+        lock is the operating system's, so a killed app never leaves a stale one behind."""
+        if self._lock is not None:
+            return
+        path = self.root / LOCK_NAME
+        try:
+            handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the process's life
+        except OSError as exc:
+            raise _disk_error(path, exc) from None
+        if not _try_lock(handle):
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise OutputsInUse(
+                f"Another Wan T2V Studio is already using the outputs folder {self.root} ({holder}). "
+                f"Stop it first, or give this one a folder of its own with --outputs-dir.")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        self._lock = handle
 
     def new_stem(self, job_id: int, preset: str, seed: int) -> str:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -278,6 +306,26 @@ class OutputStore:
         if removed:
             log.info("removed %d leftover file(s) from an interrupted run", len(removed))
         return removed
+
+
+def _try_lock(handle: Any) -> bool:
+    """An exclusive, non-blocking lock on an open file; False when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _is_record_of(sidecar: Path) -> bool:

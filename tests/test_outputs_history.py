@@ -5,11 +5,15 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipeline.errors import OutputError
+from pipeline.errors import OutputError, OutputsInUse
 from pipeline.history import History
 from pipeline.outputs import OutputStore, read_mp4_record, write_mp4
 
@@ -133,3 +137,32 @@ def test_a_job_killed_after_its_video_landed_is_adopted_at_restart(tmp_path):
     assert entries["saved"].rung_used == "fast" and entries["saved"].peak_gib == 8.3
     assert entries["lost"].status == "interrupted" and entries["lost"].video_path is None
     assert store.find_saved(lost_id) is None
+
+
+def test_one_outputs_folder_belongs_to_one_app(tmp_path):
+    from pipeline.outputs import LOCK_NAME
+
+    first, second = OutputStore(tmp_path), OutputStore(tmp_path)
+    first.claim()
+    first.claim()  # the owner may ask again
+    with pytest.raises(OutputsInUse, match=rf"{re.escape(str(tmp_path))}.*pid {os.getpid()}.*--outputs-dir"):
+        second.claim()
+    assert (tmp_path / LOCK_NAME).read_text().startswith(f"pid {os.getpid()}, started ")
+
+
+def test_a_killed_owner_leaves_no_stale_claim(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline.outputs import OutputStore; "
+         f"store = OutputStore(Path({str(tmp_path)!r})); store.claim(); print('claimed', flush=True); time.sleep(60)"],
+        cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        with pytest.raises(OutputsInUse, match=f"pid {holder.pid}"):
+            OutputStore(tmp_path).claim()
+        holder.kill()
+        holder.wait(timeout=10)
+        OutputStore(tmp_path).claim()  # no clean-up of the dead owner needed
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)

@@ -20,9 +20,9 @@ import pytest
 from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
 
-from tests.apphelpers import (PYTHON, REPO, history_rows, listed_files, raw_get, raw_post, running_app,
-                        start_app, wait_for)
-from pipeline.outputs import read_mp4_record
+from tests.apphelpers import (PYTHON, REPO, free_port, history_rows, listed_files, raw_get, raw_post,
+                              run_app_to_exit, running_app, start_app, wait_for)
+from pipeline.outputs import LOCK_NAME, read_mp4_record
 
 pytestmark = pytest.mark.slow
 
@@ -303,8 +303,8 @@ def test_sigkill_mid_generation_and_mid_write_leaves_consistent_history(tmp_path
         assert [(r["prompt"], r["status"], r["video_path"]) for r in rows] == [
             ("killed while denoising", "interrupted", None),
             ("killed while writing the mp4", "interrupted", None)]
-        assert [n for n in listed_files(outputs) if not n.startswith("history.sqlite3")] == [
-            "notes.json"]
+        assert [n for n in listed_files(outputs)
+                if not n.startswith("history.sqlite3") and n != LOCK_NAME] == ["notes.json"]
         client = third.client(download_files=False)
         gallery, _ = client.predict(api_name="/history")
         assert gallery == []
@@ -321,6 +321,34 @@ def test_sigkill_mid_generation_and_mid_write_leaves_consistent_history(tmp_path
         conn.close()
     done = [r for r in history_rows(outputs) if r["status"] == "done"]
     assert len(done) == 1 and Path(done[0]["video_path"]).is_file()
+
+
+def test_a_second_app_on_the_same_outputs_folder_refuses_and_touches_nothing(tmp_path):
+    """Started twice by mistake (another port, same folder): the second must not take the first
+    one's half-written video for a leftover, nor mark its running job interrupted."""
+    outputs = tmp_path / "outputs"
+    with running_app(tmp_path, faults=True, outputs=outputs, name="first") as first:
+        first.fault("slow-write", "5")
+        first.client(download_files=False).submit("written while a second app starts", PRESET, 1, False, "",
+                                                   api_name="/generate")
+        wait_for(lambda: any(".partial" in n for n in listed_files(outputs)), 30, 0.05,
+                 "the mp4 to be half written")
+        files_before = listed_files(outputs)
+
+        second = run_app_to_exit(["--backend", "fake", "--outputs-dir", str(outputs), "--port", str(free_port())],
+                                 tmp_path)
+        assert second.returncode == 2, second.stderr
+        assert "already using the outputs folder" in second.stderr
+        assert f"pid {first.proc.pid}" in second.stderr and "--outputs-dir" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert listed_files(outputs) == files_before
+        assert [r["status"] for r in history_rows(outputs)] == ["running"]
+
+        wait_for(lambda: [r["status"] for r in history_rows(outputs)] == ["done"], 60, 0.1, "the job to finish")
+        assert Path(history_rows(outputs)[0]["video_path"]).is_file()
+    # The folder is free again once the first app stopped (the operating system drops its lock).
+    with running_app(tmp_path, outputs=outputs, name="third") as third:
+        assert [r["status"] for r in third.history()] == ["done"]
 
 
 # -- auth -------------------------------------------------------------------------------------------
