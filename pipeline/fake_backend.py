@@ -173,6 +173,7 @@ class FaultSwitches:
 
     disk-full     while present, writing the mp4 fails with ENOSPC after writing part of it
     slow-write    seconds to hold the finished mp4 under its temporary name before publishing it
+                  (removing the file ends the wait early)
     slow-steps    seconds to add to every denoising step
     """
 
@@ -190,9 +191,9 @@ class FaultSwitches:
             path.write_bytes(b"\0" * 4096)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         write_mp4(frames, fps, path, comment)
-        delay = self.seconds("slow-write")
-        if delay:
-            time.sleep(delay)
+        deadline = time.monotonic() + self.seconds("slow-write")
+        while time.monotonic() < deadline and (self.folder / "slow-write").exists():
+            time.sleep(0.05)
 
     def on_step(self, spec, step) -> None:
         delay = self.seconds("slow-steps")

@@ -558,6 +558,9 @@ class LightX2VModel:
             return
         if self.compat.has("reset_runner_after_exception"):
             self._compat.reset_runner_state(runner)
+        if self.compat.has("non_block_weights_kept_for_the_run"):
+            # A run stopped between two steps (a cancel at the step boundary) kept them.
+            self._compat.release_non_block_weights(runner.model)
         # Our cancel sets it; LightX2V never resets it (models/runners/base_runner.py:352-389).
         runner.stop_signal = False
         runner.set_progress_callback(None)

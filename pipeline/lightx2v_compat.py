@@ -420,8 +420,10 @@ def non_block_weights_kept_for_the_run(fixes: CompatFixes, model: Any) -> None:
     Upload them at the first step and release them after the last step of a run (the upstream
     to_cpu, once). The peak does not move: they are on the GPU during every step anyway, and between
     two steps nothing else runs. A step that raises (OOM, cancel, anything) releases them before the
-    exception leaves it, so a failed run holds nothing. Skipped unless WanModel.infer still moves
-    them per step (the source names non_block_weights_to_cpu)."""
+    exception leaves it; a run stopped between two steps (LightX2V checks a cancel before each
+    step, default_runner.py:241-242) is released by the backend's recover() through
+    `release_non_block_weights`. Skipped unless WanModel.infer still moves them per step (the
+    source names non_block_weights_to_cpu)."""
     if not getattr(model, "cpu_offload", False) or getattr(model, "offload_granularity", "block") == "model":
         return
     try:
@@ -497,3 +499,10 @@ def non_block_weights_kept_for_the_run(fixes: CompatFixes, model: Any) -> None:
     fixes.record("non_block_weights_kept_for_the_run",
                  "non-block weights move to the GPU once per run instead of twice per step",
                  undo=undo, redo=redo)
+
+
+def release_non_block_weights(model: Any) -> None:
+    """After a failed run: give back the non-block weights if a stopped run left them on the GPU.
+    Outside a step the kept-for-the-run shims pass this to LightX2V's own to_cpu."""
+    model.pre_weight.to_cpu()
+    model.transformer_weights.non_block_weights_to_cpu()

@@ -171,17 +171,28 @@ class OutputStore:
             handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the process's life
         except OSError as exc:
             raise _disk_error(path, exc) from None
-        if not _try_lock(handle):
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
+        try:
+            locked = _try_lock(handle)
+        except OSError as exc:
+            handle.close()
+            raise _disk_error(path, exc) from None
+        if not locked:
+            try:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+            except OSError:
+                holder = "unknown"
             handle.close()
             raise OutputsInUse(
                 f"Another Wan T2V Studio is already using the outputs folder {self.root} ({holder}). "
                 f"Stop it first, or give this one a folder of its own with --outputs-dir.")
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        handle.flush()
+        try:  # who holds it, for the message a second app shows; the lock works without it
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            handle.flush()
+        except OSError as exc:
+            log.warning("could not write %s: %s", path, exc)
         self._lock = handle
 
     def new_stem(self, job_id: int, preset: str, seed: int) -> str:
@@ -308,6 +319,13 @@ class OutputStore:
         return removed
 
 
+# Windows locks are mandatory: lock one byte far past the holder's text, so others can read it.
+_WINDOWS_LOCK_OFFSET = 1 << 20
+# Network and FUSE file systems may have no locks at all: run unlocked there, as before locks existed.
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP), errno.EINVAL,
+             errno.ENOSYS}
+
+
 def _try_lock(handle: Any) -> bool:
     """An exclusive, non-blocking lock on an open file; False when another process holds it."""
     try:
@@ -316,7 +334,7 @@ def _try_lock(handle: Any) -> bool:
         import msvcrt
 
         try:
-            handle.seek(0)
+            handle.seek(_WINDOWS_LOCK_OFFSET)
             msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
         except OSError:
             return False
@@ -325,6 +343,11 @@ def _try_lock(handle: Any) -> bool:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
+    except OSError as exc:
+        if exc.errno not in _NO_LOCKS:
+            raise
+        log.warning("the file system of %s has no file locks (%s): nothing stops a second app from "
+                    "using this outputs folder at the same time", handle.name, exc.strerror)
     return True
 
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from bench.run import markdown
+import hashlib
+
+import numpy as np
+import pytest
+
+from bench.run import OURS_VARIANTS, PEER_SKIP, frames_hash, markdown
+from pipeline import lightx2v_compat as compat
 
 META = {"date": "2026-11-27", "gpu": "Test GPU", "budget_gib": 11.0, "torch": "2", "cuda": "13", "triton": "3",
         "sageattention": "1.0.6", "lightx2v_commit": "f8aee98b", "quant_scheme": "int8-triton",
@@ -28,3 +34,24 @@ def test_every_report_row_has_the_header_columns_and_the_frames_hash():
     assert {line.count("|") for line in table} == {table[0].count("|")}
     assert table[0].rstrip(" |").endswith("frames")
     assert table[2].rstrip(" |").endswith("96d38a38db8c5ecc") and "OOM (denoising)" in table[4]
+
+
+def test_frames_hash_is_the_hash_of_the_frames_in_any_memory_layout():
+    frames = np.arange(2 * 4 * 6 * 3, dtype=np.uint8).reshape(2, 4, 6, 3)
+    expected = hashlib.sha256(frames.tobytes()).hexdigest()[:16]
+    assert frames_hash(frames) == expected
+    assert frames_hash(np.asfortranarray(frames)) == expected
+    changed = frames.copy()
+    changed[1, 2, 3, 0] ^= 1
+    assert frames_hash(changed) != expected
+
+
+@pytest.mark.parametrize("variant", sorted(OURS_VARIANTS))
+def test_each_bench_variant_switches_off_a_real_optimisation(variant):
+    skip = OURS_VARIANTS[variant].get("compat_skip", set())
+    for name in skip | PEER_SKIP:
+        compat.CompatFixes().wanted(name)  # raises KeyError for a name the compat layer does not know
+    if variant == "ours":
+        assert OURS_VARIANTS[variant] == {}
+    else:
+        assert skip <= set(compat.OPTIMIZATION_NAMES) and (skip or OURS_VARIANTS[variant].get("ffn_chunk_tokens") == 0)

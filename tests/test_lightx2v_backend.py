@@ -262,6 +262,19 @@ def test_a_step_that_raises_gives_the_kept_weights_back_before_the_error_leaves_
     assert log.count("pre up") == 1
 
 
+def test_a_run_stopped_between_steps_is_released_by_the_recovery():
+    log = []
+    model, fixes = _WanModel(log), compat.CompatFixes()
+    compat.non_block_weights_kept_for_the_run(fixes, model)
+    for index in range(2):  # LightX2V's cancel check raises before step 3, outside infer
+        model.scheduler.step_index = index
+        model.infer(None)
+    assert model.pre_weight.on_gpu and model.transformer_weights.on_gpu
+    compat.release_non_block_weights(model)
+    assert not model.pre_weight.on_gpu and not model.transformer_weights.on_gpu
+    assert log[-2:] == ["pre down", "head down"]
+
+
 def test_non_block_weights_upstream_behaviour_comes_back_when_undone():
     log = []
     model, fixes = _WanModel(log, steps=2), compat.CompatFixes()

@@ -166,3 +166,25 @@ def test_a_killed_owner_leaves_no_stale_claim(tmp_path):
     finally:
         holder.kill()
         holder.wait(timeout=10)
+
+
+def test_a_file_system_without_locks_still_runs_the_app(tmp_path, monkeypatch, caplog):
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    OutputStore(tmp_path).claim()  # as on NFS without lockd: warned, not refused
+    assert "no file locks" in caplog.text
+
+
+def test_a_lock_error_of_another_kind_is_a_clear_output_error(tmp_path, monkeypatch):
+    import fcntl
+
+    def broken(fd, operation):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fcntl, "flock", broken)
+    with pytest.raises(OutputError, match="Input/output error"):
+        OutputStore(tmp_path).claim()

@@ -328,7 +328,7 @@ def test_a_second_app_on_the_same_outputs_folder_refuses_and_touches_nothing(tmp
     one's half-written video for a leftover, nor mark its running job interrupted."""
     outputs = tmp_path / "outputs"
     with running_app(tmp_path, faults=True, outputs=outputs, name="first") as first:
-        first.fault("slow-write", "5")
+        first.fault("slow-write", "120")  # held until this test has looked; released below
         first.client(download_files=False).submit("written while a second app starts", PRESET, 1, False, "",
                                                    api_name="/generate")
         wait_for(lambda: any(".partial" in n for n in listed_files(outputs)), 30, 0.05,
@@ -344,6 +344,7 @@ def test_a_second_app_on_the_same_outputs_folder_refuses_and_touches_nothing(tmp
         assert listed_files(outputs) == files_before
         assert [r["status"] for r in history_rows(outputs)] == ["running"]
 
+        first.fault("slow-write", None)
         wait_for(lambda: [r["status"] for r in history_rows(outputs)] == ["done"], 60, 0.1, "the job to finish")
         assert Path(history_rows(outputs)[0]["video_path"]).is_file()
     # The folder is free again once the first app stopped (the operating system drops its lock).
