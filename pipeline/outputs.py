@@ -184,7 +184,7 @@ class OutputStore:
                 holder = "unknown"
             handle.close()
             raise OutputsInUse(
-                f"Another Wan T2V Studio is already using the outputs folder {self.root} ({holder}). "
+                f"Another Wan T2V Studio is already using the outputs folder {self.root.resolve()} ({holder}). "
                 f"Stop it first, or give this one a folder of its own with --outputs-dir.")
         try:  # who holds it, for the message a second app shows; the lock works without it
             handle.seek(0)
