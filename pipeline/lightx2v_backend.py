@@ -491,26 +491,13 @@ class LightX2VModel:
         self._pipe.modify_config({"target_video_length": spec.frames})
         runner.scheduler.sample_shift = float(spec.shift)
         call = _Call(hooks, total_steps=runner.scheduler.infer_steps)
-        self._call = call
         runner.set_progress_callback(self._progress_callback)
-        failure: tuple[str, Any, str] | None = None
-        result = None
         try:
-            result = self._pipe.generate(seed=int(spec.seed), prompt=spec.prompt,
-                                         negative_prompt=spec.negative_prompt, save_result_path=None,
-                                         return_result_tensor=True, target_shape=[spec.height, spec.width])
-        except Exception as exc:  # noqa: BLE001 - classified below; anything else is re-raised
-            failure = self._classify(exc, call)
-            if failure is None:
-                self._dirty = True
-                raise
+            result = self._guarded(call, lambda: self._pipe.generate(
+                seed=int(spec.seed), prompt=spec.prompt, negative_prompt=spec.negative_prompt,
+                save_result_path=None, return_result_tensor=True, target_shape=[spec.height, spec.width]))
         finally:
-            self._call = None
             runner.set_progress_callback(None)
-        if failure is not None:
-            # Outside the except block: the traceback (and the GPU tensors its frames hold) is gone.
-            self.recover()
-            _raise_failure(failure, call, self._torch)
         video = result["video"]
         result = None
         self._drop_run_outputs()
@@ -525,28 +512,34 @@ class LightX2VModel:
         if self._dirty:
             self.recover()
         self._apply_per_call(spec.memory)
-        call = _Call(hooks, total_steps=0)
+        images = self._guarded(_Call(hooks, total_steps=0),
+                               lambda: self._runner.run_vae_decoder(latents.to("cuda")), host_latents=latents)
+        frames = _vae_output_to_uint8(images, torch)
+        del images
+        torch.cuda.empty_cache()
+        return frames
+
+    def _guarded(self, call: _Call, work: Callable[[], Any], host_latents: Any = None) -> Any:
+        """Run one call into LightX2V. An expected failure (cancel, OOM, decode OOM) is recovered
+        from once the except block has let go of the traceback, then raised as its own error;
+        anything else is re-raised as it is and the runner is recovered before its next call.
+        `host_latents`: the caller's host copy of the latents, handed back on a decode OOM."""
         self._call = call
         failure = None
-        images = None
         try:
-            images = self._runner.run_vae_decoder(latents.to("cuda"))
-        except Exception as exc:  # noqa: BLE001
+            return work()
+        except Exception as exc:  # noqa: BLE001 - classified below; anything else is re-raised
             failure = self._classify(exc, call)
             if failure is None:
                 self._dirty = True
                 raise
         finally:
             self._call = None
-        if failure is not None:
-            self.recover()
-            if failure[0] == "decode_oom":
-                failure = ("decode_oom", latents, failure[2])  # hand back the caller's host copy
-            _raise_failure(failure, call, torch)
-        frames = _vae_output_to_uint8(images, torch)
-        del images
-        torch.cuda.empty_cache()
-        return frames
+        # Outside the except block: the traceback (and the GPU tensors its frames hold) is gone.
+        self.recover()
+        if host_latents is not None and failure[0] == "decode_oom":
+            failure = ("decode_oom", host_latents, failure[2])
+        _raise_failure(failure, call, self._torch)
 
     def recover(self) -> None:
         """Clean state after any exception (bug 6), so the next run honours its seed and starts

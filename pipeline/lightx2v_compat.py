@@ -348,8 +348,7 @@ def reset_runner_state(runner: Any) -> None:
     # GPU at the start of each step and back at its end (networks/wan/model.py:300-305, 341-346); an
     # exception in between leaves them on the GPU.
     if model is not None and getattr(model, "cpu_offload", False) and getattr(model, "offload_granularity", "block") != "model":
-        model.pre_weight.to_cpu()
-        model.transformer_weights.non_block_weights_to_cpu()
+        release_non_block_weights(model)
     if hasattr(runner, "inputs"):
         del runner.inputs
     runner.input_info = None
@@ -452,7 +451,8 @@ def non_block_weights_kept_for_the_run(fixes: CompatFixes, model: Any) -> None:
 
     def release(holder: Any, original: Callable[..., Any]) -> Callable[..., Any]:
         def to_host(*args: Any, **kwargs: Any) -> Any:
-            if keeping[0] and id(holder) in on_gpu:
+            # Not on the GPU: upstream's to_cpu would copy the host weights onto themselves.
+            if keeping[0] or id(holder) not in on_gpu:
                 return None
             on_gpu.discard(id(holder))
             return original(*args, **kwargs)
@@ -461,10 +461,7 @@ def non_block_weights_kept_for_the_run(fixes: CompatFixes, model: Any) -> None:
 
     def give_back() -> None:
         keeping[0] = False
-        if id(pre) in on_gpu:
-            pre.to_cpu()
-        if id(blocks) in on_gpu:
-            blocks.non_block_weights_to_cpu()
+        release_non_block_weights(model)
 
     def infer(inputs: Any) -> Any:
         scheduler = model.scheduler
@@ -480,9 +477,8 @@ def non_block_weights_kept_for_the_run(fixes: CompatFixes, model: Any) -> None:
         finally:
             keeping[0] = False
 
-    shims = {(pre, "to_cuda"): upload(pre, pre.to_cuda), (pre, "to_cpu"): release(pre, pre.to_cpu),
-             (blocks, "non_block_weights_to_cuda"): upload(blocks, blocks.non_block_weights_to_cuda),
-             (blocks, "non_block_weights_to_cpu"): release(blocks, blocks.non_block_weights_to_cpu)}
+    shims = {(holder, name): (upload if name.endswith("_cuda") else release)(holder, original)
+             for (holder, name), original in originals.items()}
 
     def redo() -> None:
         for (holder, name), shim in shims.items():
@@ -503,6 +499,6 @@ def non_block_weights_kept_for_the_run(fixes: CompatFixes, model: Any) -> None:
 
 def release_non_block_weights(model: Any) -> None:
     """After a failed run: give back the non-block weights if a stopped run left them on the GPU.
-    Outside a step the kept-for-the-run shims pass this to LightX2V's own to_cpu."""
+    With `non_block_weights_kept_for_the_run` applied this only copies what is on the GPU."""
     model.pre_weight.to_cpu()
     model.transformer_weights.non_block_weights_to_cpu()

@@ -93,6 +93,15 @@ def _make_handler(state: HubState) -> type[BaseHTTPRequestHandler]:
             if self.command != "HEAD":
                 self.wfile.write(body)
 
+        def _route(self, pattern: re.Pattern[str], path: str) -> tuple[re.Match[str], FakeRepo] | None:
+            """The URL's match and its repo at that revision, or None once a 404 has been sent."""
+            m = pattern.match(path)
+            if not m:
+                self._error(404, "RepoNotFound")
+                return None
+            repo = self._repo_rev(unquote(m["repo"]), unquote(m["rev"]))
+            return None if repo is None else (m, repo)
+
         def _repo_rev(self, repo_id: str, rev: str) -> FakeRepo | None:
             repo = state.repos.get(repo_id)
             if repo is None:
@@ -121,13 +130,10 @@ def _make_handler(state: HubState) -> type[BaseHTTPRequestHandler]:
                 self._resolve(send_body=True)
 
         def _tree(self, path: str, query: dict[str, list[str]]) -> None:
-            m = _TREE.match(path)
-            if not m:
-                self._error(404, "RepoNotFound")
+            routed = self._route(_TREE, path)
+            if routed is None:
                 return
-            repo = self._repo_rev(unquote(m["repo"]), unquote(m["rev"]))
-            if repo is None:
-                return
+            m, repo = routed
             prefix = unquote(m["path"] or "").strip("/")
             recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")
             base = f"{prefix}/" if prefix else ""
@@ -162,13 +168,10 @@ def _make_handler(state: HubState) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
         def _resolve(self, send_body: bool) -> None:
-            m = _RESOLVE.match(urlparse(self.path).path)
-            if not m:
-                self._error(404, "RepoNotFound")
+            routed = self._route(_RESOLVE, urlparse(self.path).path)
+            if routed is None:
                 return
-            repo = self._repo_rev(unquote(m["repo"]), unquote(m["rev"]))
-            if repo is None:
-                return
+            m, repo = routed
             path = unquote(m["path"])
             if path not in repo.files or path in state.hidden:
                 self._error(404, "EntryNotFound", repo.commit)

@@ -252,7 +252,7 @@ def test_a_step_that_raises_gives_the_kept_weights_back_before_the_error_leaves_
         model.run()
     assert log == ["pre up", "head up", "step 0", "step 1", "pre down", "head down"]
     assert not model.pre_weight.on_gpu and not model.transformer_weights.on_gpu
-    # The backend's reset after the failure (bug 6) still calls to_cpu: harmless, as upstream.
+    # The backend's reset after the failure (bug 6) asks again: nothing left to copy.
     model.transformer_infer = types.SimpleNamespace(offload_manager=None)
     compat.reset_runner_state(types.SimpleNamespace(model=model, input_info=None))
     model.fail_at = None
@@ -304,6 +304,98 @@ def test_non_block_weights_left_alone_when_upstream_keeps_them():
     fixes = compat.CompatFixes()
     compat.non_block_weights_kept_for_the_run(fixes, KeepsThem([]))
     assert fixes.names == []
+
+
+class _FakeTorch:
+    OutOfMemoryError = type("OutOfMemoryError", (RuntimeError,), {})
+
+
+def _guarded_model():
+    """A LightX2VModel without LightX2V: only what `_guarded` uses. recover() records whether an
+    exception was still being handled when it ran (the OOM policy: recover after the except block)."""
+    import sys
+
+    from pipeline.lightx2v_backend import LightX2VModel
+
+    model = LightX2VModel.__new__(LightX2VModel)
+    model._call, model._dirty, model._torch = None, False, _FakeTorch
+    model.recoveries = []
+    model.recover = lambda: model.recoveries.append(sys.exc_info()[0])
+    return model
+
+
+def _call():
+    from pipeline.backend import RunHooks
+    from pipeline.lightx2v_backend import _Call
+
+    return _Call(RunHooks(on_phase=lambda p: None, on_step=lambda i, n: None, should_stop=lambda: False), 4)
+
+
+def test_a_guarded_call_returns_its_result_and_forgets_the_call():
+    model = _guarded_model()
+    seen = []
+    assert model._guarded(_call(), lambda: seen.append(model._call) or "frames") == "frames"
+    assert seen[0] is not None and model._call is None and model.recoveries == [] and not model._dirty
+
+
+def test_an_oom_is_recovered_outside_the_except_block_and_raised_without_its_traceback():
+    model = _guarded_model()
+
+    def work():
+        raise RuntimeError("CUDA out of memory. Tried to allocate 740.00 MiB")
+
+    with pytest.raises(_FakeTorch.OutOfMemoryError, match="Tried to allocate 740") as raised:
+        model._guarded(_call(), work)
+    assert model.recoveries == [None]  # recovered once, with no exception in flight
+    assert raised.value.__context__ is None and raised.value.__cause__ is None
+    assert model._call is None and not model._dirty
+
+
+def test_a_cancel_becomes_generation_cancelled_after_recovery():
+    from pipeline.errors import GenerationCancelled
+    from pipeline.lightx2v_backend import _Cancelled
+
+    model = _guarded_model()
+
+    def work():
+        raise _Cancelled()
+
+    with pytest.raises(GenerationCancelled):
+        model._guarded(_call(), work)
+    assert model.recoveries == [None]
+
+
+def test_a_decode_oom_hands_back_the_callers_latents_or_the_kept_copy():
+    from pipeline.backend import DecodeOutOfMemory
+
+    model = _guarded_model()
+    kept, callers = object(), object()
+
+    def decode_runs_out(call):
+        def work():
+            call.decode_oom = (kept, "CUDA out of memory in the VAE")
+            raise RuntimeError("CUDA out of memory in the VAE")
+        return work
+
+    call = _call()
+    with pytest.raises(DecodeOutOfMemory) as raised:
+        model._guarded(call, decode_runs_out(call))
+    assert raised.value.latents is kept
+    call = _call()
+    with pytest.raises(DecodeOutOfMemory) as raised:
+        model._guarded(call, decode_runs_out(call), host_latents=callers)
+    assert raised.value.latents is callers and model.recoveries == [None, None]
+
+
+def test_an_unexpected_error_is_reraised_as_is_and_recovery_waits_for_the_next_call():
+    model = _guarded_model()
+
+    def work():
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError, match="a bug"):
+        model._guarded(_call(), work)
+    assert model._dirty and model.recoveries == [] and model._call is None
 
 
 def test_unknown_fix_names_are_rejected():
