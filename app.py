@@ -136,7 +136,7 @@ def _real_backend(settings: Settings):
     from pipeline.backend import UnavailableBackend
 
     try:
-        from pipeline.lightx2v_backend import LightX2VBackend
+        from pipeline.backends.lightx2v import LightX2VBackend
     except ImportError as exc:
         # Not at start: the UI must come up on machines without the GPU stack; Generate explains.
         log.warning("LightX2V backend unavailable: %s", exc)
@@ -146,7 +146,7 @@ def _real_backend(settings: Settings):
 
 
 def _fake_backend(presets):
-    from pipeline.fake_backend import fake_backend_from_env
+    from pipeline.backends.fake import fake_backend_from_env
 
     try:
         return fake_backend_from_env(os.environ, list(presets))
@@ -201,7 +201,7 @@ def _system_tab(settings: Settings, monitor):
     def render() -> None:
         import gradio as gr
 
-        from pipeline import doctor, weights
+        from install import doctor, weights
         from ui.system_tab import build_system_tab
 
         with gr.Tab("System"):
@@ -246,11 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=_env("WAN_STUDIO_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "download":
-        from pipeline.weights import main_download
+        from install.weights import main_download
 
         return main_download(argv[1:])
     if argv and argv[0] == "doctor":
-        from pipeline.doctor import main_doctor
+        from install.doctor import main_doctor
 
         return main_doctor(argv[1:])
     return serve(argv)

@@ -2,7 +2,7 @@
 
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python -m bench.run [--ckpt DIR] [--budget-gib 11.0]
 
-Uses a full-size synthetic checkpoint (pipeline/synthetic_checkpoint.py; written to a temporary
+Uses a full-size synthetic checkpoint (tools/synthetic_checkpoint.py; written to a temporary
 folder unless --ckpt names one): real kernels and real memory, random weights. PyTorch is capped at
 the budget (default 11.0 GiB, a 12 GB RTX 3060 beside a desktop). For each configuration it
 measures, per run: load time, text encoder, every denoising step, VAE decode and mp4 encode
@@ -157,7 +157,7 @@ class Bench:
     def run_config(self, label: str, backend_kwargs: dict[str, Any], runs: list[tuple[Any, str, dict[str, Any]]],
                    cap_gib: float | None) -> None:
         """Load once per build and run (preset, rung name, memory) in order."""
-        from pipeline.lightx2v_backend import LightX2VBackend
+        from pipeline.backends.lightx2v import LightX2VBackend
 
         backend = LightX2VBackend(self.ckpt, vram_cap_gib=None, **backend_kwargs)
         by_key: dict[Any, list[tuple[Any, str, dict[str, Any]]]] = {}
@@ -258,7 +258,7 @@ def frames_hash(frames: Any) -> str:
 
 
 def environment(torch: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.lightx2v_backend import LightX2VBackend
+    from pipeline.backends.lightx2v import LightX2VBackend
 
     describe = LightX2VBackend(args.ckpt or ".").describe()
     return {"date": dt.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0),
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True is not exported: the backend switches "
                     "it on after CUDA starts, which is not how the app runs")
     if args.ckpt is None:
-        from pipeline.synthetic_checkpoint import write_checkpoint
+        from tools.synthetic_checkpoint import write_checkpoint
 
         args.ckpt = write_checkpoint(Path(tempfile.mkdtemp(prefix="bench-ckpt-")), "full").root
     bench = Bench(args, args.ckpt)

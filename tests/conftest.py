@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cache import PipelineCache
-from pipeline.fake_backend import FakeBackend
+from pipeline.backends.fake import FakeBackend
 from pipeline.gpu import GpuMonitor
 from pipeline.history import History
 from pipeline.outputs import OutputStore

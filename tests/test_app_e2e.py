@@ -202,8 +202,8 @@ def test_a_backend_module_that_cannot_be_imported_fails_at_generate_not_at_start
     from pipeline.errors import BackendUnavailable
     from pipeline.types import GenerationRequest
 
-    # None in sys.modules makes `import pipeline.lightx2v_backend` raise ImportError.
-    monkeypatch.setitem(sys.modules, "pipeline.lightx2v_backend", None)
+    # None in sys.modules makes `import pipeline.backends.lightx2v` raise ImportError.
+    monkeypatch.setitem(sys.modules, "pipeline.backends.lightx2v", None)
     settings = app_module.settings_from_args(["--outputs-dir", str(tmp_path / "out")])
     _demo, ctx = app_module.build_app(settings)  # the app still builds
     job = ctx.jobs.submit(GenerationRequest(prompt="a cat", preset="480x832x49", seed=1))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bench.run import OURS_VARIANTS, PEER_SKIP, frames_hash, markdown
-from pipeline import lightx2v_compat as compat
+from pipeline.backends import lightx2v_compat as compat
 
 META = {"date": "2026-11-27", "gpu": "Test GPU", "budget_gib": 11.0, "torch": "2", "cuda": "13", "triton": "3",
         "sageattention": "1.0.6", "lightx2v_commit": "f8aee98b", "quant_scheme": "int8-triton",

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.cache import PipelineCache
 from pipeline.errors import ModelLoadError
-from pipeline.fake_backend import FakeBackend
+from pipeline.backends.fake import FakeBackend
 from presets import load_presets
 
 

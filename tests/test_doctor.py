@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline import doctor as d
+from install import doctor as d
 from pipeline.gpu import GIB, GpuMonitor
-from pipeline.weights import VerifyProblem, VerifyReport
+from install.weights import VerifyProblem, VerifyReport
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -223,7 +223,7 @@ def test_cli_doctor(tmp_path, capsys):
 
 
 def test_modules_import_no_torch_lightx2v_or_gradio_where_they_must_not():
-    code = ("import sys; import pipeline.doctor, pipeline.weights; "
+    code = ("import sys; import install.doctor, install.weights; "
             "assert 'torch' not in sys.modules and 'lightx2v' not in sys.modules and 'gradio' not in sys.modules; "
             "import ui.system_tab; assert 'torch' not in sys.modules and 'lightx2v' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
@@ -232,7 +232,7 @@ def test_modules_import_no_torch_lightx2v_or_gradio_where_they_must_not():
 def test_system_tab_builds_and_its_handlers_render(tmp_path):
     import gradio as gr
 
-    from pipeline.weights import DownloadPhase, DownloadProgress
+    from install.weights import DownloadPhase, DownloadProgress
     from ui import system_tab as st
 
     report = run(machine(FakeNvml(), ram_gib=16), tmp_path)

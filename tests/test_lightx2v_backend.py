@@ -10,9 +10,9 @@ import types
 
 import pytest
 
-from pipeline import lightx2v_compat as compat
+from pipeline.backends import lightx2v_compat as compat
 from pipeline.errors import NoGPUError, WeightsError
-from pipeline.lightx2v_backend import LightX2VBackend, locate_weights
+from pipeline.backends.lightx2v import LightX2VBackend, locate_weights
 
 
 def _layout(root, layers=2, t5_in_root=False):
@@ -32,7 +32,7 @@ def _layout(root, layers=2, t5_in_root=False):
 
 
 def test_importing_the_backend_imports_neither_torch_nor_lightx2v():
-    code = ("import sys, pipeline.lightx2v_backend, pipeline.lightx2v_compat; "
+    code = ("import sys, pipeline.backends.lightx2v, pipeline.backends.lightx2v_compat; "
             "print(sorted(m for m in ('torch', 'lightx2v') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -315,7 +315,7 @@ def _guarded_model():
     exception was still being handled when it ran (the OOM policy: recover after the except block)."""
     import sys
 
-    from pipeline.lightx2v_backend import LightX2VModel
+    from pipeline.backends.lightx2v import LightX2VModel
 
     model = LightX2VModel.__new__(LightX2VModel)
     model._call, model._dirty, model._torch = None, False, _FakeTorch
@@ -326,7 +326,7 @@ def _guarded_model():
 
 def _call():
     from pipeline.backend import RunHooks
-    from pipeline.lightx2v_backend import _Call
+    from pipeline.backends.lightx2v import _Call
 
     return _Call(RunHooks(on_phase=lambda p: None, on_step=lambda i, n: None, should_stop=lambda: False), 4)
 
@@ -353,7 +353,7 @@ def test_an_oom_is_recovered_outside_the_except_block_and_raised_without_its_tra
 
 def test_a_cancel_becomes_generation_cancelled_after_recovery():
     from pipeline.errors import GenerationCancelled
-    from pipeline.lightx2v_backend import _Cancelled
+    from pipeline.backends.lightx2v import _Cancelled
 
     model = _guarded_model()
 
@@ -406,7 +406,7 @@ def test_unknown_fix_names_are_rejected():
 def test_check_available_without_torch_or_gpu_says_no_gpu(tmp_path, monkeypatch):
     # A CPU-only machine set up by ./run.sh has no torch: the message must be about the missing GPU,
     # not about installing GPU packages that would not help.
-    import pipeline.lightx2v_backend as backend_module
+    import pipeline.backends.lightx2v as backend_module
 
     monkeypatch.setattr(backend_module, "_has_module", lambda name: name != "torch")
     with pytest.raises(NoGPUError, match="No NVIDIA GPU was found on this machine"):
@@ -421,7 +421,7 @@ def test_check_available_without_torch_or_gpu_says_no_gpu(tmp_path, monkeypatch)
     ("no block", False),
 ])
 def test_the_doctor_and_generate_agree_on_complete_weights(tmp_path, change, complete):
-    from pipeline.weights import verify
+    from install.weights import verify
     from tests.fakeweights import needed_paths, repo_files
 
     files = repo_files()

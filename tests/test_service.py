@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import GenerationCancelled, InvalidRequest, NoGPUError, OutOfVRAM
-from pipeline.fake_backend import FakeBackend
+from pipeline.backends.fake import FakeBackend
 from pipeline.outputs import read_mp4_record
 from pipeline.types import GenerationRequest, Phase
 from tests.conftest import FakeNvml
@@ -146,7 +146,7 @@ def test_reload_failing_during_the_decode_retry_steps_down_instead_of_failing(ma
     def get(key, on_phase=lambda p: None):
         calls.append(key)
         if len(calls) == 2:  # the reload for the decode retry runs out of memory
-            from pipeline.fake_backend import simulated_oom
+            from pipeline.backends.fake import simulated_oom
             raise simulated_oom("reload for the decode retry")
         return real_get(key, on_phase)
 

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from pipeline import synthetic_checkpoint as sc
+from tools import synthetic_checkpoint as sc
 
 
 def test_dit_configs_keep_the_fixed_interfaces():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import weights as w
+from install import weights as w
 from tests import fakeweights as fw
 from tests.hubserver import FakeRepo, HubServer, HubState
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import gradio as gr
 
-from pipeline.doctor import DoctorReport, Status
+from install.doctor import DoctorReport, Status
 from pipeline.errors import StudioError
-from pipeline.weights import DownloadPhase, DownloadProgress, format_bytes, format_eta, format_rate
+from install.weights import DownloadPhase, DownloadProgress, format_bytes, format_eta, format_rate
 
 TABLE_HEADERS = ["Check", "Status", "What we found", "What to do"]
 _STATUS_LABEL = {Status.OK: "✓ ok", Status.INFO: "ℹ info", Status.WARN: "⚠ warning", Status.FAIL: "✗ fix this"}
@@ -54,7 +54,7 @@ def build_system_tab(*, doctor: Callable[[], DoctorReport], weights_dir: Path,
 
     `doctor()` runs the checks (on page load and on Re-check). `start_download()` is called with no arguments
     and must yield `DownloadProgress` items ending with a DONE, FAILED or CANCELLED one, as
-    `pipeline.weights.iter_download` does; closing it must stop the download.
+    `install.weights.iter_download` does; closing it must stop the download.
     """
     gr.Markdown("### Setup check")
     headline = gr.Markdown("⏳ Checking this machine…")

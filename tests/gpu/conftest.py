@@ -1,6 +1,6 @@
 """Fixtures for the GPU tests (tests/gpu/README.md has the one command that runs them).
 
-Checkpoints are synthetic (pipeline/synthetic_checkpoint.py: real layout, random values). They are
+Checkpoints are synthetic (tools/synthetic_checkpoint.py: real layout, random values). They are
 written once per session into a temporary folder unless WAN_STUDIO_TEST_CKPT (tiny) /
 WAN_STUDIO_TEST_CKPT_FULL (full) point at existing ones. PyTorch is capped at WAN_STUDIO_TEST_CAP_GIB
 (default 11.0 GiB: a 12 GB RTX 3060 less the desktop) in every test.
@@ -24,7 +24,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     env = os.environ.get("WAN_STUDIO_TEST_CKPT")
     if env:
         return Path(env)
-    from pipeline.synthetic_checkpoint import write_checkpoint
+    from tools.synthetic_checkpoint import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny").root
 
@@ -34,7 +34,7 @@ def full_ckpt(tmp_path_factory, tiny_ckpt) -> Path:
     env = os.environ.get("WAN_STUDIO_TEST_CKPT_FULL")
     if env:
         return Path(env)
-    from pipeline.synthetic_checkpoint import write_checkpoint
+    from tools.synthetic_checkpoint import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "full", "full", share_t5_vae_from=tiny_ckpt).root
 

@@ -31,7 +31,7 @@ def make_service(ckpt: Path, root: Path, **backend_kwargs):
     from pipeline.cache import PipelineCache
     from pipeline.gpu import GpuMonitor
     from pipeline.history import History
-    from pipeline.lightx2v_backend import LightX2VBackend
+    from pipeline.backends.lightx2v import LightX2VBackend
     from pipeline.outputs import OutputStore
     from pipeline.service import VideoService
     from presets import load_presets

@@ -140,7 +140,7 @@ def test_per_call_settings_take_effect_without_a_reload(tiny_service):
     # Chunked RoPE swaps the rope modules for this call only and is numerically the same.
     chunked = model.generate(spec(seed=3, memory={"rope_chunk": 4096}), Recorder().hooks())
     from lightx2v.common.ops.rope.chunked_rope import ChunkedRope
-    from pipeline.lightx2v_backend import _rope_holders
+    from pipeline.backends.lightx2v import _rope_holders
 
     holders = _rope_holders(model._runner.model.transformer_weights)
     assert holders and all(isinstance(h.rope, ChunkedRope) and h.rope.chunk_size == 4096 for h in holders)
@@ -197,7 +197,7 @@ def test_non_block_weights_kept_for_the_run_same_frames_and_given_back(tiny_serv
 def test_fix_1_target_video_length(tiny_ckpt):
     from lightx2v.utils import input_info
 
-    from pipeline.lightx2v_backend import LightX2VBackend
+    from pipeline.backends.lightx2v import LightX2VBackend
 
     keys = input_info.ALL_INPUT_INFO_KEYS
     keys.add("target_video_length")  # the state of an untouched LightX2V
@@ -210,7 +210,7 @@ def test_fix_1_target_video_length(tiny_ckpt):
 
 
 def test_fix_2_explicit_t5_checkpoint(tiny_ckpt):
-    from pipeline.lightx2v_backend import LightX2VBackend
+    from pipeline.backends.lightx2v import LightX2VBackend
 
     backend = LightX2VBackend(tiny_ckpt, vram_cap_gib=CAP_GIB, compat_skip={"explicit_t5_checkpoint_path"})
     with pytest.raises((TypeError, AttributeError, FileNotFoundError, ValueError)) as failure:

@@ -16,7 +16,7 @@ build time (part of the LoadKey, a change reloads the weights)
                         accordingly (:815-857); "offload" and "offload_keep_embedding" share one build.
 per call (set on the built objects before each run)
   text_encoder offload vs offload_keep_embedding: where the token embedding lives, our own
-                        HostTokenEmbedding (pipeline/lightx2v_compat.py, bug 5), `keep_on_device`.
+                        HostTokenEmbedding (pipeline/backends/lightx2v_compat.py, bug 5), `keep_on_device`.
   vae_offload           WanVAE.cpu_offload is read at each decode (video_encoders/hf/wan/vae.py:1566-1597);
                         we move the VAE between host and GPU to match (WanVAE.to_cpu/to_cuda, :1035-1049).
   vae_tiling            WanVAE.use_tiling is read at each decode (vae.py:1590).
@@ -62,7 +62,6 @@ import numpy as np
 from pipeline.backend import DecodeOutOfMemory, LoadKey, RunHooks
 from pipeline.errors import (BackendUnavailable, GenerationCancelled, InvalidRequest, NoGPUError,
                              WeightsError)
-from pipeline.doctor import module_present as _has_module  # the doctor's check, shared
 from pipeline.gpu import GIB, GpuMonitor, is_oom
 from pipeline.types import Phase, RunSpec
 
@@ -88,6 +87,19 @@ REQUIRED_MODULES = ("lightx2v", "lightx2v_platform", "triton", "torchvision", "t
 QUANT_SCHEMES = {"int8-triton": None, "int8-vllm": "vllm", "int8-sgl": "sgl_kernel", "int8-torchao": "torchao"}
 ATTN_MODES = {"sage_attn2": "sageattention", "torch_sdpa": None, "flash_attn2": "flash_attn",
               "flash_attn3": "flash_attn_interface"}
+
+
+def module_present(name: str) -> bool:
+    """Whether a module can be imported, without importing it (the doctor asks the same)."""
+    from importlib.util import find_spec
+
+    try:
+        return find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+_has_module = module_present
 
 
 def _dist_version(name: str) -> str | None:
@@ -136,7 +148,7 @@ def locate_weights(root: Path | str) -> WeightFiles:
     DiT: root/distill_int8/{non_block.safetensors, block_0..N-1.safetensors} and config.json there
     or in root (LightX2V merges both, set_config.py:289-339). T5 and VAE .pth: in distill_int8/ or
     in root (both layouts are in use). Tokenizer: root/google/umt5-xxl. The same rules as
-    pipeline.weights.verify, so the doctor and Generate agree on what is complete.
+    install.weights.verify, so the doctor and Generate agree on what is complete.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -379,7 +391,7 @@ class _LightX2VModules:
 
 
 def _import_lightx2v() -> _LightX2VModules:
-    from pipeline import lightx2v_compat as compat
+    from pipeline.backends import lightx2v_compat as compat
 
     try:
         from lightx2v.utils import input_info  # runs lightx2v/__init__: every runner (notes §8)

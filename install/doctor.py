@@ -19,8 +19,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pipeline.backends.lightx2v import module_present
 from pipeline.gpu import GIB, GpuMonitor
-from pipeline.weights import (APPROX_TOTAL_BYTES, DEFAULT_WEIGHTS_DIR, OUTPUTS_DIR_ENV, WEIGHTS_DIR_ENV, VerifyReport,
+from install.weights import (APPROX_TOTAL_BYTES, DEFAULT_WEIGHTS_DIR, OUTPUTS_DIR_ENV, WEIGHTS_DIR_ENV, VerifyReport,
                               default_dir, format_bytes, free_disk_bytes, verify)
 
 log = logging.getLogger(__name__)
@@ -155,13 +156,6 @@ def probe_torch_build() -> TorchBuild:
     except Exception as exc:  # noqa: BLE001 - a broken install raises all sorts (OSError for a missing libcudart)
         return TorchBuild(installed=True, error=f"{type(exc).__name__}: {exc}")
     return TorchBuild(installed=True, version=str(torch.__version__), cuda=getattr(torch.version, "cuda", None))
-
-
-def module_present(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def _disk_free_or_none(path: Path) -> int | None:
@@ -407,7 +401,7 @@ def _check_allocator(probes: SystemProbes) -> Finding:
 
 
 def _is_synthetic(weights_dir: Path) -> bool:
-    """pipeline/synthetic_checkpoint.py marks its random-weight folders with this README."""
+    """tools/synthetic_checkpoint.py marks its random-weight folders with this README."""
     try:
         return "SYNTHETIC CHECKPOINT" in (weights_dir / "README.txt").read_text(errors="replace")[:4096]
     except OSError:

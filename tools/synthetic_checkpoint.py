@@ -6,8 +6,8 @@ so LightX2V loads them with its real loaders and runs its real kernels on them. 
 random: the videos are noise. Timings and memory measured on them are real, because kernel speed
 and tensor sizes do not depend on the values.
 
-    python -m pipeline.synthetic_checkpoint --size tiny OUT_DIR      # 2 blocks, dim 256
-    python -m pipeline.synthetic_checkpoint --size full OUT_DIR      # 40 blocks, dim 5120 (~14 GB DiT)
+    python -m tools.synthetic_checkpoint --size tiny OUT_DIR      # 2 blocks, dim 256
+    python -m tools.synthetic_checkpoint --size full OUT_DIR      # 40 blocks, dim 5120 (~14 GB DiT)
 
 Layout written:
 
@@ -477,7 +477,7 @@ def _link(source: Path, target: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.synthetic_checkpoint",
+    parser = argparse.ArgumentParser(prog="python -m tools.synthetic_checkpoint",
                                      description="Write a random-weight Wan2.1 distill_int8 checkpoint "
                                                  "(FOR TESTS AND SIZING ONLY).")
     parser.add_argument("out_dir", type=Path)

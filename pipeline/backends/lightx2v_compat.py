@@ -6,7 +6,7 @@ it and records it in `CompatFixes`. A later LightX2V that fixed a bug makes its 
 Line numbers below are LightX2V f8aee98b.
 
 This module imports neither torch nor LightX2V at import time: the backend passes the modules and
-objects in, so `import pipeline.lightx2v_compat` stays cheap and works without a GPU stack.
+objects in, so `import pipeline.backends.lightx2v_compat` stays cheap and works without a GPU stack.
 
 | fix (name)                          | bug | symptom upstream                                           |
 |-------------------------------------|-----|------------------------------------------------------------|

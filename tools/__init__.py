@@ -1,0 +1,1 @@
+"""Developer tools: the synthetic checkpoint writer used by tests and the bench."""
