@@ -156,7 +156,7 @@ def _fake_backend(presets):
 
 def build_app(settings: Settings):
     """Wire presets, backend, cache, service, job lane and UI. Returns (demo, ui_context)."""
-    # Must be set before anything initialises CUDA: it is what lets 720p fit (measured-baseline.md).
+    # Must be set before anything initialises CUDA: it is what lets 720p fit (docs/lightx2v.md §2).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
     from pipeline.cache import PipelineCache

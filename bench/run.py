@@ -10,7 +10,7 @@ measures, per run: load time, text encoder, every denoising step, VAE decode and
 level before the run. Configurations:
 
   ours      LightX2VBackend as the app runs it, every preset on every rung of its preset file
-  peer      LightX2V's own recipe from measured-baseline.md (block offload, T5 offload, VAE on the
+  peer      LightX2V's own low-VRAM recipe (docs/lightx2v.md §2) (block offload, T5 offload, VAE on the
             GPU, untiled, only the fixes it needs to run: our fix 5 and both optimisations off)
   resident  no offload, uncapped: the step-time reference of the targets (needs ~30 GB VRAM)
   ours-nochunk, ours-perstep

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OUTPUTS_DIR = Path("outputs")
 
-# LightX2V keeps the DiT blocks (~14.5 GB) and T5 blocks (~4.6 GB) pinned in host RAM (lightx2v-notes.md §5).
+# LightX2V keeps the DiT blocks (~14.5 GB) and T5 blocks (~4.6 GB) pinned in host RAM (docs/lightx2v.md §2).
 PINNED_HOST_GIB = 19
 # A "32 GB" machine reports ~31 GiB (firmware and kernel reservations), so the line sits a little below 32.
 RAM_RECOMMENDED_GIB = 30

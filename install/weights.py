@@ -1,6 +1,6 @@
 """Weights manager: fetch exactly what the INT8 path needs, resume after interruption, verify before loading.
 
-What LightX2V loads (see shared/reference/lightx2v-notes.md §2.1) and therefore what lives under the weights
+What LightX2V loads (LightX2V f8aee98b) and therefore what lives under the weights
 folder (= LightX2V's `model_path`):
 
     <weights_dir>/
@@ -30,7 +30,7 @@ written on, so no live listing of the repository could be taken):
   * The UMT5 tokenizer folder `google/umt5-xxl/{special_tokens_map.json, spiece.model, tokenizer.json,
     tokenizer_config.json}` is confirmed in Wan-AI/Wan2.1-T2V-14B (HF commit listing of its duplicate
     wan-community/Wan2.1-T2V-14B@f71f4be). We take it from the LightX2V repo when that repo has it, else from there.
-  * Sizes (shared/reference/measured-baseline.md, lightx2v-notes.md §2): 40 blocks x 0.352 GB, non_block
+  * Sizes (measured on the real repository): 40 blocks x 0.352 GB, non_block
     0.931 GB, T5 int8 6.733 GB, VAE 0.508 GB -- about 22.2 GB in all.
 Because the exact listing could not be read, nothing here trusts a hard-coded list: the download lists the repo
 at a pinned commit, resolves each logical file in the places LightX2V looks, and names what is missing if the
@@ -85,7 +85,7 @@ TOKENIZER_DIR = "google/umt5-xxl"
 T5_FILENAME = "models_t5_umt5-xxl-enc-int8.pth"
 VAE_FILENAME = "Wan2.1_VAE.pth"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "spiece.model")
-# Keys LightX2V reads from the DiT config (lightx2v-notes.md §2.2); without them loading fails much later.
+# Keys LightX2V reads from the DiT config (LightX2V f8aee98b); without them loading fails much later.
 CONFIG_KEYS_READ_BY_LOADER = ("dim", "num_heads", "num_layers", "in_dim", "out_dim", "freq_dim", "text_len")
 
 # Used before the repo has been listed (doctor's disk check); the real numbers come from the listing.

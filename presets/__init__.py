@@ -32,7 +32,7 @@ class OffloadGranularity(str, enum.Enum):
 
 class TextEncoderPlacement(str, enum.Enum):
     # Blocks streamed from pinned host memory; the 2.1 GB token embedding goes back to the CPU after
-    # each prompt (LightX2V leaves it on the GPU otherwise, measured-baseline.md bug 5).
+    # each prompt (LightX2V leaves it on the GPU otherwise, docs/lightx2v.md §1, bug 5).
     OFFLOAD = "offload"
     # LightX2V's own behaviour: blocks streamed, the token embedding stays on the GPU after first use.
     OFFLOAD_KEEP_EMBEDDING = "offload_keep_embedding"

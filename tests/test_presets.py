@@ -50,7 +50,7 @@ def test_shipped_rungs_run_fast_to_lean():
 
 
 def test_720p_needs_tiled_vae_on_every_rung():
-    # roofline.md §5: the untiled decode at 720p alone needs ~9 GiB.
+    # docs/lightx2v.md §2: the untiled decode at 720p alone needs ~9 GiB.
     assert all(r.vae_tiling for r in load_presets()["720x1280x81"].rungs)
 
 

@@ -1,7 +1,7 @@
 """Synthetic Wan2.1-T2V-14B checkpoints in LightX2V's `distill_int8` layout, FOR TESTS AND SIZING ONLY.
 
 The files have exactly the names, keys, dtypes and shapes of
-`lightx2v/Wan2.1-T2V-14B-StepDistill-CfgDistill-Lightx2v` (docs: shared/reference/lightx2v-notes.md §2),
+`lightx2v/Wan2.1-T2V-14B-StepDistill-CfgDistill-Lightx2v` (the layout of its distill_int8/ folder),
 so LightX2V loads them with its real loaders and runs its real kernels on them. The values are
 random: the videos are noise. Timings and memory measured on them are real, because kernel speed
 and tensor sizes do not depend on the values.

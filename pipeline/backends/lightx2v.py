@@ -4,7 +4,7 @@ This is the only module that imports LightX2V, and it does so inside functions: 
 nothing and needs neither torch nor LightX2V (CPU CI, the doctor, the UI without a GPU).
 
 Which rung settings LightX2V fixes when the runner is built, and which we change per call
-(LightX2V f8aee98b; see shared/reference/lightx2v-notes.md):
+(LightX2V f8aee98b; docs/lightx2v.md has the background):
 
 build time (part of the LoadKey, a change reloads the weights)
   offload_granularity   WanTransformerWeights.register_offload_buffers allocates 2 CUDA block
@@ -77,7 +77,7 @@ INSTALL_HINT = ("Install the GPU requirements: `pip install -r requirements-gpu.
                 "(`pip install --no-deps \"lightx2v @ git+https://github.com/ModelTC/LightX2V@"
                 f"{LIGHTX2V_PINNED_COMMIT}\"`); ./run.sh does both where nvidia-smi sees the GPU.")
 
-# What `import lightx2v` needs (lightx2v-notes.md §8: `from lightx2v import LightX2VPipeline` imports
+# What `import lightx2v` needs (docs/lightx2v.md §4: `from lightx2v import LightX2VPipeline` imports
 # every runner). Module names, checked with find_spec so a check does not import them.
 REQUIRED_MODULES = ("lightx2v", "lightx2v_platform", "triton", "torchvision", "torchaudio", "loguru",
                     "diffusers", "transformers", "tokenizers", "safetensors", "accelerate", "einops",
@@ -236,7 +236,7 @@ class LightX2VBackend:
     @property
     def quant_scheme(self) -> str:
         # int8-triton needs nothing beyond the triton that ships with Linux torch and compiles for
-        # sm_86 (lightx2v-notes.md §3); the others are opt-in.
+        # sm_86 (docs/lightx2v.md §3); the others are opt-in.
         return "int8-triton" if self.quant_scheme_requested == "auto" else self.quant_scheme_requested
 
     @property
@@ -346,7 +346,7 @@ def _torch_cuda_version() -> str | None:
 
 
 def _import_torch_for_cuda():
-    # measured-baseline.md: expandable segments decide whether 720p fits. LightX2V only
+    # docs/lightx2v.md §2: expandable segments decide whether 720p fits. LightX2V only
     # setdefault()s it when lightx2v.pipeline is imported (pipeline.py:8), which is too late if
     # anything touched CUDA before; the app should export it before Python starts. We set the
     # default here and, if CUDA is already up without it, switch the allocator at runtime.

@@ -1,4 +1,4 @@
-"""Workarounds for the LightX2V bugs on the Wan T2V low-VRAM path (shared/reference/measured-baseline.md).
+"""Workarounds for the LightX2V bugs on the Wan T2V low-VRAM path (docs/lightx2v.md §1).
 
 One function per bug, named after what it fixes. Each first checks whether the installed LightX2V
 still has the bug (by its data, signature, behaviour or source) and only then applies the fix, logs
