@@ -188,6 +188,8 @@ def build_app(settings: Settings):
         adopted = history.adopt_saved(outputs.find_saved)
         log.warning("%d job(s) were interrupted when the app last stopped%s", interrupted,
                     f"; {adopted} of them had already saved their video and are listed" if adopted else "")
+    if hasattr(backend, "use_kernel_store"):
+        backend.use_kernel_store(history)  # the attention kernel measured per GPU is remembered there
     monitor = GpuMonitor()
     service = VideoService(presets=presets, cache=PipelineCache(backend), outputs=outputs,
                            history=history, monitor=monitor, vram_cap_gib=settings.vram_cap_gib)

@@ -33,7 +33,9 @@ SDPA_FLASH = "sdpa_flash"      # torch SDPA, FlashAttention-2 backend (bf16)
 SDPA_EFFICIENT = "sdpa_efficient"  # torch SDPA, memory-efficient backend
 FLASH_ATTN2 = "flash_attn2"    # the flash_attn package, where installed
 FLASH_ATTN3 = "flash_attn3"    # flash_attn_interface (FlashAttention 3, Hopper only), where installed
-ALL_ATTENTION = (SAGE, SDPA_CUDNN, SDPA_FLASH, SDPA_EFFICIENT, FLASH_ATTN2, FLASH_ATTN3)
+TORCH_SDPA = "torch_sdpa"      # LightX2V's torch_sdpa: SDPA with PyTorch's own backend pick (the
+                               # baseline where SageAttention is not installed)
+ALL_ATTENTION = (SAGE, TORCH_SDPA, SDPA_CUDNN, SDPA_FLASH, SDPA_EFFICIENT, FLASH_ATTN2, FLASH_ATTN3)
 
 # LightX2V imports this SageAttention entry point on compute capability 8.9 and 12.0; SageAttention
 # 1.0.6 (the version that runs on sm_86 without compiling CUDA) does not export it.
@@ -70,9 +72,7 @@ def available_attention(capability: tuple[int, int] | None, *, sage_exports: Ite
     that still fails at measurement time is dropped there (`measure_attention`)."""
     if capability is None:
         return []
-    out = []
-    if sage_entry_point(capability, sage_exports) is not None:
-        out.append(SAGE)
+    out = [SAGE] if sage_entry_point(capability, sage_exports) is not None else [TORCH_SDPA]
     ampere = capability >= (8, 0)
     if ampere and cudnn_sdpa:
         out.append(SDPA_CUDNN)
@@ -209,7 +209,13 @@ def attention_functions(torch: Any, sage_fn: Callable[..., Any] | None) -> dict[
             return o.transpose(1, 2)[0]
         return run
 
+    def sdpa_default(q, k, v):
+        o = F.scaled_dot_product_attention(q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2),
+                                           v.unsqueeze(0).transpose(1, 2))
+        return o.transpose(1, 2)[0]
+
     fns: dict[str, Callable[[Any, Any, Any], Any]] = {
+        TORCH_SDPA: sdpa_default,
         SDPA_CUDNN: sdpa(SDPBackend.CUDNN_ATTENTION),
         SDPA_FLASH: sdpa(SDPBackend.FLASH_ATTENTION),
         SDPA_EFFICIENT: sdpa(SDPBackend.EFFICIENT_ATTENTION),
@@ -376,6 +382,47 @@ def int8_gemm_smem_bytes(block_m: int, block_n: int, block_k: int, num_stages: i
     return num_stages * (block_m * block_k + block_k * block_n) * elem_bytes
 
 
-def int8_gemm_tiles_for(smem_limit: int) -> list[tuple[int, int, int, int, int]]:
-    """The tiles of INT8_GEMM_TILES that fit the GPU's shared memory per block."""
-    return [t for t in INT8_GEMM_TILES if int8_gemm_smem_bytes(*t[:4]) <= smem_limit]
+# The list the compat layer installs: every tile fits an sm_86 SM. 128x128x64/s4/w4 first: the fastest
+# tile at all four model shapes on an H200 (1,102-1,164 TOPS against 822-963 for LightX2V's favourite
+# 256x128x128/s3 under the same conditions, docs/benchmarks/kernels-micro-2026-11-30-NVIDIA_H200.json);
+# the others give the autotuner room on GPUs with fewer SMs. A short list keeps autotuning (once per
+# shape) short and its noisy picks among near-equal tiles rare.
+INT8_GEMM_INSTALLED = (
+    (128, 128, 64, 4, 4),
+    (256, 128, 64, 4, 8),
+    (128, 256, 64, 4, 8),
+    (256, 128, 64, 3, 8),
+)
+
+
+def int8_gemm_tiles_for(smem_limit: int, tiles: Iterable[tuple[int, int, int, int, int]] = INT8_GEMM_INSTALLED
+                        ) -> list[tuple[int, int, int, int, int]]:
+    """The tiles that fit the GPU's shared memory per block (all of INT8_GEMM_INSTALLED on sm_86+)."""
+    return [t for t in tiles if int8_gemm_smem_bytes(*t[:4]) <= smem_limit]
+
+
+# ------------------------------------------------------------------------------------------------
+# Assembly (the backend calls this once per build)
+
+
+def build_selector(torch: Any, sage_fn: Callable[..., Any] | None, sage_exports: Iterable[str], *,
+                   store: ChoiceStore | None = None, force: str | None = None) -> AttentionSelector:
+    """An AttentionSelector for GPU 0: the backends it can run, LightX2V's kernel as the baseline.
+    `sage_fn`: the function LightX2V's sage_attn2 calls (None where it has none)."""
+    capability = torch.cuda.get_device_capability(0)
+    fns = attention_functions(torch, sage_fn)
+    offered = available_attention(capability, sage_exports=sage_exports if sage_fn is not None else (),
+                                  cudnn_sdpa=torch.backends.cuda.cudnn_sdp_enabled(),
+                                  flash_attn=FLASH_ATTN2 in fns, flash_attn3=FLASH_ATTN3 in fns)
+    offered = [name for name in offered if name in fns]
+    if force is not None and force not in offered:
+        raise ValueError(f"attention backend {force!r} cannot run on this GPU; available: {offered}")
+    try:
+        from importlib import metadata
+
+        sage_version = metadata.version("sageattention")
+    except Exception:  # noqa: BLE001 - PackageNotFoundError or a broken install: no version
+        sage_version = "none"
+    return AttentionSelector(torch=torch, fns=fns, offered=offered, baseline=offered[0],
+                             gpu_name=torch.cuda.get_device_name(0),
+                             versions=f"torch{torch.__version__}-sage{sage_version}", store=store, force=force)

@@ -48,6 +48,7 @@ weights stay on the GPU from the first to the last step of a run instead of movi
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import logging
 import os
@@ -209,13 +210,16 @@ class LightX2VBackend:
 
     def __init__(self, weights_dir: Path | str, quant_scheme: str = "auto", attn_mode: str = "auto",
                  vram_cap_gib: float | None = None, *, compat_skip: frozenset[str] | set[str] = frozenset(),
-                 ffn_chunk_tokens: int = FFN_CHUNK_TOKENS, resident: bool = False):
+                 ffn_chunk_tokens: int = FFN_CHUNK_TOKENS, resident: bool = False, attention: str = "auto",
+                 kernel_store: Any = None):
         """`vram_cap_gib`: limit this process's PyTorch allocations to that many GiB (emulates a
         smaller card; leaves VRAM to other programs). `compat_skip`: compat fixes NOT to apply, for
         the GPU tests that prove each fix is needed. Never set it in the app. `ffn_chunk_tokens`:
         run the DiT FFN over token slices of at most this many tokens (0 = never; see
         lightx2v_compat.ffn_chunked_over_tokens). `resident`: no offload at all (DiT, T5 and VAE on
-        the GPU, ~30 GB): only the benchmark's reference for step times."""
+        the GPU, ~30 GB): only the benchmark's reference for step times. `attention`: "auto" measures
+        the self-attention kernels per GPU (pipeline/backends/kernels.py), a backend name forces one
+        (bench, bisecting); `kernel_store`: where measured choices persist (the history database)."""
         if quant_scheme != "auto" and quant_scheme not in QUANT_SCHEMES:
             raise ValueError(f"quant_scheme must be 'auto' or one of {sorted(QUANT_SCHEMES)}, got {quant_scheme!r}")
         if attn_mode != "auto" and attn_mode not in ATTN_MODES:
@@ -229,7 +233,30 @@ class LightX2VBackend:
         self.compat_skip = frozenset(compat_skip)
         self.ffn_chunk_tokens = int(ffn_chunk_tokens)
         self.resident = bool(resident)
+        from pipeline.backends import kernels
+
+        if attention != "auto" and attention not in kernels.ALL_ATTENTION:
+            raise ValueError(f"attention must be 'auto' or one of {list(kernels.ALL_ATTENTION)}, got {attention!r}")
+        self.attention = attention
+        self.kernel_store = kernel_store
+        self._selector: Any = None
         self._last_fixes: list[str] = []
+        self._last_fix_details: dict[str, str] = {}
+
+    def use_kernel_store(self, store: Any) -> None:
+        """Persist measured kernel choices there (the app passes its History)."""
+        self.kernel_store = store
+        if self._selector is not None:
+            self._selector.store = store
+
+    def kernel_choices(self, gpu_name: str | None = None) -> list[dict[str, Any]]:
+        """The attention kernels chosen on this GPU, for the System tab: this process's choices
+        once a run has measured, else those the history database remembers for `gpu_name`."""
+        from pipeline.backends import kernels
+
+        if self._selector is not None and self._selector.choices:
+            return self._selector.summary()
+        return kernels.cached_choices(self.kernel_store, gpu_name)
 
     # -- resolution of "auto" (cheap: find_spec only) --
 
@@ -303,6 +330,7 @@ class LightX2VBackend:
         try:
             pipe = _build_pipeline(lx, fixes, files, build)
             model = LightX2VModel(pipe, fixes, build, files, torch, lx, ffn_chunk_tokens=self.ffn_chunk_tokens)
+            self._selector = _install_kernels(lx, fixes, model, torch, build, self.attention, self.kernel_store)
         except BaseException:
             # A failed build (OOM while loading, missing kernel...) must not keep pinned host memory
             # or GPU buffers: the cache rolls back to the previous model right after this.
@@ -312,6 +340,7 @@ class LightX2VBackend:
                 torch.cuda.empty_cache()
             raise
         self._last_fixes = fixes.names
+        self._last_fix_details = {fix.name: fix.detail for fix in fixes.applied}
         log.info("LightX2V pipeline built in %.1f s (%s); compat fixes: %s", time.perf_counter() - started,
                  ", ".join(f"{k}={v}" for k, v in sorted(build.items())), fixes.names or "none")
         return model
@@ -337,7 +366,33 @@ class LightX2VBackend:
             "attn_mode": self.attn_mode,
             "vram_cap_gib": self.vram_cap_gib,
             "compat_fixes": list(self._last_fixes),
+            "kernels": {"attention_requested": self.attention,
+                        "attention": self._selector.summary() if self._selector is not None else [],
+                        **{name: self._last_fix_details[name] for name in _KERNEL_FIXES if name in self._last_fix_details}},
         }
+
+
+_KERNEL_FIXES = ("attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu", "sage_attention_on_sm89_sm120")
+
+
+def _install_kernels(lx: "_LightX2VModules", fixes: Any, model: "LightX2VModel", torch: Any, build: dict[str, Any],
+                     attention: str, store: Any) -> Any:
+    """The kernel hooks of a build (pipeline/backends/kernels.py): SageAttention on RTX 40/50, the
+    INT8 GEMM tiles for this GPU, and the self-attention selector. Returns the selector (or None)."""
+    from pipeline.backends import kernels
+
+    capability = torch.cuda.get_device_capability(0)
+    lx.compat.sage_attention_on_sm89_sm120(fixes, lx.sage_attn_module, lx.sageattention, capability)
+    if build["quant_scheme"] == "int8-triton" and lx.triton_kernels is not None:
+        lx.compat.int8_gemm_tiles_for_this_gpu(fixes, lx.triton_kernels,
+                                               torch.cuda.get_device_properties(0).shared_memory_per_block_optin)
+    if build["attn_mode"] not in ("sage_attn2", "torch_sdpa"):
+        return None  # flash_attn builds: the user asked for that kernel
+    sage_fn = getattr(lx.sage_attn_module, "sageattn", None) if build["attn_mode"] == "sage_attn2" else None
+    selector = kernels.build_selector(torch, sage_fn, dir(lx.sageattention) if lx.sageattention else (),
+                                      store=store, force=None if attention == "auto" else attention)
+    lx.compat.attention_chosen_by_measurement(fixes, model._runner.model.transformer_weights, selector)
+    return selector if fixes.has("attention_chosen_by_measurement") else None
 
 
 def _torch_cuda_version() -> str | None:
@@ -388,6 +443,9 @@ class _LightX2VModules:
     default_runner_cls: Any
     wan_runner_cls: Any
     chunked_rope_cls: Any
+    sage_attn_module: Any = None
+    sageattention: Any = None
+    triton_kernels: Any = None
 
 
 def _import_lightx2v() -> _LightX2VModules:
@@ -404,7 +462,15 @@ def _import_lightx2v() -> _LightX2VModules:
         from lightx2v.utils.registry_factory import MM_WEIGHT_REGISTER
     except ImportError as exc:
         raise BackendUnavailable(f"LightX2V could not be imported ({exc}). {INSTALL_HINT}") from exc
-    return _LightX2VModules(compat=compat, input_info=input_info, pipeline_cls=LightX2VPipeline,
+    kernel_modules = {}
+    for field_name, module_name in (("sage_attn_module", "lightx2v.common.ops.attn.sage_attn"),
+                                    ("sageattention", "sageattention"),
+                                    ("triton_kernels", "lightx2v.common.ops.mm.triton_kernels")):
+        try:
+            kernel_modules[field_name] = importlib.import_module(module_name)
+        except ImportError:
+            kernel_modules[field_name] = None  # the hook that needs it does nothing
+    return _LightX2VModules(**kernel_modules, compat=compat, input_info=input_info, pipeline_cls=LightX2VPipeline,
                             mm_weight_register=MM_WEIGHT_REGISTER, pre_infer_cls=WanPreInfer,
                             t5_encoder_cls=T5Encoder, default_runner_cls=DefaultRunner,
                             wan_runner_cls=WanRunner, chunked_rope_cls=ChunkedRope)

@@ -16,6 +16,12 @@ objects in, so `import pipeline.backends.lightx2v_compat` stays cheap and works 
 | t2v_without_image_encoder           | 4   | UnboundLocalError: context_clip with clean_cuda_cache        |
 | t5_token_embedding_on_host          | 5   | 2.1 GB T5 token embedding left on the GPU after each prompt  |
 | reset_runner_after_exception        | 6   | after any exception the next seed is ignored / stale block 0 |
+| sage_attention_on_sm89_sm120        | 7   | RTX 40/50: sage_attn2 is None, the first step fails          |
+
+Speed, applied the same way and listed with the fixes (each can be skipped: the bench's switches):
+attention_chosen_by_measurement (the self-attention kernel measured per GPU, pipeline/backends/
+kernels.py) and int8_gemm_tiles_for_this_gpu (INT8 GEMM autotune tiles that fit the GPU's shared
+memory; bit-identical output).
 """
 
 from __future__ import annotations
@@ -36,9 +42,11 @@ FIX_NAMES = (
     "t2v_without_image_encoder",
     "t5_token_embedding_on_host",
     "reset_runner_after_exception",
+    "sage_attention_on_sm89_sm120",
 )
 # Not bugs: memory savings applied the same way (recorded with the fixes for the run records).
-OPTIMIZATION_NAMES = ("ffn_chunked_over_tokens", "non_block_weights_kept_for_the_run")
+OPTIMIZATION_NAMES = ("ffn_chunked_over_tokens", "non_block_weights_kept_for_the_run",
+                      "attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu")
 
 
 # Fixes that patch process-wide LightX2V state (a module-level set, a class attribute) stay in effect
@@ -502,3 +510,166 @@ def release_non_block_weights(model: Any) -> None:
     With `non_block_weights_kept_for_the_run` applied this only copies what is on the GPU."""
     model.pre_weight.to_cpu()
     model.transformer_weights.non_block_weights_to_cpu()
+
+
+# -- bug 7 ----------------------------------------------------------------------------------------
+
+
+def sage_attention_on_sm89_sm120(fixes: CompatFixes, sage_attn_module: Any, sageattention: Any,
+                                 capability: tuple[int, int] | None) -> None:
+    """Bug 7. On compute capability 8.9 and 12.0 (RTX 40 and 50) LightX2V imports
+    `sageattn_qk_int8_pv_fp16_triton` from sageattention (common/ops/attn/sage_attn.py:24-31);
+    SageAttention 1.0.6, the version that installs without compiling CUDA, exports only `sageattn`,
+    so the import fails quietly, `sageattn` stays None and sage_attn2's first call raises
+    "'NoneType' object is not callable". 1.0.6's `sageattn` is the same Triton INT8-QK kernel.
+
+    Detected by the module's `sageattn` being None while the installed sageattention offers the
+    entry point kernels.sage_entry_point picks for this capability; fixed by setting it."""
+    from pipeline.backends import kernels
+
+    name = "sage_attention_on_sm89_sm120"
+    if sage_attn_module is None or sageattention is None:
+        return
+    if getattr(sage_attn_module, "sageattn", 0) is not None and name not in _PROCESS_WIDE:
+        return
+    entry = kernels.sage_entry_point(capability, dir(sageattention))
+    if entry is None or not fixes.wanted("sage_attention_on_sm89_sm120"):
+        return
+    sage_attn_module.sageattn = getattr(sageattention, entry)
+    # LightX2V routes through a torch custom op when magi_compiler is installed, registered only if
+    # sageattn was importable at import time: without the op, call the function directly.
+    if getattr(sage_attn_module, "magi_register_custom_op", None) is not None:
+        sage_attn_module.magi_register_custom_op = None
+    _PROCESS_WIDE.add("sage_attention_on_sm89_sm120")
+
+    def undo() -> None:
+        sage_attn_module.sageattn = None
+
+    def redo() -> None:
+        sage_attn_module.sageattn = getattr(sageattention, entry)
+
+    fixes.record("sage_attention_on_sm89_sm120", f"sage_attn2 uses sageattention.{entry} on sm_{capability[0]}{capability[1]}",
+                 undo=undo, redo=redo)
+
+
+# -- speed: self-attention kernel chosen by measurement --------------------------------------------
+
+# LightX2V's dense attention weights whose apply(q, k, v, ...) on [L, H, D] we may replace.
+DENSE_ATTENTION_CLASSES = ("SageAttn2Weight", "TorchSDPAWeight", "FlashAttn2Weight", "FlashAttn3Weight")
+
+
+def attention_modules(weights: Any, name: str = "self_attn_1") -> list[Any]:
+    """Every attention weight module registered as `name` under `weights` (each block, and the CUDA
+    offload buffers' blocks), once each."""
+    found: dict[int, Any] = {}
+    seen, stack = set(), [weights]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        modules = getattr(obj, "_modules", None)
+        if not isinstance(modules, dict):
+            continue
+        module = modules.get(name)
+        if module is not None:
+            found[id(module)] = module
+        stack.extend(m for m in modules.values() if m is not None)
+    return list(found.values())
+
+
+def attention_chosen_by_measurement(fixes: CompatFixes, transformer_weights: Any, selector: Any) -> None:
+    """Not a bug: LightX2V runs the attention kernel named in the config for every GPU. Replace the
+    `apply` of each DiT self-attention module (an instance attribute: other builds keep theirs) by
+    `selector` (kernels.AttentionSelector), which measures the backends at the first call of a
+    shape and dispatches to the fastest one that is no less accurate than LightX2V's own kernel.
+    Calls it cannot serve (a mask, a batch, sequence parallel's extra arguments) go to the original.
+
+    Skipped where the modules are not LightX2V's dense kernels (sparse or custom attention)."""
+    modules = [m for m in attention_modules(transformer_weights) if type(m).__name__ in DENSE_ATTENTION_CLASSES]
+    if not modules or not fixes.wanted("attention_chosen_by_measurement"):
+        return
+    originals = {id(m): m.__dict__.get("apply") for m in modules}
+
+    def routed(module: Any) -> Callable[..., Any]:
+        original = type(module).apply.__get__(module)
+
+        def apply(q, k, v, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=None, max_seqlen_kv=None, **kwargs):
+            if q.dim() != 3 or kwargs.get("attn_mask") is not None or k.shape[0] != q.shape[0]:
+                return original(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_kv=cu_seqlens_kv,
+                                max_seqlen_q=max_seqlen_q, max_seqlen_kv=max_seqlen_kv, **kwargs)
+            return selector(q, k, v)
+
+        return apply
+
+    def redo() -> None:
+        for m in modules:
+            m.apply = routed(m)
+
+    def undo() -> None:
+        for m in modules:
+            previous = originals[id(m)]
+            if previous is None:
+                m.__dict__.pop("apply", None)
+            else:
+                m.apply = previous
+
+    redo()
+    fixes.record("attention_chosen_by_measurement",
+                 f"self-attention of {len(modules)} modules measured per GPU (baseline {selector.baseline}, "
+                 f"offered {', '.join(selector.offered)}{', forced ' + selector.force if selector.force else ''})",
+                 undo=undo, redo=redo)
+
+
+# -- speed: INT8 GEMM autotune tiles that fit this GPU -----------------------------------------------
+
+_UPSTREAM_AUTOTUNE: dict[int, list[Any]] = {}
+
+
+def int8_gemm_tiles_for_this_gpu(fixes: CompatFixes, triton_kernels: Any, smem_limit: int) -> None:
+    """Not a bug: LightX2V autotunes its INT8 GEMM over four Hopper-sized tiles (common/ops/mm/
+    triton_kernels.py:94-101); two need more shared memory than an sm_86 SM has (144 and 128 KB
+    > 99 KB) and fail to compile there, leaving two. kernels.INT8_GEMM_INSTALLED lists tiles of at
+    most 96 KB, led by 128x128x64 / 4 stages / 4 warps, measured fastest at every model shape on an
+    H200 (docs/benchmarks/kernels-micro-2026-11-30-NVIDIA_H200.json). A tile changes neither the
+    int32 accumulation nor the epilogue: outputs are bit-identical (the microbenchmark checks).
+
+    Process-wide (the kernels are module globals): a build that skips it gets upstream's list back."""
+    from pipeline.backends import kernels
+
+    targets = [k for k in (getattr(triton_kernels, "int8_gemm_bias_kernel", None),
+                           getattr(triton_kernels, "int8_gemm_kernel", None))
+               if k is not None and isinstance(getattr(k, "configs", None), list) and hasattr(k, "cache")]
+    config_cls = getattr(triton_kernels, "Config", None)
+    if not targets or config_cls is None:
+        return
+    for k in targets:
+        _UPSTREAM_AUTOTUNE.setdefault(id(k), list(k.configs))
+
+    def install(configs_for: Callable[[Any], list[Any]]) -> None:
+        for k in targets:
+            k.configs = configs_for(k)
+            k.cache = {}  # autotune results of the previous list
+
+    def upstream() -> None:
+        install(lambda k: list(_UPSTREAM_AUTOTUNE[id(k)]))
+
+    if not fixes.wanted("int8_gemm_tiles_for_this_gpu"):
+        if "int8_gemm_tiles_for_this_gpu" in _PROCESS_WIDE:
+            upstream()
+            _PROCESS_WIDE.discard("int8_gemm_tiles_for_this_gpu")
+        return
+    tiles = kernels.int8_gemm_tiles_for(smem_limit)
+    if not tiles:
+        return
+    ours = [config_cls({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": bk, "SPLIT_K": 1}, num_stages=s, num_warps=w)
+            for m, n, bk, s, w in tiles]
+
+    def redo() -> None:
+        install(lambda k: list(ours))
+
+    redo()
+    _PROCESS_WIDE.add("int8_gemm_tiles_for_this_gpu")
+    fixes.record("int8_gemm_tiles_for_this_gpu",
+                 f"INT8 GEMM autotune over {', '.join('%dx%dx%d/s%d/w%d' % t for t in tiles)} "
+                 f"(<= {smem_limit // 1024} KB shared memory per block)", undo=upstream, redo=redo)
