@@ -243,6 +243,15 @@ def attention_functions(torch: Any, sage_fn: Callable[..., Any] | None) -> dict[
     return fns
 
 
+def _cuda_seconds(torch: Any, call: Callable[[], Any]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    call()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
 def reference_rows(torch: Any, q: Any, k: Any, v: Any, rows: Any) -> Any:
     """Exact attention in fp32 for the given query rows (all keys), one head at a time: [R, H, D]."""
     scale = q.shape[-1] ** -0.5
@@ -258,10 +267,13 @@ def reference_rows(torch: Any, q: Any, k: Any, v: Any, rows: Any) -> Any:
 
 def measure_attention(torch: Any, q: Any, k: Any, v: Any, fns: dict[str, Callable[[Any, Any, Any], Any]],
                       names: Iterable[str], *, query_rows: int = TIMING_QUERY_ROWS, ref_rows: int = REFERENCE_ROWS,
-                      reps: int = TIMING_REPS) -> list[Trial]:
+                      reps: int = TIMING_REPS, clock: Callable[[str, Callable[[], Any]], float] | None = None
+                      ) -> list[Trial]:
     """Time each backend on the first `query_rows` rows of q against all of k, v (one untimed call
     first: JIT compilation) and measure its relative L2 error on `ref_rows` rows spread over that
-    prefix. The prefix keeps SageAttention's per-block quantisation of q exactly as in a full call."""
+    prefix. The prefix keeps SageAttention's per-block quantisation of q exactly as in a full call.
+    `clock(name, call)`: seconds of one call (default: CUDA events; tests pass fake timings)."""
+    clock = clock or (lambda name, call: _cuda_seconds(torch, call))
     n = min(q.shape[0], query_rows)
     qp = q[:n]
     rows = torch.linspace(0, n - 1, min(ref_rows, n), device=q.device).round().long()
@@ -277,14 +289,7 @@ def measure_attention(torch: Any, q: Any, k: Any, v: Any, fns: dict[str, Callabl
             out = fn(qp, k, v)
             rel = (torch.linalg.vector_norm(out[rows].float() - ref).item() / ref_norm) if ref_norm else 0.0
             del out
-            times = []
-            for _ in range(reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn(qp, k, v)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
+            times = [clock(name, lambda: fn(qp, k, v)) for _ in range(reps)]
             trials.append(Trial(name, seconds=sorted(times)[len(times) // 2], rel_l2=rel))
         except Exception as exc:  # noqa: BLE001 - a backend that cannot run here is simply not offered
             if "out of memory" in str(exc).lower():
@@ -307,6 +312,7 @@ class AttentionSelector:
     versions: str
     store: ChoiceStore | None = None
     force: str | None = None
+    clock: Callable[[str, Callable[[], Any]], float] | None = None
     choices: dict[str, AttentionChoice] = field(default_factory=dict)
 
     def choice_for(self, q: Any, k: Any, v: Any) -> AttentionChoice:
@@ -321,7 +327,7 @@ class AttentionSelector:
             choice = self._cached(key)
             if choice is None:
                 started = time.perf_counter()
-                trials = measure_attention(self.torch, q, k, v, self.fns, self.offered)
+                trials = measure_attention(self.torch, q, k, v, self.fns, self.offered, clock=self.clock)
                 choice = AttentionChoice(choose_attention(trials, self.baseline), self.baseline, shape,
                                          self.gpu_name, tuple(trials), time.time())
                 log.info("attention at %s on %s: %s (measured in %.1f s: %s)", shape, self.gpu_name, choice.backend,
