@@ -9,18 +9,29 @@ measures, per run: load time, text encoder, every denoising step, VAE decode and
 (seconds), and per phase the peak of torch-reserved memory and of NVML device memory above the
 level before the run. Configurations:
 
-  ours      LightX2VBackend as the app runs it, every preset on every rung of its preset file
-  peer      LightX2V's own low-VRAM recipe (docs/lightx2v.md §2) (block offload, T5 offload, VAE on the
-            GPU, untiled, only the fixes it needs to run: our fix 5 and both optimisations off)
-  resident  no offload, uncapped: the step-time reference of the targets (needs ~30 GB VRAM)
-  ours-nochunk, ours-perstep
+  ours      LightX2VBackend as the app runs it (every optimisation on), every preset on every rung
+            of its preset file
+  lightx2v-recipe
+            LightX2V's own low-VRAM recipe (docs/lightx2v.md §2) (block offload, T5 offload, VAE on the
+            GPU, untiled, only the fixes it needs to run: our fix 5 and every optimisation off)
+  lightx2v-resident
+            LightX2V with no offload, uncapped, its own kernels: the step-time reference of the
+            targets (needs ~30 GB VRAM)
+  ours-resident
+            `lightx2v-resident` with our kernel choices (attention measured per GPU, INT8 GEMM tiles):
+            what the kernels alone buy, same placement
+  ours-nochunk, ours-perstep, ours-noattn, ours-nogemm
             `ours` without one optimisation (the FFN over token slices; the non-block weights
-            kept on the GPU for a run), to measure what each buys
+            kept on the GPU for a run; the measured attention kernel; the INT8 GEMM tiles), to
+            measure what each buys and to bisect
+  (`peer` and `resident` are the old names of the two LightX2V configurations.)
 
 Each row carries a hash of the frames: the same prompt and seed must give the same hash in every
 configuration that only changes memory or copies (ours, ours-nochunk, ours-perstep).
 
-It writes <out>/<date>-<gpu>.json and .md (default docs/benchmarks/). Each build starts with a small
+It writes <out>/<date>-<gpu>.json and .md (default docs/benchmarks/), and <out>/latest.json: a list
+of runs, each {"gpu", "date", "config", "preset", "s_per_step" (mean of steps 2-4),
+"peak_reserved_gib", "kernels" (the attention kernel and GEMM tiles used)}, overwritten by each run. Each build starts with a small
 unmeasured warm-up run so Triton's compilation stays out of the numbers; per-shape autotuning still
 lengthens step 1, which is reported apart from the mean of steps 2-4.
 
@@ -236,6 +247,7 @@ class Bench:
             "peak_reserved_gib": round(max(probe.reserved_peak.values(), default=0.0), 3),
             "peak_nvml_gib": round(max(probe.nvml_peak.values(), default=0.0), 3),
             "fixes": fixes,
+            "kernels": kernels_used(model),
             "frames_sha256": None if frames is None else frames_hash(frames),
         }
         log.info("%s %s/%s: %s step %.2fs peak %.2f GiB", label, preset.name, rung, outcome,
@@ -249,6 +261,39 @@ class Bench:
         stem = f"{meta['date']}-{meta['gpu'].replace(' ', '_')}"
         (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "runs": self.results}, indent=2))
         (out / f"{stem}.md").write_text(markdown(meta, self.results))
+        (out / "latest.json").write_text(json.dumps(latest_runs(meta, self.results), indent=2))
+
+
+def kernels_used(model: Any) -> dict[str, Any]:
+    """The kernels a run used: the attention choice per shape (or LightX2V's configured kernel where
+    our selector is off) and the details of the kernel hooks that were applied."""
+    selector = getattr(model, "attention_selector", None)
+    applied = getattr(getattr(model, "compat", None), "applied", [])
+    details = {fix.name: fix.detail for fix in applied
+               if fix.name in ("attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu",
+                               "sage_attention_on_sm89_sm120")}
+    if selector is not None:
+        attention: Any = [{"shape": c["shape"], "backend": c["backend"], "source": c["source"]}
+                          for c in selector.summary()]
+    else:
+        attention = f"{getattr(model, 'build', {}).get('attn_mode')} (LightX2V's)"
+    return {"attention": attention, "int8_gemm": details.get("int8_gemm_tiles_for_this_gpu", "LightX2V's autotune list"),
+            **({"sage_fix": details["sage_attention_on_sm89_sm120"]} if "sage_attention_on_sm89_sm120" in details else {})}
+
+
+def latest_runs(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """docs/benchmarks/latest.json: one entry per measured run; s_per_step is the mean of steps 2-4."""
+    out = []
+    for r in rows:
+        if "preset" not in r:
+            continue
+        steps = r.get("steps_s") or []
+        out.append({"gpu": meta["gpu"], "date": meta["date"], "config": r["config"], "preset": r["preset"],
+                    "rung": r.get("rung"), "result": r.get("result"),
+                    "s_per_step": round(sum(steps[1:4]) / len(steps[1:4]), 3) if len(steps) > 1 else None,
+                    "step1_s": steps[0] if steps else None, "peak_reserved_gib": r.get("peak_reserved_gib"),
+                    "kernels": r.get("kernels"), "frames_sha256": r.get("frames_sha256")})
+    return out
 
 
 def frames_hash(frames: Any) -> str:
@@ -272,7 +317,7 @@ def environment(torch: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [f"# Benchmark {meta['date']} on {meta['gpu']}", "",
-             f"PyTorch capped at {meta['budget_gib']} GiB (except `resident`); torch {meta['torch']} (CUDA "
+             f"PyTorch capped at {meta['budget_gib']} GiB (except the `*-resident` configs); torch {meta['torch']} (CUDA "
              f"{meta['cuda']}), triton {meta['triton']}, sageattention {meta['sageattention']}, LightX2V "
              f"{meta['lightx2v_commit']}, {meta['quant_scheme']} + {meta['attn_mode']}, "
              f"`PYTORCH_CUDA_ALLOC_CONF={meta['alloc_conf']}`. {meta['checkpoint']}. Written by `python -m bench.run`.",
@@ -303,16 +348,23 @@ OURS_VARIANTS: dict[str, dict[str, Any]] = {
     "ours": {},
     "ours-nochunk": {"ffn_chunk_tokens": 0},
     "ours-perstep": {"compat_skip": {"non_block_weights_kept_for_the_run"}},
+    "ours-noattn": {"compat_skip": {"attention_chosen_by_measurement"}},
+    "ours-nogemm": {"compat_skip": {"int8_gemm_tiles_for_this_gpu"}},
 }
-PEER_SKIP = {"t5_token_embedding_on_host", "non_block_weights_kept_for_the_run"}
+KERNEL_SKIP = {"attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu"}
+# LightX2V as it ships: only the fixes it needs to run (bug 5's fix and every optimisation off).
+PEER_SKIP = {"t5_token_embedding_on_host", "non_block_weights_kept_for_the_run"} | KERNEL_SKIP
+RESIDENT_KWARGS = {"resident": True, "ffn_chunk_tokens": 0}
+ALIASES = {"peer": "lightx2v-recipe", "resident": "lightx2v-resident"}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", type=Path, default=None, help="full-size synthetic checkpoint (else written to a temp dir)")
     parser.add_argument("--budget-gib", type=float, default=11.0)
-    parser.add_argument("--configs", default="ours,peer,resident",
-                        help="comma list of ours, peer, resident, ours-nochunk, ours-perstep")
+    parser.add_argument("--configs", default="ours,lightx2v-recipe,lightx2v-resident",
+                        help="comma list of ours, lightx2v-recipe, lightx2v-resident, ours-resident, "
+                             + ", ".join(sorted(set(OURS_VARIANTS) - {"ours"})))
     parser.add_argument("--presets", default="", help="comma list of preset names (default: all)")
     parser.add_argument("--rungs", default="", help="comma list of rung names for `ours` (default: all)")
     parser.add_argument("--out", default="docs/benchmarks")
@@ -334,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = set(filter(None, args.presets.split(",")))
     presets = [p for name, p in bench.presets.items() if not wanted or name in wanted]
     rung_filter = set(filter(None, args.rungs.split(",")))
-    configs = args.configs.split(",")
+    configs = [ALIASES.get(c, c) for c in args.configs.split(",") if c]
     peer_memory = {"offload_granularity": "block", "text_encoder": "offload", "vae_offload": False,
                    "vae_tiling": False, "rope_chunk": 0, "clean_cuda_cache": False}
     for config in configs:
@@ -343,13 +395,13 @@ def main(argv: list[str] | None = None) -> int:
                     if not rung_filter or r.name in rung_filter]
             runs.sort(key=lambda run: (run[2]["offload_granularity"], run[2]["text_encoder"]))
             bench.run_config(config, OURS_VARIANTS[config], runs, args.budget_gib)
-        elif config == "peer":
-            bench.run_config("peer (LightX2V recipe)", {"compat_skip": PEER_SKIP, "ffn_chunk_tokens": 0},
+        elif config == "lightx2v-recipe":
+            bench.run_config(config, {"compat_skip": PEER_SKIP, "ffn_chunk_tokens": 0},
                              [(p, "recipe", peer_memory) for p in presets], args.budget_gib)
-        elif config == "resident":
+        elif config in ("lightx2v-resident", "ours-resident"):
             resident = dict(peer_memory, text_encoder="gpu")
-            bench.run_config("resident (no offload, uncapped)", {"resident": True, "ffn_chunk_tokens": 0},
-                             [(p, "resident", resident) for p in presets], None)
+            kwargs = dict(RESIDENT_KWARGS, compat_skip=KERNEL_SKIP if config == "lightx2v-resident" else set())
+            bench.run_config(config, kwargs, [(p, "resident", resident) for p in presets], None)
         else:
             parser.error(f"unknown config {config!r}")
     bench._flush()

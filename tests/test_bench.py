@@ -27,7 +27,7 @@ def _row(**overrides):
 
 def test_every_report_row_has_the_header_columns_and_the_frames_hash():
     rows = [_row(), _row(config="ours-perstep", load_s=None),
-            _row(config="peer", result="OOM", failed_phase="denoising", steps_s=[], step_s=None, frames_sha256=None),
+            _row(config="lightx2v-recipe", result="OOM", failed_phase="denoising", steps_s=[], step_s=None, frames_sha256=None),
             {"config": "ours", "build": {}, "result": "load failed: boom"}]
     table = [line for line in markdown(META, rows).splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(rows)
@@ -55,3 +55,42 @@ def test_each_bench_variant_switches_off_a_real_optimisation(variant):
         assert OURS_VARIANTS[variant] == {}
     else:
         assert skip <= set(compat.OPTIMIZATION_NAMES) and (skip or OURS_VARIANTS[variant].get("ffn_chunk_tokens") == 0)
+
+
+def test_latest_json_lists_each_run_with_the_mean_of_steps_2_to_4():
+    from bench.run import latest_runs
+
+    rows = [_row(steps_s=[4.0, 1.5, 1.6, 1.7]), _row(config="lightx2v-resident", steps_s=[3.0, 2.0, 2.2, 2.4, 9.0]),
+            _row(config="lightx2v-recipe", result="OOM", steps_s=[], step_s=None),
+            {"config": "ours", "build": {}, "result": "load failed: boom"}]
+    runs = latest_runs(META, rows)
+    assert [r["config"] for r in runs] == ["ours", "lightx2v-resident", "lightx2v-recipe"]
+    for r in runs:
+        assert {"gpu", "date", "config", "preset", "s_per_step", "peak_reserved_gib"} <= set(r)
+        assert r["gpu"] == "Test GPU" and r["date"] == "2026-11-27"
+    assert runs[0]["s_per_step"] == 1.6 and runs[1]["s_per_step"] == 2.2 and runs[2]["s_per_step"] is None
+
+
+def test_lightx2v_configs_switch_every_kernel_hook_off_and_old_names_still_work():
+    from bench.run import ALIASES, KERNEL_SKIP
+
+    assert KERNEL_SKIP <= PEER_SKIP
+    assert {"attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu"} == KERNEL_SKIP
+    assert ALIASES == {"peer": "lightx2v-recipe", "resident": "lightx2v-resident"}
+
+
+def test_kernels_used_names_the_measured_choice_or_lightx2vs_kernel():
+    from types import SimpleNamespace
+
+    from bench.run import kernels_used
+
+    fixes = compat.CompatFixes()
+    fixes.record("int8_gemm_tiles_for_this_gpu", "INT8 GEMM autotune over 128x128x64/s4/w4")
+    selector = SimpleNamespace(summary=lambda: [{"shape": "32760x40x128", "backend": "sdpa_cudnn", "source": "measured",
+                                                 "trials": {}}])
+    ours = kernels_used(SimpleNamespace(attention_selector=selector, compat=fixes, build={"attn_mode": "sage_attn2"}))
+    assert ours["attention"] == [{"shape": "32760x40x128", "backend": "sdpa_cudnn", "source": "measured"}]
+    assert ours["int8_gemm"].startswith("INT8 GEMM autotune")
+    theirs = kernels_used(SimpleNamespace(attention_selector=None, compat=compat.CompatFixes(),
+                                          build={"attn_mode": "sage_attn2"}))
+    assert theirs == {"attention": "sage_attn2 (LightX2V's)", "int8_gemm": "LightX2V's autotune list"}

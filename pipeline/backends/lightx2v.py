@@ -392,7 +392,8 @@ def _install_kernels(lx: "_LightX2VModules", fixes: Any, model: "LightX2VModel",
     selector = kernels.build_selector(torch, sage_fn, dir(lx.sageattention) if lx.sageattention else (),
                                       store=store, force=None if attention == "auto" else attention)
     lx.compat.attention_chosen_by_measurement(fixes, model._runner.model.transformer_weights, selector)
-    return selector if fixes.has("attention_chosen_by_measurement") else None
+    model.attention_selector = selector if fixes.has("attention_chosen_by_measurement") else None
+    return model.attention_selector
 
 
 def _torch_cuda_version() -> str | None:
@@ -548,6 +549,7 @@ class LightX2VModel:
         self._compat = lx.compat
         self._chunked_rope_cls = lx.chunked_rope_cls
         self.host_embedding = None
+        self.attention_selector = None  # set by _install_kernels where the measured attention is on
         if build["text_encoder_offload"]:
             self.host_embedding = lx.compat.t5_token_embedding_on_host(fixes, self._runner, lx.t5_encoder_cls)
         lx.compat.ffn_chunked_over_tokens(fixes, self._runner.model.transformer_infer, ffn_chunk_tokens)
