@@ -213,10 +213,10 @@ class Bench:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         snap = self.monitor.read()
-        probe = PhaseProbe(torch, self.monitor, snap.used_bytes if snap else 0)
+        probe = self.probe_cls(torch, self.monitor, snap.used_bytes if snap else 0)
         outcome, frames, error, failed_phase = "ok", None, None, None
         try:
-            frames = model.generate(_spec(preset, memory), probe.hooks())
+            frames = self.generate(model, _spec(preset, memory), probe, record)
         except Exception as exc:  # noqa: BLE001
             outcome = "OOM" if is_oom(exc) else "error"
             error = f"{type(exc).__name__}: {str(exc)[:160]}"
@@ -253,6 +253,12 @@ class Bench:
         log.info("%s %s/%s: %s step %.2fs peak %.2f GiB", label, preset.name, rung, outcome,
                  row["step_s"] or -1, row["peak_reserved_gib"])
         self.results.append(row)
+
+    probe_cls = PhaseProbe
+
+    def generate(self, model: Any, spec: Any, probe: PhaseProbe, record: bool) -> Any:
+        """One measured call (bench.profile wraps it in torch.profiler)."""
+        return model.generate(spec, probe.hooks())
 
     def _flush(self) -> None:
         out = Path(self.args.out)
@@ -358,11 +364,11 @@ RESIDENT_KWARGS = {"resident": True, "ffn_chunk_tokens": 0}
 ALIASES = {"peer": "lightx2v-recipe", "resident": "lightx2v-resident"}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str, description: str, default_configs: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--ckpt", type=Path, default=None, help="full-size synthetic checkpoint (else written to a temp dir)")
     parser.add_argument("--budget-gib", type=float, default=11.0)
-    parser.add_argument("--configs", default="ours,lightx2v-recipe,lightx2v-resident",
+    parser.add_argument("--configs", default=default_configs,
                         help="comma list of ours, lightx2v-recipe, lightx2v-resident, ours-resident, "
                              + ", ".join(sorted(set(OURS_VARIANTS) - {"ours"})))
     parser.add_argument("--presets", default="", help="comma list of preset names (default: all)")
@@ -370,8 +376,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/benchmarks")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false")
     parser.add_argument("--time-budget-s", type=float, default=1e9, help="stop starting new runs after this long")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser("python -m bench.run", __doc__.split("\n\n")[0], "ours,lightx2v-recipe,lightx2v-resident")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    bench = prepare(args, Bench)
+    for config in [ALIASES.get(c, c) for c in args.configs.split(",") if c]:
+        planned = plan(config, bench, args)
+        if planned is None:
+            parser.error(f"unknown config {config!r}")
+        bench.run_config(*planned)
+    bench._flush()
+    sys.stdout.write(markdown(environment(bench.torch, args), bench.results) + "\n")
+    return 0
+
+
+PEER_MEMORY = {"offload_granularity": "block", "text_encoder": "offload", "vae_offload": False,
+               "vae_tiling": False, "rope_chunk": 0, "clean_cuda_cache": False}
+
+
+def prepare(args: argparse.Namespace, bench_cls: type) -> Any:
+    """Check the allocator setting, write a synthetic checkpoint unless --ckpt names one, build the bench."""
     alloc_conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").lower()
     if "expandable_segments:false" in alloc_conf:
         log.info("measuring without expandable segments (PYTORCH_CUDA_ALLOC_CONF=%s)", alloc_conf)
@@ -382,31 +410,30 @@ def main(argv: list[str] | None = None) -> int:
         from tools.synthetic_checkpoint import write_checkpoint
 
         args.ckpt = write_checkpoint(Path(tempfile.mkdtemp(prefix="bench-ckpt-")), "full").root
-    bench = Bench(args, args.ckpt)
+    return bench_cls(args, args.ckpt)
+
+
+def plan(config: str, bench: Any, args: argparse.Namespace, first_rung_only: bool = False
+         ) -> tuple[str, dict[str, Any], list[tuple[Any, str, dict[str, Any]]], float | None] | None:
+    """run_config's arguments for one configuration: (label, backend kwargs, runs, cap), or None
+    for an unknown name. `first_rung_only`: `ours` runs each preset's first rung only (the profile)."""
     wanted = set(filter(None, args.presets.split(",")))
     presets = [p for name, p in bench.presets.items() if not wanted or name in wanted]
     rung_filter = set(filter(None, args.rungs.split(",")))
-    configs = [ALIASES.get(c, c) for c in args.configs.split(",") if c]
-    peer_memory = {"offload_granularity": "block", "text_encoder": "offload", "vae_offload": False,
-                   "vae_tiling": False, "rope_chunk": 0, "clean_cuda_cache": False}
-    for config in configs:
-        if config in OURS_VARIANTS:
-            runs = [(p, r.name, r.settings()) for p in presets for r in p.rungs
-                    if not rung_filter or r.name in rung_filter]
-            runs.sort(key=lambda run: (run[2]["offload_granularity"], run[2]["text_encoder"]))
-            bench.run_config(config, OURS_VARIANTS[config], runs, args.budget_gib)
-        elif config == "lightx2v-recipe":
-            bench.run_config(config, {"compat_skip": PEER_SKIP, "ffn_chunk_tokens": 0},
-                             [(p, "recipe", peer_memory) for p in presets], args.budget_gib)
-        elif config in ("lightx2v-resident", "ours-resident"):
-            resident = dict(peer_memory, text_encoder="gpu")
-            kwargs = dict(RESIDENT_KWARGS, compat_skip=KERNEL_SKIP if config == "lightx2v-resident" else set())
-            bench.run_config(config, kwargs, [(p, "resident", resident) for p in presets], None)
-        else:
-            parser.error(f"unknown config {config!r}")
-    bench._flush()
-    sys.stdout.write(markdown(environment(bench.torch, args), bench.results) + "\n")
-    return 0
+    if config in OURS_VARIANTS:
+        runs = [(p, r.name, r.settings()) for p in presets
+                for r in (p.rungs[:1] if first_rung_only and not rung_filter else p.rungs)
+                if not rung_filter or r.name in rung_filter]
+        runs.sort(key=lambda run: (run[2]["offload_granularity"], run[2]["text_encoder"]))
+        return config, OURS_VARIANTS[config], runs, args.budget_gib
+    if config == "lightx2v-recipe":
+        return (config, {"compat_skip": PEER_SKIP, "ffn_chunk_tokens": 0},
+                [(p, "recipe", PEER_MEMORY) for p in presets], args.budget_gib)
+    if config in ("lightx2v-resident", "ours-resident"):
+        resident = dict(PEER_MEMORY, text_encoder="gpu")
+        kwargs = dict(RESIDENT_KWARGS, compat_skip=KERNEL_SKIP if config == "lightx2v-resident" else set())
+        return config, kwargs, [(p, "resident", resident) for p in presets], None
+    return None
 
 
 if __name__ == "__main__":
