@@ -167,6 +167,55 @@ def gemm(torch: Any, lx_root: Path, reps: int) -> dict[str, Any]:
     return {"smem_per_block_optin": smem, "rows": results}
 
 
+def gemm_ab(torch: Any, lx_root: Path, rounds: int, reps: int) -> list[dict[str, Any]]:
+    """LightX2V's list against the list the compat layer installs on this GPU, interleaved round by
+    round (the GPU's clocks drift over a run: back-to-back blocks of one list would favour the first)."""
+    import triton
+
+    tk = _lightx2v_triton_kernels(lx_root)
+    kern = tk.int8_gemm_bias_kernel
+    upstream = list(kern.configs)
+    smem = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    ours = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": 1}, num_stages=s, num_warps=w)
+            for m, n, k, s, w in kernels.int8_gemm_tiles_for(smem)]
+    out = []
+    for m, k, n in GEMM_SHAPES:
+        a = torch.randn((m, k), device="cuda", dtype=torch.bfloat16)
+        aq, ascale = tk.int8_quantize_triton(a)
+        del a
+        w = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+        wscale = torch.rand((n,), device="cuda", dtype=torch.float32) / 100
+        bias = torch.randn((n,), device="cuda", dtype=torch.float32)
+        times: dict[str, list[float]] = {"lightx2v": [], "ours": []}
+        picks: dict[str, str] = {}
+        outs = {}
+        for name, configs in (("lightx2v", upstream), ("ours", ours)):  # autotune each once
+            kern.configs, kern.cache = configs, {}
+            outs[name] = tk.int8_gemm_bias_triton(aq, w, bias, ascale, wscale, output_dtype=torch.bfloat16)
+            picks[name] = str(kern.best_config)
+        caches = {}
+        for name, configs in (("lightx2v", upstream), ("ours", ours)):
+            kern.configs, kern.cache = configs, {}
+            tk.int8_gemm_bias_triton(aq, w, bias, ascale, wscale, output_dtype=torch.bfloat16)
+            caches[name] = dict(kern.cache)
+        for _ in range(rounds):
+            for name in ("lightx2v", "ours"):
+                kern.configs, kern.cache = (upstream if name == "lightx2v" else ours), dict(caches[name])
+                times[name].append(_time(torch, lambda: tk.int8_gemm_bias_triton(aq, w, bias, ascale, wscale,
+                                                                                  output_dtype=torch.bfloat16), reps))
+        med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+        row = {"shape": f"{m}x{k}x{n}", "lightx2v_ms": round(med["lightx2v"] * 1e3, 3), "ours_ms": round(med["ours"] * 1e3, 3),
+               "speedup": round(med["lightx2v"] / med["ours"], 3), "identical": bool(torch.equal(outs["lightx2v"], outs["ours"])),
+               "lightx2v_pick": picks["lightx2v"][:60], "ours_pick": picks["ours"][:60],
+               "lightx2v_tops": round(2 * m * k * n / med["lightx2v"] / 1e12, 1), "ours_tops": round(2 * m * k * n / med["ours"] / 1e12, 1)}
+        log.info("gemm A/B %s", row)
+        out.append(row)
+        del aq, ascale, w, wscale, bias, outs
+        torch.cuda.empty_cache()
+    kern.configs, kern.cache = upstream, {}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.kernels_micro")
     parser.add_argument("--out", default=os.environ.get("OUT", "docs/benchmarks"))
@@ -174,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--skip-gemm", action="store_true")
     parser.add_argument("--skip-attention", action="store_true")
+    parser.add_argument("--ab-rounds", type=int, default=0, help="interleaved A/B of the two GEMM lists, N rounds")
     parser.add_argument("--lx-root", type=Path, default=None, help="LightX2V source root (default: from the import path)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -191,12 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"meta": meta}
     if not args.skip_attention:
         result["attention"] = attention(torch, [int(t) for t in args.tokens.split(",") if t], args.reps)
+    lx_root = args.lx_root
+    if lx_root is None:
+        spec = importlib.util.find_spec("lightx2v")
+        lx_root = Path(spec.submodule_search_locations[0]).parent if spec else Path(".gpu/lx")
     if not args.skip_gemm:
-        lx_root = args.lx_root
-        if lx_root is None:
-            spec = importlib.util.find_spec("lightx2v")
-            lx_root = Path(spec.submodule_search_locations[0]).parent if spec else Path(".gpu/lx")
         result["gemm"] = gemm(torch, lx_root, args.reps)
+    if args.ab_rounds:
+        result["gemm_ab"] = gemm_ab(torch, lx_root, args.ab_rounds, args.reps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"kernels-micro-{meta['date'][:10]}-{meta['gpu'].replace(' ', '_')}.json"
