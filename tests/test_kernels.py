@@ -292,3 +292,19 @@ def test_attention_swap_skipped_for_sparse_attention_and_by_switch():
     module = SageAttn2Weight()
     compat.attention_chosen_by_measurement(skip, _Module(b=_Module(self_attn_1=module)), _Selector())
     assert "apply" not in module.__dict__ and skip.names == []
+
+
+def test_a_backend_that_runs_out_of_memory_is_not_chosen_and_the_run_goes_on():
+    torch = pytest.importorskip("torch")
+    q, k, v = (torch.randn(64, 2, 8) for _ in range(3))
+    calls: list[str] = []
+    sel = _selector(torch, None, {"sage_attn2": 0.05, "sdpa_cudnn": 0.01}, calls)
+
+    def hungry(q, k, v):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    sel.fns["sdpa_cudnn"] = hungry
+    out = sel(q, k, v)
+    choice = list(sel.choices.values())[0]
+    assert choice.backend == "sage_attn2" and out.shape == (64, 16)
+    assert "OutOfMemoryError" in {t.backend: t for t in choice.trials}["sdpa_cudnn"].error

@@ -285,16 +285,21 @@ def measure_attention(torch: Any, q: Any, k: Any, v: Any, fns: dict[str, Callabl
         if fn is None:
             trials.append(Trial(name, error="not importable"))
             continue
+        failure = None
         try:
             out = fn(qp, k, v)
             rel = (torch.linalg.vector_norm(out[rows].float() - ref).item() / ref_norm) if ref_norm else 0.0
             del out
             times = [clock(name, lambda: fn(qp, k, v)) for _ in range(reps)]
             trials.append(Trial(name, seconds=sorted(times)[len(times) // 2], rel_l2=rel))
-        except Exception as exc:  # noqa: BLE001 - a backend that cannot run here is simply not offered
-            if "out of memory" in str(exc).lower():
-                raise
-            trials.append(Trial(name, error=f"{type(exc).__name__}: {str(exc)[:120]}"))
+        except Exception as exc:  # noqa: BLE001 - a backend that cannot run here (or needs more memory
+            # than is left: also "cannot run here", never a failed run) is simply not chosen
+            failure = f"{type(exc).__name__}: {str(exc)[:120]}"
+        if failure is not None:
+            # Outside the except block: the traceback's tensors are gone, give their memory back.
+            trials.append(Trial(name, error=failure))
+            if "out of memory" in failure.lower() and torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return trials
 
 
