@@ -133,14 +133,19 @@ class ProfileBench(Bench):
             write_profile(self.args, self.torch, self.profiles)
 
 
+def _is_mark(name: str) -> bool:
+    return name.startswith("step ") or name.startswith("phase ")
+
+
 def summarise(prof: Any, label: str, spec: Any) -> dict[str, Any]:
     from torch.autograd import DeviceType
 
     events = prof.events()
     marks = [(e.name, e.time_range.start, e.time_range.end) for e in events
-             if e.device_type == DeviceType.CPU and (e.name.startswith("step ") or e.name.startswith("phase "))]
+             if e.device_type == DeviceType.CPU and _is_mark(e.name)]
+    # Our ranges also appear on the GPU timeline (gpu_user_annotation): they are not kernels.
     kernels = [(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in events
-               if e.device_type == DeviceType.CUDA]
+               if e.device_type == DeviceType.CUDA and not _is_mark(e.name)]
     windows = group_kernels(marks, kernels)
     steps = sorted((w for w in windows if w.startswith("step ")), key=lambda w: int(w.split()[1]))
     later = steps[1:4]

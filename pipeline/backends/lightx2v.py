@@ -42,7 +42,10 @@ slow card waits for one block, not one step); a VAE decode that runs out of memo
 back (DecodeOutOfMemory); failures are cleaned up (recover, bug 6); the FFN runs over token
 slices above 32,768 tokens (720p), which cuts 720p's peak by ~2.7 GiB at no cost; and the non-block
 weights stay on the GPU from the first to the last step of a run instead of moving twice per step
-(docs/benchmarks/2026-11-27-NVIDIA_H100_80GB_HBM3.md).
+(docs/benchmarks/2026-11-27-NVIDIA_H100_80GB_HBM3.md). Kernels (pipeline/backends/kernels.py, hooked in
+by _install_kernels): the self-attention kernel is measured per GPU and shape at its first call
+and cached in the history database, the INT8 GEMM autotunes over tiles that fit the GPU's shared
+memory, and RTX 40/50 cards get SageAttention 1.0.6's kernel; the record's model.kernels says which.
 """
 
 from __future__ import annotations
