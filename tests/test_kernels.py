@@ -308,3 +308,52 @@ def test_a_backend_that_runs_out_of_memory_is_not_chosen_and_the_run_goes_on():
     choice = list(sel.choices.values())[0]
     assert choice.backend == "sage_attn2" and out.shape == (64, 16)
     assert "OutOfMemoryError" in {t.backend: t for t in choice.trials}["sdpa_cudnn"].error
+
+
+def _fake_torch(capability, name):
+    return types.SimpleNamespace(
+        __version__="2.11.0",
+        cuda=types.SimpleNamespace(get_device_capability=lambda i=0: capability, get_device_name=lambda i=0: name,
+                                   get_device_properties=lambda i=0: types.SimpleNamespace(
+                                       shared_memory_per_block_optin=101376 if capability != (9, 0) else 232448)),
+        backends=types.SimpleNamespace(cuda=types.SimpleNamespace(cudnn_sdp_enabled=lambda: True)))
+
+
+@pytest.mark.parametrize("capability, name", [((8, 9), "NVIDIA GeForce RTX 4090"), ((12, 0), "NVIDIA GeForce RTX 5090"),
+                                              ((8, 6), "NVIDIA GeForce RTX 3060")])
+def test_install_on_a_faked_gpu_offers_sageattention_that_runs_there(capability, name):
+    pytest.importorskip("torch")
+    upstream = [_FakeConfig({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": 1}, s, w)
+                for m, n, k, s, w in kernels.INT8_GEMM_TILES[:4]]
+    triton_kernels = types.SimpleNamespace(Config=_FakeConfig, int8_gemm_bias_kernel=_FakeAutotuner(list(upstream)))
+    sage_106 = types.SimpleNamespace(sageattn=lambda *a, **k: "1.0.6", sageattn_varlen=None)
+    # LightX2V's import on 8.9/12.0 asked 1.0.6 for a function it lacks: its module holds None there.
+    lightx2v_sage = _sage_module(None if capability in kernels.SAGE_SM89_CAPABILITIES else sage_106.sageattn)
+    attn = SageAttn2Weight()
+    weights = _Module(blocks=_Module(b0=_Module(self_attn_1=attn)))
+    fixes = compat.CompatFixes()
+    selector = kernels.install(compat, fixes, _fake_torch(capability, name),
+                               {"quant_scheme": "int8-triton", "attn_mode": "sage_attn2"}, weights,
+                               sage_attn_module=lightx2v_sage, sageattention=sage_106, triton_kernels=triton_kernels)
+    compat._PROCESS_WIDE.discard("sage_attention_on_sm89_sm120")
+    compat._PROCESS_WIDE.discard("int8_gemm_tiles_for_this_gpu")
+    assert lightx2v_sage.sageattn is sage_106.sageattn  # sage_attn2's first step can run
+    assert fixes.has("sage_attention_on_sm89_sm120") == (capability in kernels.SAGE_SM89_CAPABILITIES)
+    assert selector is not None and selector.baseline == kernels.SAGE and selector.offered[0] == kernels.SAGE
+    assert selector.gpu_name == name and "apply" in attn.__dict__
+    assert len(triton_kernels.int8_gemm_bias_kernel.configs) == len(kernels.INT8_GEMM_INSTALLED)
+
+
+def test_install_never_offers_sageattention_where_it_is_missing():
+    pytest.importorskip("torch")
+    fixes = compat.CompatFixes()
+    selector = kernels.install(compat, fixes, _fake_torch((8, 9), "NVIDIA GeForce RTX 4060"),
+                               {"quant_scheme": "int8-triton", "attn_mode": "torch_sdpa"},
+                               _Module(b=_Module(self_attn_1=SageAttn2Weight())), sage_attn_module=_sage_module(None),
+                               sageattention=None, triton_kernels=None)
+    assert kernels.SAGE not in selector.offered and selector.baseline == kernels.TORCH_SDPA
+    assert fixes.names == ["attention_chosen_by_measurement"]
+    with pytest.raises(ValueError, match="cannot run on this GPU"):
+        kernels.install(compat, compat.CompatFixes(), _fake_torch((8, 9), "x"),
+                        {"quant_scheme": "int8-triton", "attn_mode": "torch_sdpa"}, _Module(), sage_attn_module=None,
+                        sageattention=None, triton_kernels=None, attention=kernels.SAGE)

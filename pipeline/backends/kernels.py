@@ -437,3 +437,23 @@ def build_selector(torch: Any, sage_fn: Callable[..., Any] | None, sage_exports:
     return AttentionSelector(torch=torch, fns=fns, offered=offered, baseline=offered[0],
                              gpu_name=torch.cuda.get_device_name(0),
                              versions=f"torch{torch.__version__}-sage{sage_version}", store=store, force=force)
+
+
+def install(compat: Any, fixes: Any, torch: Any, build: dict[str, Any], transformer_weights: Any, *,
+            sage_attn_module: Any, sageattention: Any, triton_kernels: Any, attention: str = "auto",
+            store: ChoiceStore | None = None) -> AttentionSelector | None:
+    """The kernel hooks of one LightX2V build, through the compat layer (each skippable by name):
+    SageAttention 1.0.6 on RTX 40/50, the INT8 GEMM tiles for this GPU, and the self-attention
+    selector. Returns the selector, or None where the attention swap is off or not applicable."""
+    capability = torch.cuda.get_device_capability(0)
+    compat.sage_attention_on_sm89_sm120(fixes, sage_attn_module, sageattention, capability)
+    if build["quant_scheme"] == "int8-triton" and triton_kernels is not None:
+        compat.int8_gemm_tiles_for_this_gpu(fixes, triton_kernels,
+                                            torch.cuda.get_device_properties(0).shared_memory_per_block_optin)
+    if build["attn_mode"] not in (SAGE, TORCH_SDPA):
+        return None  # flash_attn builds: the user asked for that kernel
+    sage_fn = getattr(sage_attn_module, "sageattn", None) if build["attn_mode"] == SAGE else None
+    selector = build_selector(torch, sage_fn, dir(sageattention) if sageattention is not None else (),
+                              store=store, force=None if attention == "auto" else attention)
+    compat.attention_chosen_by_measurement(fixes, transformer_weights, selector)
+    return selector if fixes.has("attention_chosen_by_measurement") else None

@@ -42,8 +42,8 @@ slow card waits for one block, not one step); a VAE decode that runs out of memo
 back (DecodeOutOfMemory); failures are cleaned up (recover, bug 6); the FFN runs over token
 slices above 32,768 tokens (720p), which cuts 720p's peak by ~2.7 GiB at no cost; and the non-block
 weights stay on the GPU from the first to the last step of a run instead of moving twice per step
-(docs/benchmarks/2026-11-27-NVIDIA_H100_80GB_HBM3.md). Kernels (pipeline/backends/kernels.py, hooked in
-by _install_kernels): the self-attention kernel is measured per GPU and shape at its first call
+(docs/benchmarks/2026-11-27-NVIDIA_H100_80GB_HBM3.md). Kernels (pipeline/backends/kernels.py,
+hooked in by kernels.install at load): the self-attention kernel is measured per GPU and shape at its first call
 and cached in the history database, the INT8 GEMM autotunes over tiles that fit the GPU's shared
 memory, and RTX 40/50 cards get SageAttention 1.0.6's kernel; the record's model.kernels says which.
 """
@@ -327,13 +327,18 @@ class LightX2VBackend:
         torch = _import_torch_for_cuda()
         _apply_vram_cap(torch, self.vram_cap_gib)
         lx = _import_lightx2v()
+        from pipeline.backends import kernels
+
         fixes = lx.compat.CompatFixes(skip=self.compat_skip)
         started = time.perf_counter()
         pipe = None
         try:
             pipe = _build_pipeline(lx, fixes, files, build)
             model = LightX2VModel(pipe, fixes, build, files, torch, lx, ffn_chunk_tokens=self.ffn_chunk_tokens)
-            self._selector = _install_kernels(lx, fixes, model, torch, build, self.attention, self.kernel_store)
+            self._selector = model.attention_selector = kernels.install(
+                lx.compat, fixes, torch, build, model._runner.model.transformer_weights, sage_attn_module=lx.sage_attn_module,
+                sageattention=lx.sageattention, triton_kernels=lx.triton_kernels, attention=self.attention,
+                store=self.kernel_store)
         except BaseException:
             # A failed build (OOM while loading, missing kernel...) must not keep pinned host memory
             # or GPU buffers: the cache rolls back to the previous model right after this.
@@ -376,27 +381,6 @@ class LightX2VBackend:
 
 
 _KERNEL_FIXES = ("attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu", "sage_attention_on_sm89_sm120")
-
-
-def _install_kernels(lx: "_LightX2VModules", fixes: Any, model: "LightX2VModel", torch: Any, build: dict[str, Any],
-                     attention: str, store: Any) -> Any:
-    """The kernel hooks of a build (pipeline/backends/kernels.py): SageAttention on RTX 40/50, the
-    INT8 GEMM tiles for this GPU, and the self-attention selector. Returns the selector (or None)."""
-    from pipeline.backends import kernels
-
-    capability = torch.cuda.get_device_capability(0)
-    lx.compat.sage_attention_on_sm89_sm120(fixes, lx.sage_attn_module, lx.sageattention, capability)
-    if build["quant_scheme"] == "int8-triton" and lx.triton_kernels is not None:
-        lx.compat.int8_gemm_tiles_for_this_gpu(fixes, lx.triton_kernels,
-                                               torch.cuda.get_device_properties(0).shared_memory_per_block_optin)
-    if build["attn_mode"] not in ("sage_attn2", "torch_sdpa"):
-        return None  # flash_attn builds: the user asked for that kernel
-    sage_fn = getattr(lx.sage_attn_module, "sageattn", None) if build["attn_mode"] == "sage_attn2" else None
-    selector = kernels.build_selector(torch, sage_fn, dir(lx.sageattention) if lx.sageattention else (),
-                                      store=store, force=None if attention == "auto" else attention)
-    lx.compat.attention_chosen_by_measurement(fixes, model._runner.model.transformer_weights, selector)
-    model.attention_selector = selector if fixes.has("attention_chosen_by_measurement") else None
-    return model.attention_selector
 
 
 def _torch_cuda_version() -> str | None:
@@ -552,7 +536,7 @@ class LightX2VModel:
         self._compat = lx.compat
         self._chunked_rope_cls = lx.chunked_rope_cls
         self.host_embedding = None
-        self.attention_selector = None  # set by _install_kernels where the measured attention is on
+        self.attention_selector = None  # set at load (kernels.install) where the measured attention is on
         if build["text_encoder_offload"]:
             self.host_embedding = lx.compat.t5_token_embedding_on_host(fixes, self._runner, lx.t5_encoder_cls)
         lx.compat.ffn_chunked_over_tokens(fixes, self._runner.model.transformer_infer, ffn_chunk_tokens)
