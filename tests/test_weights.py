@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from install import weights as w
+from install.progress import RateMeter
 from tests import fakeweights as fw
 from tests.hubserver import FakeRepo, HubServer, HubState
 
@@ -66,7 +67,7 @@ def test_full_download_fetches_only_the_int8_files_and_verifies(hub, tmp_path):
     assert fetched == fw.needed_paths(files)  # nothing from distill_models/, loras/, distill_fp8/, no taew2_1
     layout = result.report.layout
     assert layout is not None and layout.num_layers == fw.NUM_LAYERS
-    assert layout.t5_path == tmp_path / "weights" / fw.T5 and layout.tokenizer_dir.name == "umt5-xxl"
+    assert layout.t5 == tmp_path / "weights" / fw.T5 and layout.tokenizer.name == "umt5-xxl"
 
     downloading = [e for e in events if e.phase is w.DownloadPhase.DOWNLOADING]
     total = sum(len(files[p]) for p in fw.needed_paths(files))
@@ -395,7 +396,7 @@ def test_closing_iter_download_stops_the_transfer(hub, tmp_path):
 
 def test_rate_meter_falls_when_the_connection_stalls():
     now = [0.0]
-    meter = w._RateMeter(window_s=8.0, clock=lambda: now[0])
+    meter = RateMeter(window_s=8.0, clock=lambda: now[0])
     for _ in range(5):
         meter.add(10_000_000)
         now[0] += 1.0
