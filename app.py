@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=_env("WAN_STUDIO_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "download":
-        from install.weights import main_download
+        from install.cli import main_download
 
         return main_download(argv[1:])
     if argv and argv[0] == "doctor":

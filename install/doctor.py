@@ -21,8 +21,10 @@ from typing import Any
 
 from pipeline.backends.lightx2v import module_present
 from pipeline.gpu import GIB, GpuMonitor
-from install.weights import (APPROX_TOTAL_BYTES, DEFAULT_WEIGHTS_DIR, OUTPUTS_DIR_ENV, WEIGHTS_DIR_ENV, VerifyReport,
-                              default_dir, format_bytes, free_disk_bytes, verify)
+from install.cli import default_dir
+from install.progress import format_bytes
+from install.verify import VerifyReport, verify
+from install.weights import APPROX_TOTAL_BYTES, DEFAULT_WEIGHTS_DIR, OUTPUTS_DIR_ENV, WEIGHTS_DIR_ENV, free_disk_bytes
 
 log = logging.getLogger(__name__)
 

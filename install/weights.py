@@ -19,16 +19,13 @@ small files whose loss costs nothing, go through `hf_hub_download`.
 
 from __future__ import annotations
 
-import argparse
 import errno
-import importlib
 import importlib.util
 import json
 import logging
 import os
 import queue
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -38,185 +35,33 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
-from install.filecheck import (ContentHash, check_safetensors, check_torch_zip, hash_file, read_json,
-                               structure_problem)
-from install.progress import (DownloadPhase, DownloadProgress, RateMeter, TerminalProgress, format_bytes,
-                              format_eta, format_rate)
+from install.errors import (DownloadCancelled, WeightsCorrupt, WeightsDirNotWritable, WeightsDiskFull,
+                            WeightsFileMissing, WeightsIncomplete, WeightsNetworkError, WeightsRepoNotFound,
+                            map_hub_error, transport_errors)
+from install.filecheck import check_safetensors, check_torch_zip, hash_file, structure_problem
+from install.progress import DownloadPhase, DownloadProgress, RateMeter, format_bytes
+from install.verify import MANIFEST_NAME, STATE_DIR, VerifyProblem, VerifyReport, read_manifest, verify
 from pipeline import layout
 from pipeline.errors import WeightsError
 
-__all__ = ["DownloadPhase", "DownloadProgress", "format_bytes", "format_eta", "format_rate", "check_safetensors",
-           "check_torch_zip", "verify", "download_weights", "iter_download", "download_tiny_vae"]
+__all__ = ["DownloadCancelled", "DownloadResult", "VerifyProblem", "VerifyReport", "WeightsCorrupt",
+           "WeightsDirNotWritable", "WeightsDiskFull", "WeightsFileMissing", "WeightsIncomplete",
+           "WeightsNetworkError", "WeightsRepoNotFound", "check_safetensors", "check_torch_zip", "download_weights", "iter_download", "verify"]
 
 log = logging.getLogger(__name__)
 
 REPO_ID = "lightx2v/Wan2.1-T2V-14B-StepDistill-CfgDistill-Lightx2v"
 TOKENIZER_FALLBACK_REPO_ID = "Wan-AI/Wan2.1-T2V-14B"
-# Where a Wan 2.1 tiny VAE is published: LightX2V's own autoencoders, then the taehv author's.
-TINY_VAE_REPO_IDS = ("lightx2v/Autoencoders", "madebyollin/taehv")
 DEFAULT_WEIGHTS_DIR = Path("weights") / "Wan2.1-T2V-14B-StepDistill-CfgDistill-Lightx2v"
 WEIGHTS_DIR_ENV = "WAN_STUDIO_WEIGHTS_DIR"  # app.py reads these too, so every command looks in one place
 OUTPUTS_DIR_ENV = "WAN_STUDIO_OUTPUTS_DIR"
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # Measured on the real repository: 40 blocks x 0.352 GB, non_block 0.931 GB, T5 6.733 GB, VAE 0.508 GB.
 APPROX_TOTAL_BYTES = int(40 * 0.352e9 + 0.931e9 + 6.733e9 + 0.508e9)
-STATE_DIR = ".wan-studio"
-MANIFEST_NAME = "manifest.json"
 DISK_MARGIN_BYTES = 256 * 1024**2  # filesystems misreport a little; the manifest is written last
 RESUMABLE_MIN_BYTES = 16 * 1024**2  # smaller plain-HTTP files are cheap to fetch again
 CHUNK_BYTES = 1024**2
 RETRIES = 5
-
-
-class WeightsNetworkError(WeightsError):
-    """The Hub (or the mirror in HF_ENDPOINT) could not be reached, or the connection broke and did not recover."""
-
-
-class WeightsRepoNotFound(WeightsError):
-    """The repository or revision does not exist at the endpoint, or needs a login."""
-
-
-class WeightsFileMissing(WeightsError):
-    """A file the INT8 path needs is not in the repository."""
-
-
-class WeightsDiskFull(WeightsError):
-    """Not enough free disk space, before starting or while writing."""
-
-    def __init__(self, message: str, *, needed_bytes: int, free_bytes: int | None):
-        super().__init__(message)
-        self.needed_bytes, self.free_bytes = needed_bytes, free_bytes
-
-
-class WeightsCorrupt(WeightsError):
-    """A file is truncated, does not parse, or does not match the checksum published on the Hub."""
-
-
-class WeightsIncomplete(WeightsError):
-    """Files are missing locally (for example in offline mode)."""
-
-
-class WeightsDirNotWritable(WeightsError):
-    """The weights folder cannot be created or written to."""
-
-
-class DownloadCancelled(WeightsError):
-    """The user stopped the download; finished files and the partial file are kept for the next run."""
-
-
-# --------------------------------------------------------------------------------------------- verify
-
-
-@dataclass(frozen=True)
-class VerifyProblem:
-    path: str  # relative to the weights folder
-    kind: str  # "missing" | "corrupt" | "size" | "layout" | "unreadable"
-    detail: str
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    weights_dir: Path
-    problems: tuple[VerifyProblem, ...]
-    files_checked: int
-    bytes_checked: int
-    used_manifest: bool
-    deep: bool
-    layout: layout.WeightsLayout | None
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    @property
-    def missing(self) -> tuple[str, ...]:
-        return tuple(p.path for p in self.problems if p.kind == "missing")
-
-    def summary(self, limit: int = 5) -> str:
-        if self.ok:
-            how = "checked against the Hub checksums" if self.deep and self.used_manifest else (
-                "sizes checked against the download record" if self.used_manifest else "headers checked")
-            return (f"All {self.files_checked} weight files are present in {self.weights_dir} "
-                    f"({format_bytes(self.bytes_checked)}; {how}).")
-        lines = [f"{len(self.problems)} problem(s) with the weights in {self.weights_dir}:"]
-        lines += [f"- {p.path}: {p.detail}" for p in self.problems[:limit]]
-        if len(self.problems) > limit:
-            lines.append(f"- ... and {len(self.problems) - limit} more")
-        return "\n".join(lines)
-
-    def raise_for_problems(self) -> None:
-        """For the loader: a clear WeightsError instead of a LightX2V traceback halfway through loading."""
-        if self.ok:
-            return
-        fix = "Run python app.py download (or Download weights in the System tab); it fetches only what is " \
-              "missing or damaged."
-        kind = WeightsIncomplete if all(p.kind == "missing" for p in self.problems) else WeightsCorrupt
-        raise kind(f"{self.summary()}\n{fix}")
-
-
-def _manifest(root: Path) -> dict[str, Any] | None:
-    data, err = read_json(root / STATE_DIR / MANIFEST_NAME)
-    return data if err is None and isinstance(data, dict) and isinstance(data.get("files"), dict) else None
-
-
-def verify(weights_dir: Path | str, *, deep: bool = False) -> VerifyReport:
-    """Check that every file the INT8 path opens is present and sound. Never raises.
-
-    Quick (default, seconds): the layout rule, sizes from the download record, safetensors headers, torch
-    zip directories, JSON. `deep`: also hashes every recorded file against the Hub checksum (reads ~22 GB),
-    or CRC-checks the .pth members of a folder without a record.
-    """
-    root = Path(weights_dir).expanduser()
-    problems: list[VerifyProblem] = []
-    checked: list[tuple[str, int]] = []
-    found = None
-    try:
-        if not root.is_dir():
-            problems.append(VerifyProblem(".", "missing", f"folder {root} does not exist"))
-        elif root.name == layout.DIT_DIR and (root / "non_block.safetensors").exists():
-            problems.append(VerifyProblem(".", "layout", f"this is the {layout.DIT_DIR} folder itself; point "
-                                                         f"the weights folder at its parent ({root.parent})"))
-        else:
-            found = _verify(root, deep, problems, checked)
-    except OSError as exc:  # a folder we may not list; per-file read errors are reported per file
-        problems.append(VerifyProblem(".", "unreadable", f"cannot be read ({exc.strerror or exc})"))
-    return VerifyReport(root, tuple(problems), len(checked), sum(s for _, s in checked), _manifest(root) is not None
-                        if root.is_dir() else False, deep, found if not problems else None)
-
-
-def _verify(root: Path, deep: bool, problems: list[VerifyProblem], checked: list[tuple[str, int]]
-            ) -> layout.WeightsLayout | None:
-    manifest = _manifest(root)
-    recorded: dict[str, dict[str, Any]] = manifest["files"] if manifest else {}
-    config, used, bad = layout.read_config(root)
-    problems += [VerifyProblem(rel, "corrupt", why) for rel, why in bad]
-    if used and (err := layout.config_problem(config)):
-        problems.append(VerifyProblem(used[-1], "corrupt", err))
-    layers = config.get("num_layers") if not problems else 0
-    res = layout.resolve(lambda r: (root / r).is_file(), layers if isinstance(layers, int) else 0)
-    problems += [VerifyProblem(m.split(" ", 1)[0], "missing", f"missing: {m}") for m in res.missing]
-    for rel in dict.fromkeys([*res.files, *recorded, *([res.tiny_vae] if res.tiny_vae else [])]):
-        path, want = root / rel, recorded.get(rel, {})
-        if not path.is_file():
-            problems.append(VerifyProblem(rel, "missing", "missing (recorded by the download)"))
-            continue
-        size = path.stat().st_size
-        if isinstance(want.get("size"), int) and want["size"] != size:
-            problems.append(VerifyProblem(rel, "size", f"is {format_bytes(size)}, the Hub file is "
-                            f"{format_bytes(want['size'])} ({'truncated' if size < want['size'] else 'wrong file'})"))
-            continue
-        checked.append((rel, size))
-        if err := structure_problem(path, deep=deep and not want):
-            problems.append(VerifyProblem(rel, "corrupt", err))
-        elif deep and want.get("hash") and hash_file(path, want["hash_kind"], size).hexdigest() != want["hash"]:
-            problems.append(VerifyProblem(rel, "corrupt", "content does not match the Hub checksum (file is corrupt)"))
-    if problems:
-        return None
-    try:
-        return layout.locate(root)
-    except WeightsError as exc:
-        problems.append(VerifyProblem(".", "layout", str(exc)))
-        return None
 
 
 # --------------------------------------------------------------------------------------------- Hub
@@ -234,56 +79,6 @@ class PlannedFile:
     def record(self) -> dict[str, Any]:
         return {"size": self.size, "hash_kind": self.hash_kind, "hash": self.hash, "repo_id": self.repo_id,
                 "revision": self.revision}
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Connection-level errors of the HTTP client huggingface_hub uses (httpx in 1.x, httpx2 in 2.x)."""
-    found = []
-    for name in ("httpx2", "httpx"):
-        try:
-            found.append(importlib.import_module(name).TransportError)
-        except (ImportError, AttributeError):
-            continue
-    return tuple(found)
-
-
-def _map_hub_error(exc: BaseException, what: str, endpoint: str) -> WeightsError:
-    """Turn huggingface_hub / transport exceptions into messages that say what to do."""
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
-                                        RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
-
-    if isinstance(exc, WeightsError):
-        return exc
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return WeightsDiskFull(f"The disk filled up while writing {what}. Free some space (or choose another "
-                               "--weights-dir) and run the download again: it resumes where it stopped.",
-                               needed_bytes=0, free_bytes=None)
-    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return WeightsDirNotWritable(f"Cannot write {what} ({exc.strerror}). Fix the folder's permissions.")
-    if isinstance(exc, OfflineModeIsEnabled):
-        return WeightsIncomplete(f"Offline mode (HF_HUB_OFFLINE) is on, so {what} cannot be fetched.")
-    if isinstance(exc, GatedRepoError):
-        return WeightsRepoNotFound(f"{what}: the repository needs you to log in and accept its terms "
-                                   "(hf auth login).")
-    if isinstance(exc, RevisionNotFoundError):
-        return WeightsRepoNotFound(f"{what}: that revision does not exist. Check --revision.")
-    if isinstance(exc, RemoteEntryNotFoundError):
-        return WeightsFileMissing(f"{what} is not on the Hub (404). The repository layout may have changed.")
-    if isinstance(exc, RepositoryNotFoundError):
-        return WeightsRepoNotFound(f"{what}: the repository was not found at {endpoint}. If HF_ENDPOINT points "
-                                   "at a mirror, check that the mirror carries it.")
-    if isinstance(exc, HfHubHTTPError):
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status is not None and status >= 500:
-            return WeightsNetworkError(f"{what}: {endpoint} answered HTTP {status}. The Hub may be down; try "
-                                       "again later (finished files are kept).")
-        return WeightsError(f"{what}: {endpoint} answered HTTP {status}: {exc}")
-    if isinstance(exc, _transport_errors()):
-        return WeightsNetworkError(
-            f"Cannot reach {endpoint} ({type(exc).__name__}: {exc}). Check the internet connection; behind a "
-            "firewall, set HF_ENDPOINT (or --endpoint) to a mirror. Files already downloaded are kept and the "
-            "next run resumes.")
-    return WeightsError(f"{what}: {type(exc).__name__}: {exc}")
 
 
 def free_disk_bytes(path: Path) -> int:
@@ -337,7 +132,7 @@ class _Downloader:
         self._emit_cb, self.cancel, self.disk_free, self.opener = on_progress, cancel, disk_free, opener
         self.meter = RateMeter()
         self.bytes_total = self.bytes_present = 0  # complete files plus partial bytes, for the overall bar
-        manifest = _manifest(root) or {}
+        manifest = read_manifest(root) or {}
         self.recorded: dict[str, Any] = dict(manifest.get("files", {}))
 
     def emit(self, phase: DownloadPhase, message: str = "", **kw: Any) -> None:
@@ -367,9 +162,9 @@ class _Downloader:
             try:
                 commit = commit or self.api().model_info(repo_id, revision=revision).sha
             except Exception as inner:  # noqa: BLE001 - mapped to a user message
-                raise _map_hub_error(inner, f"Repository {repo_id}", self.endpoint) from inner
+                raise map_hub_error(inner, f"Repository {repo_id}", self.endpoint) from inner
         except Exception as exc:  # noqa: BLE001 - mapped to a user message
-            raise _map_hub_error(exc, f"Repository {repo_id}", self.endpoint) from exc
+            raise map_hub_error(exc, f"Repository {repo_id}", self.endpoint) from exc
         if not commit:
             raise WeightsNetworkError(f"{self.endpoint} answered, but not like a Hugging Face Hub (no "
                                       "X-Repo-Commit header). Check HF_ENDPOINT / --endpoint.")
@@ -391,7 +186,7 @@ class _Downloader:
         except RemoteEntryNotFoundError:
             return {}
         except Exception as exc:  # noqa: BLE001 - mapped to a user message
-            raise _map_hub_error(exc, f"Listing {repo_id}", self.endpoint) from exc
+            raise map_hub_error(exc, f"Listing {repo_id}", self.endpoint) from exc
 
     def is_current(self, pf: PlannedFile) -> bool:
         """Whether the file on disk can be kept: right size and structure, and recorded at this checksum by an
@@ -423,9 +218,9 @@ class _Downloader:
                               else self._resumable(pf, meta.location or url, url, index, count))
             except OSError as exc:
                 raise self._disk_error(exc, pf.path) if exc.errno in (errno.ENOSPC, errno.EDQUOT) else \
-                    _map_hub_error(exc, what, self.endpoint) from exc
+                    map_hub_error(exc, what, self.endpoint) from exc
             except Exception as exc:  # noqa: BLE001 - mapped to a user message
-                raise _map_hub_error(exc, what, self.endpoint) from exc
+                raise map_hub_error(exc, what, self.endpoint) from exc
             if not pf.hash or hash_file(part, pf.hash_kind or "sha256", pf.size).hexdigest() == pf.hash:
                 break
             part.unlink(missing_ok=True)
@@ -509,7 +304,7 @@ class _Downloader:
                             raw.flush()  # what is on disk is what the next run continues from
                             done, sent = done + len(chunk), sent + len(chunk)
                             self._progress(pf, index, count, done, len(chunk))
-            except _transport_errors() as exc:
+            except transport_errors() as exc:
                 if attempt >= RETRIES:
                     raise
                 log.warning("%s: connection broke (%s); resuming", pf.path, exc)
@@ -621,7 +416,7 @@ def _plan_model(d: _Downloader, repo_id: str, revision: str | None) -> tuple[str
                                      f"needs: {shown}. Its layout may have changed; check the repository page, or "
                                      "try an older --revision.")
         # Forget files an older snapshot needed and this one does not, so verify() stops expecting them.
-        d.recorded = {rel: e for rel, e in d.recorded.items() if rel in res.files or rel == res.tiny_vae}
+        d.recorded = {rel: e for rel, e in d.recorded.items() if rel in res.files or Path(rel).name in layout.TINY_VAE_NAMES}
         return [listed[rel] for rel in res.files]
 
     return commit, plan
@@ -659,42 +454,6 @@ def download_weights(weights_dir: Path | str = DEFAULT_WEIGHTS_DIR, *, repo_id: 
         raise WeightsCorrupt(f"The download finished but the check failed.\n{report.summary()}")
     d.emit(DownloadPhase.DONE, report.summary())
     return DownloadResult(root, commit, files, sent, report)
-
-
-def download_tiny_vae(weights_dir: Path | str = DEFAULT_WEIGHTS_DIR, *, repo_ids: tuple[str, ...] = TINY_VAE_REPO_IDS,
-                      endpoint: str | None = None, token: str | bool | None = None,
-                      on_progress: Callable[[DownloadProgress], None] | None = None,
-                      cancel: threading.Event | None = None) -> Path:
-    """The optional Wan 2.1 tiny VAE (draft decode, better previews), verified, where the layout rule finds
-    it. The source repositories are listed now, not assumed: the first that holds a known tiny-VAE name wins."""
-    root = Path(weights_dir).expanduser()
-    d = _Downloader(root, endpoint=resolve_endpoint(endpoint), token=token, rehash=False, on_progress=on_progress,
-                    cancel=cancel or threading.Event(), disk_free=free_disk_bytes, opener=_open_part)
-    tried = []
-    for repo_id in repo_ids:
-        try:
-            listed = d.listing(repo_id, d.pin(repo_id, None, quick=True))
-        except (WeightsRepoNotFound, WeightsFileMissing) as exc:
-            tried.append(f"{repo_id} ({exc})")
-            continue
-        by_name = {Path(p).name: p for p in sorted(listed, key=lambda p: p.count("/"))}
-        name = next((n for n in layout.TINY_VAE_NAMES if n in by_name), None)
-        if name is None:
-            tried.append(f"{repo_id} (no {' or '.join(layout.TINY_VAE_NAMES)})")
-            continue
-        pf = listed[by_name[name]]
-        local = PlannedFile(pf.repo_id, pf.revision, pf.path, pf.size, pf.hash_kind, pf.hash)
-        d.run(lambda: [local])
-        dest = root / pf.path
-        target = root / layout.pth_candidates(name)[0]  # distill_int8/, where the layout rule looks first
-        if dest != target:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(dest, target)
-            d.recorded[target.relative_to(root).as_posix()] = d.recorded.pop(pf.path)
-            d._write_manifest()
-        d.emit(DownloadPhase.DONE, f"tiny VAE {name} from {repo_id} in {target.parent}")
-        return target
-    raise WeightsFileMissing("No Wan 2.1 tiny VAE found: " + "; ".join(tried))
 
 
 def iter_download(weights_dir: Path | str = DEFAULT_WEIGHTS_DIR, *, min_interval_s: float = 0.5,
@@ -737,54 +496,3 @@ def iter_download(weights_dir: Path | str = DEFAULT_WEIGHTS_DIR, *, min_interval
         yield outcome[0]
     finally:
         cancel.set()
-
-
-def default_dir(env_name: str, fallback: Path) -> Path:
-    """The folder the app itself would use: its environment variable, else the built-in default."""
-    value = os.environ.get(env_name, "").strip()
-    return Path(value) if value else fallback
-
-
-def main_download(args_list: list[str] | None = None) -> int:
-    """`python app.py download [...]`. Exit codes: 0 ready, 1 failed, 2 bad arguments, 130 interrupted."""
-    parser = argparse.ArgumentParser(prog="app.py download", description=f"Download the INT8 weights ({REPO_ID}: "
-                                     "distill_int8/ and the UMT5 tokenizer, about 22 GB). Safe to re-run: it resumes.")
-    parser.add_argument("--weights-dir", type=Path, default=default_dir(WEIGHTS_DIR_ENV, DEFAULT_WEIGHTS_DIR),
-                        help=f"folder to download into (${WEIGHTS_DIR_ENV}; default: %(default)s)")
-    parser.add_argument("--outputs-dir", type=Path, help="accepted for symmetry with the other commands; unused")
-    parser.add_argument("--endpoint", help="Hub endpoint or mirror URL (default: $HF_ENDPOINT or huggingface.co)")
-    parser.add_argument("--revision", help="branch, tag or commit of the repository (default: main)")
-    parser.add_argument("--rehash", action="store_true",
-                        help="re-check files already on disk against the Hub checksums and re-fetch damaged ones")
-    parser.add_argument("--tiny-vae", action="store_true", help="download only the optional Wan 2.1 tiny VAE "
-                        "(draft decode, better previews; a few MB), from " + " or ".join(TINY_VAE_REPO_IDS))
-    try:
-        parsed = parser.parse_args(args_list)
-    except SystemExit as exc:  # --help or bad arguments: hand the code back instead of exiting
-        return int(exc.code or 0)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in ("httpx2", "httpcore2", "httpx", "httpcore"):  # they log every request at INFO
-        logging.getLogger(name).setLevel(logging.WARNING)
-    cancel = threading.Event()
-    try:
-        if parsed.tiny_vae:
-            path = download_tiny_vae(parsed.weights_dir, endpoint=parsed.endpoint, on_progress=TerminalProgress(),
-                                     cancel=cancel)
-            sys.stdout.write(f"\nTiny VAE ready: {path}\n")
-            return 0
-        result = download_weights(parsed.weights_dir, revision=parsed.revision, endpoint=parsed.endpoint,
-                                  on_progress=TerminalProgress(), cancel=cancel, rehash=parsed.rehash)
-    except (KeyboardInterrupt, DownloadCancelled):
-        cancel.set()
-        sys.stderr.write("\nStopped. Finished files and the partial file are kept; run the same command again "
-                         "to resume.\n")
-        return 130
-    except WeightsError as exc:
-        sys.stderr.write(f"\nDownload failed: {exc}\n")
-        return 1
-    got = (f"downloaded {result.files_downloaded} file(s), {format_bytes(result.bytes_downloaded)}"
-           if result.files_downloaded else "nothing to download")
-    commit = f" (commit {result.commit[:10]})" if result.commit else ""
-    sys.stdout.write(f"\nWeights ready in {result.weights_dir}{commit}: {got}.\n{result.report.summary()}\n")
-    return 0

@@ -12,7 +12,7 @@ import pytest
 
 from install import doctor as d
 from pipeline.gpu import GIB, GpuMonitor
-from install.weights import VerifyProblem, VerifyReport
+from install.verify import VerifyProblem, VerifyReport
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -223,8 +223,8 @@ def test_cli_doctor(tmp_path, capsys):
 
 
 def test_modules_import_no_torch_lightx2v_or_gradio_where_they_must_not():
-    code = ("import sys; import install.doctor, install.weights; "
-            "assert 'torch' not in sys.modules and 'lightx2v' not in sys.modules and 'gradio' not in sys.modules; "
+    code = ("import sys; import install, install.doctor, install.weights, install.cli; "
+            "assert not {'torch', 'lightx2v', 'gradio', 'huggingface_hub'} & set(sys.modules); "
             "import ui.system_tab; assert 'torch' not in sys.modules and 'lightx2v' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
 
@@ -232,7 +232,7 @@ def test_modules_import_no_torch_lightx2v_or_gradio_where_they_must_not():
 def test_system_tab_builds_and_its_handlers_render(tmp_path):
     import gradio as gr
 
-    from install.weights import DownloadPhase, DownloadProgress
+    from install import DownloadPhase, DownloadProgress
     from ui import system_tab as st
 
     report = run(machine(FakeNvml(), ram_gib=16), tmp_path)

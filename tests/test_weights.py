@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from install import weights as w
+from install import cli, weights as w
 from install.progress import RateMeter
 from tests import fakeweights as fw
 from tests.hubserver import FakeRepo, HubServer, HubState
@@ -356,13 +356,13 @@ def test_check_safetensors_rejects_inconsistent_headers(tmp_path):
 
 def test_cli_download_and_exit_codes(hub, tmp_path, capsys, monkeypatch):
     server, _, _ = hub()
-    assert w.main_download(["--weights-dir", str(tmp_path), "--endpoint", server.url]) == 0
+    assert cli.main_download(["--weights-dir", str(tmp_path), "--endpoint", server.url]) == 0
     assert "Weights ready in" in capsys.readouterr().out
     monkeypatch.setenv(w.WEIGHTS_DIR_ENV, str(tmp_path / "from-env"))  # the folder the app will load from
-    assert w.main_download(["--endpoint", server.url]) == 0
+    assert cli.main_download(["--endpoint", server.url]) == 0
     assert w.verify(tmp_path / "from-env").ok
-    assert w.main_download(["--no-such-flag"]) == 2
-    assert w.main_download(["--weights-dir", str(tmp_path / "x"), "--revision", "v999"]) == 1
+    assert cli.main_download(["--no-such-flag"]) == 2
+    assert cli.main_download(["--weights-dir", str(tmp_path / "x"), "--revision", "v999"]) == 1
     assert "Download failed" in capsys.readouterr().err
 
 

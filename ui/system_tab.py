@@ -13,9 +13,9 @@ from typing import Any
 
 import gradio as gr
 
-from install.doctor import DoctorReport, Status
+from install import (APPROX_TOTAL_BYTES, DoctorReport, DownloadPhase, DownloadProgress, Status, format_bytes, format_eta,
+                     format_rate)
 from pipeline.errors import StudioError
-from install.weights import DownloadPhase, DownloadProgress, format_bytes, format_eta, format_rate
 
 TABLE_HEADERS = ["Check", "Status", "What we found", "What to do"]
 _STATUS_LABEL = {Status.OK: "✓ ok", Status.INFO: "ℹ info", Status.WARN: "⚠ warning", Status.FAIL: "✗ fix this"}
