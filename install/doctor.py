@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.backends.lightx2v import module_present
+from pipeline import layout
 from pipeline.gpu import GIB, GpuMonitor
 from install.cli import default_dir
 from install.progress import format_bytes
@@ -42,6 +43,8 @@ OUTPUTS_FAIL_BYTES = 1 * 10**9
 # torch wheels built for CUDA 13 need an R580+ driver (the notes, TL;DR 9: PyPI torch 2.11.0 is +cu130).
 DRIVER_FOR_CUDA_MAJOR = {13: 580, 12: 525, 11: 450}
 NOTHING_TO_DO = "Nothing to do."
+# What app.py sets with os.environ.setdefault before CUDA starts (its build_app reads it from here).
+APP_ALLOC_CONF = "expandable_segments:True"
 
 
 class Status(str, enum.Enum):
@@ -201,7 +204,7 @@ def _check_gpu(facts: dict[str, Any] | None, probes: SystemProbes) -> list[Findi
                             "pip install nvidia-ml-py, then re-check.")]
         return [Finding("GPU", Status.FAIL, "No NVIDIA GPU found (the NVIDIA driver did not answer).",
                         "This app needs an NVIDIA GPU with CUDA. Install or repair the NVIDIA driver; "
-                        "`nvidia-smi` in a terminal should list the card.")]
+                        "nvidia-smi in a terminal should list the card.")]
     name = facts.get("name") or "NVIDIA GPU"
     cc = facts.get("compute_capability")
     if not (isinstance(cc, (tuple, list)) and len(cc) == 2):
@@ -383,38 +386,40 @@ def _check_allocator(probes: SystemProbes) -> Finding:
     # PyTorch 2.9+ reads PYTORCH_ALLOC_CONF and still honours the older PYTORCH_CUDA_ALLOC_CONF.
     values = {k: probes.environ.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
     setting = next(((k, v) for k, v in values.items() if v), None)
-    options = {}
-    if setting:
-        for part in setting[1].split(","):
-            key, _, value = part.partition(":")
-            options[key.strip()] = value.strip()
-    enabled = options.get("expandable_segments", "").lower() == "true"
-    shown = f"{setting[0]}={setting[1]}" if setting else "PYTORCH_CUDA_ALLOC_CONF is not set"
     if probes.platform == "win32":
+        shown = f"{setting[0]}={setting[1]}" if setting else "PYTORCH_CUDA_ALLOC_CONF is not set"
         return Finding("Allocator", Status.INFO, f"{shown}. Expandable segments are not supported on Windows.",
                        NOTHING_TO_DO)
-    if enabled:
-        return Finding("Allocator", Status.OK, f"{shown}.", NOTHING_TO_DO)
+    if setting is None:
+        # app.py sets this default itself before CUDA starts, so an unset variable is the normal case.
+        return Finding("Allocator", Status.OK, f"PYTORCH_CUDA_ALLOC_CONF={APP_ALLOC_CONF}, set by the app at start "
+                                               "(expandable segments: less fragmentation).", NOTHING_TO_DO)
+    options = dict(part.partition(":")[::2] for part in setting[1].replace(" ", "").split(","))
+    if options.get("expandable_segments", "").lower() == "true":
+        return Finding("Allocator", Status.OK, f"{setting[0]}={setting[1]}.", NOTHING_TO_DO)
     return Finding("Allocator", Status.WARN,
-                   f"{shown}: without expandable segments, memory fragments and the 720p preset can run out of "
-                   "GPU memory when it would otherwise fit.",
-                   "Start the app with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True set in the environment "
-                   "(it must be set before CUDA starts).")
+                   f"{setting[0]}={setting[1]} is set in the environment, so the app keeps it: without expandable "
+                   "segments, memory fragments and the 720p preset can run out of GPU memory when it would "
+                   "otherwise fit.",
+                   f"Unset {setting[0]} (the app then sets {APP_ALLOC_CONF} itself), or add "
+                   "expandable_segments:True to it.")
 
 
-def _is_synthetic(weights_dir: Path) -> bool:
-    """tools/synthetic_checkpoint.py marks its random-weight folders with this README."""
-    try:
-        return "SYNTHETIC CHECKPOINT" in (weights_dir / "README.txt").read_text(errors="replace")[:4096]
-    except OSError:
-        return False
+def _check_tiny_vae(weights_dir: Path) -> Finding:
+    """The optional tiny VAE, where the layout rule finds it."""
+    found = layout.tiny_vae(lambda rel: (weights_dir / rel).is_file())
+    if found:
+        return Finding("Tiny VAE", Status.OK, f"{found} is installed (draft decode and better previews).",
+                       NOTHING_TO_DO)
+    return Finding("Tiny VAE", Status.INFO, "Not installed: optional, enables draft decode and better previews.",
+                   "python app.py download --tiny-vae (a few MB).")
 
 
-def _check_weights(report: VerifyReport) -> Finding:
-    if report.ok and _is_synthetic(report.weights_dir):
+def _check_weights(report: VerifyReport, *, in_ui: bool = False) -> Finding:
+    if report.ok and layout.is_synthetic(report.weights_dir):
         return Finding("Weights", Status.WARN, f"{report.summary()} They are a SYNTHETIC checkpoint: random "
                                                "weights, for tests and sizing only; every video will be noise.",
-                       "Download the real weights (`python app.py download`) into another folder and start "
+                       "Download the real weights (python app.py download --weights-dir PATH) into another folder and start "
                        "with --weights-dir PATH.")
     if report.ok:
         return Finding("Weights", Status.OK, report.summary(), NOTHING_TO_DO)
@@ -422,9 +427,10 @@ def _check_weights(report: VerifyReport) -> Finding:
         detail = f"Not downloaded yet ({report.weights_dir})."
     else:
         detail = report.summary(limit=3)
+    how = "Press Download weights below" if in_ui else "Run python app.py download"
     return Finding("Weights", Status.FAIL, detail,
-                   "Press Download weights below, or run `python app.py download`; it fetches only what is "
-                   "missing or damaged. If you already have them elsewhere, start with --weights-dir PATH.")
+                   f"{how}; it fetches only what is missing or damaged. If you already have them elsewhere, "
+                   "start with --weights-dir PATH.")
 
 
 def _safely(name: str, check: Callable[[], Finding | list[Finding]]) -> list[Finding]:
@@ -438,8 +444,10 @@ def _safely(name: str, check: Callable[[], Finding | list[Finding]]) -> list[Fin
 
 
 def run_doctor(*, weights_dir: Path | str = DEFAULT_WEIGHTS_DIR, outputs_dir: Path | str = DEFAULT_OUTPUTS_DIR,
-               monitor: GpuMonitor | None = None, probes: SystemProbes | None = None) -> DoctorReport:
-    """Check this machine (or the one `probes` describes). Never raises."""
+               monitor: GpuMonitor | None = None, probes: SystemProbes | None = None,
+               in_ui: bool = False) -> DoctorReport:
+    """Check this machine (or the one `probes` describes). Never raises. `in_ui`: the fixes may point at the
+    System tab's buttons; in a terminal they name commands."""
     weights_dir, outputs_dir = Path(weights_dir).expanduser(), Path(outputs_dir).expanduser()
     if probes is None:
         probes = SystemProbes.default(monitor)
@@ -455,7 +463,7 @@ def run_doctor(*, weights_dir: Path | str = DEFAULT_WEIGHTS_DIR, outputs_dir: Pa
 
     def weights() -> Finding:
         weights_box[0] = probes.verify_weights(weights_dir)
-        return _check_weights(weights_box[0])
+        return _check_weights(weights_box[0], in_ui=in_ui)
 
     findings: list[Finding] = []
     findings += _safely("GPU", gpu)
@@ -468,6 +476,7 @@ def run_doctor(*, weights_dir: Path | str = DEFAULT_WEIGHTS_DIR, outputs_dir: Pa
     findings += _safely("Packages", lambda: _check_packages(probes))
     findings += _safely("Allocator", lambda: _check_allocator(probes))
     findings += weights_findings
+    findings += _safely("Tiny VAE", lambda: _check_tiny_vae(weights_dir))
     return DoctorReport(tuple(findings))
 
 

@@ -60,7 +60,6 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 APPROX_TOTAL_BYTES = int(40 * 0.352e9 + 0.931e9 + 6.733e9 + 0.508e9)
 DISK_MARGIN_BYTES = 256 * 1024**2  # filesystems misreport a little; the manifest is written last
 RESUMABLE_MIN_BYTES = 16 * 1024**2  # smaller plain-HTTP files are cheap to fetch again
-CHUNK_BYTES = 1024**2
 RETRIES = 5
 
 
@@ -297,7 +296,7 @@ class _Downloader:
                         self.bytes_present -= done
                         done = 0
                     with self.opener(part) as raw:
-                        for chunk in response.iter_bytes(CHUNK_BYTES):
+                        for chunk in response.iter_bytes():  # as it arrives: what lands is kept
                             if self.cancel.is_set():
                                 raise DownloadCancelled("Download stopped.")
                             raw.write(chunk)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import subprocess
 import sys
 from dataclasses import replace
@@ -89,7 +91,8 @@ def test_rtx3060_with_16gb_ram_warns_about_ram_and_says_what_to_do(tmp_path):
 
 def test_well_equipped_machine_is_all_green(tmp_path):
     report = run(machine(FakeNvml(), ram_gib=64), tmp_path)
-    assert [f.name for f in report.findings if f.status is not d.Status.OK] == []
+    assert [f.name for f in report.findings if f.status is not d.Status.OK] == ["Tiny VAE"]  # optional: INFO
+    assert report.get("Tiny VAE").status is d.Status.INFO
     assert report.headline() == "Everything checked is ready."
 
 
@@ -145,7 +148,7 @@ def test_busy_gpu_and_small_gpu(tmp_path):
 
 
 @pytest.mark.parametrize("environ, platform, status", [
-    ({}, "linux", d.Status.WARN),
+    ({}, "linux", d.Status.OK),  # unset: app.py sets the default itself before CUDA starts
     ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}, "linux", d.Status.WARN),
     ({"PYTORCH_ALLOC_CONF": "max_split_size_mb:128,expandable_segments:True"}, "linux", d.Status.OK),
     ({}, "win32", d.Status.INFO),
@@ -155,6 +158,20 @@ def test_allocator_setting(tmp_path, environ, platform, status):
     assert check.status is status
     if status is d.Status.WARN:
         assert "expandable_segments:True" in check.fix
+    if not environ and platform == "linux":
+        assert "set by the app at start" in check.detail and check.detail.startswith(
+            f"PYTORCH_CUDA_ALLOC_CONF={d.APP_ALLOC_CONF}")
+
+
+def test_the_app_sets_the_allocator_default_the_doctor_reports(monkeypatch, tmp_path):
+    """What `python app.py doctor` calls OK must be what the app really sets before CUDA starts."""
+    import app
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    demo, _ = app.build_app(app.settings_from_args(["--backend", "fake", "--outputs-dir", str(tmp_path / "out"),
+                                                    "--weights-dir", str(tmp_path / "w")]))
+    demo.close()
+    assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == d.APP_ALLOC_CONF
 
 
 def test_missing_packages(tmp_path):
@@ -219,7 +236,16 @@ def test_cli_doctor(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == (1 if "[FAIL]" in out else 0)
     assert "[FAIL] Weights" in out and code == 1
+    assert "python app.py download" in out and "below" not in out.lower()  # no UI buttons in a terminal
+    assert "`" not in out and "[WARN] Allocator" not in out
+    assert "[INFO] Tiny VAE: Not installed: optional, enables draft decode and better previews." in out
     assert d.main_doctor(["--help"]) == 0
+
+
+def test_in_the_ui_the_weights_fix_points_at_the_button(tmp_path):
+    report = d.run_doctor(weights_dir=tmp_path / "w", outputs_dir=tmp_path, probes=machine(FakeNvml(), verify_weights=d.verify), in_ui=True)
+    assert report.get("Weights").fix.startswith("Press Download weights below")
+    assert not any("`" in cell for row in report.rows() for cell in row)
 
 
 def test_modules_import_no_torch_lightx2v_or_gradio_where_they_must_not():

@@ -403,3 +403,107 @@ def test_rate_meter_falls_when_the_connection_stalls():
     assert meter.rate() == pytest.approx(40_000_000 / 5)
     now[0] += 15.0  # nothing arrives for 15 s
     assert meter.rate() == pytest.approx(40_000_000 / 20)
+
+
+def test_lfs_files_come_from_the_cdn_host_without_the_token(hub, tmp_path):
+    """huggingface.co answers LFS files with a 302 to a signed URL on another host: both our resumable stream
+    and hf_hub_download must follow it there and leave the Hub token behind."""
+    _, state, files = hub(fw.repo_files(t5_payload=BIG_T5))
+    state.cdn = True
+    result = w.download_weights(tmp_path, token="hf_secret_for_the_hub_only")
+
+    assert result.report.ok
+    _assert_matches(tmp_path, files)
+    cdn = [r for r in state.requests if r.host == "cdn"]
+    assert {r.path.split("/", 5)[5] for r in cdn if r.method == "GET"} >= {fw.T5, "distill_int8/block_0.safetensors"}
+    assert all(r.auth is None for r in cdn)  # the token never left the Hub
+    redirected = [r for r in state.requests if r.host == "hub" and r.status == 302]
+    assert redirected and all(r.auth == "Bearer hf_secret_for_the_hub_only" for r in redirected)
+
+
+def test_a_killed_download_resumes_after_a_restart_without_refetching(hub, tmp_path):
+    import subprocess
+    import sys
+
+    server, state, files = hub(fw.repo_files(t5_payload=BIG_T5))
+    state.stall_once[fw.T5] = 5 * 1024 * 1024 + 123  # the process is killed while this transfer hangs
+    code = (f"from install.weights import download_weights; download_weights({str(tmp_path)!r}, "
+            f"endpoint={server.url!r})")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
+    parts = tmp_path / ".wan-studio" / "parts"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sum(p.stat().st_size for p in parts.rglob("*.part")) < 5 * 1024 * 1024:
+        assert proc.poll() is None, "the download ended instead of hanging"
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no clean-up code runs
+    proc.wait(timeout=10)
+    kept = next(parts.rglob("*.part")).stat().st_size
+    assert kept >= 5 * 1024 * 1024
+    state.unstall.set()
+
+    result = w.download_weights(tmp_path)
+
+    assert result.report.ok and (tmp_path / fw.T5).read_bytes() == files[fw.T5]
+    first, second = state.gets(fw.T5)
+    assert second.range == f"bytes={kept}-"
+    assert second.sent == len(files[fw.T5]) - kept  # the kept bytes were not fetched again
+    assert result.bytes_downloaded < sum(len(files[p]) for p in fw.needed_paths(files)) - kept + 1
+
+
+def test_a_damaged_partial_file_is_detected_and_fetched_again(hub, tmp_path):
+    _, state, files = hub(fw.repo_files(t5_payload=BIG_T5))
+    cancel = threading.Event()
+    with pytest.raises(w.DownloadCancelled):
+        w.download_weights(tmp_path, on_progress=stop_once_t5_has_bytes(cancel), cancel=cancel)
+    part = next((tmp_path / ".wan-studio" / "parts").rglob("*.part"))
+    data = bytearray(part.read_bytes())
+    data[0] ^= 0xFF  # e.g. a crash mid-write: the kept bytes are not the Hub's
+    part.write_bytes(bytes(data))
+
+    result = w.download_weights(tmp_path)
+
+    assert result.report.ok and (tmp_path / fw.T5).read_bytes() == files[fw.T5]
+    ranges = [g.range for g in state.gets(fw.T5)]
+    assert ranges[-2] == f"bytes={len(data)}-" and ranges[-1] is None  # resumed, failed the checksum, restarted
+
+
+def test_a_corrupted_finished_file_is_found_and_fetched_again(hub, tmp_path):
+    _, state, files = hub(fw.repo_files(t5_payload=BIG_T5))
+    w.download_weights(tmp_path)
+    block = tmp_path / "distill_int8/block_7.safetensors"
+    data = bytearray(block.read_bytes())
+    data[-1] ^= 0xFF  # tensor bytes: size and header intact
+    block.write_bytes(bytes(data))
+    assert [p.path for p in w.verify(tmp_path, deep=True).problems] == ["distill_int8/block_7.safetensors"]
+    before = {r.path for r in state.requests if r.method == "GET"}
+
+    result = w.download_weights(tmp_path, rehash=True)
+
+    assert result.files_downloaded == 1 and block.read_bytes() == files["distill_int8/block_7.safetensors"]
+    assert w.verify(tmp_path, deep=True).ok
+    assert len(state.gets("block_7.safetensors")) == 2 and len(state.gets(fw.T5)) == 1
+    assert before  # the first run did fetch
+
+
+def test_the_doctor_sees_the_tiny_vae_the_downloader_fetched(hub, tmp_path):
+    from install import doctor as d
+    from install.tinyvae import download_tiny_vae
+
+    taehv = FakeRepo({"taew2_1.pth": fw.torch_zip_bytes(4096, seed=7), "taehv.pth": fw.torch_zip_bytes(64),
+                      "README.md": b"# taehv\n"}, commit="e" * 40)
+    _, state, _ = hub(extra_repos={"madebyollin/taehv": taehv})  # no lightx2v/Autoencoders on this Hub
+    w.download_weights(tmp_path)
+    assert d._check_tiny_vae(tmp_path).status is d.Status.INFO
+
+    path = download_tiny_vae(tmp_path)
+
+    assert path == tmp_path / "taew2_1.pth" and path.read_bytes() == taehv.files["taew2_1.pth"]
+    assert state.gets("lightx2v/Autoencoders/resolve/main/.gitattributes") or any(
+        "Autoencoders" in r.path for r in state.requests)  # it was asked for first
+    assert not state.gets("taehv.pth")
+    report = w.verify(tmp_path)
+    assert report.ok and report.layout is not None and report.layout.tiny_vae == path
+    finding = d._check_tiny_vae(tmp_path)
+    assert finding.status is d.Status.OK and "taew2_1.pth" in finding.detail
+    assert download_tiny_vae(tmp_path) == path and len(state.gets("taew2_1.pth")) == 1  # kept, not re-fetched
+    assert cli.main_download(["--weights-dir", str(tmp_path), "--tiny-vae"]) == 0
