@@ -23,6 +23,7 @@ from pipeline.backends.lightx2v import module_present
 from pipeline import layout
 from pipeline.gpu import GIB, GpuMonitor
 from install.cli import default_dir
+from install import torch_build
 from install.progress import format_bytes
 from install.verify import VerifyReport, verify
 from install.weights import APPROX_TOTAL_BYTES, DEFAULT_WEIGHTS_DIR, OUTPUTS_DIR_ENV, WEIGHTS_DIR_ENV, free_disk_bytes
@@ -266,43 +267,49 @@ def _cuda_version_tuple(text: str | None) -> tuple[int, int] | None:
         return None
 
 
+def matching_torch(driver: Any) -> tuple[str, str]:
+    """The PyTorch build that fits this driver (./run.sh installs the same) and how to install it."""
+    try:
+        match = torch_build.build_for_driver(None if driver is None else str(driver))
+    except torch_build.DriverTooOld as exc:
+        return "none (driver too old)", str(exc)
+    if match is None:
+        return "unknown (driver version unreadable)", "Run ./run.sh: it reads the driver and installs the right build."
+    return (f"{match.tag} (CUDA {match.cuda}, driver R{match.min_driver}+)",
+            "pip install " + " ".join(torch_build.pip_args(match)))
+
+
 def _check_driver_and_torch(facts: dict[str, Any] | None, probes: SystemProbes) -> Finding:
     build = probes.torch_build()
-    if not build.installed:
-        return Finding("Driver / PyTorch", Status.FAIL, "PyTorch is not installed.",
-                       "pip install torch==2.11.0 (CUDA 13.0 build, needs NVIDIA driver R580+); with an older "
-                       "driver use the CUDA 12.8 build: pip install torch==2.11.0 --index-url "
-                       "https://download.pytorch.org/whl/cu128")
-    if build.error:
-        return Finding("Driver / PyTorch", Status.FAIL, f"PyTorch is installed but fails to import: {build.error}",
-                       "Reinstall PyTorch in this environment (pip install --force-reinstall torch).")
-    if not build.cuda:
-        return Finding("Driver / PyTorch", Status.FAIL, f"PyTorch {build.version} is a CPU-only build.",
-                       "Install a CUDA build: pip install torch==2.11.0 --index-url "
-                       "https://download.pytorch.org/whl/cu130 (driver R580+) or .../whl/cu128 (older drivers).")
+    driver = facts.get("driver") if facts else None
+    match, install = matching_torch(driver) if driver else ("", "")
+    for_driver = f" For NVIDIA driver {driver} the matching build is {match}." if driver else ""
+    if not build.installed or build.error or not build.cuda:
+        what = ("PyTorch is not installed." if not build.installed else
+                f"PyTorch is installed but fails to import: {build.error}" if build.error else
+                f"PyTorch {build.version} is a CPU-only build.")
+        return Finding("Driver / PyTorch", Status.FAIL, what + for_driver,
+                       install or "Install the NVIDIA driver first; ./run.sh then installs the matching PyTorch.")
     torch_cuda = _cuda_version_tuple(build.cuda)
     if facts is None:
         return Finding("Driver / PyTorch", Status.FAIL,
                        f"PyTorch {build.version} is built for CUDA {build.cuda}, but no NVIDIA driver answered.",
                        "Install the NVIDIA driver (R580 or newer for CUDA 13 builds of PyTorch).")
-    driver = facts.get("driver")
     driver_major = _parse_driver_major(driver)
     cuda_driver = facts.get("cuda_driver")  # NVML: e.g. 13000 = the newest CUDA this driver runs
     driver_cuda = (int(cuda_driver) // 1000, int(cuda_driver) % 1000 // 10) if isinstance(cuda_driver, int) else None
     detail = (f"NVIDIA driver {driver or 'unknown'}"
               f"{f' (supports CUDA up to {driver_cuda[0]}.{driver_cuda[1]})' if driver_cuda else ''}; "
-              f"PyTorch {build.version} built for CUDA {build.cuda}.")
+              f"PyTorch {build.version} built for CUDA {build.cuda}.{for_driver}")
     if torch_cuda is None:
         return Finding("Driver / PyTorch", Status.WARN, detail, "Could not read the CUDA version of PyTorch.")
     needed = DRIVER_FOR_CUDA_MAJOR.get(torch_cuda[0])
     too_old = (driver_major is not None and needed is not None and driver_major < needed) or (
         driver_cuda is not None and driver_cuda[0] < torch_cuda[0])
     if too_old:
-        lower = "cu128" if torch_cuda[0] >= 13 else "cu118"
         return Finding("Driver / PyTorch", Status.FAIL, detail + " The driver is too old for this PyTorch build.",
                        f"Update the NVIDIA driver to R{needed or '?'} or newer, or install the PyTorch build "
-                       f"for your driver: pip install torch=={(build.version or '').split('+')[0]} "
-                       f"--index-url https://download.pytorch.org/whl/{lower}")
+                       f"for your driver: {install}")
     if driver_cuda is not None and driver_cuda < torch_cuda:
         return Finding("Driver / PyTorch", Status.WARN, detail,
                        "The driver is one CUDA minor version behind PyTorch; it normally works (minor-version "

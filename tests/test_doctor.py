@@ -116,6 +116,18 @@ def test_old_driver_for_a_cuda13_torch(tmp_path):
     assert check.status is d.Status.FAIL
     assert "570.86.10" in check.detail and "CUDA 13.0" in check.detail
     assert "R580" in check.fix and "whl/cu128" in check.fix
+    assert "the matching build is cu128 (CUDA 12.8" in check.detail
+    assert check.fix.endswith("pip install torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0 --index-url "
+                              "https://download.pytorch.org/whl/cu128")  # what ./run.sh would install
+
+
+def test_the_doctor_names_the_build_for_an_old_driver_or_none(tmp_path):
+    probes = machine(FakeNvml(driver="560.35.03", cuda_driver=12060), torch_build=lambda: d.TorchBuild(False))
+    check = run(probes, tmp_path).get("Driver / PyTorch")
+    assert "matching build is cu126" in check.detail and check.fix.endswith("whl/cu126")
+    probes = machine(FakeNvml(driver="535.230.02", cuda_driver=12020), torch_build=lambda: d.TorchBuild(False))
+    check = run(probes, tmp_path).get("Driver / PyTorch")
+    assert "none (driver too old)" in check.detail and "Update the NVIDIA driver" in check.fix
 
 
 def test_cuda12_torch_on_the_same_old_driver_is_fine(tmp_path):
