@@ -268,6 +268,8 @@ def test_modules_import_no_torch_lightx2v_or_gradio_where_they_must_not():
 
 
 def test_system_tab_builds_and_its_handlers_render(tmp_path):
+    import html
+
     import gradio as gr
 
     from install import DownloadPhase, DownloadProgress
@@ -292,7 +294,17 @@ def test_system_tab_builds_and_its_handlers_render(tmp_path):
     outputs = list(handler())
     assert calls == ["start"]
     assert outputs[0][0].startswith("⬇️ **Downloading**") and outputs[1][0].startswith("✓ **Weights ready.**")
-    assert outputs[-1][1] == st.report_headline(report) and outputs[-1][2] == st.report_rows(report)
+    assert outputs[-1][1] == st.report_headline(report) and outputs[-1][2] == st.report_html(report)
+    # "Stop download" is shown only while the download runs; Download comes back at the end.
+    stop = next(b for b in demo.blocks.values() if isinstance(b, gr.Button) and b.value == "Stop download")
+    assert stop.visible is False
+    assert all(o[3]["visible"] is False and o[4]["visible"] is True for o in outputs[:-1])
+    assert outputs[-1][3]["visible"] is True and outputs[-1][4]["visible"] is False
+    assert not any(isinstance(b, gr.Dataframe) for b in demo.blocks.values())  # no inner scroll box
+
+    table = st.report_html(report)
+    assert table.count("<tr>") == len(report.findings) + 1 and "`" not in table
+    assert all(html.escape(f.detail) in table for f in report.findings)
 
     rows = st.report_rows(report)
     assert rows[0][:2] == ["GPU", "✓ ok"] and any(r[1] == "⚠ warning" and "32 GB" in r[3] for r in rows)
