@@ -261,13 +261,21 @@ def test_disk_full_while_writing_keeps_the_part_and_resumes(hub, tmp_path):
         def __exit__(self, *exc):
             self._f.close()
 
-    with pytest.raises(w.WeightsDiskFull, match="filled up while writing .*models_t5.*resumes"):
+    with pytest.raises(w.WeightsDiskFull, match="filled up while writing .*models_t5.*resumes") as info:
         w.download_weights(tmp_path, opener=FillsUp)
+    assert info.value.needed_bytes > 0  # the message says how much more is needed
     kept = next((tmp_path / ".wan-studio" / "parts").rglob("*.part")).stat().st_size
     assert kept > 0
+    # Nothing lost: every file finished before the disk filled is in place, recorded, and not fetched again.
+    finished = [rel for rel in fw.needed_paths(files) if (tmp_path / rel).exists()]
+    assert finished and all((tmp_path / rel).read_bytes() == files[rel] for rel in finished)
+    gets_before = {rel: len(state.gets(rel)) for rel in finished}
 
-    assert w.download_weights(tmp_path).report.ok
+    result = w.download_weights(tmp_path)
+    assert result.report.ok and result.files_downloaded == len(fw.needed_paths(files)) - len(finished)
+    assert {rel: len(state.gets(rel)) for rel in finished} == gets_before
     assert state.gets(fw.T5)[-1].range == f"bytes={kept}-"
+    assert state.gets(fw.T5)[-1].sent == len(files[fw.T5]) - kept
     assert (tmp_path / fw.T5).read_bytes() == files[fw.T5]
 
 
@@ -507,3 +515,27 @@ def test_the_doctor_sees_the_tiny_vae_the_downloader_fetched(hub, tmp_path):
     assert finding.status is d.Status.OK and "taew2_1.pth" in finding.detail
     assert download_tiny_vae(tmp_path) == path and len(state.gets("taew2_1.pth")) == 1  # kept, not re-fetched
     assert cli.main_download(["--weights-dir", str(tmp_path), "--tiny-vae"]) == 0
+
+
+def test_the_setup_package_uses_only_public_huggingface_hub_names():
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    for path in (root / "install").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("huggingface_hub"):
+                assert not any(part.startswith("_") for part in node.module.split(".")), (path.name, node.module)
+                assert node.module in ("huggingface_hub", "huggingface_hub.utils", "huggingface_hub.errors",
+                                       "huggingface_hub.constants"), (path.name, node.module)
+                assert not any(a.name.startswith("_") for a in node.names), (path.name, [a.name for a in node.names])
+    assert len((root / "install" / "weights.py").read_text().splitlines()) <= 500
+
+
+def test_the_ui_imports_setup_code_only_from_the_package_face():
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    for path in (root / "ui").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("install"):
+                assert node.module == "install", (path.name, node.module)
