@@ -107,7 +107,7 @@ def _verify(root: Path, deep: bool, problems: list[VerifyProblem], checked: list
         problems.append(VerifyProblem(used[-1], "corrupt", err))
     layers = config.get("num_layers") if not problems else 0
     res = layout.resolve(lambda r: (root / r).is_file(), layers if isinstance(layers, int) else 0)
-    problems += [VerifyProblem(m.split(" ", 1)[0], "missing", f"missing: {m}") for m in res.missing]
+    problems += [VerifyProblem(m.split(" ", 1)[0].rstrip(","), "missing", f"missing: {m}") for m in res.missing]
     for rel in dict.fromkeys([*res.files, *recorded]):  # an optional file is checked once we fetched it
         path, want = root / rel, recorded.get(rel, {})
         if not path.is_file():

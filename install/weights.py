@@ -213,7 +213,7 @@ class _Downloader:
                 meta = get_hf_file_metadata(url, token=self.token, endpoint=self.endpoint, retry_on_errors=True)
                 via_library = (meta.xet_file_data is not None and importlib.util.find_spec("hf_xet") is not None
                                ) or pf.size < RESUMABLE_MIN_BYTES
-                part, sent = (self._via_library(pf, index, count) if via_library
+                part, sent = (self._via_library(pf, index, count, xet=meta.xet_file_data is not None) if via_library
                               else self._resumable(pf, meta.location or url, url, index, count))
             except OSError as exc:
                 raise self._disk_error(exc, pf.path) if exc.errno in (errno.ENOSPC, errno.EDQUOT) else \
@@ -243,7 +243,7 @@ class _Downloader:
         self.emit(DownloadPhase.DOWNLOADING, file=pf.path, file_index=index, file_count=count,
                   file_bytes_done=file_done, file_bytes_total=pf.size)
 
-    def _via_library(self, pf: PlannedFile, index: int, count: int) -> tuple[Path, int]:
+    def _via_library(self, pf: PlannedFile, index: int, count: int, *, xet: bool) -> tuple[Path, int]:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.utils import tqdm as hf_tqdm
 
@@ -254,7 +254,7 @@ class _Downloader:
                 super().__init__(*args, **{**kwargs, "disable": True})
 
             def update(self, n: float | None = 1) -> bool | None:
-                if outer.cancel.is_set():
+                if outer.cancel.is_set() and not xet:  # hf_xet reports from its own threads: stop between files
                     raise DownloadCancelled("Download stopped.")
                 done[0] += int(n or 0)
                 outer._progress(pf, index, count, done[0], int(n or 0))

@@ -48,6 +48,17 @@ def stop_once_t5_has_bytes(cancel: threading.Event):
     return on_progress
 
 
+def stopped_mid_t5(hub, tmp_path):
+    """A download stopped once the big T5 file has bytes on disk; returns (state, files, its partial file)."""
+    _, state, files = hub(fw.repo_files(t5_payload=BIG_T5))
+    cancel = threading.Event()
+    with pytest.raises(w.DownloadCancelled):
+        w.download_weights(tmp_path, on_progress=stop_once_t5_has_bytes(cancel), cancel=cancel)
+    parts = list((tmp_path / ".wan-studio" / "parts").rglob("*.part"))
+    assert len(parts) == 1 and parts[0].stat().st_size > 0
+    return state, files, parts[0]
+
+
 def _assert_matches(weights_dir: Path, files: dict[str, bytes]) -> None:
     for rel in fw.needed_paths(files):
         assert (weights_dir / rel).read_bytes() == files[rel], rel
@@ -101,13 +112,8 @@ def test_broken_connection_is_resumed_with_a_range_request(hub, tmp_path):
 
 
 def test_stopped_download_resumes_in_the_next_run(hub, tmp_path):
-    _, state, files = hub(fw.repo_files(t5_payload=BIG_T5))
-    cancel = threading.Event()
-    with pytest.raises(w.DownloadCancelled):
-        w.download_weights(tmp_path, on_progress=stop_once_t5_has_bytes(cancel), cancel=cancel)
-    parts = list((tmp_path / ".wan-studio" / "parts").rglob("*.part"))
-    assert len(parts) == 1 and parts[0].stat().st_size > 0
-    kept = parts[0].stat().st_size
+    state, files, part = stopped_mid_t5(hub, tmp_path)
+    kept = part.stat().st_size
     assert not (tmp_path / fw.T5).exists()
 
     result = w.download_weights(tmp_path)
@@ -118,10 +124,7 @@ def test_stopped_download_resumes_in_the_next_run(hub, tmp_path):
 
 
 def test_server_that_ignores_range_restarts_the_file_cleanly(hub, tmp_path):
-    _, state, files = hub(fw.repo_files(t5_payload=BIG_T5))
-    cancel = threading.Event()
-    with pytest.raises(w.DownloadCancelled):
-        w.download_weights(tmp_path, on_progress=stop_once_t5_has_bytes(cancel), cancel=cancel)
+    state, files, _part = stopped_mid_t5(hub, tmp_path)
     state.ignore_range = True
     events: list[w.DownloadProgress] = []
 
@@ -459,11 +462,7 @@ def test_a_killed_download_resumes_after_a_restart_without_refetching(hub, tmp_p
 
 
 def test_a_damaged_partial_file_is_detected_and_fetched_again(hub, tmp_path):
-    _, state, files = hub(fw.repo_files(t5_payload=BIG_T5))
-    cancel = threading.Event()
-    with pytest.raises(w.DownloadCancelled):
-        w.download_weights(tmp_path, on_progress=stop_once_t5_has_bytes(cancel), cancel=cancel)
-    part = next((tmp_path / ".wan-studio" / "parts").rglob("*.part"))
+    state, files, part = stopped_mid_t5(hub, tmp_path)
     data = bytearray(part.read_bytes())
     data[0] ^= 0xFF  # e.g. a crash mid-write: the kept bytes are not the Hub's
     part.write_bytes(bytes(data))
