@@ -68,7 +68,7 @@ def build_system_tab(*, doctor: Callable[[], DoctorReport], weights_dir: Path,
 
     `doctor()` runs the checks (on page load and on Re-check). `start_download()` is called with no arguments
     and must yield `DownloadProgress` items ending with a DONE, FAILED or CANCELLED one, as
-    `install.weights.iter_download` does; closing it must stop the download.
+    `install.iter_download` does; closing it must stop the download.
     """
     gr.Markdown("### Setup check")
     headline = gr.Markdown("⏳ Checking this machine…")
