@@ -10,8 +10,9 @@ which `verify()` reads.
 Our own transfer code exists for one case only, because the library provably lacks it: resuming a
 plain-HTTP file after the app was closed or killed. huggingface_hub 1.x downloads into a process-unique
 `<name>.<uuid>.incomplete` file and deletes it when the call fails (`_download_to_tmp_and_move`), so a half
-done 6.7 GB T5 file would start again from zero; hf_xet writes into that same temporary file, and its chunk
-cache (HF_XET_CHUNK_CACHE_SIZE_BYTES) is not something we can count on being on. So plain-HTTP files of at
+done 6.7 GB T5 file would start again from zero. hf_xet writes into that same temporary file; what it can
+reuse after a restart is its size-capped chunk cache (HF_XET_CHUNK_CACHE_SIZE_BYTES), a user setting, not a
+resume of the file, so a Xet transfer is accepted as restartable only. So plain-HTTP files of at
 least RESUMABLE_MIN_BYTES are streamed with the library's HTTP session (`get_session`) into a partial file
 under `.wan-studio/parts/` that survives the process, continued with a Range request. Xet-backed files, and
 small files whose loss costs nothing, go through `hf_hub_download`.

@@ -1,7 +1,8 @@
 """The one rule for where the INT8 model's files live under a weights folder (= LightX2V's `model_path`).
 
 The doctor, the downloader and the backend all ask this module, so "complete" means the same thing to
-each of them (docs/lightx2v.md §2 lists what the loader opens):
+each of them. It follows LightX2V's own lookups: its config merge (the model folder's config.json, then the
+quantized checkpoint folder's over it) and its .pth search (the quantized folder first, then the root):
 
     config.json               optional, merged first (root)
     distill_int8/config.json  optional, merged over the root one; at least one of the two must exist

@@ -538,3 +538,27 @@ def test_the_ui_imports_setup_code_only_from_the_package_face():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("install"):
                 assert node.module == "install", (path.name, node.module)
+
+
+def test_why_our_resume_code_exists_the_library_drops_its_partial_file(hub, tmp_path):
+    """The premise of `_resumable`: when hf_hub_download stops mid-file, nothing of what arrived is kept for
+    a later process. If a future huggingface_hub keeps it, this fails, and our own code can go."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    server, _, files = hub(fw.repo_files(t5_payload=BIG_T5))
+
+    arrived: list[int] = []
+
+    class Interrupt(hf_tqdm):  # the process "dies" once bytes have arrived
+        def update(self, n=1):
+            if n:
+                arrived.append(int(n))
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        hf_hub_download(fw.REPO_ID, fw.T5, local_dir=tmp_path, endpoint=server.url, tqdm_class=Interrupt)
+    kept = [p for p in tmp_path.rglob("*") if p.is_file() and ("incomplete" in p.name or p.name == "t5" or
+                                                              p.stat().st_size >= 1024 * 1024)]
+    assert arrived and arrived[0] > 0  # bytes had been written when it stopped...
+    assert kept == [], kept  # ...and none of them is left for the next process
