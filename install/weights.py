@@ -221,7 +221,8 @@ class _Downloader:
                     map_hub_error(exc, what, self.endpoint) from exc
             except Exception as exc:  # noqa: BLE001 - mapped to a user message
                 raise map_hub_error(exc, what, self.endpoint) from exc
-            if not pf.hash or hash_file(part, pf.hash_kind or "sha256", pf.size).hexdigest() == pf.hash:
+            if part.stat().st_size == pf.size and (
+                    not pf.hash or hash_file(part, pf.hash_kind or "sha256", pf.size).hexdigest() == pf.hash):
                 break
             part.unlink(missing_ok=True)
             self.bytes_present -= pf.size
@@ -282,10 +283,9 @@ class _Downloader:
         sent, attempt = 0, 0
         while (done := part.stat().st_size if part.exists() else 0) < pf.size:
             attempt += 1
-            if done > pf.size:  # not a prefix of this file (counted as pf.size when planning)
-                part.unlink()
-                self.bytes_present -= pf.size
-                continue
+            if attempt > RETRIES:  # every answer ended early without an error
+                raise WeightsNetworkError(f"The transfer of {pf.path} keeps ending early; run the download again "
+                                          "later (it resumes from what arrived).")
             if done:
                 log.info("resuming %s at %s of %s", pf.path, format_bytes(done), format_bytes(pf.size))
             try:

@@ -514,6 +514,13 @@ def test_the_doctor_sees_the_tiny_vae_the_downloader_fetched(hub, tmp_path):
     assert finding.status is d.Status.OK and "taew2_1.pth" in finding.detail
     assert download_tiny_vae(tmp_path) == path and len(state.gets("taew2_1.pth")) == 1  # kept, not re-fetched
     assert cli.main_download(["--weights-dir", str(tmp_path), "--tiny-vae"]) == 0
+    # What the System tab will call: the same generator as the main download, ending with the outcome.
+    from install import download_tiny_vae as face, iter_download
+
+    other = tmp_path / "other"
+    events = list(iter_download(other, job=face, min_interval_s=0.0))
+    assert events[-1].phase is w.DownloadPhase.DONE and "taew2_1.pth" in events[-1].message
+    assert (other / "taew2_1.pth").read_bytes() == taehv.files["taew2_1.pth"]
 
 
 def test_the_setup_package_uses_only_public_huggingface_hub_names():
