@@ -157,7 +157,9 @@ def _fake_backend(presets):
 def build_app(settings: Settings):
     """Wire presets, backend, cache, service, job lane and UI. Returns (demo, ui_context)."""
     # Must be set before anything initialises CUDA: it is what lets 720p fit (docs/lightx2v.md §2).
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    from install.doctor import APP_ALLOC_CONF  # the doctor reports this default as the app's own
+
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", APP_ALLOC_CONF)
 
     from pipeline.cache import PipelineCache
     from pipeline.errors import OutputError, OutputsInUse
@@ -209,7 +211,8 @@ def _system_tab(settings: Settings, monitor):
         with gr.Tab("System"):
             build_system_tab(
                 doctor=lambda: doctor.run_doctor(weights_dir=settings.weights_dir,
-                                                 outputs_dir=settings.outputs_dir, monitor=monitor),
+                                                 outputs_dir=settings.outputs_dir, monitor=monitor,
+                                                 in_ui=True),
                 weights_dir=settings.weights_dir,
                 start_download=lambda: weights.iter_download(settings.weights_dir))
     return render
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=_env("WAN_STUDIO_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "download":
-        from install.weights import main_download
+        from install.cli import main_download
 
         return main_download(argv[1:])
     if argv and argv[0] == "doctor":

@@ -117,3 +117,21 @@ def test_cancel_withdraws_a_click_still_waiting_for_the_gpu(browser, tmp_path):
         second.wait_for_timeout(2000)  # the withdrawn click's turn comes and goes
         assert [r["prompt"] for r in app.history()] == ["The job that holds the GPU"]
         assert errors == [], errors
+
+
+def test_the_system_tab_shows_the_whole_doctor_table(browser, tmp_path, artifacts_dir: Path):
+    with running_app(tmp_path) as app:
+        page, errors = _open(browser, app.url)
+        page.get_by_role("tab", name="System").click()
+        rows = page.locator("#doctor-table table tbody tr")
+        wait_for(lambda: rows.count() >= 10, 60, 0.2, "the doctor table")
+        for i in range(rows.count()):  # every check is on the page, none hidden in an inner scroll box
+            assert rows.nth(i).is_visible()
+        table = page.locator("#doctor-table")
+        assert table.evaluate("e => e.scrollHeight <= e.clientHeight + 1")
+        text = table.inner_text()
+        assert "`" not in text and "Weights" in text and "Tiny VAE" in text and "Allocator" in text
+        assert page.get_by_role("button", name="Download weights").is_visible()
+        assert not page.get_by_role("button", name="Stop download").is_visible()
+        page.screenshot(path=str(artifacts_dir / "browser-system-tab.png"), full_page=True)
+        assert errors == [], errors

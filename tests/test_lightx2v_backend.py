@@ -1,9 +1,8 @@
-"""The LightX2V backend's CPU-side logic: weights lookup, the reload key, the availability check and
-each compat fix's detection. Running it on a GPU is tests/gpu/."""
+"""The LightX2V backend's CPU-side logic (its weights layout rule is tests/test_layout.py): the reload
+key, the availability check and each compat fix's detection. Running it on a GPU is tests/gpu/."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import types
@@ -12,23 +11,7 @@ import pytest
 
 from pipeline.backends import lightx2v_compat as compat
 from pipeline.errors import NoGPUError, WeightsError
-from pipeline.backends.lightx2v import LightX2VBackend, locate_weights
-
-
-def _layout(root, layers=2, t5_in_root=False):
-    dit = root / "distill_int8"
-    dit.mkdir(parents=True)
-    (dit / "config.json").write_text(json.dumps({"num_layers": layers}))
-    (dit / "non_block.safetensors").write_bytes(b"x")
-    for i in range(layers):
-        (dit / f"block_{i}.safetensors").write_bytes(b"x")
-    ((root if t5_in_root else dit) / "models_t5_umt5-xxl-enc-int8.pth").write_bytes(b"x")
-    (dit / "Wan2.1_VAE.pth").write_bytes(b"x")
-    tok = root / "google" / "umt5-xxl"
-    tok.mkdir(parents=True)
-    (tok / "tokenizer.json").write_text("{}")
-    (tok / "tokenizer_config.json").write_text("{}")
-    return root
+from pipeline.backends.lightx2v import LightX2VBackend
 
 
 def test_importing_the_backend_imports_neither_torch_nor_lightx2v():
@@ -36,22 +19,6 @@ def test_importing_the_backend_imports_neither_torch_nor_lightx2v():
             "print(sorted(m for m in ('torch', 'lightx2v') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-
-
-def test_locate_weights_finds_both_layouts(tmp_path):
-    files = locate_weights(_layout(tmp_path / "a", t5_in_root=True))
-    assert files.t5 == tmp_path / "a" / "models_t5_umt5-xxl-enc-int8.pth"
-    assert files.vae.parent.name == "distill_int8" and not files.synthetic
-
-
-def test_locate_weights_names_what_is_missing(tmp_path):
-    root = _layout(tmp_path / "m", layers=3)
-    (root / "distill_int8" / "block_1.safetensors").unlink()
-    (root / "distill_int8" / "Wan2.1_VAE.pth").unlink()
-    with pytest.raises(WeightsError, match=r"block_1.*1 of 3.*Wan2.1_VAE.pth"):
-        locate_weights(root)
-    with pytest.raises(WeightsError, match="does not exist"):
-        locate_weights(tmp_path / "nowhere")
 
 
 def test_load_key_holds_only_build_time_settings(tmp_path):
@@ -411,37 +378,3 @@ def test_check_available_without_torch_or_gpu_says_no_gpu(tmp_path, monkeypatch)
     monkeypatch.setattr(backend_module, "_has_module", lambda name: name != "torch")
     with pytest.raises(NoGPUError, match="No NVIDIA GPU was found on this machine"):
         LightX2VBackend(tmp_path).check_available()
-
-
-@pytest.mark.parametrize("change, complete", [
-    (None, True),
-    ("config in the root", True),
-    ("no tokenizer_config.json", False),
-    ("no vocabulary", False),
-    ("no block", False),
-])
-def test_the_doctor_and_generate_agree_on_complete_weights(tmp_path, change, complete):
-    from install.weights import verify
-    from tests.fakeweights import needed_paths, repo_files
-
-    files = repo_files()
-    for rel in needed_paths(files):
-        path = tmp_path / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(files[rel])
-    tok = tmp_path / "google" / "umt5-xxl"
-    if change == "config in the root":
-        (tmp_path / "distill_int8" / "config.json").rename(tmp_path / "config.json")
-    elif change == "no tokenizer_config.json":
-        (tok / "tokenizer_config.json").unlink()
-    elif change == "no vocabulary":
-        (tok / "tokenizer.json").unlink()
-        (tok / "spiece.model").unlink()
-    elif change == "no block":
-        (tmp_path / "distill_int8" / "block_0.safetensors").unlink()
-    assert verify(tmp_path).ok is complete
-    if complete:
-        locate_weights(tmp_path)
-    else:
-        with pytest.raises(WeightsError):
-            locate_weights(tmp_path)

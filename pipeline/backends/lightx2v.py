@@ -67,6 +67,7 @@ from pipeline.backend import DecodeOutOfMemory, LoadKey, RunHooks
 from pipeline.errors import (BackendUnavailable, GenerationCancelled, InvalidRequest, NoGPUError,
                              WeightsError)
 from pipeline.gpu import GIB, GpuMonitor, is_oom
+from pipeline.layout import WeightsLayout, locate
 from pipeline.types import Phase, RunSpec
 
 log = logging.getLogger(__name__)
@@ -129,77 +130,6 @@ def _lightx2v_commit() -> str | None:
         return json.loads(text).get("vcs_info", {}).get("commit_id")
     except ValueError:
         return None
-
-
-# ------------------------------------------------------------------------------------------------
-# Weights
-
-
-@dataclass(frozen=True)
-class WeightFiles:
-    root: Path
-    dit_dir: Path
-    config: dict[str, Any]
-    t5: Path
-    vae: Path
-    tokenizer: Path
-    synthetic: bool
-
-
-def locate_weights(root: Path | str) -> WeightFiles:
-    """Find the files of the HF repo layout under `root`; raise WeightsError naming what is missing.
-
-    DiT: root/distill_int8/{non_block.safetensors, block_0..N-1.safetensors} and config.json there
-    or in root (LightX2V merges both, set_config.py:289-339). T5 and VAE .pth: in distill_int8/ or
-    in root (both layouts are in use). Tokenizer: root/google/umt5-xxl. The same rules as
-    install.weights.verify, so the doctor and Generate agree on what is complete.
-    """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise WeightsError(f"The weights folder {root} does not exist. Download the model into it first.")
-    dit = root / "distill_int8"
-    missing: list[str] = []
-    config: dict[str, Any] = {}
-    config_path = next((p for p in (dit / "config.json", root / "config.json") if p.is_file()), None)
-    if config_path is None:
-        missing.append("distill_int8/config.json (or config.json in the root)")
-    else:
-        try:
-            config = json.loads(config_path.read_text())
-        except ValueError as exc:
-            raise WeightsError(f"{config_path} is not valid JSON ({exc}); download it again.") from None
-    if not (dit / "non_block.safetensors").is_file():
-        missing.append("distill_int8/non_block.safetensors")
-    layers = config.get("num_layers")
-    if isinstance(layers, int):
-        absent = [i for i in range(layers) if not (dit / f"block_{i}.safetensors").is_file()]
-        if absent:
-            shown = ", ".join(f"block_{i}" for i in absent[:5]) + (" ..." if len(absent) > 5 else "")
-            missing.append(f"distill_int8/{{{shown}}}.safetensors ({len(absent)} of {layers})")
-
-    def find(name: str) -> Path | None:
-        for candidate in (dit / name, root / name):
-            if candidate.is_file():
-                return candidate
-        return None
-
-    t5 = find("models_t5_umt5-xxl-enc-int8.pth")
-    vae = find("Wan2.1_VAE.pth")
-    if t5 is None:
-        missing.append("models_t5_umt5-xxl-enc-int8.pth (in distill_int8/ or the root)")
-    if vae is None:
-        missing.append("Wan2.1_VAE.pth (in distill_int8/ or the root)")
-    tokenizer = root / "google" / "umt5-xxl"
-    if not (tokenizer / "tokenizer_config.json").is_file() or not any(
-            (tokenizer / f).is_file() for f in ("tokenizer.json", "spiece.model")):
-        missing.append("google/umt5-xxl/ (the T5 tokenizer: tokenizer_config.json and tokenizer.json "
-                       "or spiece.model)")
-    if missing:
-        raise WeightsError(f"The model in {root} is incomplete; missing: {'; '.join(missing)}. "
-                           f"Download it again (it resumes).")
-    return WeightFiles(root=root, dit_dir=dit, config=config, t5=t5, vae=vae, tokenizer=tokenizer,
-                       synthetic=(root / "README.txt").is_file()
-                       and "SYNTHETIC CHECKPOINT" in (root / "README.txt").read_text(errors="replace"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -300,7 +230,7 @@ class LightX2VBackend:
             missing.append(f"{attn_module} (for attention {self.attn_mode})")
         if missing:
             raise BackendUnavailable(f"LightX2V cannot be imported: missing {', '.join(missing)}. {INSTALL_HINT}")
-        locate_weights(self.weights_dir)
+        locate(self.weights_dir)
 
     def load_key(self, memory: dict[str, Any]) -> LoadKey:
         granularity = memory.get("offload_granularity", "block")
@@ -323,7 +253,7 @@ class LightX2VBackend:
     def load(self, key: LoadKey, on_phase: Callable[[Phase], None]) -> "LightX2VModel":
         on_phase(Phase.LOADING)
         build = dict(key.build_settings)
-        files = locate_weights(key.weights_dir)
+        files = locate(key.weights_dir)
         torch = _import_torch_for_cuda()
         _apply_vram_cap(torch, self.vram_cap_gib)
         lx = _import_lightx2v()
@@ -356,7 +286,7 @@ class LightX2VBackend:
     def describe(self) -> dict[str, Any]:
         synthetic = None
         try:
-            synthetic = locate_weights(self.weights_dir).synthetic
+            synthetic = locate(self.weights_dir).synthetic
         except WeightsError:
             pass
         return {
@@ -464,7 +394,7 @@ def _import_lightx2v() -> _LightX2VModules:
                             wan_runner_cls=WanRunner, chunked_rope_cls=ChunkedRope)
 
 
-def _build_pipeline(lx: _LightX2VModules, fixes: Any, files: WeightFiles, build: dict[str, Any]) -> Any:
+def _build_pipeline(lx: _LightX2VModules, fixes: Any, files: WeightsLayout, build: dict[str, Any]) -> Any:
     compat = lx.compat
     compat.keep_target_video_length_in_config(fixes, lx.input_info)
     pipe = lx.pipeline_cls(model_path=str(files.root), model_cls="wan2.1_distill", task="t2v")
@@ -523,7 +453,7 @@ class _Call:
 class LightX2VModel:
     """A built LightX2V runner plus the per-call plumbing (settings, progress, cancel, OOM)."""
 
-    def __init__(self, pipe: Any, fixes: Any, build: dict[str, Any], files: WeightFiles, torch: Any,
+    def __init__(self, pipe: Any, fixes: Any, build: dict[str, Any], files: WeightsLayout, torch: Any,
                  lx: _LightX2VModules, ffn_chunk_tokens: int = 0):
         self._pipe = pipe
         self._runner = pipe.runner
