@@ -16,14 +16,14 @@ def names(rungs):
 
 def test_full_ladder_is_rungs_then_fallback_presets():
     assert names(planner().ladder("720x1280x81")) == [
-        "720x1280x81/chunked-rope", "720x1280x81/lean",
-        "480x832x81/fast", "480x832x81/tiled-vae", "480x832x81/lean",
-        "480x832x49/fast", "480x832x49/tiled-vae", "480x832x49/lean"]
+        "720x1280x81/chunked-rope", "720x1280x81/lean", "720x1280x81/low-ram",
+        "480x832x81/fast", "480x832x81/tiled-vae", "480x832x81/lean", "480x832x81/low-ram",
+        "480x832x49/fast", "480x832x49/tiled-vae", "480x832x49/lean", "480x832x49/low-ram"]
 
 
 def test_without_a_gpu_reading_the_whole_ladder_is_tried():
     assert names(planner().plan("480x832x49", None)) == [
-        "480x832x49/fast", "480x832x49/tiled-vae", "480x832x49/lean"]
+        "480x832x49/fast", "480x832x49/tiled-vae", "480x832x49/lean", "480x832x49/low-ram"]
 
 
 def test_plan_skips_rungs_predicted_not_to_fit():
