@@ -1,0 +1,185 @@
+"""The host-memory measures in lightx2v_compat, on CPU with stand-ins of the LightX2V parts."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from pipeline import hostmem
+from pipeline.backends import lightx2v_compat as compat
+
+
+class _PinlessTorch:
+    """torch for a CPU-only machine: pin_memory=True allocates ordinary memory (as on a GPU box,
+    minus the page locking), so the packing logic runs for real."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, pin_memory=False, **kwargs):
+        return torch.empty(*args, **kwargs)
+
+
+def upstream_create_pin_tensor(tensor, transpose=False, dtype=None):
+    dtype = dtype or tensor.dtype
+    pin_tensor = torch.empty(tensor.shape, pin_memory=True, dtype=dtype)
+    pin_tensor = pin_tensor.copy_(tensor)
+    return pin_tensor.t() if transpose else pin_tensor
+
+
+def test_pinned_weights_pack_into_slabs_with_their_values():
+    ops_utils = types.SimpleNamespace(create_pin_tensor=upstream_create_pin_tensor)
+    fixes = compat.CompatFixes()
+    arena = compat.pinned_weights_packed(fixes, ops_utils, _PinlessTorch())
+    assert arena is not None and "pinned_weights_packed" in fixes.names
+    arena.slab_bytes = 1 << 20  # 1 MiB slabs for the test
+    weights = [torch.randint(-128, 127, (300, 1000), dtype=torch.int8) for _ in range(5)]  # 293 KiB each
+    scale = torch.rand(1000, dtype=torch.float32)
+    pinned = [ops_utils.create_pin_tensor(w) for w in weights] + [ops_utils.create_pin_tensor(scale)]
+    for original, copy in zip(weights + [scale], pinned):
+        assert torch.equal(original, copy) and copy.dtype == original.dtype
+    # 5 x 293 KiB + 4 KiB: two 1 MiB slabs (first fit), not six power-of-two blocks.
+    assert arena.pinned_bytes == 2 << 20
+    assert pinned[0].untyped_storage().data_ptr() == pinned[1].untyped_storage().data_ptr()
+    transposed = ops_utils.create_pin_tensor(weights[0], transpose=True)
+    assert torch.equal(transposed, weights[0].t())
+    big = torch.zeros(2 << 20, dtype=torch.uint8)  # larger than a slab: its own allocation
+    assert torch.equal(ops_utils.create_pin_tensor(big), big) and arena.pinned_bytes == 2 << 20
+    with fixes.disabled("pinned_weights_packed"):
+        assert ops_utils.create_pin_tensor is upstream_create_pin_tensor
+
+
+def test_pinned_packing_falls_back_to_pageable_like_upstream_when_pinning_fails():
+    class NoPinning(_PinlessTorch):
+        @staticmethod
+        def empty(*args, pin_memory=False, **kwargs):
+            if pin_memory:
+                raise RuntimeError("CUDA error: out of memory")
+            return torch.empty(*args, **kwargs)
+
+    ops_utils = types.SimpleNamespace(create_pin_tensor=upstream_create_pin_tensor)
+    arena = compat.pinned_weights_packed(compat.CompatFixes(), ops_utils, NoPinning())
+    w = torch.ones(10, 10)
+    assert torch.equal(ops_utils.create_pin_tensor(w), w) and not arena.pinned and arena.pinned_bytes == 0
+
+
+def test_pinned_packing_left_alone_when_upstream_no_longer_pins_per_tensor():
+    def create_pin_tensor(tensor, transpose=False, dtype=None):
+        return tensor
+
+    ops_utils = types.SimpleNamespace(create_pin_tensor=create_pin_tensor)
+    assert compat.pinned_weights_packed(compat.CompatFixes(), ops_utils, torch) is None
+    assert ops_utils.create_pin_tensor is create_pin_tensor
+
+
+def upstream_load_pt_safetensors(in_path, remove_key=None, include_keys=None):
+    state_dict = torch.load(in_path, map_location="cpu", weights_only=True)
+    return {k: v for k, v in state_dict.items() if not (remove_key and remove_key in k)}
+
+
+def test_pth_checkpoints_load_memory_mapped(tmp_path):
+    path = tmp_path / "t5.pth"
+    torch.save({"blocks.0.w": torch.ones(64 * 1024 * 1024, dtype=torch.int8), "x": torch.zeros(3)}, path)
+    lx_utils = types.SimpleNamespace(torch=torch, load_pt_safetensors=upstream_load_pt_safetensors)
+    fixes = compat.CompatFixes()
+    compat.checkpoints_memory_mapped(fixes, lx_utils)
+    assert "checkpoints_memory_mapped" in fixes.names
+    before = hostmem.read_process()
+    weights = lx_utils.load_pt_safetensors(str(path), remove_key="x")
+    assert list(weights) == ["blocks.0.w"] and int(weights["blocks.0.w"][::4096].sum()) == 16384
+    after = hostmem.read_process()
+    if before is not None:  # mapped: file-backed pages, not anonymous memory
+        assert after.anon_bytes - before.anon_bytes < 32 * 1024 * 1024
+        assert after.file_bytes - before.file_bytes > 48 * 1024 * 1024
+    assert upstream_load_pt_safetensors.__globals__["torch"] is torch  # restored after the call
+    with fixes.disabled("checkpoints_memory_mapped"):
+        assert lx_utils.load_pt_safetensors is upstream_load_pt_safetensors
+
+
+def test_legacy_pth_files_still_load(tmp_path):
+    path = tmp_path / "old.pth"
+    torch.save({"w": torch.arange(4)}, path, _use_new_zipfile_serialization=False)
+    lx_utils = types.SimpleNamespace(torch=torch, load_pt_safetensors=upstream_load_pt_safetensors)
+    compat.checkpoints_memory_mapped(compat.CompatFixes(), lx_utils)
+    assert torch.equal(lx_utils.load_pt_safetensors(str(path))["w"], torch.arange(4))
+
+
+class _Runner:
+    def __init__(self):
+        self.config = {"lazy_load": True}
+        self.scheduler = object()
+        self.built_lazy = None
+
+    def load_model(self):
+        self.built_lazy = self.config["lazy_load"]
+        scheduler_box = []
+        self.model = types.SimpleNamespace(set_scheduler=scheduler_box.append, scheduler_box=scheduler_box)
+
+
+class _UpstreamDefaultRunner:
+    def init_run(self):
+        if self.config.get("lazy_load", False) or self.config.get("unload_modules", False):
+            self.model = self.load_transformer()
+
+
+def test_low_ram_build_keeps_the_streamed_dit_between_requests():
+    runner = _Runner()
+    pipe = types.SimpleNamespace(runner=runner, modify_config=runner.config.update)
+    fixes = compat.CompatFixes()
+    assert compat.dit_streamed_and_kept(fixes, pipe, _UpstreamDefaultRunner)
+    assert runner.built_lazy is True  # the model was built in streaming mode
+    assert runner.model.scheduler_box == [runner.scheduler]
+    assert runner.config["lazy_load"] is False  # requests reuse it instead of rebuilding
+    # Not a lazy build, or a runner that already built its model: nothing to do.
+    assert not compat.dit_streamed_and_kept(fixes, pipe, _UpstreamDefaultRunner)
+
+
+def test_recovery_refills_the_first_streamed_block():
+    loads = []
+
+    class Block:
+        def __init__(self, name):
+            self.name = name
+
+        def load_state_dict_from_disk(self, index, adapter):
+            loads.append((self.name, index))
+
+    class Future:
+        def __init__(self):
+            self.waited = False
+
+        def result(self):
+            self.waited = True
+
+    pending = Future()
+    manager = types.SimpleNamespace(lazy_load=True, offload_granularity="block", need_init_first_buffer=False,
+                                    prefetch_futures=[pending], cpu_buffers=[Block("a"), Block("b")])
+    model = types.SimpleNamespace(transformer_infer=types.SimpleNamespace(offload_manager=manager))
+    compat.reset_runner_state(types.SimpleNamespace(model=model, input_info=object()))
+    assert pending.waited and manager.need_init_first_buffer and loads == [("a", 0)]
+    phases = types.SimpleNamespace(lazy_load=True, offload_granularity="phase", prefetch_futures=[],
+                                   cpu_buffers=[[Block("p0"), Block("p1"), Block("p2")], []])
+    compat.refill_streamed_first_block(phases)
+    assert loads[1:] == [("p0", 0), ("p1", 0), ("p2", 0)]
+
+
+def test_release_cached_pinned_memory_calls_what_torch_offers():
+    calls = []
+    fake = types.SimpleNamespace(accelerator=types.SimpleNamespace(empty_host_cache=lambda: calls.append(1)),
+                                 _C=types.SimpleNamespace())
+    compat.release_cached_pinned_memory(fake)
+    assert calls == [1]
+    compat.release_cached_pinned_memory(types.SimpleNamespace(_C=types.SimpleNamespace()))  # nothing offered
+
+
+@pytest.mark.parametrize("memory, expected", [({"dit_from_disk": True}, True), ({}, None)])
+def test_load_key_carries_dit_from_disk(tmp_path, memory, expected):
+    from pipeline.backends.lightx2v import LightX2VBackend
+
+    key = LightX2VBackend(tmp_path).load_key({"offload_granularity": "phase", "text_encoder": "offload",
+                                              "release_text_encoder": True, **memory})
+    assert dict(key.build_settings).get("dit_from_disk") is expected
+    assert "release_text_encoder" not in dict(key.build_settings)  # per call, no reload
