@@ -183,3 +183,40 @@ def test_load_key_carries_dit_from_disk(tmp_path, memory, expected):
                                               "release_text_encoder": True, **memory})
     assert dict(key.build_settings).get("dit_from_disk") is expected
     assert "release_text_encoder" not in dict(key.build_settings)  # per call, no reload
+
+
+class _QuantWeight:
+    """The upstream int8 linear's disk path (its bias copied into an fp32 pinned buffer as read)."""
+
+    infer_dtype = torch.bfloat16
+    bias_force_fp32 = True
+
+    def __init__(self, file_bias):
+        self.file_bias = file_bias
+        self.pin_bias = file_bias.clone()  # the CPU buffer as create_cpu_buffers built it
+        self._modules = {}
+
+    def load_state_dict_from_disk(self, block_index, adapter_block_index=None):
+        bias_tensor = self.file_bias
+        self.pin_bias.copy_(bias_tensor)
+
+
+def test_streamed_biases_are_rounded_like_the_resident_load():
+    bias = torch.tensor([1.0 + 2**-12, 3.14159265, -0.1], dtype=torch.float32)
+    resident = bias.to(torch.bfloat16).to(torch.float32)  # what the resident load keeps
+    assert not torch.equal(bias, resident)
+    buffer = _QuantWeight(bias)
+    holder = types.SimpleNamespace(_modules={"cpu": buffer})
+    cls_before = _QuantWeight.load_state_dict_from_disk
+    fixes = compat.CompatFixes()
+    try:
+        compat.streamed_biases_match_resident(fixes, _QuantWeight, holder)
+        assert torch.equal(buffer.pin_bias, resident)  # the buffers built at construction
+        later = _QuantWeight(bias)
+        later.load_state_dict_from_disk(3)
+        assert torch.equal(later.pin_bias, resident)  # every block read afterwards
+        with fixes.disabled("streamed_biases_match_resident"):
+            later.load_state_dict_from_disk(3)
+            assert torch.equal(later.pin_bias, bias)
+    finally:
+        _QuantWeight.load_state_dict_from_disk = cls_before

@@ -24,6 +24,7 @@ Host-memory measures (issue 15), applied the same way and recorded with the fixe
 | pinned_weights_packed           | one pinned allocation per weight, rounded up to a power of two |
 | checkpoints_memory_mapped       | torch.load of the .pth T5/VAE into anonymous memory (6.7 GB)  |
 | dit_streamed_and_kept           | lazy_load rebuilds the DiT, T5 and VAE for every request      |
+| streamed_biases_match_resident  | lazy_load keeps fp32 biases the resident load rounds to bf16  |
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ FIX_NAMES = (
 )
 # Not bugs: memory savings applied the same way (recorded with the fixes for the run records).
 OPTIMIZATION_NAMES = ("ffn_chunked_over_tokens", "non_block_weights_kept_for_the_run", "pinned_weights_packed",
-                      "checkpoints_memory_mapped", "dit_streamed_and_kept")
+                      "checkpoints_memory_mapped", "dit_streamed_and_kept", "streamed_biases_match_resident")
 
 
 # Fixes that patch process-wide LightX2V state (a module-level set, a class attribute) stay in effect
@@ -583,6 +584,60 @@ def dit_streamed_and_kept(fixes: CompatFixes, pipe: Any, default_runner_cls: Any
     pipe.modify_config({"lazy_load": False})
     fixes.record("dit_streamed_and_kept", "lazy_load DiT built once; blocks streamed from disk every step")
     return True
+
+
+def _round_bias(weight: Any) -> None:
+    pin = getattr(weight, "pin_bias", None)
+    if pin is not None and getattr(weight, "bias_force_fp32", False) and pin.dtype != weight.infer_dtype:
+        pin.copy_(pin.to(weight.infer_dtype))
+
+
+def streamed_biases_match_resident(fixes: CompatFixes, mm_weight_cls: Any, transformer_weights: Any) -> None:
+    """Same frames from disk as from RAM. The resident load converts every float tensor of the
+    checkpoint to the inference dtype (bf16) before a quantized linear keeps its bias in fp32
+    (networks/base_model.py:533-541, common/ops/mm/mm_weight.py:455-466): the fp32 biases of the
+    real files are rounded to bf16. The streamed load copies them from the file into fp32 unrounded
+    (mm_weight.py:570-595, common/ops/utils.py:125-150), so a low-RAM run would differ slightly.
+    Round them the same way: the two CPU buffers built now, and every block read later.
+
+    Detected from the source of load_state_dict_from_disk copying the bias without a dtype."""
+    name = "streamed_biases_match_resident"
+    method = getattr(mm_weight_cls, "load_state_dict_from_disk", None)
+    current = getattr(method, "__wrapped_upstream__", method)
+    try:
+        source = inspect.getsource(current)
+    except (OSError, TypeError):
+        return
+    if "pin_bias.copy_(bias_tensor)" not in source or not fixes.wanted(name):
+        return
+
+    def load_state_dict_from_disk(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = current(self, *args, **kwargs)
+        _round_bias(self)
+        return result
+
+    load_state_dict_from_disk.__wrapped_upstream__ = current  # type: ignore[attr-defined]
+    mm_weight_cls.load_state_dict_from_disk = load_state_dict_from_disk
+    stack, seen = [transformer_weights], set()
+    while stack:  # the CPU buffers filled at construction
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        _round_bias(obj)
+        modules = getattr(obj, "_modules", None)
+        if isinstance(modules, dict):
+            stack.extend(m for m in modules.values() if m is not None)
+    _PROCESS_WIDE.add(name)
+
+    def undo() -> None:
+        mm_weight_cls.load_state_dict_from_disk = current
+
+    def redo() -> None:
+        mm_weight_cls.load_state_dict_from_disk = load_state_dict_from_disk
+
+    fixes.record(name, f"{mm_weight_cls.__name__}: streamed fp32 biases rounded through bf16 like the resident load",
+                 undo=undo, redo=redo)
 
 
 # -- memory optimisation: FFN over token chunks ---------------------------------------------------
