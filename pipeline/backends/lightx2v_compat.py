@@ -481,7 +481,14 @@ def pinned_weights_packed(fixes: CompatFixes, ops_utils: Any, torch: Any) -> Pin
 
 def release_cached_pinned_memory(torch: Any) -> None:
     """torch keeps freed pinned blocks cached for reuse; hand them back to the system (after a model
-    or the text encoder is released), where this torch has a way to."""
+    or the text encoder is released), where this torch has a way to. Blocks with copies still in
+    flight are not freed, so wait for the device first."""
+    cuda = getattr(torch, "cuda", None)
+    try:
+        if cuda is not None and cuda.is_initialized():
+            cuda.synchronize()
+    except RuntimeError:
+        log.debug("synchronize before emptying the pinned cache failed", exc_info=True)
     for call in (getattr(getattr(torch, "accelerator", None), "empty_host_cache", None),
                  getattr(torch._C, "_host_emptyCache", None)):
         if call is not None:
