@@ -220,3 +220,37 @@ def test_streamed_biases_are_rounded_like_the_resident_load():
             assert torch.equal(later.pin_bias, bias)
     finally:
         _QuantWeight.load_state_dict_from_disk = cls_before
+
+
+class _UpstreamT5Encoder(torch.nn.Module):
+    def __init__(self, table):
+        super().__init__()
+        self.cpu_offload = True
+        self.token_embedding = torch.nn.Embedding(table.shape[0], table.shape[1], dtype=table.dtype)
+        self.token_embedding.weight.data.copy_(table)
+
+    def forward_with_offload(self, ids):
+        self.token_embedding = self.token_embedding.to("cuda")
+        return self.token_embedding(ids)
+
+
+@pytest.mark.parametrize("same_values", [True, False])
+def test_t5_table_memory_mapped_from_the_checkpoint(tmp_path, same_values):
+    table = torch.randn(1000, 64).to(torch.bfloat16)
+    path = tmp_path / "t5.pth"
+    torch.save({"token_embedding.weight": table if same_values else table + 1, "blocks.0.w": torch.ones(2)}, path)
+    encoder = _UpstreamT5Encoder(table)
+    loaded = encoder.token_embedding.weight
+    loaded_ptr = loaded.data_ptr()
+    runner = types.SimpleNamespace(text_encoders=[types.SimpleNamespace(model=encoder)])
+    fixes = compat.CompatFixes()
+    host = compat.t5_token_embedding_on_host(fixes, runner, _UpstreamT5Encoder, str(path))
+    assert encoder.token_embedding is host
+    ids = torch.tensor([[0, 5, 999]])
+    assert torch.equal(host(ids), torch.nn.functional.embedding(ids, table))
+    mapped = host.host_weight.data_ptr() != loaded_ptr
+    assert mapped is same_values  # a file that does not hold the loaded values is not used
+    detail = next(f.detail for f in fixes.applied if f.name == "t5_token_embedding_on_host")
+    assert ("memory-mapped" in detail) is same_values
+    if same_values:  # the loaded copy now points at the mapped table: its anonymous memory is free
+        assert encoder.token_embedding is host and host.host_weight.data_ptr() == loaded.data_ptr()

@@ -517,7 +517,8 @@ class LightX2VModel:
         self.text_encoder_loads = 0  # loads after the build (tests)
         self.host_embedding = None
         if build["text_encoder_offload"]:
-            self.host_embedding = lx.compat.t5_token_embedding_on_host(fixes, self._runner, lx.t5_encoder_cls)
+            self.host_embedding = lx.compat.t5_token_embedding_on_host(fixes, self._runner, lx.t5_encoder_cls,
+                                                                       str(files.t5))
         lx.compat.ffn_chunked_over_tokens(fixes, self._runner.model.transformer_infer, ffn_chunk_tokens)
         lx.compat.non_block_weights_kept_for_the_run(fixes, self._runner.model)
         self._install_wrappers()
@@ -687,7 +688,8 @@ class LightX2VModel:
             self.arena.close()
         self.text_encoder_loads += 1
         if self.build["text_encoder_offload"]:
-            self.host_embedding = self._compat.t5_token_embedding_on_host(self.compat, runner, self._t5_encoder_cls)
+            self.host_embedding = self._compat.t5_token_embedding_on_host(self.compat, runner, self._t5_encoder_cls,
+                                                                          str(self.files.t5))
             if self.host_embedding is not None:
                 self.host_embedding.keep_on_device = getattr(self, "_keep_embedding", False)
 

@@ -257,9 +257,11 @@ def _host_token_embedding_class() -> Any:
         `keep_on_device` (the "offload_keep_embedding" rung, LightX2V's own behaviour) the table
         is copied to the GPU once and kept there."""
 
-        def __init__(self, original: torch.nn.Embedding):
+        def __init__(self, original: torch.nn.Embedding, host_weight: torch.Tensor | None = None):
             super().__init__()
-            self.host_weight = original.weight.detach().to("cpu")
+            # `host_weight`: the same table memory-mapped from the checkpoint (file-backed pages:
+            # a lookup reads only its rows, and the kernel may drop them under pressure).
+            self.host_weight = host_weight if host_weight is not None else original.weight.detach().to("cpu")
             self.keep_on_device = False
             self._device_weight = None
 
@@ -287,12 +289,39 @@ def _host_token_embedding_class() -> Any:
     return HostTokenEmbedding
 
 
-def t5_token_embedding_on_host(fixes: CompatFixes, runner: Any, t5_encoder_cls: Any) -> Any:
+def _mapped_table(checkpoint: str | None, like: Any) -> Any:
+    """The token embedding memory-mapped from the T5 checkpoint, if it is there with the loaded
+    table's shape, dtype and values (first, middle and last rows compared); else None."""
+    if not checkpoint:
+        return None
+    import torch
+
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, ValueError) as exc:  # legacy format, unreadable: keep the copy
+        log.info("T5 token embedding not memory-mapped: %s", exc)
+        return None
+    table = state.get("token_embedding.weight") if isinstance(state, dict) else None
+    state = None
+    if not isinstance(table, torch.Tensor) or table.shape != like.shape or table.dtype != like.dtype:
+        return None
+    rows = [0, like.shape[0] // 2, like.shape[0] - 1]
+    if not torch.equal(table[rows], like.detach().to("cpu")[rows]):
+        return None
+    return table
+
+
+def t5_token_embedding_on_host(fixes: CompatFixes, runner: Any, t5_encoder_cls: Any,
+                               checkpoint: str | None = None) -> Any:
     """Bug 5. T5Encoder.forward_with_offload does `self.token_embedding =
     self.token_embedding.to(AI_DEVICE)` (input_encoders/hf/wan/t5/model.py:578) and nothing moves
     it back: 2.1 GB stay on the GPU for the whole DiT phase. Replace the embedding with a
     HostTokenEmbedding (lookup on the host). Returns it (the backend switches `keep_on_device`
     per call), or None when not applied.
+
+    With `checkpoint` (the T5 .pth), the host table is the one in the file, memory-mapped, and the
+    2.1 GB anonymous copy the encoder loaded is freed: host memory the machine must hold drops by
+    that much on every rung (issue 15).
 
     Detected from the source of forward_with_offload and the encoder being offloaded."""
     encoders = getattr(runner, "text_encoders", None) or []
@@ -306,7 +335,10 @@ def t5_token_embedding_on_host(fixes: CompatFixes, runner: Any, t5_encoder_cls: 
     if not _EMBEDDING_TO_DEVICE.search(source) or not fixes.wanted("t5_token_embedding_on_host"):
         return None
     original = encoder.token_embedding
-    host = _host_token_embedding_class()(original)
+    mapped = _mapped_table(checkpoint, original.weight)
+    host = _host_token_embedding_class()(original, host_weight=mapped)
+    if mapped is not None:
+        original.weight.data = mapped  # frees the loaded copy; undo finds the same values here
     encoder.token_embedding = host
 
     def undo() -> None:
@@ -319,7 +351,8 @@ def t5_token_embedding_on_host(fixes: CompatFixes, runner: Any, t5_encoder_cls: 
         original.weight.data = host.host_weight
         encoder.token_embedding = host
 
-    fixes.record("t5_token_embedding_on_host", "umt5 token embedding lookup on the host", undo=undo, redo=redo)
+    fixes.record("t5_token_embedding_on_host", "umt5 token embedding lookup on the host"
+                 + (" (memory-mapped from the checkpoint)" if mapped is not None else ""), undo=undo, redo=redo)
     return host
 
 
