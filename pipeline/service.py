@@ -143,6 +143,9 @@ class VideoService:
         already holds (`hostmem`)."""
         self.ram_reader = (ram_reader or getattr(cache.backend, "available_ram_gib", None)
                            or _ram_available_gib)
+        # Whether another job is already waiting for the GPU (the job queue sets it): the low-RAM
+        # rung then keeps its text encoder for that prompt instead of releasing and reloading it.
+        self.prompt_waiting: Callable[[], bool] = lambda: False
         self.presets = presets
         self.cache = cache
         self.outputs = outputs
@@ -203,10 +206,13 @@ class VideoService:
 
     def _spec(self, request: GenerationRequest, rung: Rung) -> RunSpec:
         p = rung.preset
+        memory = rung.memory.settings()
+        if memory.get("release_text_encoder") and self.prompt_waiting():
+            memory["release_text_encoder"] = False  # per call: the next prompt reuses it
         return RunSpec(preset=p.name, rung=rung.memory.name, prompt=request.prompt,
                        negative_prompt=request.negative_prompt, seed=request.seed, height=p.height,
                        width=p.width, frames=p.frames, steps=p.steps, shift=p.shift,
-                       guidance=p.guidance, memory=rung.memory.settings())
+                       guidance=p.guidance, memory=memory)
 
     def _run(self, job_id: int, request: GenerationRequest, on_event: EventSink,
              should_stop: Callable[[], bool], attempts: list[Attempt]) -> GenerationResult:

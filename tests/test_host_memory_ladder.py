@@ -80,3 +80,14 @@ def test_env_switches(presets):
     assert backend.host_oom_at == {("480x832x49", "fast", Phase.DENOISING)}
     with pytest.raises(ValueError, match="WAN_STUDIO_FAKE_RAM_GIB"):
         fake_backend_from_env({"WAN_STUDIO_FAKE_RAM_GIB": "lots"}, names)
+
+
+def test_text_encoder_kept_when_the_next_prompt_is_waiting(make_service):
+    backend = FakeBackend(ram_gib=13.0)
+    service = make_service(backend, nvml=FakeNvml(total_gib=12.0, used_gib=0.5))
+    service.generate(request())
+    assert backend.generated[-1].memory["release_text_encoder"] is True
+    service.prompt_waiting = lambda: True
+    result = service.generate(request(seed=8))
+    assert backend.generated[-1].memory["release_text_encoder"] is False
+    assert result.record["rung_used"] == "low-ram" and len(backend.loads) == 1  # no reload for it

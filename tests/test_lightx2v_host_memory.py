@@ -254,3 +254,48 @@ def test_t5_table_memory_mapped_from_the_checkpoint(tmp_path, same_values):
     assert ("memory-mapped" in detail) is same_values
     if same_values:  # the loaded copy now points at the mapped table: its anonymous memory is free
         assert encoder.token_embedding is host and host.host_weight.data_ptr() == loaded.data_ptr()
+
+
+def _model_with_text_encoder():
+    """A LightX2VModel without LightX2V: a runner whose text encoder can be loaded and counted."""
+    from pipeline.backends.lightx2v import LightX2VModel
+
+    events = []
+    runner = types.SimpleNamespace(text_encoders=["t5"], loads=0)
+
+    def load_text_encoder():
+        runner.loads += 1
+        return [f"t5#{runner.loads}"]
+
+    def run_text_encoder(input_info):
+        events.append(("encode", list(runner.text_encoders)))
+        return {"context": input_info}
+
+    runner.load_text_encoder = load_text_encoder
+    runner.run_text_encoder = run_text_encoder
+    runner.run_vae_decoder = lambda latents: latents
+    runner.model = types.SimpleNamespace(transformer_infer=types.SimpleNamespace(run_block=lambda *a: None))
+    model = LightX2VModel.__new__(LightX2VModel)
+    model._runner, model._call, model._torch = runner, None, torch
+    model.build, model.arena, model.files = {"text_encoder_offload": True}, None, types.SimpleNamespace(t5="t5.pth")
+    model.compat, model._t5_encoder_cls, model.host_embedding = compat.CompatFixes(), object, None
+    model.release_text_encoder, model.text_encoder_loads = False, 0
+    model._compat = types.SimpleNamespace(
+        t5_token_embedding_on_host=lambda fixes, r, cls, ckpt: events.append(("host embedding", ckpt)),
+        release_cached_pinned_memory=lambda t: events.append(("pinned cache emptied",)))
+    model._install_wrappers()
+    return model, runner, events
+
+
+def test_text_encoder_released_after_encoding_and_loaded_for_the_next_prompt():
+    model, runner, events = _model_with_text_encoder()
+    model.release_text_encoder = True  # the low-RAM rung's per-call setting
+    assert runner.run_text_encoder("a") == {"context": "a"}
+    assert runner.text_encoders is None and ("pinned cache emptied",) in events
+    runner.run_text_encoder("b")
+    assert runner.loads == 1 and model.text_encoder_loads == 1
+    assert ("encode", ["t5#1"]) in events and ("host embedding", "t5.pth") in events
+    model.release_text_encoder = False  # another rung on the same build keeps it
+    runner.run_text_encoder("c")
+    runner.run_text_encoder("d")
+    assert runner.loads == 2 and runner.text_encoders == ["t5#2"]
