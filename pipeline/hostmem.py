@@ -132,6 +132,10 @@ def pinned_bytes() -> int | None:
         value = stats.get(key)
         if isinstance(value, int):
             return value
+    # Key names moved between torch releases: any current byte count of allocated/reserved blocks.
+    for key, value in stats.items():
+        if isinstance(value, int) and key.endswith("current") and ("allocated_bytes" in key or "reserved_bytes" in key):
+            return value
     return None
 
 

@@ -172,3 +172,18 @@ def test_host_reader_reads_smaps_only_every_n_calls():
                                 smaps=lambda: calls.append(1) or 5)
     values = [reader().device_mapped_bytes for _ in range(7)]
     assert values == [5] * 7 and len(calls) == 3
+
+
+def test_pinned_bytes_from_torch_host_stats(monkeypatch):
+    import types
+
+    stats = {"allocations.current": 3, "allocated_bytes.current": 5 * GIB}
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(is_initialized=lambda: True,
+                                                            host_memory_stats=lambda: stats))
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    assert hostmem.pinned_bytes() == 5 * GIB
+    stats.clear()
+    stats.update({"host_reserved_bytes.all.current": 2 * GIB})  # another release's name
+    assert hostmem.pinned_bytes() == 2 * GIB
+    fake.cuda.is_initialized = lambda: False  # never initialises CUDA to read it
+    assert hostmem.pinned_bytes() is None
