@@ -322,6 +322,8 @@ class LightX2VBackend:
             # A failed build (OOM while loading, missing kernel...) must not keep pinned host memory
             # or GPU buffers: the cache rolls back to the previous model right after this.
             pipe = None
+            if arena is not None:
+                arena.close()  # the arena must not keep the failed load's slabs alive
             gc.collect()
             if torch.cuda.is_initialized():
                 torch.cuda.empty_cache()
