@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.backends.lightx2v import module_present
-from pipeline import layout
+from pipeline import hostmem, layout
 from pipeline.gpu import GIB, GpuMonitor
 from install.cli import default_dir
 from install import torch_build
 from install.progress import format_bytes
 from install.verify import VerifyReport, verify
 from install.weights import APPROX_TOTAL_BYTES, DEFAULT_WEIGHTS_DIR, OUTPUTS_DIR_ENV, WEIGHTS_DIR_ENV, free_disk_bytes
+from presets import PresetBook, PresetError, load_presets
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ DEFAULT_OUTPUTS_DIR = Path("outputs")
 PINNED_HOST_GIB = 19
 # A "32 GB" machine reports ~31 GiB (firmware and kernel reservations), so the line sits a little below 32.
 RAM_RECOMMENDED_GIB = 30
+# What the desktop, a browser and the kernel keep for themselves when judging which rungs fit.
+RAM_RESERVED_FOR_OTHERS_GIB = 4.0
 VRAM_MIN_GIB = 8
 VRAM_TARGET_GIB = 11.5  # a 12 GB card reports 12.0 GiB; below this the 720p preset does not fit
 VRAM_BUSY_GIB = 1.5  # more than this already in use by other programs costs the large presets
@@ -107,6 +110,8 @@ class DoctorReport:
 class MemoryInfo:
     total_bytes: int
     available_bytes: int | None
+    swap_total_bytes: int | None = None
+    swap_free_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,12 @@ class TorchBuild:
 
 
 def probe_memory() -> MemoryInfo | None:
-    """Total and available RAM without psutil: /proc/meminfo on Linux, sysconf elsewhere on POSIX."""
+    """Total and available RAM and swap: pipeline.hostmem (psutil, else /proc/meminfo), then sysconf
+    elsewhere on POSIX, then the Windows API."""
+    system = hostmem.read_system()
+    if system is not None:
+        return MemoryInfo(system.total_bytes, system.available_bytes, system.swap_total_bytes,
+                          system.swap_free_bytes)
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.strip()}
@@ -317,20 +327,51 @@ def _check_driver_and_torch(facts: dict[str, Any] | None, probes: SystemProbes) 
     return Finding("Driver / PyTorch", Status.OK, detail, NOTHING_TO_DO)
 
 
-def _check_ram(probes: SystemProbes) -> Finding:
+def _rungs_that_fit(presets: PresetBook, usable_gib: float) -> tuple[list[str], list[str]]:
+    """(rung names whose predicted host memory fits `usable_gib`, those that do not), by rung name
+    across presets (every preset ships the same rung kinds)."""
+    fit: dict[str, bool] = {}
+    for preset in presets.values():
+        for rung in preset.rungs:
+            ok = rung.predicted_host_gib is None or rung.predicted_host_gib <= usable_gib
+            fit[rung.name] = fit.get(rung.name, True) and ok
+    return [n for n, ok in fit.items() if ok], [n for n, ok in fit.items() if not ok]
+
+
+def _check_ram(probes: SystemProbes, presets: PresetBook | None = None) -> Finding:
     mem = probes.memory()
     if mem is None:
         return Finding("System RAM", Status.INFO, "Could not read the amount of RAM.",
                        f"Make sure the machine has at least 32 GB: LightX2V keeps about {PINNED_HOST_GIB} GB of "
-                       "weights in RAM.")
+                       "weights in RAM (16 GB runs the slower low-RAM settings).")
     total = mem.total_bytes / GIB
     avail = f", {mem.available_bytes / GIB:.1f} GB available now" if mem.available_bytes is not None else ""
-    detail = f"{total:.1f} GB installed{avail}. LightX2V keeps about {PINNED_HOST_GIB} GB of weights pinned in RAM."
+    swap = ""
+    if mem.swap_total_bytes is not None:
+        swap = (f"; swap {mem.swap_total_bytes / GIB:.1f} GB"
+                + (f" ({mem.swap_free_bytes / GIB:.1f} GB free)" if mem.swap_free_bytes is not None else "")
+                if mem.swap_total_bytes else "; no swap")
+    detail = (f"{total:.1f} GB installed{avail}{swap}. LightX2V keeps about {PINNED_HOST_GIB} GB of weights "
+              f"pinned in RAM on the fast settings.")
+    if presets is None:
+        try:
+            presets = load_presets()
+        except PresetError:
+            presets = None
+    usable = total - RAM_RESERVED_FOR_OTHERS_GIB
+    runs, not_runs = _rungs_that_fit(presets, usable) if presets is not None else ([], [])
+    if presets is not None:
+        detail += (f" With {usable:.0f} GB left beside the desktop this machine can run: "
+                   f"{', '.join(runs) or 'no rung'}" + (f" (not: {', '.join(not_runs)})" if not_runs else "") + ".")
+    if presets is not None and not runs:
+        return Finding("System RAM", Status.FAIL, detail,
+                       "Even the low-RAM settings need about 10 GB of RAM for this app alone; add RAM or swap.")
     if total < RAM_RECOMMENDED_GIB:
         return Finding("System RAM", Status.WARN, detail,
-                       "32 GB or more is recommended. With less, close browsers and other large programs before "
-                       "loading, and expect the model to load in low-RAM mode (LightX2V's lazy_load streams the "
-                       "weights from disk on every run: slower, and best on an SSD). Adding RAM fixes it.")
+                       "32 GB or more is recommended. With less, the app runs the low-RAM settings: the DiT "
+                       "is read from disk on every step (LightX2V's lazy_load; slower, best on an NVMe SSD) "
+                       "and the text encoder is loaded for each prompt. Close browsers and other large "
+                       "programs before generating; adding RAM fixes it.")
     return Finding("System RAM", Status.OK, detail, NOTHING_TO_DO)
 
 

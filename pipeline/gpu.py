@@ -15,7 +15,9 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+from pipeline import hostmem
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,11 @@ _OOM_MARKERS = (
 
 
 def is_oom(exc: BaseException) -> bool:
-    """True when `exc` (or anything in its cause/context chain) is a GPU out-of-memory error."""
+    """True when `exc` (or anything in its cause/context chain) is an out-of-memory error: the GPU's,
+    or the host's (a failed pageable or pinned allocation, `hostmem.is_host_oom`), which the ladder
+    treats the same way: step down to a rung that needs less."""
+    if hostmem.is_host_oom(exc):
+        return True
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -178,6 +184,7 @@ class VramTimeline:
     peak_used_bytes: int = 0
     baseline_used_bytes: int | None = None
     peak_torch_reserved_bytes: int | None = None
+    host: hostmem.HostPeaks = field(default_factory=hostmem.HostPeaks)
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -193,8 +200,12 @@ class VramTimeline:
 class VramSampler:
     """Samples `monitor.read()` on a thread while a job runs; keeps the peak and the timeline."""
 
-    def __init__(self, monitor: GpuMonitor, interval_s: float = 0.1, max_samples: int = 20000):
+    def __init__(self, monitor: GpuMonitor, interval_s: float = 0.1, max_samples: int = 20000,
+                 host_reader: Callable[[], hostmem.ProcessMemory | None] | None = None):
+        """`host_reader`: this process's host memory per tick (default `hostmem.HostReader()`);
+        its peaks per phase land in `timeline.host`."""
         self._monitor = monitor
+        self._host_reader = host_reader if host_reader is not None else hostmem.HostReader()
         self._interval = interval_s
         self._max = max_samples
         self._stop = threading.Event()
@@ -204,6 +215,9 @@ class VramSampler:
         self.timeline = VramTimeline()
 
     def _sample(self) -> None:
+        host = self._host_reader()
+        if host is not None:
+            self.timeline.host.note(self.phase, host)
         snap = self._monitor.read()
         if snap is None:
             return

@@ -20,13 +20,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline import gpu
+from pipeline import gpu, hostmem
 from pipeline.backend import DecodeOutOfMemory, LoadedModel, RunHooks
 from pipeline.cache import PipelineCache
 from pipeline.errors import GenerationCancelled, InvalidRequest, OutOfVRAM, StudioError
 from pipeline.history import History
 from pipeline.outputs import OutputStore
-from pipeline.planner import Planner, PresetForecast, Rung
+from pipeline.planner import RAM_ONLY_SETTINGS, Planner, PresetForecast, Rung
 from pipeline.types import (LEAN_DECODE_SUFFIX, Attempt, GenerationRequest, GenerationResult, Phase,
                             ProgressEvent,
                             RunSpec, prompt_token_estimate, TEXT_ENCODER_MAX_TOKENS)
@@ -66,6 +66,10 @@ class _PhaseClock:
         self.seconds: dict[str, float] = {}
         self.step_seconds: list[float] = []
         self._last_step = self.started
+        # Bytes this process read from storage per step (the low-RAM rung streams the DiT from
+        # disk); None entries where /proc/self/io cannot be read.
+        self.step_read_bytes: list[int | None] = []
+        self._io_last = hostmem.read_io()
 
     def phase(self, phase: Phase, message: str = "") -> None:
         now = time.perf_counter()
@@ -75,6 +79,7 @@ class _PhaseClock:
         self.current, self.phase_started = phase, now
         if phase is Phase.DENOISING:
             self._last_step = now
+            self._io_last = hostmem.read_io()
         if self.sampler is not None:
             self.sampler.phase = phase.value
         self.sink(ProgressEvent(phase, message=message))
@@ -83,6 +88,10 @@ class _PhaseClock:
         now = time.perf_counter()
         self.step_seconds.append(now - self._last_step)
         self._last_step = now
+        io = hostmem.read_io()
+        self.step_read_bytes.append(None if io is None or self._io_last is None
+                                    else io["read_bytes"] - self._io_last["read_bytes"])
+        self._io_last = io
         self.sink(ProgressEvent(Phase.DENOISING, step=index, total=total))
 
     def snapshot(self, include_current: bool = True) -> dict[str, Any]:
@@ -92,6 +101,7 @@ class _PhaseClock:
         if include_current and self.current is not None and self.current is not Phase.DONE:
             out[self.current.value] = round(out.get(self.current.value, 0.0) + now - self.phase_started, 3)
         out["steps"] = [round(s, 3) for s in self.step_seconds]
+        out["step_read_bytes"] = list(self.step_read_bytes)
         out["total"] = round(now - self.started, 3)
         return out
 
@@ -118,13 +128,24 @@ def _lean_decode_settings(memory: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dit_settings(memory: dict[str, Any]) -> tuple:
-    return tuple(sorted((k, v) for k, v in memory.items() if k not in _DECODE_SETTINGS))
+    # Settings that only save host memory (planner.RAM_ONLY_SETTINGS) leave the GPU work unchanged.
+    return tuple(sorted((k, v) for k, v in memory.items()
+                        if k not in _DECODE_SETTINGS and k not in RAM_ONLY_SETTINGS))
 
 
 class VideoService:
     def __init__(self, *, presets: PresetBook, cache: PipelineCache, outputs: OutputStore,
                  history: History, monitor: gpu.GpuMonitor, planner: Planner | None = None,
-                 vram_cap_gib: float | None = None):
+                 vram_cap_gib: float | None = None,
+                 ram_reader: Callable[[], float | None] | None = None):
+        """`ram_reader`: GiB of system RAM a run may use. Default: the backend's own reading when it
+        has one (the fake backend reports a configured figure), else free RAM plus what this process
+        already holds (`hostmem`)."""
+        self.ram_reader = (ram_reader or getattr(cache.backend, "available_ram_gib", None)
+                           or _ram_available_gib)
+        # Whether another job is already waiting for the GPU (the job queue sets it): the low-RAM
+        # rung then keeps its text encoder for that prompt instead of releasing and reloading it.
+        self.prompt_waiting: Callable[[], bool] = lambda: False
         self.presets = presets
         self.cache = cache
         self.outputs = outputs
@@ -147,7 +168,8 @@ class VideoService:
         gpu_name, available = self.available_gib()
         measured = self.history.measured_peaks(gpu_name) if gpu_name else {}
         seconds = self.history.measured_seconds(gpu_name) if gpu_name else {}
-        return [self.planner.forecast(name, available, measured, seconds) for name in self.presets]
+        ram = self.ram_reader()
+        return [self.planner.forecast(name, available, measured, seconds, ram_gib=ram) for name in self.presets]
 
     # -- the job ------------------------------------------------------------------------------
     def validate(self, request: GenerationRequest) -> None:
@@ -184,16 +206,21 @@ class VideoService:
 
     def _spec(self, request: GenerationRequest, rung: Rung) -> RunSpec:
         p = rung.preset
+        memory = rung.memory.settings()
+        if memory.get("release_text_encoder") and self.prompt_waiting():
+            memory["release_text_encoder"] = False  # per call: the next prompt reuses it
         return RunSpec(preset=p.name, rung=rung.memory.name, prompt=request.prompt,
                        negative_prompt=request.negative_prompt, seed=request.seed, height=p.height,
                        width=p.width, frames=p.frames, steps=p.steps, shift=p.shift,
-                       guidance=p.guidance, memory=rung.memory.settings())
+                       guidance=p.guidance, memory=memory)
 
     def _run(self, job_id: int, request: GenerationRequest, on_event: EventSink,
              should_stop: Callable[[], bool], attempts: list[Attempt]) -> GenerationResult:
         gpu_name, available = self.available_gib()
         measured = self.history.measured_peaks(gpu_name) if gpu_name else {}
-        ladder = self.planner.plan(request.preset, available, measured)
+        ram = self.ram_reader()
+        ladder = self.planner.plan(request.preset, available, measured, ram_gib=ram)
+        failures: list[tuple[Rung, bool]] = []  # (rung, ran out of host memory)
         loads_before = self.cache.loads
         # DiT settings (per preset) whose latents could not be decoded even on the leanest VAE
         # settings: a later rung that differs only in VAE settings would fail the same way.
@@ -206,6 +233,9 @@ class VideoService:
             for rung in ladder:
                 if should_stop():
                     raise GenerationCancelled("Cancelled before the run started.")
+                if self.planner.skip_after(rung, failures):
+                    log.info("skipping %s: it needs as much memory as a rung that ran out", rung.label)
+                    continue
                 if (rung.preset.name, _dit_settings(rung.memory.settings())) in undecodable:
                     log.info("skipping %s/%s: only its VAE settings differ from a rung whose decode "
                              "failed on the leanest ones", rung.preset.name, rung.memory.name)
@@ -232,8 +262,11 @@ class VideoService:
                                             peak_gib=_round(gpu.torch_peak_reserved_gib())))
                     break
                 attempts.append(outcome.failure)
-                self._learn_from_oom(gpu_name, available, rung)
-                log.warning("out of GPU memory on %s/%s (%s); stepping down", rung.preset.name,
+                host = outcome.failure.outcome == HOST_OOM
+                failures.append((rung, host))
+                if not host:  # a host failure says nothing about the GPU memory the rung needs
+                    self._learn_from_oom(gpu_name, available, rung)
+                log.warning("%s on %s/%s (%s); stepping down", outcome.failure.outcome, rung.preset.name,
                             rung.memory.name, outcome.failure.phase)
             if success is None or chosen is None:
                 raise OutOfVRAM(self._exhausted_message(request.preset, attempts), tuple(attempts))
@@ -244,6 +277,9 @@ class VideoService:
         # The sampler has stopped: the timeline covers the GPU work, and the record can carry it.
         record = self._record(job_id, request, chosen, rung_label, memory, attempts, available,
                               gpu_name, loads_before, sampler.timeline.as_record())
+        record["host_memory"] = {"available_at_start_gib": _round(ram),
+                                 "predicted_must_hold_gib": chosen.predicted_host_gib,
+                                 **sampler.timeline.host.as_record()}
         # Up to the mp4 encode, which the record precedes (the sidecar adds the encode time).
         record["timings_s"] = clock.snapshot(include_current=False)
         stem = self.outputs.new_stem(job_id, chosen.preset.name, request.seed)
@@ -296,7 +332,8 @@ class VideoService:
                               Phase.DECODING.value, exc.cause, _round(gpu.torch_peak_reserved_gib()))
         except BaseException as exc:
             if gpu.is_oom(exc):
-                failure = Attempt(rung.preset.name, rung.memory.name, "out of memory",
+                failure = Attempt(rung.preset.name, rung.memory.name,
+                                  HOST_OOM if hostmem.is_host_oom(exc) else "out of memory",
                                   _current_phase(hooks) or phase.value, _short(exc),
                                   _round(gpu.torch_peak_reserved_gib()))
             else:
@@ -340,9 +377,19 @@ class VideoService:
 
     def _exhausted_message(self, preset: str, attempts: list[Attempt]) -> str:
         tried = ", ".join(f"{a.preset}/{a.rung}" for a in attempts)
+        if any(a.outcome == HOST_OOM for a in attempts):
+            return (f"Out of memory on every fallback for {preset} (tried {tried}); the system RAM ran "
+                    f"out{' and so did GPU memory' if any(a.outcome == 'out of memory' for a in attempts) else ''}. "
+                    f"Close large programs (browsers, other AI apps) to free RAM, close programs that "
+                    f"use the GPU, or pick a smaller preset; the low-RAM settings need about "
+                    f"{self._low_ram_need(preset)} of RAM.")
         return (f"Out of GPU memory on every fallback for {preset} (tried {tried}). Close other "
                 f"programs that use the GPU (browsers with hardware acceleration, games), or pick "
                 f"a smaller preset.")
+
+    def _low_ram_need(self, preset: str) -> str:
+        needs = [r.predicted_host_gib for r in self.planner.ladder(preset) if r.predicted_host_gib is not None]
+        return f"{min(needs):.0f} GiB" if needs else "10 GiB"
 
     def _record(self, job_id: int, request: GenerationRequest, chosen: Rung, rung_label: str,
                 memory: dict[str, Any], attempts: list[Attempt], available: float | None,
@@ -368,6 +415,14 @@ class VideoService:
             "versions": package_versions(), "platform": platform.platform(),
             "argv": sys.argv[:1],
         }
+
+
+# Attempt.outcome of a rung whose host allocation (pageable or pinned) failed.
+HOST_OOM = "out of host memory"
+
+
+def _ram_available_gib() -> float | None:
+    return hostmem.available_for_process_gib(hostmem.read_system(), hostmem.read_process())
 
 
 def _current_phase(hooks: RunHooks) -> str | None:

@@ -102,7 +102,7 @@ class Attempt:
 
     preset: str
     rung: str
-    outcome: str  # "ok" | "out of memory"
+    outcome: str  # "ok" | "out of memory" (GPU) | "out of host memory" (system RAM, pinned memory)
     phase: str = ""
     detail: str = ""
     peak_gib: float | None = None
@@ -128,7 +128,8 @@ class GenerationResult:
         failed = [a for a in self.attempts if a.outcome != "ok"]
         if not failed:
             return ""
-        tried = "; ".join(f"{a.preset}/{a.rung} ran out of GPU memory"
+        tried = "; ".join(f"{a.preset}/{a.rung} ran out of "
+                          f"{'system RAM' if a.outcome == 'out of host memory' else 'GPU memory'}"
                           f"{' in ' + a.phase if a.phase else ''}" for a in failed)
         ok = self.attempts[-1]
         if ok.rung.endswith(LEAN_DECODE_SUFFIX) and ok.preset == failed[-1].preset:

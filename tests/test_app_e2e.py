@@ -96,7 +96,8 @@ def test_forced_oom_falls_back_and_says_so(app):
     assert "Done: **480x832x81**" in status
     from presets import load_presets
 
-    rungs = [r.name for r in load_presets()["720x1280x81"].rungs]
+    # The low-RAM rung has lean's GPU settings: after lean runs out of GPU memory it is skipped.
+    rungs = [r.name for r in load_presets()["720x1280x81"].rungs if not r.dit_from_disk]
     failed = "; ".join(f"720x1280x81/{r} ran out of GPU memory in denoising" for r in rungs)
     assert f"{failed}. Ran 480x832x81 on the 'fast' memory settings instead." in status
     (row,) = [r for r in app.history() if r["prompt"] == prompt]

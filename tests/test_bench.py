@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from bench.run import OURS_VARIANTS, PEER_SKIP, frames_hash, markdown
+from bench.run import OURS_VARIANTS, PEER_SKIP, frames_hash, markdown, streaming_columns
 from pipeline.backends import lightx2v_compat as compat
 
 META = {"date": "2026-11-27", "gpu": "Test GPU", "budget_gib": 11.0, "torch": "2", "cuda": "13", "triton": "3",
@@ -20,7 +20,8 @@ def _row(**overrides):
            "load_s": 70.0, "text_encoder_s": 0.12, "steps_s": [4.0, 1.6, 1.6, 1.7], "step_s": 1.633,
            "decode_s": 1.5, "mp4_s": 1.4, "total_s": 12.0, "reserved_peak_gib": {"denoising": 4.0, "VAE decode": 8.3},
            "nvml_peak_gib": {"VAE decode": 7.2}, "peak_reserved_gib": 8.3, "peak_nvml_gib": 7.2,
-           "frames_sha256": "96d38a38db8c5ecc"}
+           "frames_sha256": "96d38a38db8c5ecc", "host_peak_gib": 21.4, "host_file_gib": 3.2,
+           "stream_gb_per_step": 0, "step_s_nvme": None, "step_s_sata": None}
     row.update(overrides)
     return row
 
@@ -94,3 +95,19 @@ def test_kernels_used_names_the_measured_choice_or_lightx2vs_kernel():
     theirs = kernels_used(SimpleNamespace(attention_selector=None, compat=compat.CompatFixes(),
                                           build={"attn_mode": "sage_attn2"}))
     assert theirs == {"attention": "sage_attn2 (LightX2V's)", "int8_gemm": "LightX2V's autotune list"}
+
+
+def test_host_columns_and_the_streaming_formula():
+    rows = [_row(), _row(rung="low-ram", host_peak_gib=8.7, host_file_gib=0.9,
+                         **streaming_columns(14_100_000_000, 3.0, [14_000_000_000, 200_000_000]))]
+    table = [line for line in markdown(META, rows).splitlines() if line.startswith("|")]
+    assert {line.count("|") for line in table} == {table[0].count("|")}
+    assert "| host | host file | streamed GB | NVMe s/step | SATA s/step |" in table[0]
+    low = rows[1]
+    # 14.1 GB per step: 4.7 s on a 3 GB/s NVMe (slower than the 3.0 s computed), 28.2 s on SATA.
+    assert (low["step_s_nvme"], low["step_s_sata"]) == (4.7, 28.2)
+    assert low["stream_gb_per_step"] == 14.1 and low["disk_read_gb_per_step"] == 7.1
+    assert " 8.7 | 0.9 | 14.1 | 4.7 | 28.2 |" in table[3]
+    fast = streaming_columns(0, 1.6, [])
+    assert fast == {"stream_gb_per_step": 0.0, "disk_read_gb_per_step": None, "step_s_nvme": None,
+                    "step_s_sata": None}

@@ -79,6 +79,7 @@ def test_rtx3060_with_16gb_ram_warns_about_ram_and_says_what_to_do(tmp_path):
     ram = report.get("System RAM")
     assert ram.status is d.Status.WARN
     assert "16.0 GB installed" in ram.detail and "19 GB" in ram.detail
+    assert "can run: low-ram (not: fast, tiled-vae, lean, chunked-rope)" in ram.detail
     assert "32 GB" in ram.fix and "lazy_load" in ram.fix
     gpu, path = report.get("GPU"), report.get("INT8 path")
     assert gpu.status is d.Status.OK and "RTX 3060" in gpu.detail and "8.6 (Ampere)" in gpu.detail
@@ -313,3 +314,14 @@ def test_system_tab_builds_and_its_handlers_render(tmp_path):
     assert "50%" in line and "11.10 GB of 22.20 GB" in line and "50.00 MB/s" in line and "3 min 42 s" in line
     failed = st.progress_markdown(DownloadProgress(DownloadPhase.FAILED, "Not enough disk space.\nFree some."))
     assert failed.startswith("✗") and "Free some." in failed
+
+
+def test_ram_finding_reports_swap_and_rungs(tmp_path):
+    mem = d.MemoryInfo(int(64 * GIB), int(50 * GIB), int(8 * GIB), int(6 * GIB))
+    ram = run(machine(FakeNvml(), memory=lambda: mem), tmp_path).get("System RAM")
+    assert ram.status is d.Status.OK and "swap 8.0 GB (6.0 GB free)" in ram.detail
+    assert "can run: fast, tiled-vae, lean, low-ram, chunked-rope." in ram.detail
+    none = run(machine(FakeNvml(), memory=lambda: d.MemoryInfo(int(8 * GIB), int(6 * GIB), 0, 0)), tmp_path)
+    tiny = none.get("System RAM")
+    assert tiny.status is d.Status.FAIL and "no swap" in tiny.detail and "can run: no rung" in tiny.detail
+    assert "add RAM or swap" in tiny.fix

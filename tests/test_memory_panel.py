@@ -45,3 +45,20 @@ def test_timeline_rows():
     assert rows == [{"seconds": 0.0, "GiB in use": 1.5, "phase": "text encoding"},
                     {"seconds": 0.1, "GiB in use": 7.25, "phase": "—"}]
     assert timeline_rows(None) == []
+
+
+def test_forecast_table_wont_fit_and_ram_column():
+    book = load_presets()
+    planner = Planner(book)
+    labels = {n: p.label for n, p in book.items()}
+    text = format_forecasts([planner.forecast("480x832x49", 2.0, ram_gib=40.0)], labels)
+    row = next(line for line in text.splitlines() if line.startswith("| 480"))
+    assert "won't fit" in row and "close programs that use the GPU" in row and "smaller preset" in row
+    assert "will step down" not in row
+    # The predicted-peak figure names the preset/rung it belongs to.
+    assert "2.9 GiB (480x832x49/lean)" in row and "~22 GiB (fits)" in row
+    low_ram = format_forecasts([planner.forecast("720x1280x81", 11.0, ram_gib=13.0)], labels)
+    assert "(720x1280x81/low-ram)" in low_ram and "~10 GiB (fits)" in low_ram
+    assert "13.0 GiB system RAM" in low_ram
+    short = format_forecasts([planner.forecast("720x1280x81", 11.0, ram_gib=6.0)], labels)
+    assert "GiB short" in short and "more system RAM" in short

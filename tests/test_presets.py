@@ -70,6 +70,8 @@ def test_rung_settings_are_typed(tmp_path):
     ("", "rope_chunk = -1", "rope_chunk' must be >= 0"),
     ("", "vae_tiling = 1", "field 'rungs[0].vae_tiling' must be bool"),
     ("", "predicted_peak_gib = 0", "predicted_peak_gib' must be > 0"),
+    ("", "predicted_host_gib = -2.0", "predicted_host_gib' must be > 0"),
+    ("", "dit_from_disk = \"yes\"", "field 'rungs[0].dit_from_disk' must be bool"),
 ])
 def test_bad_fields_name_file_and_field(tmp_path, extra, rung_extra, message):
     write(tmp_path, "bad", extra=extra, rung_extra=rung_extra)
@@ -140,3 +142,16 @@ def test_copy_of_shipped_presets_loads_identically(tmp_path):
     for f in PRESETS_DIR.glob("*.toml"):
         shutil.copy(f, tmp_path)
     assert list(load_presets(tmp_path)) == list(load_presets())
+
+
+def test_every_preset_ends_on_a_low_ram_rung_with_the_leanest_gpu_settings():
+    for preset in load_presets().values():
+        low = preset.rungs[-1]
+        assert (low.name, low.dit_from_disk, low.release_text_encoder) == ("low-ram", True, True), preset.name
+        others = preset.rungs[:-1]
+        assert all(not r.dit_from_disk for r in others)
+        assert all(low.predicted_host_gib < r.predicted_host_gib for r in others), preset.name
+        lean = others[-1].settings()
+        assert {k: v for k, v in low.settings().items() if k not in ("dit_from_disk", "release_text_encoder")} == {
+            k: v for k, v in lean.items() if k not in ("dit_from_disk", "release_text_encoder")}
+        assert low.predicted_peak_gib == others[-1].predicted_peak_gib

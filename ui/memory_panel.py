@@ -15,7 +15,8 @@ def _badge(colour: str, text: str) -> str:
 
 
 _FIT_BADGE = {Fit.FITS: _badge("#16a34a", "fits"), Fit.TIGHT: _badge("#ea580c", "tight"),
-              Fit.STEPS_DOWN: _badge("#dc2626", "will step down"), Fit.UNKNOWN: _badge("#9ca3af", "unknown")}
+              Fit.STEPS_DOWN: _badge("#dc2626", "will step down"), Fit.WONT_FIT: _badge("#dc2626", "won't fit"),
+              Fit.UNKNOWN: _badge("#9ca3af", "unknown")}
 
 
 def format_memory(snapshot: MemorySnapshot | None, last_peak_gib: float | None = None) -> str:
@@ -40,21 +41,39 @@ def format_duration(seconds: float | None) -> str:
     return f"~{seconds / 60:.1f} min"
 
 
+def _ram_cell(f: PresetForecast) -> str:
+    need = f.start.predicted_host_gib
+    if need is None:
+        return "—"
+    text = f"~{need:.0f} GiB"
+    margin = f.ram_margin_gib
+    if margin is not None:
+        text += " (fits)" if margin >= 0 else f" ({-margin:.1f} GiB short)"
+    return text
+
+
 def format_forecasts(forecasts: list[PresetForecast], labels: dict[str, str]) -> str:
-    rows = ["| preset | predicted peak | verdict | time here |", "|---|---|---|---|"]
+    rows = ["| preset | predicted GPU peak | system RAM | verdict | time here |", "|---|---|---|---|---|"]
     for f in forecasts:
+        # The figure belongs to the rung the run would start on (or, for "won't fit", the leanest).
         pred = "—" if f.start.predicted_gib is None else f"{f.start.predicted_gib:.1f} GiB"
         if f.start.measured_here:
-            pred += " (measured here)"
+            pred += " measured here"
+        pred += f" ({f.start.preset.name}/{f.start.memory.name})"
         verdict = _FIT_BADGE[f.fit]
         if f.fit is Fit.STEPS_DOWN:
             verdict += f" to {f.start.preset.name}/{f.start.memory.name}"
+        elif f.fit is Fit.WONT_FIT:
+            verdict += f": {f.what_to_free()}"
         elif f.fit is not Fit.UNKNOWN:
             verdict += f" ('{f.start.memory.name}', margin {f.margin_gib:+.1f} GiB)"
-        rows.append(f"| {labels.get(f.preset, f.preset)} | {pred} | {verdict} | {format_duration(f.eta_s)} |")
+        rows.append(f"| {labels.get(f.preset, f.preset)} | {pred} | {_ram_cell(f)} | {verdict} | "
+                    f"{format_duration(f.eta_s)} |")
     available = next((f.available_gib for f in forecasts if f.available_gib is not None), None)
+    ram = next((f.ram_available_gib for f in forecasts if f.ram_available_gib is not None), None)
     rows.append("")
-    rows.append("Available now: " + ("no GPU reading" if available is None else f"{available:.1f} GiB")
+    rows.append("Available now: " + ("no GPU reading" if available is None else f"{available:.1f} GiB GPU memory")
+                + ("" if ram is None else f", {ram:.1f} GiB system RAM")
                 + ". Times are from earlier runs on this GPU (the first run also loads the model).")
     return "\n".join(rows)
 

@@ -11,12 +11,17 @@ build time (part of the LoadKey, a change reloads the weights)
                         buffers or 3 phase buffers (networks/wan/weights/transformer_weights.py:162-239)
                         and WanOffloadTransformerInfer.__init__ picks infer_with_blocks_offload or
                         infer_with_phases_offload (networks/wan/infer/offload/transformer_infer.py:13-35).
+  dit_from_disk         the low-RAM rung: LightX2V's lazy_load (non-block weights in RAM, blocks read
+                        from block_N.safetensors into two pinned buffers a block ahead), built once and
+                        kept between requests (lightx2v_compat.dit_streamed_and_kept).
   text_encoder == "gpu" T5Encoder builds either the offload block buffers or resident int8 blocks
                         (input_encoders/hf/wan/t5/model.py:487-511), and T5EncoderModel loads them
                         accordingly (:815-857); "offload" and "offload_keep_embedding" share one build.
 per call (set on the built objects before each run)
   text_encoder offload vs offload_keep_embedding: where the token embedding lives, our own
                         HostTokenEmbedding (pipeline/backends/lightx2v_compat.py, bug 5), `keep_on_device`.
+  release_text_encoder  the text encoder is dropped after encoding and loaded again for the next prompt
+                        (its 4.4 GB of pinned blocks and 2.1 GB embedding go back to the system).
   vae_offload           WanVAE.cpu_offload is read at each decode (video_encoders/hf/wan/vae.py:1566-1597);
                         we move the VAE between host and GPU to match (WanVAE.to_cpu/to_cuda, :1035-1049).
   vae_tiling            WanVAE.use_tiling is read at each decode (vae.py:1590).
@@ -247,6 +252,8 @@ class LightX2VBackend:
         }
         if self.resident:
             build["resident"] = True
+        if memory.get("dit_from_disk"):
+            build["dit_from_disk"] = True  # a lazy_load build (the low-RAM rung)
         return LoadKey(backend=self.name, weights_dir=str(self.weights_dir.resolve()),
                        build_settings=tuple(sorted(build.items())))
 
@@ -260,11 +267,19 @@ class LightX2VBackend:
         from pipeline.backends import kernels
 
         fixes = lx.compat.CompatFixes(skip=self.compat_skip)
+        # Host memory (issue 15): weights pinned into packed slabs, .pth checkpoints memory-mapped.
+        arena = lx.compat.pinned_weights_packed(fixes, lx.ops_utils, torch)
+        lx.compat.checkpoints_memory_mapped(fixes, lx.lx_utils)
         started = time.perf_counter()
         pipe = None
         try:
             pipe = _build_pipeline(lx, fixes, files, build)
-            model = LightX2VModel(pipe, fixes, build, files, torch, lx, ffn_chunk_tokens=self.ffn_chunk_tokens)
+            if arena is not None:
+                arena.close()
+                log.info("pinned weights: %.2f GiB in slabs for %.2f GiB of tensors", arena.pinned_bytes / GIB,
+                         arena.requested_bytes / GIB)
+            model = LightX2VModel(pipe, fixes, build, files, torch, lx, ffn_chunk_tokens=self.ffn_chunk_tokens,
+                                  arena=arena)
             self._selector = model.attention_selector = kernels.install(
                 lx.compat, fixes, torch, build, model._runner.model.transformer_weights, sage_attn_module=lx.sage_attn_module,
                 sageattention=lx.sageattention, triton_kernels=lx.triton_kernels, attention=self.attention,
@@ -273,9 +288,12 @@ class LightX2VBackend:
             # A failed build (OOM while loading, missing kernel...) must not keep pinned host memory
             # or GPU buffers: the cache rolls back to the previous model right after this.
             pipe = None
+            if arena is not None:
+                arena.close()  # the arena must not keep the failed load's slabs alive
             gc.collect()
             if torch.cuda.is_initialized():
                 torch.cuda.empty_cache()
+            lx.compat.release_cached_pinned_memory(torch)
             raise
         self._last_fixes = fixes.names
         self._last_fix_details = {fix.name: fix.detail for fix in fixes.applied}
@@ -364,6 +382,8 @@ class _LightX2VModules:
     sage_attn_module: Any = None
     sageattention: Any = None
     triton_kernels: Any = None
+    ops_utils: Any = None  # lightx2v.common.ops.utils (pinned tensors)
+    lx_utils: Any = None  # lightx2v.utils.utils (checkpoint loading)
 
 
 def _import_lightx2v() -> _LightX2VModules:
@@ -378,6 +398,8 @@ def _import_lightx2v() -> _LightX2VModules:
         from lightx2v.models.runners.default_runner import DefaultRunner
         from lightx2v.models.runners.wan.wan_runner import WanRunner
         from lightx2v.utils.registry_factory import MM_WEIGHT_REGISTER
+        import lightx2v.common.ops.utils as ops_utils
+        import lightx2v.utils.utils as lx_utils
     except ImportError as exc:
         raise BackendUnavailable(f"LightX2V could not be imported ({exc}). {INSTALL_HINT}") from exc
     kernel_modules = {}
@@ -391,7 +413,8 @@ def _import_lightx2v() -> _LightX2VModules:
     return _LightX2VModules(**kernel_modules, compat=compat, input_info=input_info, pipeline_cls=LightX2VPipeline,
                             mm_weight_register=MM_WEIGHT_REGISTER, pre_infer_cls=WanPreInfer,
                             t5_encoder_cls=T5Encoder, default_runner_cls=DefaultRunner,
-                            wan_runner_cls=WanRunner, chunked_rope_cls=ChunkedRope)
+                            wan_runner_cls=WanRunner, chunked_rope_cls=ChunkedRope, ops_utils=ops_utils,
+                            lx_utils=lx_utils)
 
 
 def _build_pipeline(lx: _LightX2VModules, fixes: Any, files: WeightsLayout, build: dict[str, Any]) -> Any:
@@ -413,6 +436,8 @@ def _build_pipeline(lx: _LightX2VModules, fixes: Any, files: WeightsLayout, buil
                         text_encoder_offload=t5_offload, vae_offload=True)
     pipe.vae_path = str(files.vae)
     pipe.t5_tokenizer_path = str(files.tokenizer)
+    if build.get("dit_from_disk"):
+        pipe.lazy_load = True  # copied into the config by create_generator (set_args2config)
     compat.t2v_without_image_encoder(fixes, pipe, lx.pre_infer_cls)
     if t5_offload:
         compat.t5_offload_linear_bias_default(fixes, lx.mm_weight_register, pipe.t5_quant_scheme)
@@ -425,6 +450,13 @@ def _build_pipeline(lx: _LightX2VModules, fixes: Any, files: WeightsLayout, buil
     pipe.create_generator(attn_mode=build["attn_mode"], infer_steps=len(DENOISING_STEPS), num_frames=81,
                           height=480, width=832, guidance_scale=1.0, sample_shift=5.0,
                           denoising_step_list=list(DENOISING_STEPS))
+    if build.get("dit_from_disk"):
+        compat.dit_streamed_and_kept(fixes, pipe, lx.default_runner_cls)
+        if getattr(pipe.runner, "model", None) is None:
+            raise BackendUnavailable("This LightX2V builds the streamed (lazy_load) DiT per request, which the "
+                                     "low-RAM settings cannot use; the compat fix dit_streamed_and_kept is off.")
+        compat.streamed_biases_match_resident(fixes, lx.mm_weight_register[scheme],
+                                              pipe.runner.model.transformer_weights)
     return pipe
 
 
@@ -454,7 +486,7 @@ class LightX2VModel:
     """A built LightX2V runner plus the per-call plumbing (settings, progress, cancel, OOM)."""
 
     def __init__(self, pipe: Any, fixes: Any, build: dict[str, Any], files: WeightsLayout, torch: Any,
-                 lx: _LightX2VModules, ffn_chunk_tokens: int = 0):
+                 lx: _LightX2VModules, ffn_chunk_tokens: int = 0, arena: Any = None):
         self._pipe = pipe
         self._runner = pipe.runner
         self._torch = torch
@@ -465,10 +497,15 @@ class LightX2VModel:
         self._dirty = False
         self._compat = lx.compat
         self._chunked_rope_cls = lx.chunked_rope_cls
+        self._t5_encoder_cls = lx.t5_encoder_cls
+        self.arena = arena  # the packed pinned slabs (None when upstream pins per tensor)
+        self.release_text_encoder = False  # per call (the low-RAM rung): drop it after encoding
+        self.text_encoder_loads = 0  # loads after the build (tests)
         self.host_embedding = None
         self.attention_selector = None  # set at load (kernels.install) where the measured attention is on
         if build["text_encoder_offload"]:
-            self.host_embedding = lx.compat.t5_token_embedding_on_host(fixes, self._runner, lx.t5_encoder_cls)
+            self.host_embedding = lx.compat.t5_token_embedding_on_host(fixes, self._runner, lx.t5_encoder_cls,
+                                                                       str(files.t5))
         lx.compat.ffn_chunked_over_tokens(fixes, self._runner.model.transformer_infer, ffn_chunk_tokens)
         lx.compat.non_block_weights_kept_for_the_run(fixes, self._runner.model)
         self._install_wrappers()
@@ -577,11 +614,14 @@ class LightX2VModel:
             self._pipe.runner = None
         self._runner = None
         self._pipe = None
+        self.arena = None
         gc.collect()
         torch = self._torch
         if torch.cuda.is_initialized():
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
+        # Freed pinned blocks stay cached in torch for reuse; the next load may need that RAM.
+        self._compat.release_cached_pinned_memory(torch)
 
     # -- per call --
 
@@ -595,7 +635,8 @@ class LightX2VModel:
             raise InvalidRequest(f"Height and width must be positive multiples of 16, got {spec.height}x{spec.width}.")
         if spec.frames < 1 or (spec.frames - 1) % 4:
             raise InvalidRequest(f"The frame count must be 4n+1, got {spec.frames}.")
-        if spec.memory.get("offload_granularity", "block") != self.build["offload_granularity"] or \
+        if bool(spec.memory.get("dit_from_disk", False)) != bool(self.build.get("dit_from_disk", False)) or \
+                spec.memory.get("offload_granularity", "block") != self.build["offload_granularity"] or \
                 (spec.memory.get("text_encoder", "offload") == "gpu") == self.build["text_encoder_offload"]:
             raise ValueError(f"memory settings {spec.memory} need another build than this one ({self.build}); "
                              f"the cache should have reloaded")
@@ -614,11 +655,39 @@ class LightX2VModel:
         vae.cpu_offload = offload_vae
         if offload_vae and _module_device(vae.model) != "cpu":
             vae.to_cpu()  # off the GPU for the DiT phase; decode moves it in and out
+        self.release_text_encoder = bool(memory.get("release_text_encoder", False))
+        self._keep_embedding = memory.get("text_encoder", "offload") == "offload_keep_embedding"
         if self.host_embedding is not None:
-            keep = memory.get("text_encoder", "offload") == "offload_keep_embedding"
-            self.host_embedding.keep_on_device = keep
-            if not keep:
+            self.host_embedding.keep_on_device = self._keep_embedding
+            if not self._keep_embedding:
                 self.host_embedding.drop_device_copy()
+
+    # -- the text encoder, released after encoding on the low-RAM rung --
+
+    def _ensure_text_encoder(self) -> None:
+        runner = self._runner
+        if getattr(runner, "text_encoders", None):
+            return
+        if self.arena is not None:
+            self.arena.close()  # its own slabs, freed together when it is released again
+        runner.text_encoders = runner.load_text_encoder()
+        if self.arena is not None:
+            self.arena.close()
+        self.text_encoder_loads += 1
+        if self.build["text_encoder_offload"]:
+            self.host_embedding = self._compat.t5_token_embedding_on_host(self.compat, runner, self._t5_encoder_cls,
+                                                                          str(self.files.t5))
+            if self.host_embedding is not None:
+                self.host_embedding.keep_on_device = getattr(self, "_keep_embedding", False)
+
+    def _drop_text_encoder(self) -> None:
+        """Give the text encoder's host memory back (4.4 GB pinned blocks, 2.1 GB embedding)."""
+        if self.host_embedding is not None:
+            self.host_embedding.drop_device_copy()
+        self.host_embedding = None
+        self._runner.text_encoders = None
+        gc.collect()
+        self._compat.release_cached_pinned_memory(self._torch)
 
     def _set_rope_chunk(self, chunk: int) -> None:
         for holder in _rope_holders(self._runner.model.transformer_weights):
@@ -655,7 +724,10 @@ class LightX2VModel:
             call = self._call
             if call is not None:
                 call.hooks.on_phase(Phase.TEXT_ENCODING)
+            self._ensure_text_encoder()
             out = original_text(input_info)
+            if self.release_text_encoder:
+                self._drop_text_encoder()
             if call is not None:
                 if call.should_stop():
                     raise _Cancelled()

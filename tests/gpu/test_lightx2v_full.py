@@ -37,7 +37,8 @@ def _run(service, preset_name, gpu_report):
     gpu_report("full_preset", preset=preset_name, preset_used=result.preset_used, rung=result.record["rung_used"],
                attempts=result.record["attempts"], seconds=round(time.perf_counter() - started, 2),
                peak_reserved_gib=peak, peak_used_gib=result.record["vram"].get("peak_used_gib"),
-               timings=result.record.get("timings_s"), loaded=result.record["weights_loaded_this_job"])
+               timings=result.record.get("timings_s"), loaded=result.record["weights_loaded_this_job"],
+               host_memory=result.record.get("host_memory"))
     assert peak is not None and peak <= CAP_GIB
     return result
 
