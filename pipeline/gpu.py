@@ -15,7 +15,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,28 @@ class MemorySnapshot:
         return (self.free_bytes + (self.torch_reserved_bytes or 0)) / GIB
 
 
-class GpuMonitor:
-    """NVML view of one GPU. `nvml` defaults to the `pynvml` module of nvidia-ml-py; tests pass a fake."""
+def torch_memory(device_index: int) -> tuple[int, int] | None:
+    """(reserved, allocated) bytes of this process's PyTorch allocator on the device, or None when
+    torch is not imported or CUDA not initialised (reading never initialises it)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        if torch.cuda.is_initialized():
+            return (int(torch.cuda.memory_reserved(device_index)),
+                    int(torch.cuda.memory_allocated(device_index)))
+    except Exception:  # noqa: BLE001
+        return None
+    return None
 
-    def __init__(self, nvml: Any = None, device_index: int = 0):
+
+class GpuMonitor:
+    """NVML view of one GPU. `nvml` defaults to the `pynvml` module of nvidia-ml-py; tests pass a fake,
+    and with it a `torch_memory` reader that belongs to the same (fake) device."""
+
+    def __init__(self, nvml: Any = None, device_index: int = 0,
+                 torch_memory: Callable[[int], tuple[int, int] | None] = torch_memory):
+        self._torch_memory = torch_memory
         self._nvml = nvml
         self._device_index = device_index
         self._handle: Any = None
@@ -139,15 +157,7 @@ class GpuMonitor:
             except Exception:  # noqa: BLE001 - NVMLError_NotSupported / GPU lost: no reading
                 log.debug("nvmlDeviceGetMemoryInfo failed", exc_info=True)
                 return None
-        reserved = allocated = None
-        torch = sys.modules.get("torch")
-        if torch is not None:
-            try:
-                if torch.cuda.is_initialized():
-                    reserved = int(torch.cuda.memory_reserved(self._device_index))
-                    allocated = int(torch.cuda.memory_allocated(self._device_index))
-            except Exception:  # noqa: BLE001
-                reserved = allocated = None
+        reserved, allocated = self._torch_memory(self._device_index) or (None, None)
         return MemorySnapshot(gpu_name=self._name or "GPU", used_bytes=int(info.used),
                               total_bytes=int(info.total), free_bytes=int(info.free),
                               torch_reserved_bytes=reserved, torch_allocated_bytes=allocated)

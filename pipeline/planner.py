@@ -102,7 +102,9 @@ class Planner:
         ladder = self.ladder(preset_name, measured)
         seconds = seconds or {}
         if available_gib is None:
-            return PresetForecast(preset_name, Fit.UNKNOWN, ladder[0], None)
+            # No GPU reading (the fake backend): no verdict, but a time measured here still shows.
+            return PresetForecast(preset_name, Fit.UNKNOWN, ladder[0], None,
+                                  seconds.get((ladder[0].preset.name, ladder[0].memory.name)))
         start = ladder[self._start_index(ladder, available_gib)]
         if start.predicted_gib is None:
             fit = Fit.UNKNOWN

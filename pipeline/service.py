@@ -23,7 +23,7 @@ import numpy as np
 from pipeline import gpu
 from pipeline.backend import DecodeOutOfMemory, LoadedModel, RunHooks
 from pipeline.cache import PipelineCache
-from pipeline.errors import GenerationCancelled, InvalidRequest, OutOfVRAM, StudioError
+from pipeline.errors import GenerationCancelled, OutOfVRAM, StudioError
 from pipeline.history import History
 from pipeline.outputs import OutputStore
 from pipeline.planner import Planner, PresetForecast, Rung
@@ -146,18 +146,15 @@ class VideoService:
     def forecasts(self) -> list[PresetForecast]:
         gpu_name, available = self.available_gib()
         measured = self.history.measured_peaks(gpu_name) if gpu_name else {}
-        seconds = self.history.measured_seconds(gpu_name) if gpu_name else {}
+        # Times of runs without a GPU reading (the fake backend) fill in where the GPU has none.
+        seconds = {**self.history.measured_seconds(self._no_gpu_key()),
+                   **(self.history.measured_seconds(gpu_name) if gpu_name else {})}
         return [self.planner.forecast(name, available, measured, seconds) for name in self.presets]
 
     # -- the job ------------------------------------------------------------------------------
-    def validate(self, request: GenerationRequest) -> None:
-        if request.preset not in self.presets:
-            raise InvalidRequest(f"Unknown preset {request.preset[:60]!r}; choose one of "
-                                 f"{', '.join(self.presets)}.")
-
     def generate(self, request: GenerationRequest, on_event: EventSink = lambda e: None,
                  should_stop: Callable[[], bool] = lambda: False) -> GenerationResult:
-        self.validate(request)
+        """Run a request checked at the border (GenerationRequest, a preset from the book)."""
         self.cache.backend.check_available()
         job_id = self.history.start_job(prompt=request.prompt, negative_prompt=request.negative_prompt,
                                         seed=request.seed, preset=request.preset)
@@ -251,17 +248,26 @@ class VideoService:
         # What the user is shown is exactly what was saved (the sidecar adds the mp4 encode time).
         record = json.loads(sidecar.read_text(encoding="utf-8"))
         timings = clock.finish()
-        if gpu_name and peak is not None and success.label is None:
-            # The time estimate excludes the one-off weight load and counts only clean runs.
+        if success.label is None:
+            # The time estimate excludes the one-off weight load and counts only clean runs. Without
+            # a GPU peak (the fake backend) only the time is kept, under the backend's name.
             seconds = timings["total"] - timings.get(Phase.LOADING.value, 0.0)
-            self._measure(gpu_name, chosen, peak, seconds if len(attempts) == 1 else None)
+            seconds = seconds if len(attempts) == 1 else None
+            if gpu_name and peak is not None:
+                self._measure(gpu_name, chosen, peak, seconds)
+            else:
+                self._measure(self._no_gpu_key(), chosen, None, seconds)
         self.history.finish_job(job_id, preset_used=chosen.preset.name, rung_used=rung_label,
                                 video_path=video, record_path=sidecar, peak_gib=_round(peak),
                                 seconds=timings["total"], attempts=[asdict(a) for a in attempts])
         return GenerationResult(video_path=video, record_path=sidecar, record=record,
                                 attempts=tuple(attempts))
 
-    def _measure(self, gpu_name: str, rung: Rung, peak_gib: float, seconds: float | None) -> None:
+    def _no_gpu_key(self) -> str:
+        """What the times of runs without a GPU reading are kept under, in place of a GPU name."""
+        return f"no GPU reading ({self.cache.backend.name} backend)"
+
+    def _measure(self, gpu_name: str, rung: Rung, peak_gib: float | None, seconds: float | None) -> None:
         # A measurement improves the next prediction; failing to store one must not fail the job.
         try:
             self.history.record_measurement(gpu_name, rung.preset.name, rung.memory.name, peak_gib, seconds)
