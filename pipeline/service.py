@@ -124,7 +124,9 @@ def _dit_settings(memory: dict[str, Any]) -> tuple:
 class VideoService:
     def __init__(self, *, presets: PresetBook, cache: PipelineCache, outputs: OutputStore,
                  history: History, monitor: gpu.GpuMonitor, planner: Planner | None = None,
-                 vram_cap_gib: float | None = None):
+                 vram_cap_gib: float | None = None, command_line: list[str] | None = None):
+        """`command_line`: how the app was started, as the records state it (no password)."""
+        self.command_line = list(command_line or sys.argv[:1])
         self.presets = presets
         self.cache = cache
         self.outputs = outputs
@@ -240,7 +242,8 @@ class VideoService:
         memory = success.memory or chosen.memory.settings()
         # The sampler has stopped: the timeline covers the GPU work, and the record can carry it.
         record = self._record(job_id, request, chosen, rung_label, memory, attempts, available,
-                              gpu_name, loads_before, sampler.timeline.as_record())
+                              gpu_name, loads_before, sampler.timeline.as_record(),
+                              success.frames.shape)
         # Up to the mp4 encode, which the record precedes (the sidecar adds the encode time).
         record["timings_s"] = clock.snapshot(include_current=False)
         stem = self.outputs.new_stem(job_id, chosen.preset.name, request.seed)
@@ -352,8 +355,15 @@ class VideoService:
 
     def _record(self, job_id: int, request: GenerationRequest, chosen: Rung, rung_label: str,
                 memory: dict[str, Any], attempts: list[Attempt], available: float | None,
-                gpu_name: str | None, loads_before: int, vram: dict[str, Any]) -> dict[str, Any]:
+                gpu_name: str | None, loads_before: int, vram: dict[str, Any],
+                frames_shape: tuple[int, ...]) -> dict[str, Any]:
         p = chosen.preset
+        frames, height, width = frames_shape[:3]
+        # The size of the file as written: the fake backend writes a reduced size, and the record
+        # must not claim the preset's.
+        size = {"height": height, "width": width, "frames": frames}
+        if (height, width, frames) != (p.height, p.width, p.frames):
+            size["preset_size"] = {"height": p.height, "width": p.width, "frames": p.frames}
         return {
             "app": APP_NAME, "app_version": APP_VERSION, "job_id": job_id,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -361,7 +371,7 @@ class VideoService:
             "prompt_truncated": prompt_token_estimate(request.prompt) > TEXT_ENCODER_MAX_TOKENS,
             "seed": request.seed,
             "preset_requested": request.preset, "preset_used": p.name, "rung_used": rung_label,
-            "height": p.height, "width": p.width, "frames": p.frames, "fps": p.fps,
+            **size, "fps": p.fps,
             "steps": p.steps, "shift": p.shift, "guidance": p.guidance,
             "memory_settings": memory,
             "attempts": [asdict(a) for a in attempts],
@@ -372,7 +382,7 @@ class VideoService:
                      "cap_gib": self.vram_cap_gib, "predicted_peak_gib": chosen.predicted_gib,
                      **vram},
             "versions": package_versions(), "platform": platform.platform(),
-            "argv": sys.argv[:1],
+            "argv": self.command_line,
         }
 
 
