@@ -160,7 +160,8 @@ def test_frames_and_size_cannot_be_passed_through_the_api(app):
     client.predict(prompt, PRESET, 5, False, "", 1, 999, 2048, 4096, api_name="/generate")
     (row,) = _rows_for(app, prompt)
     record = json.loads(Path(row["record_path"]).read_text())
-    assert (record["frames"], record["height"], record["width"]) == (81, 480, 832)
+    assert record["preset_size"] == {"frames": 81, "height": 480, "width": 832}
+    assert (record["frames"], record["height"], record["width"]) == (81, 48, 96)  # the fake's 1/8
 
 
 # -- faults -----------------------------------------------------------------------------------------
