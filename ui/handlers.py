@@ -64,6 +64,12 @@ def alert_title(exc: StudioError) -> str:
     return next((t for cls, t in _TITLES if isinstance(exc, cls)), "Generation failed")
 
 
+def _alert(title: str, body: str) -> Exception:
+    # Gradio's toast heads every raised error "Error" and leaves `title` out (6.31), so the title
+    # also leads the message: the toast says which kind of trouble it is. API clients get both.
+    return gr.Error(f"{title}: {body}", title=title, print_exception=False)
+
+
 def as_alert(exc: BaseException) -> Exception:
     """The one mapping from pipeline errors to what the user sees.
 
@@ -71,15 +77,15 @@ def as_alert(exc: BaseException) -> Exception:
     for a machine without a GPU, would read like a crash."""
     if isinstance(exc, GenerationCancelled):
         log.info("job cancelled: %s", exc)
-        return gr.Error(str(exc) or "Cancelled.", title="Cancelled", print_exception=False)
+        return _alert("Cancelled", str(exc) or "Cancelled.")
     if isinstance(exc, StudioError):
         title = alert_title(exc)
         log.log(logging.INFO if isinstance(exc, InvalidRequest) else logging.WARNING,
                 "%s: %s", title, exc)
-        return gr.Error(str(exc), title=title, print_exception=False)
+        return _alert(title, str(exc))
     log.error("unexpected error reached the UI", exc_info=exc)
-    return gr.Error(f"Unexpected error ({type(exc).__name__}: {exc}). The details are in the "
-                    f"terminal log.", title="Unexpected error", print_exception=False)
+    return _alert("Unexpected error", f"{type(exc).__name__}: {exc}. The details are in the "
+                                      f"terminal log.")
 
 
 def warn_if_fell_back(result: GenerationResult) -> None:
@@ -90,10 +96,12 @@ def warn_if_fell_back(result: GenerationResult) -> None:
 
 def failure_status(exc: BaseException, alert: Exception) -> str:
     """The status line after a failed or cancelled job (the alert box fades, this stays)."""
+    title = getattr(alert, "title", "Generation failed")
+    body = str(getattr(alert, "message", exc)).removeprefix(f"{title}: ")
     # Plain text marks: colour emoji are missing from many Linux fonts and show as boxes.
     if isinstance(exc, GenerationCancelled):
-        return f"**Cancelled.** {getattr(alert, 'message', exc)}"
-    return f"✖ **{getattr(alert, 'title', 'Generation failed')}.** {getattr(alert, 'message', exc)}"
+        return f"**Cancelled.** {body}"
+    return f"✖ **{title}.** {body}"
 
 
 def parse_seed(seed: Any, randomize: bool) -> int:

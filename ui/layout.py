@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 CSS = """
 #vram-panel {font-variant-numeric: tabular-nums;}
 #status {min-height: 2.5em;}
+/* After a failed Generate the status line itself says what went wrong; Gradio would also lay its
+   bare "Error" pill over it (its status tracker; if the names change, the pill just shows). */
+#status [data-testid="status-tracker"]:has(> .error) {display: none !important;}
 /* Gradio sizes gallery tiles as width / min(columns, items): one clip would fill the whole row.
    Fixed-size tiles in the clips' own landscape shape instead (these class names are Gradio's; if
    they change, the gallery just falls back to Gradio's layout). */
@@ -71,7 +74,7 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
                 with gr.Column(scale=3):
                     video = gr.Video(label="Video", elem_id="video", autoplay=True)
                     record_view = gr.Code(label="Reproducibility record", language="json",
-                                          visible=True, max_lines=18)
+                                          visible=True, max_lines=18, elem_id="record-view")
             with gr.Row():
                 with gr.Column(scale=2):
                     gr.Markdown("### GPU memory")
@@ -147,7 +150,7 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
         # be a second queue that Cancel cannot see into.
         # Progress shows on the video only: the history and the plot stay usable during a run.
         generate.click(on_generate, generate_inputs, generate_outputs, concurrency_limit=None,
-                       api_name="generate", preprocess=False, show_progress_on=[video])
+                       api_name="generate", preprocess=False, show_progress_on=[status])
 
         def on_cancel(request: gr.Request):
             withdrawn, running = ctx.jobs.cancel_owner(request.session_hash)
@@ -193,7 +196,7 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
         run_again.click(on_restore, [selected_id], restore_outputs, queue=False,
                         api_visibility="private").success(
             on_generate, generate_inputs, generate_outputs, concurrency_limit=None,
-            preprocess=False, show_progress_on=[video], api_visibility="private")
+            preprocess=False, show_progress_on=[status], api_visibility="private")
 
         # Initial values are fixed when the UI is built: a tab opened later (or reopened after a
         # job finished without it) reads the current history here.
