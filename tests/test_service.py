@@ -316,3 +316,32 @@ def test_the_fake_backend_fills_in_the_time_estimate_without_a_gpu(make_service)
     assert eta is not None and eta > 0
     # A time without a memory reading is not a peak: predictions keep the shipped figures.
     assert service.history.measured_peaks("no GPU reading (fake backend)") == {}
+
+
+def test_a_model_that_cannot_recover_is_released_and_the_next_rung_loads_afresh(make_service,
+                                                                                 monkeypatch, caplog):
+    from pipeline.backends.fake import FakeModel
+
+    backend = FakeBackend(oom_at={("480x832x49", "fast", Phase.DENOISING)})
+    service = make_service(backend)
+    models = []
+    real_load = backend.load
+
+    def load(key, on_phase):
+        model = real_load(key, on_phase)
+        models.append(model)
+        return model
+
+    def broken_recover(self):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(backend, "load", load)
+    monkeypatch.setattr(FakeModel, "recover", broken_recover)
+    result = service.generate(request())
+    # "fast" ran out of memory, its recover() failed: that model was released, not reused, and
+    # "tiled-vae" (the same build) ran on a fresh load.
+    assert [(a.rung, a.outcome) for a in result.attempts] == [("fast", "out of memory"), ("tiled-vae", "ok")]
+    assert len(models) == 2 and getattr(models[0], "released", False) and models[1] is not models[0]
+    assert backend.loads[0] == backend.loads[1]
+    assert "recover() failed; releasing the model" in caplog.text
+    assert result.record["weights_loaded_this_job"] is True
