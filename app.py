@@ -273,7 +273,7 @@ def _startup_lines(settings: Settings, demo) -> list[str]:
 def serve(argv: list[str]) -> int:
     try:
         settings = settings_from_args(argv)
-        demo, _ = build_app(settings)
+        demo, ctx = build_app(settings)
     except ConfigError as exc:
         sys.stderr.write(exc.message + "\n")
         return 2
@@ -299,8 +299,36 @@ def serve(argv: list[str]) -> int:
         return 1
     for line in _startup_lines(settings, demo):
         log.info("%s", line)
-    demo.block_thread()
+    _run_until_stopped(demo, ctx.jobs)
     return 0
+
+
+STOPPED_MESSAGE = ("Wan T2V Studio was stopped (Ctrl+C or shutdown) before this job finished; "
+                   "nothing was saved for it. Start the app again (python app.py) and press Generate.")
+
+
+def _run_until_stopped(demo, jobs) -> None:
+    """Serve until Ctrl+C or SIGTERM; then tell every waiting or running job's client why it ends,
+    before the server goes (a client cut off without a word sees only a broken connection)."""
+    import signal
+    import time
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        while True:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    stopped = jobs.stop_all(STOPPED_MESSAGE)
+    if stopped:
+        log.warning("stopping: %d unfinished job(s) stopped; telling their clients", stopped)
+        jobs.wait_idle(15)  # a running job stops at its next step boundary
+        time.sleep(0.5)  # the followers poll every 0.1 s: their last message goes out
+    log.info("stopped")
+    demo.close()
 
 
 def main(argv: list[str] | None = None) -> int:

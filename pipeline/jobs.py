@@ -11,11 +11,12 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
 from pipeline import gpu
-from pipeline.errors import GenerationCancelled, LaneFull, StudioError
+from pipeline.errors import AppStopped, GenerationCancelled, LaneFull, StudioError
 from pipeline.service import VideoService
 from pipeline.types import GenerationRequest, GenerationResult, ProgressEvent
 
@@ -81,6 +82,7 @@ class JobQueue:
         self._ids = itertools.count(1)
         self._jobs: dict[int, Job] = {}
         self._lock = threading.Lock()
+        self._stopping: str | None = None  # why every job is being stopped (the app is closing)
         self._worker = threading.Thread(target=self._work, name="gpu-lane", daemon=True)
         self._worker.start()
 
@@ -137,7 +139,8 @@ class JobQueue:
         job.cancel()
         if job.started:
             return True
-        job.error = GenerationCancelled("Withdrawn from the queue before it reached the GPU.")
+        job.error = (AppStopped(self._stopping) if self._stopping else
+                     GenerationCancelled("Withdrawn from the queue before it reached the GPU."))
         job.done.set()
         job.events.put(_END)
         return False
@@ -153,6 +156,9 @@ class JobQueue:
                 job.started = True
             try:
                 job.result = self.service.generate(job.request, job.events.put, job.cancel_flag.is_set)
+            except GenerationCancelled as exc:
+                stopping = self._stopping
+                job.error = AppStopped(stopping) if stopping else gpu.drop_frame_locals(exc)
             except StudioError as exc:
                 job.error = gpu.drop_frame_locals(exc)
             except Exception as exc:  # noqa: BLE001 - the lane must survive any job
@@ -165,6 +171,23 @@ class JobQueue:
                     # Keep finished jobs briefly for late followers; drop old ones.
                     for old in [k for k, j in self._jobs.items() if j.done.is_set()][:-50]:
                         del self._jobs[old]
+
+    def stop_all(self, reason: str) -> int:
+        """The app is closing: stop every unfinished job (a running one at its next step boundary);
+        their followers are told `reason`. Returns how many there were."""
+        with self._lock:
+            self._stopping = reason
+            unfinished = [j for j in self._jobs.values() if not j.done.is_set()]
+            for job in unfinished:
+                self._cancel_locked(job)
+        return len(unfinished)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no job is unfinished; False on timeout."""
+        with self._lock:
+            unfinished = [j for j in self._jobs.values() if not j.done.is_set()]
+        deadline = time.monotonic() + timeout
+        return all(j.done.wait(max(0.0, deadline - time.monotonic())) for j in unfinished)
 
     def shutdown(self) -> None:
         self._queue.put(None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import sys
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from gradio_client.exceptions import AppError
 
-from tests.apphelpers import raw_get, run_app_to_exit, running_app, wait_for
+from tests.apphelpers import raw_get, run_app_to_exit, running_app, start_app, wait_for
 from pipeline.outputs import read_mp4_record
 
 pytestmark = pytest.mark.slow
@@ -351,3 +352,29 @@ def test_fifty_guessed_passwords_are_throttled_and_the_right_one_still_works(tmp
     assert "guess-" not in log and "correct horse" not in log, "a password reached the log"
     assert "5 failed logins from 127.0.0.1 (last as user 'alice'); refusing that address" in log
     assert "'alice' logged in from 127.0.0.1" in log
+
+
+def test_stopping_the_app_mid_job_tells_the_client_why(tmp_path):
+    app = start_app(tmp_path, faults=True)
+    try:
+        app.fault("slow-steps", "0.5")
+        client = app.client(download_files=False)
+        running = client.submit("running when the app stops", "480x832x49", 1, False, "",
+                                api_name="/generate")
+        waiting = app.client(download_files=False).submit("waiting when the app stops", "480x832x49",
+                                                           2, False, "", api_name="/generate")
+        wait_for(lambda: any(r["prompt"] == "running when the app stops" for r in app.history()),
+                 20, 0.05, "the job to start")
+        wait_for(lambda: _queued(waiting), 20, 0.05, "the second job to be queued")
+        app.proc.send_signal(signal.SIGTERM)  # as a service manager or Ctrl+C stops it
+        for job in (running, waiting):
+            with pytest.raises(AppError) as err:
+                job.result(timeout=30)
+            assert err.value.title == "The app was stopped", err.value
+            assert "was stopped (Ctrl+C or shutdown) before this job finished" in str(err.value)
+            assert "Start the app again" in str(err.value)
+        app.proc.wait(timeout=30)
+        assert app.proc.returncode == 0, app.log()
+    finally:
+        app.stop()
+    assert "Traceback" not in app.log()

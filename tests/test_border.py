@@ -159,3 +159,22 @@ def test_the_cap_counts_every_unfinished_job_and_a_batch_is_all_or_nothing(lane)
     jobs.submit(_request(6), owner="b")
     with pytest.raises(LaneFull):
         jobs.submit(_request(7), owner="b")
+
+
+def test_stopping_the_app_ends_every_job_with_the_reason(lane):
+    from pipeline.errors import AppStopped
+
+    jobs, service = lane
+    running = jobs.submit(_request(0), owner="a")
+    waiting = jobs.submit(_request(1), owner="b")
+    import time
+
+    deadline = time.monotonic() + 10
+    while not running.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert jobs.stop_all("the app was stopped") == 2
+    service.release.set()
+    assert jobs.wait_idle(10)
+    for job in (running, waiting):
+        assert isinstance(job.error, AppStopped) and str(job.error) == "the app was stopped"
+    assert service.ran == [0], "the waiting job never started"

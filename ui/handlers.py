@@ -17,7 +17,7 @@ from typing import Any
 
 import gradio as gr
 
-from pipeline.errors import (BackendUnavailable, GenerationCancelled, InvalidRequest, LaneFull,
+from pipeline.errors import (AppStopped, BackendUnavailable, GenerationCancelled, InvalidRequest, LaneFull,
                              ModelLoadError, NoGPUError, OutOfVRAM, OutputError, OutputsInUse,
                              StudioError, WeightsError)
 from pipeline.gpu import GpuMonitor
@@ -57,6 +57,7 @@ _TITLES: tuple[tuple[type[StudioError], str], ...] = (
     (OutputError, "Saving the video failed"),
     (LaneFull, "Queue full"),
     (OutputsInUse, "Outputs folder in use"),
+    (AppStopped, "The app was stopped"),
 )
 
 
