@@ -13,7 +13,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from pipeline import gpu
 from pipeline.errors import AppStopped, GenerationCancelled, LaneFull, StudioError
@@ -41,20 +40,6 @@ class Job:
 
     def cancel(self) -> None:
         self.cancel_flag.set()
-
-    def follow(self, poll_s: float = 0.25) -> Iterator[ProgressEvent | None]:
-        """Progress events until the job ends; yields None every `poll_s` without news."""
-        while True:
-            try:
-                event = self.events.get(timeout=poll_s)
-            except queue.Empty:
-                if self.done.is_set() and self.events.empty():
-                    return
-                yield None
-                continue
-            if event is _END:
-                return
-            yield event
 
     def pending_events(self) -> tuple[list[ProgressEvent], bool]:
         """The events that arrived since the last call, without waiting, and whether the job has

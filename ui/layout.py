@@ -121,11 +121,13 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
                     result = job.result
                     h.warn_if_fell_back(result)
                     rows = h.timeline_rows(result.record.get("vram"))
+                    # Off the event loop: the gallery reads SQLite and may decode a first frame.
+                    items = await asyncio.to_thread(h.gallery_items, ctx.history, ctx.service.outputs)
                     yield {seed: job.request.seed, video: str(result.video_path),
                            status: prefix + h.result_summary(result.record) + (
                                "\n\n⚠️ " + result.fallback_summary() if result.fell_back else ""),
                            record_view: json.dumps(result.record, indent=2, default=str),
-                           gallery: h.gallery_items(ctx.history, ctx.service.outputs),
+                           gallery: items,
                            plot: _timeline_frame(rows), plot_note: h.timeline_note(True, rows)}
             except asyncio.CancelledError:
                 # Gradio's /cancel (gradio_client's Job.cancel()): the batch's jobs go too. A closed
@@ -148,7 +150,8 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
         # concurrency_limit=None: every click goes straight to the one GPU lane (JobQueue), which
         # owns the order, the positions, the cap and Cancel; a Gradio lane in front of it would
         # be a second queue that Cancel cannot see into.
-        # Progress shows on the video only: the history and the plot stay usable during a run.
+        # Progress (and Gradio's error state) shows on the status line only: the video, its record,
+        # the history and the plot stay usable during a run and stay in place after a failure.
         generate.click(on_generate, generate_inputs, generate_outputs, concurrency_limit=None,
                        api_name="generate", preprocess=False, show_progress_on=[status])
 
