@@ -228,7 +228,7 @@ class VideoService:
                 if outcome.failure is None:
                     success, chosen = outcome, rung
                     attempts.append(Attempt(rung.preset.name, outcome.label or rung.memory.name, "ok",
-                                            peak_gib=_round(gpu.torch_peak_reserved_gib())))
+                                            peak_gib=_round(self.monitor.torch.peak_reserved_gib())))
                     break
                 attempts.append(outcome.failure)
                 self._learn_from_oom(gpu_name, available, rung)
@@ -236,7 +236,7 @@ class VideoService:
                             rung.memory.name, outcome.failure.phase)
             if success is None or chosen is None:
                 raise OutOfVRAM(self._exhausted_message(request.preset, attempts), tuple(attempts))
-            peak = gpu.torch_peak_reserved_gib()
+            peak = self.monitor.torch.peak_reserved_gib()
             clock.phase(Phase.ENCODING)
         rung_label = success.label or chosen.memory.name
         memory = success.memory or chosen.memory.settings()
@@ -287,7 +287,7 @@ class VideoService:
     def _attempt(self, request: GenerationRequest, rung: Rung, hooks: RunHooks) -> _Outcome:
         spec = self._spec(request, rung)
         key = self.cache.backend.load_key(spec.memory)
-        gpu.reset_torch_peak()
+        self.monitor.torch.reset_peak()
         model: LoadedModel | None = None
         failure: Attempt | None = None
         error: BaseException | None = None
@@ -302,12 +302,12 @@ class VideoService:
         except DecodeOutOfMemory as exc:
             latents = exc.latents
             failure = Attempt(rung.preset.name, rung.memory.name, "out of memory",
-                              Phase.DECODING.value, exc.cause, _round(gpu.torch_peak_reserved_gib()))
+                              Phase.DECODING.value, exc.cause, _round(self.monitor.torch.peak_reserved_gib()))
         except BaseException as exc:
             if gpu.is_oom(exc):
                 failure = Attempt(rung.preset.name, rung.memory.name, "out of memory",
                                   _current_phase(hooks) or phase.value, _short(exc),
-                                  _round(gpu.torch_peak_reserved_gib()))
+                                  _round(self.monitor.torch.peak_reserved_gib()))
             else:
                 error = gpu.drop_frame_locals(exc)
         # Recovery runs here, outside the except block, once the failed run's frames are gone.

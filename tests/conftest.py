@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.cache import PipelineCache
 from pipeline.backends.fake import FakeBackend
-from pipeline.gpu import GpuMonitor
+from pipeline.gpu import NO_TORCH, GpuMonitor
 from pipeline.history import History
 from pipeline.outputs import OutputStore
 from pipeline.service import VideoService
@@ -95,10 +95,6 @@ class FakeNvml:
         return (8, 6)
 
 
-def no_torch_memory(device_index: int) -> None:
-    return None
-
-
 @pytest.fixture
 def presets():
     return load_presets()
@@ -116,7 +112,7 @@ def make_service(tmp_path, presets):
         # No torch reading: the fake NVML's device is not the CUDA device an earlier test may have
         # initialised, so its allocator figures must not leak into these numbers.
         monitor = GpuMonitor(nvml=nvml if nvml is not None else FakeNvml(fail_init=True),
-                             torch_memory=no_torch_memory)
+                             torch=NO_TORCH)
         return VideoService(presets=presets, cache=PipelineCache(backend),
                             outputs=OutputStore(tmp_path / "outputs"),
                             history=History(tmp_path / "outputs" / "history.sqlite3"),

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from install import doctor as d
-from pipeline.gpu import GIB, GpuMonitor
+from pipeline.gpu import GIB, NO_TORCH, GpuMonitor
 from install.weights import VerifyProblem, VerifyReport
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def ok_weights(path: Path) -> VerifyReport:
 def machine(nvml: FakeNvml, *, ram_gib: float = 64, **overrides) -> d.SystemProbes:
     """A well set-up machine; tests change one fact at a time."""
     probes = d.SystemProbes(
-        monitor=GpuMonitor(nvml=nvml, torch_memory=lambda _i: None),
+        monitor=GpuMonitor(nvml=nvml, torch=NO_TORCH),
         memory=lambda: d.MemoryInfo(int(ram_gib * GIB), int(ram_gib * 0.8 * GIB)),
         disk_free=lambda _p: 500 * 10**9,
         torch_build=lambda: d.TorchBuild(installed=True, version="2.11.0+cu130", cuda="13.0"),

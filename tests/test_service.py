@@ -217,14 +217,12 @@ def test_a_measurement_that_cannot_be_stored_does_not_fail_a_saved_job(make_serv
         raise RuntimeError("database is locked")
 
     service.history.record_measurement = locked
-    import pipeline.gpu as gpu_module
+    from pipeline.gpu import TorchReadings
 
-    original = gpu_module.torch_peak_reserved_gib
-    gpu_module.torch_peak_reserved_gib = lambda: 5.0  # as on a GPU, so a measurement is taken
-    try:
-        result = service.generate(request())
-    finally:
-        gpu_module.torch_peak_reserved_gib = original
+    # A peak reading as on a GPU, so a measurement is taken.
+    service.monitor.torch = TorchReadings(memory=lambda i: None, peak_reserved_gib=lambda: 5.0,
+                                          reset_peak=lambda: None)
+    result = service.generate(request())
     (entry,) = service.history.recent(status=None)
     assert entry.status == "done" and entry.video_path == str(result.video_path)
 
