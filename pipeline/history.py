@@ -169,10 +169,12 @@ class History:
         rows = self._rows(f"SELECT {self._COLUMNS} FROM jobs WHERE id=?", (job_id,))
         return rows[0] if rows else None
 
-    def record_measurement(self, gpu_name: str, preset: str, rung: str, peak_gib: float,
+    def record_measurement(self, gpu_name: str, preset: str, rung: str, peak_gib: float | None,
                            seconds: float | None = None) -> None:
+        """`peak_gib` None: a time without a memory reading (stored as 0, which no peak can be)."""
         self._write("INSERT INTO measurements (gpu_name, preset, rung, peak_gib, seconds, measured_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)", (gpu_name, preset, rung, peak_gib, seconds, time.time()))
+                    " VALUES (?, ?, ?, ?, ?, ?)", (gpu_name, preset, rung, peak_gib or 0.0, seconds,
+                                                   time.time()))
 
     def _recent_measurements(self, gpu_name: str) -> dict[tuple[str, str], list[tuple[float, float | None]]]:
         with self._lock:
@@ -191,8 +193,9 @@ class History:
     def measured_peaks(self, gpu_name: str) -> dict[tuple[str, str], float]:
         """The highest peak of the last few runs per preset and rung on this GPU: a first run that
         also loaded the weights peaks higher than a warm one, and the prediction must cover both."""
-        return {key: max(peak for peak, _ in runs)
-                for key, runs in self._recent_measurements(gpu_name).items()}
+        peaks = {key: max(peak for peak, _ in runs)
+                 for key, runs in self._recent_measurements(gpu_name).items()}
+        return {key: peak for key, peak in peaks.items() if peak > 0}
 
     def measured_seconds(self, gpu_name: str) -> dict[tuple[str, str], float]:
         """The median wall time of the last few runs per preset and rung on this GPU."""

@@ -185,7 +185,10 @@ class Planner:
         ladder = self.ladder(preset_name, measured)
         seconds = seconds or {}
         if available_gib is None:
-            return PresetForecast(preset_name, Fit.UNKNOWN, ladder[0], None, ram_available_gib=ram_gib)
+            # No GPU reading (the fake backend): no verdict, but a time measured here still shows.
+            return PresetForecast(preset_name, Fit.UNKNOWN, ladder[0], None,
+                                  seconds.get((ladder[0].preset.name, ladder[0].memory.name)),
+                                  ram_available_gib=ram_gib)
         index = self._start_index(ladder, available_gib, ram_gib)
         if index is None:
             leanest = self._leanest(ladder, ram_gib)

@@ -23,7 +23,7 @@ import numpy as np
 from pipeline import gpu, hostmem
 from pipeline.backend import DecodeOutOfMemory, LoadedModel, RunHooks
 from pipeline.cache import PipelineCache
-from pipeline.errors import GenerationCancelled, InvalidRequest, OutOfVRAM, StudioError
+from pipeline.errors import GenerationCancelled, OutOfVRAM, StudioError
 from pipeline.history import History
 from pipeline.outputs import OutputStore
 from pipeline.planner import RAM_ONLY_SETTINGS, Planner, PresetForecast, Rung
@@ -136,11 +136,13 @@ def _dit_settings(memory: dict[str, Any]) -> tuple:
 class VideoService:
     def __init__(self, *, presets: PresetBook, cache: PipelineCache, outputs: OutputStore,
                  history: History, monitor: gpu.GpuMonitor, planner: Planner | None = None,
-                 vram_cap_gib: float | None = None,
+                 vram_cap_gib: float | None = None, command_line: list[str] | None = None,
                  ram_reader: Callable[[], float | None] | None = None):
-        """`ram_reader`: GiB of system RAM a run may use. Default: the backend's own reading when it
+        """`command_line`: how the app was started, as the records state it (no password).
+        `ram_reader`: GiB of system RAM a run may use. Default: the backend's own reading when it
         has one (the fake backend reports a configured figure), else free RAM plus what this process
         already holds (`hostmem`)."""
+        self.command_line = list(command_line or sys.argv[:1])
         self.ram_reader = (ram_reader or getattr(cache.backend, "available_ram_gib", None)
                            or _ram_available_gib)
         # Whether another job is already waiting for the GPU (the job queue sets it): the low-RAM
@@ -167,19 +169,16 @@ class VideoService:
     def forecasts(self) -> list[PresetForecast]:
         gpu_name, available = self.available_gib()
         measured = self.history.measured_peaks(gpu_name) if gpu_name else {}
-        seconds = self.history.measured_seconds(gpu_name) if gpu_name else {}
+        # Times of runs without a GPU reading (the fake backend) fill in where the GPU has none.
+        seconds = {**self.history.measured_seconds(self._no_gpu_key()),
+                   **(self.history.measured_seconds(gpu_name) if gpu_name else {})}
         ram = self.ram_reader()
         return [self.planner.forecast(name, available, measured, seconds, ram_gib=ram) for name in self.presets]
 
     # -- the job ------------------------------------------------------------------------------
-    def validate(self, request: GenerationRequest) -> None:
-        if request.preset not in self.presets:
-            raise InvalidRequest(f"Unknown preset {request.preset[:60]!r}; choose one of "
-                                 f"{', '.join(self.presets)}.")
-
     def generate(self, request: GenerationRequest, on_event: EventSink = lambda e: None,
                  should_stop: Callable[[], bool] = lambda: False) -> GenerationResult:
-        self.validate(request)
+        """Run a request checked at the border (GenerationRequest, a preset from the book)."""
         self.cache.backend.check_available()
         job_id = self.history.start_job(prompt=request.prompt, negative_prompt=request.negative_prompt,
                                         seed=request.seed, preset=request.preset)
@@ -259,7 +258,7 @@ class VideoService:
                 if outcome.failure is None:
                     success, chosen = outcome, rung
                     attempts.append(Attempt(rung.preset.name, outcome.label or rung.memory.name, "ok",
-                                            peak_gib=_round(gpu.torch_peak_reserved_gib())))
+                                            peak_gib=_round(self.monitor.torch.peak_reserved_gib())))
                     break
                 attempts.append(outcome.failure)
                 host = outcome.failure.outcome == HOST_OOM
@@ -270,13 +269,14 @@ class VideoService:
                             rung.memory.name, outcome.failure.phase)
             if success is None or chosen is None:
                 raise OutOfVRAM(self._exhausted_message(request.preset, attempts), tuple(attempts))
-            peak = gpu.torch_peak_reserved_gib()
+            peak = self.monitor.torch.peak_reserved_gib()
             clock.phase(Phase.ENCODING)
         rung_label = success.label or chosen.memory.name
         memory = success.memory or chosen.memory.settings()
         # The sampler has stopped: the timeline covers the GPU work, and the record can carry it.
         record = self._record(job_id, request, chosen, rung_label, memory, attempts, available,
-                              gpu_name, loads_before, sampler.timeline.as_record())
+                              gpu_name, loads_before, sampler.timeline.as_record(),
+                              success.frames.shape)
         record["host_memory"] = {"available_at_start_gib": _round(ram),
                                  "predicted_must_hold_gib": chosen.predicted_host_gib,
                                  **sampler.timeline.host.as_record()}
@@ -287,17 +287,26 @@ class VideoService:
         # What the user is shown is exactly what was saved (the sidecar adds the mp4 encode time).
         record = json.loads(sidecar.read_text(encoding="utf-8"))
         timings = clock.finish()
-        if gpu_name and peak is not None and success.label is None:
-            # The time estimate excludes the one-off weight load and counts only clean runs.
+        if success.label is None:
+            # The time estimate excludes the one-off weight load and counts only clean runs. Without
+            # a GPU peak (the fake backend) only the time is kept, under the backend's name.
             seconds = timings["total"] - timings.get(Phase.LOADING.value, 0.0)
-            self._measure(gpu_name, chosen, peak, seconds if len(attempts) == 1 else None)
+            seconds = seconds if len(attempts) == 1 else None
+            if gpu_name and peak is not None:
+                self._measure(gpu_name, chosen, peak, seconds)
+            else:
+                self._measure(self._no_gpu_key(), chosen, None, seconds)
         self.history.finish_job(job_id, preset_used=chosen.preset.name, rung_used=rung_label,
                                 video_path=video, record_path=sidecar, peak_gib=_round(peak),
                                 seconds=timings["total"], attempts=[asdict(a) for a in attempts])
         return GenerationResult(video_path=video, record_path=sidecar, record=record,
                                 attempts=tuple(attempts))
 
-    def _measure(self, gpu_name: str, rung: Rung, peak_gib: float, seconds: float | None) -> None:
+    def _no_gpu_key(self) -> str:
+        """What the times of runs without a GPU reading are kept under, in place of a GPU name."""
+        return f"no GPU reading ({self.cache.backend.name} backend)"
+
+    def _measure(self, gpu_name: str, rung: Rung, peak_gib: float | None, seconds: float | None) -> None:
         # A measurement improves the next prediction; failing to store one must not fail the job.
         try:
             self.history.record_measurement(gpu_name, rung.preset.name, rung.memory.name, peak_gib, seconds)
@@ -314,7 +323,7 @@ class VideoService:
     def _attempt(self, request: GenerationRequest, rung: Rung, hooks: RunHooks) -> _Outcome:
         spec = self._spec(request, rung)
         key = self.cache.backend.load_key(spec.memory)
-        gpu.reset_torch_peak()
+        self.monitor.torch.reset_peak()
         model: LoadedModel | None = None
         failure: Attempt | None = None
         error: BaseException | None = None
@@ -329,13 +338,13 @@ class VideoService:
         except DecodeOutOfMemory as exc:
             latents = exc.latents
             failure = Attempt(rung.preset.name, rung.memory.name, "out of memory",
-                              Phase.DECODING.value, exc.cause, _round(gpu.torch_peak_reserved_gib()))
+                              Phase.DECODING.value, exc.cause, _round(self.monitor.torch.peak_reserved_gib()))
         except BaseException as exc:
             if gpu.is_oom(exc):
                 failure = Attempt(rung.preset.name, rung.memory.name,
                                   HOST_OOM if hostmem.is_host_oom(exc) else "out of memory",
                                   _current_phase(hooks) or phase.value, _short(exc),
-                                  _round(gpu.torch_peak_reserved_gib()))
+                                  _round(self.monitor.torch.peak_reserved_gib()))
             else:
                 error = gpu.drop_frame_locals(exc)
         # Recovery runs here, outside the except block, once the failed run's frames are gone.
@@ -393,8 +402,15 @@ class VideoService:
 
     def _record(self, job_id: int, request: GenerationRequest, chosen: Rung, rung_label: str,
                 memory: dict[str, Any], attempts: list[Attempt], available: float | None,
-                gpu_name: str | None, loads_before: int, vram: dict[str, Any]) -> dict[str, Any]:
+                gpu_name: str | None, loads_before: int, vram: dict[str, Any],
+                frames_shape: tuple[int, ...]) -> dict[str, Any]:
         p = chosen.preset
+        frames, height, width = frames_shape[:3]
+        # The size of the file as written: the fake backend writes a reduced size, and the record
+        # must not claim the preset's.
+        size = {"height": height, "width": width, "frames": frames}
+        if (height, width, frames) != (p.height, p.width, p.frames):
+            size["preset_size"] = {"height": p.height, "width": p.width, "frames": p.frames}
         return {
             "app": APP_NAME, "app_version": APP_VERSION, "job_id": job_id,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -402,7 +418,7 @@ class VideoService:
             "prompt_truncated": prompt_token_estimate(request.prompt) > TEXT_ENCODER_MAX_TOKENS,
             "seed": request.seed,
             "preset_requested": request.preset, "preset_used": p.name, "rung_used": rung_label,
-            "height": p.height, "width": p.width, "frames": p.frames, "fps": p.fps,
+            **size, "fps": p.fps,
             "steps": p.steps, "shift": p.shift, "guidance": p.guidance,
             "memory_settings": memory,
             "attempts": [asdict(a) for a in attempts],
@@ -413,7 +429,7 @@ class VideoService:
                      "cap_gib": self.vram_cap_gib, "predicted_peak_gib": chosen.predicted_gib,
                      **vram},
             "versions": package_versions(), "platform": platform.platform(),
-            "argv": sys.argv[:1],
+            "argv": self.command_line,
         }
 
 

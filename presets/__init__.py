@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 PRESETS_DIR = Path(__file__).resolve().parent
+# The 4-step distilled model's schedule has exactly this many steps (LightX2V fixes it at build).
+DISTILLED_STEPS = 4
 
 
 class PresetError(ValueError):
@@ -189,8 +191,9 @@ def load_preset_file(path: Path) -> Preset:
     if v["frames"] < 1 or (v["frames"] - 1) % 4:
         raise PresetError(f"{path.name}: field 'frames' must be 4n+1 (the VAE packs 4 frames per "
                           f"latent after the first), got {v['frames']}")
-    if v["steps"] < 1:
-        raise PresetError(f"{path.name}: field 'steps' must be >= 1")
+    if v["steps"] != DISTILLED_STEPS:
+        raise PresetError(f"{path.name}: field 'steps' must be {DISTILLED_STEPS}: the step-distilled "
+                          f"model runs exactly that many denoising steps, got {v['steps']}")
     if v["fps"] < 1:
         raise PresetError(f"{path.name}: field 'fps' must be >= 1")
     if v["guidance"] != 1.0:

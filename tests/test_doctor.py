@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from install import doctor as d
-from pipeline.gpu import GIB, GpuMonitor
+from pipeline.gpu import GIB, NO_TORCH, GpuMonitor
 from install.verify import VerifyProblem, VerifyReport
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ class FakeNvml:
         return index
 
     def nvmlDeviceGetName(self, handle):  # noqa: N802
-        return self.name.encode()
+        return self.name  # str, as nvidia-ml-py returns it
 
     def nvmlDeviceGetMemoryInfo(self, handle):  # noqa: N802
         return SimpleNamespace(total=self.total, used=self.used, free=self.total - self.used)
@@ -57,7 +57,7 @@ def ok_weights(path: Path) -> VerifyReport:
 def machine(nvml: FakeNvml, *, ram_gib: float = 64, **overrides) -> d.SystemProbes:
     """A well set-up machine; tests change one fact at a time."""
     probes = d.SystemProbes(
-        monitor=GpuMonitor(nvml=nvml),
+        monitor=GpuMonitor(nvml=nvml, torch=NO_TORCH),
         memory=lambda: d.MemoryInfo(int(ram_gib * GIB), int(ram_gib * 0.8 * GIB)),
         disk_free=lambda _p: 500 * 10**9,
         torch_build=lambda: d.TorchBuild(installed=True, version="2.11.0+cu130", cuda="13.0"),

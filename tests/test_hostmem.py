@@ -150,6 +150,8 @@ def test_sampler_records_host_peaks_per_phase():
                      ProcessMemory(2 * GIB, GIB, 0)] + [ProcessMemory(GIB, 0, 0)] * 1000)
 
     class NoGpu:
+        torch = gpu.NO_TORCH
+
         def read(self):
             return None
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.gpu import GpuMonitor
+from pipeline.gpu import NO_TORCH, GpuMonitor
 from pipeline.planner import Planner
 from presets import load_presets
 from tests.conftest import FakeNvml
@@ -13,8 +13,24 @@ def test_no_gpu_panel():
     assert format_memory(None) == NO_GPU_TEXT and "No NVIDIA GPU" in NO_GPU_TEXT
 
 
+def test_the_fake_backend_says_so_instead_of_asking_for_a_gpu():
+    snap = GpuMonitor(nvml=FakeNvml(), torch=NO_TORCH).read()
+    for reading in (None, snap):
+        text = format_memory(reading, 1.0, backend="fake")
+        assert "Fake backend" in text and "No NVIDIA GPU" not in text and "needs one" not in text
+    assert format_memory(None, backend="lightx2v") == NO_GPU_TEXT
+
+
+def test_the_vram_chart_says_when_there_is_nothing_to_draw():
+    from ui.memory_panel import NO_RUNS_TEXT, NO_SAMPLES_TEXT, timeline_note
+
+    assert timeline_note(False, []) == NO_RUNS_TEXT and "No runs yet" in NO_RUNS_TEXT
+    assert timeline_note(True, []) == NO_SAMPLES_TEXT
+    assert timeline_note(True, timeline_rows({"samples": [[0.0, 1.0, "denoising"]]})) == ""
+
+
 def test_panel_shows_used_total_and_last_peak():
-    snap = GpuMonitor(nvml=FakeNvml(total_gib=12.0, used_gib=3.0)).read()
+    snap = GpuMonitor(nvml=FakeNvml(total_gib=12.0, used_gib=3.0), torch=NO_TORCH).read()
     text = format_memory(snap, last_peak_gib=8.61)
     assert "NVIDIA GeForce RTX 3060" in text and "3.00 / 12.00 GiB" in text and "(25 %)" in text
     assert "free 9.00 GiB" in text and "**8.61 GiB**" in text

@@ -8,6 +8,10 @@ from pipeline.gpu import GIB, MemorySnapshot
 from pipeline.planner import Fit, PresetForecast
 
 NO_GPU_TEXT = "**No NVIDIA GPU** detected (NVML unavailable): generation needs one."
+FAKE_BACKEND_TEXT = ("**Fake backend** (`--backend fake`): a CPU test double that writes noise clips "
+                     "and uses no GPU, so there is no GPU memory to show.")
+NO_RUNS_TEXT = "No runs yet: the chart shows the GPU memory of the last run once a clip is made."
+NO_SAMPLES_TEXT = "The last run has no GPU memory readings (no NVIDIA GPU was read while it ran)."
 
 # A coloured disc (U+25CF is in every common font; colour emoji are not on many Linux desktops).
 def _badge(colour: str, text: str) -> str:
@@ -19,7 +23,11 @@ _FIT_BADGE = {Fit.FITS: _badge("#16a34a", "fits"), Fit.TIGHT: _badge("#ea580c", 
               Fit.UNKNOWN: _badge("#9ca3af", "unknown")}
 
 
-def format_memory(snapshot: MemorySnapshot | None, last_peak_gib: float | None = None) -> str:
+def format_memory(snapshot: MemorySnapshot | None, last_peak_gib: float | None = None,
+                  backend: str | None = None) -> str:
+    if backend == "fake":
+        # Whatever GPU the machine has, the clips shown were not made on it.
+        return FAKE_BACKEND_TEXT
     if snapshot is None:
         return NO_GPU_TEXT
     used, total = snapshot.used_bytes / GIB, snapshot.total_bytes / GIB
@@ -76,6 +84,13 @@ def format_forecasts(forecasts: list[PresetForecast], labels: dict[str, str]) ->
                 + ("" if ram is None else f", {ram:.1f} GiB system RAM")
                 + ". Times are from earlier runs on this GPU (the first run also loads the model).")
     return "\n".join(rows)
+
+
+def timeline_note(has_run: bool, rows: list[dict[str, Any]]) -> str:
+    """What the VRAM chart says when it has nothing to draw."""
+    if not has_run:
+        return NO_RUNS_TEXT
+    return "" if rows else NO_SAMPLES_TEXT
 
 
 def timeline_rows(vram_record: dict[str, Any] | None) -> list[dict[str, Any]]:

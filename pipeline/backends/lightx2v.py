@@ -69,8 +69,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.backend import DecodeOutOfMemory, LoadKey, RunHooks
-from pipeline.errors import (BackendUnavailable, GenerationCancelled, InvalidRequest, NoGPUError,
-                             WeightsError)
+from pipeline.errors import BackendUnavailable, GenerationCancelled, NoGPUError, WeightsError
 from pipeline.gpu import GIB, GpuMonitor, is_oom
 from pipeline.layout import WeightsLayout, locate
 from pipeline.types import Phase, RunSpec
@@ -517,7 +516,7 @@ class LightX2VModel:
         return self.compat.names
 
     def generate(self, spec: RunSpec, hooks: RunHooks) -> np.ndarray:
-        self._validate(spec)
+        self._check_build(spec)
         if self._dirty:
             self.recover()
         runner = self._runner
@@ -625,16 +624,9 @@ class LightX2VModel:
 
     # -- per call --
 
-    def _validate(self, spec: RunSpec) -> None:
-        if spec.steps != len(DENOISING_STEPS):
-            raise InvalidRequest(f"This distilled model runs exactly {len(DENOISING_STEPS)} steps "
-                                 f"(asked for {spec.steps}).")
-        if spec.guidance != 1.0:
-            raise InvalidRequest("This distilled model runs without CFG: guidance must be 1.0.")
-        if spec.height % 16 or spec.width % 16 or spec.height <= 0 or spec.width <= 0:
-            raise InvalidRequest(f"Height and width must be positive multiples of 16, got {spec.height}x{spec.width}.")
-        if spec.frames < 1 or (spec.frames - 1) % 4:
-            raise InvalidRequest(f"The frame count must be 4n+1, got {spec.frames}.")
+    def _check_build(self, spec: RunSpec) -> None:
+        # Not a request check (presets are checked when loaded): the cache must have reloaded when
+        # the rung's build-time settings changed, and running on the wrong build would be silent.
         if bool(spec.memory.get("dit_from_disk", False)) != bool(self.build.get("dit_from_disk", False)) or \
                 spec.memory.get("offload_granularity", "block") != self.build["offload_granularity"] or \
                 (spec.memory.get("text_encoder", "offload") == "gpu") == self.build["text_encoder_offload"]:
