@@ -37,10 +37,13 @@ def make_service(ckpt: Path, root: Path, **backend_kwargs):
     from presets import load_presets
 
     backend = LightX2VBackend(ckpt, vram_cap_gib=CAP_GIB, **backend_kwargs)
+    history = History(root / "outputs" / "history.sqlite3")
+    # As app.py wires it: a kernel measured once per GPU and shape is reused by every later build,
+    # so two builds of one service run the same attention kernel (and give the same frames).
+    backend.use_kernel_store(history)
     return VideoService(presets=load_presets(), cache=PipelineCache(backend),
                         outputs=OutputStore(root / "outputs", writer=mp4_writer()),
-                        history=History(root / "outputs" / "history.sqlite3"), monitor=GpuMonitor(),
-                        vram_cap_gib=CAP_GIB)
+                        history=history, monitor=GpuMonitor(), vram_cap_gib=CAP_GIB)
 
 
 @dataclass
