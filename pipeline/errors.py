@@ -3,10 +3,7 @@ what to do. `ui/handlers.py` is the one place that turns them into Gradio alerts
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from pipeline.types import Attempt
+from typing import Any
 
 
 class StudioError(Exception):
@@ -56,6 +53,8 @@ class OutputsInUse(StudioError):
 class OutOfVRAM(StudioError):
     """Every rung of the fallback ladder ran out of GPU memory."""
 
-    def __init__(self, message: str, attempts: "tuple[Attempt, ...]"):
+    def __init__(self, message: str, attempts: tuple[Any, ...]):
+        # attempts: the pipeline.types.Attempt of every rung tried. Not imported here: errors sit
+        # below types (types raises InvalidRequest), and the house has no import loops.
         super().__init__(message)
         self.attempts = attempts
