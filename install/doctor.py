@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.backends.lightx2v import module_present
+from pipeline.backend import module_present
 from pipeline import hostmem, layout
 from pipeline.gpu import GIB, GpuMonitor
 from install.cli import default_dir

@@ -85,6 +85,17 @@ class Backend(Protocol):
         ...
 
 
+def module_present(name: str) -> bool:
+    """Whether a module can be imported, without importing it (find_spec). The backends and the
+    doctor ask the same question; it lives here so that neither depends on the other importing."""
+    from importlib.util import find_spec
+
+    try:
+        return find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 class UnavailableBackend:
     """Stands in for the LightX2V backend when its module cannot be imported, so that the app still
     starts (UI, history, VRAM panel, doctor) and Generate explains what is missing."""

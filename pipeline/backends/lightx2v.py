@@ -68,7 +68,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.backend import DecodeOutOfMemory, LoadKey, RunHooks
+from pipeline.backend import DecodeOutOfMemory, LoadKey, RunHooks, module_present
 from pipeline.errors import BackendUnavailable, GenerationCancelled, NoGPUError, WeightsError
 from pipeline.gpu import GIB, GpuMonitor, is_oom
 from pipeline.layout import WeightsLayout, locate
@@ -96,16 +96,6 @@ REQUIRED_MODULES = ("lightx2v", "lightx2v_platform", "triton", "torchvision", "t
 QUANT_SCHEMES = {"int8-triton": None, "int8-vllm": "vllm", "int8-sgl": "sgl_kernel", "int8-torchao": "torchao"}
 ATTN_MODES = {"sage_attn2": "sageattention", "torch_sdpa": None, "flash_attn2": "flash_attn",
               "flash_attn3": "flash_attn_interface"}
-
-
-def module_present(name: str) -> bool:
-    """Whether a module can be imported, without importing it (the doctor asks the same)."""
-    from importlib.util import find_spec
-
-    try:
-        return find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 _has_module = module_present
