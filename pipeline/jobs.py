@@ -17,7 +17,7 @@ from typing import Iterator
 from pipeline import gpu
 from pipeline.errors import LaneFull, StudioError
 from pipeline.service import VideoService
-from pipeline.types import GenerationRequest, GenerationResult, ProgressEvent
+from pipeline.types import FinishRequest, GenerationRequest, GenerationResult, ProgressEvent
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ _END = object()
 @dataclass
 class Job:
     id: int
-    request: GenerationRequest
+    request: GenerationRequest | FinishRequest  # a FinishRequest decodes a kept clip's latents
     cancel_flag: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     events: "queue.Queue[ProgressEvent | object]" = field(default_factory=queue.Queue)
@@ -65,7 +65,7 @@ class JobQueue:
         self._worker = threading.Thread(target=self._work, name="gpu-lane", daemon=True)
         self._worker.start()
 
-    def submit(self, request: GenerationRequest) -> Job:
+    def submit(self, request: GenerationRequest | FinishRequest) -> Job:
         # Reject bad requests here, before they take a place in the lane.
         self.service.validate(request)
         with self._lock:
@@ -101,7 +101,9 @@ class JobQueue:
             if job is None:
                 return
             try:
-                job.result = self.service.generate(job.request, job.events.put, job.cancel_flag.is_set)
+                run = (self.service.finish if isinstance(job.request, FinishRequest)
+                       else self.service.generate)
+                job.result = run(job.request, job.events.put, job.cancel_flag.is_set)
             except StudioError as exc:
                 job.error = gpu.drop_frame_locals(exc)
             except Exception as exc:  # noqa: BLE001 - the lane must survive any job

@@ -10,8 +10,9 @@ measured on this GPU when there are any (history DB), else the figures shipped i
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Hashable, Mapping
 
 from presets import MemoryRung, Preset, PresetBook
 
@@ -114,3 +115,59 @@ class Planner:
             fit = Fit.TIGHT
         return PresetForecast(preset_name, fit, start, available_gib,
                               seconds.get((start.preset.name, start.memory.name)))
+
+
+def oom_bound_gib(peak_gib: float | None, detail: str) -> float | None:
+    """An upper bound on the memory this process could really use, learnt from an OOM: the peak
+    it reached plus the allocation that did not fit ("Tried to allocate 740.00 MiB"). None when
+    the failure carries no peak (no CUDA reading)."""
+    if peak_gib is None:
+        return None
+    match = _TRIED.search(detail or "")
+    tried = float(match.group(1)) * _UNITS[match.group(2)] if match else 0.0
+    return peak_gib + tried
+
+
+_TRIED = re.compile(r"Tried to allocate ([\d.]+) ?(GiB|MiB|KiB|B)\b")
+_UNITS = {"GiB": 1.0, "MiB": 1 / 1024, "KiB": 1 / 1024**2, "B": 1 / 1024**3}
+
+
+def replan(ladder: list[Rung], failed: Rung, tried: set[tuple[str, str]],
+           available_gib: float | None, key_of: Callable[[Rung], Hashable],
+           current_key: Hashable | None, left_keys: set, reload_allowed: bool,
+           skip: Callable[[Rung], bool] = lambda rung: False) -> list[Rung]:
+    """The rungs to try after `failed` ran out of memory, in order, under the one-reload rule.
+
+    - every rung below `failed` in the ladder not tried yet, skipping those predicted not to fit
+      the memory that is really free now (no margin: `available_gib` is already the best reading
+      there is); when none is predicted to fit, the leanest one is still tried (a prediction can
+      be pessimistic);
+    - never a load key this click already left (going back loads the same weights again);
+    - grouped by load key, the groups in the order of their best rung, so that the ladder's order
+      of preference (the requested clip first) holds between groups and rungs sharing a key run
+      together;
+    - at most one key other than `current_key` (one reload), and none when `reload_allowed` is
+      False (the click spent its reload);
+    - nothing `skip` rules out (known to fail the same way), before the groups are formed.
+    """
+    names = [(r.preset.name, r.memory.name) for r in ladder]
+    start = names.index((failed.preset.name, failed.memory.name)) + 1
+    eligible = [r for r in ladder[start:] if (r.preset.name, r.memory.name) not in tried
+                and key_of(r) not in left_keys and not skip(r)]
+    fitting = [r for r in eligible if available_gib is None or r.predicted_gib is None
+               or r.predicted_gib <= available_gib]
+    if not fitting and eligible:
+        fitting = [eligible[-1]]
+    groups: dict[Hashable, list[Rung]] = {}
+    for rung in fitting:
+        groups.setdefault(key_of(rung), []).append(rung)
+    out: list[Rung] = []
+    for key, rungs in groups.items():
+        if key == current_key:
+            out.extend(rungs)
+        elif reload_allowed:
+            # The one reload. After it the current key is left for good, so only what came
+            # before it stays, and later groups (yet other keys) would need a second reload.
+            out.extend(rungs)
+            break
+    return out

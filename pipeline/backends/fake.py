@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import zlib
 import os
 import sys
 import threading
@@ -23,7 +24,8 @@ import numpy as np
 from pipeline.backend import DecodeOutOfMemory, LoadKey, RunHooks
 from pipeline.errors import GenerationCancelled, NoGPUError
 from pipeline.outputs import write_mp4
-from pipeline.types import Phase, RunSpec
+from pipeline.preview import latents_to_rgb, preview_fps
+from pipeline.types import Phase, Preview, PreviewKind, RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,10 @@ class FakeBackend:
     weights_dir: str = "fake-weights"
     loads: list[LoadKey] = field(default_factory=list)
     generated: list[RunSpec] = field(default_factory=list)
+    decoded: list[RunSpec] = field(default_factory=list)  # decode() calls (retries, finishes)
     on_step_hook: Callable[[RunSpec, int], None] | None = None
+    # Whether a tiny VAE "is installed": draft decodes and tiny-VAE previews need one.
+    tiny_vae_installed: bool = False
 
     def check_available(self) -> None:
         if not self.gpu_present:
@@ -76,6 +81,9 @@ class FakeBackend:
             raise RuntimeError(f"simulated load failure for {dict(key.build_settings)}")
         self.loads.append(key)
         return FakeModel(self, key)
+
+    def tiny_vae(self) -> str | None:
+        return "taew2_1.pth (fake)" if self.tiny_vae_installed else None
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "model_id": "fake (CPU test double)", "quant_scheme": "none",
@@ -106,6 +114,8 @@ class FakeModel:
         hooks.on_phase(Phase.TEXT_ENCODING)
         self._check(spec, Phase.TEXT_ENCODING)
         hooks.on_phase(Phase.DENOISING)
+        latents = self._final_latents(spec)
+        noise = np.random.default_rng(spec.seed + 1).standard_normal(latents.shape).astype(np.float32)
         for step in range(1, spec.steps + 1):
             if hooks.should_stop():
                 self.dirty = True
@@ -116,32 +126,65 @@ class FakeModel:
             if self.backend.on_step_hook:
                 self.backend.on_step_hook(spec, step)
             hooks.on_step(step, spec.steps)
-        latents = np.random.default_rng(spec.seed).random(
-            ((spec.frames - 1) // 4 + 1, 4, 4), dtype=np.float32)
+            if spec.preview is not None:
+                # Like the real model: the estimate of the clean latents sharpens step by step.
+                weight = step / spec.steps
+                hooks.on_preview(self._preview(spec, step, latents * weight + noise * (1 - weight)))
+        hooks.on_latents(latents.copy())
         hooks.on_phase(Phase.DECODING)
         if self.backend._maybe_oom(spec, Phase.DECODING):
             self.dirty = True
             raise DecodeOutOfMemory(latents, f"simulated in {spec.preset}/{spec.rung}")
         return self._pixels(spec, latents)
 
+    def _final_latents(self, spec: RunSpec) -> np.ndarray:
+        # 16 channels, 4n+1 frames -> n+1 latent frames, 1/8 of the (reduced) size: the real layout.
+        h, w = self._size(spec)
+        return np.random.default_rng(spec.seed).standard_normal(
+            (16, (spec.frames - 1) // 4 + 1, h // 8, w // 8)).astype(np.float32)
+
+    def _preview(self, spec: RunSpec, step: int, x0: np.ndarray) -> Preview:
+        started = time.perf_counter()
+        kind = PreviewKind.LINEAR
+        frames = latents_to_rgb(x0)
+        if spec.preview is PreviewKind.TINY_VAE and self.backend.tiny_vae_installed:
+            kind = PreviewKind.TINY_VAE
+            frames = np.repeat(np.repeat(frames, 2, axis=1), 2, axis=2)  # "decoded": twice the size
+        return Preview(step=step, total=spec.steps, frames=frames, kind=kind,
+                       fps=preview_fps(16, spec.frames, len(frames)),
+                       cost_ms=round((time.perf_counter() - started) * 1000, 3))
+
     def decode(self, latents: Any, spec: RunSpec, hooks: RunHooks) -> np.ndarray:
         assert not self.dirty, "decode() after a failure without recover()"
+        assert not self.released, "decode() on a released model"
+        if not isinstance(latents, np.ndarray) or latents.ndim != 4 or latents.shape[0] != 16:
+            raise ValueError(f"fake decode: expected latents [16, T, H, W], got {type(latents).__name__}")
+        self.backend.decoded.append(spec)
         hooks.on_phase(Phase.DECODING)
         if self.backend._maybe_oom(spec, Phase.DECODING):
             self.dirty = True
             raise DecodeOutOfMemory(latents, f"simulated in {spec.preset}/{spec.rung} (decode only)")
         return self._pixels(spec, latents)
 
-    def _pixels(self, spec: RunSpec, latents: np.ndarray) -> np.ndarray:
+    def _size(self, spec: RunSpec) -> tuple[int, int]:
         def shrink(n: int) -> int:
             return max(16, (n // self.backend.scale) // 16 * 16)
 
-        h, w = shrink(spec.height), shrink(spec.width)
-        rng = np.random.default_rng(spec.seed)
+        return shrink(spec.height), shrink(spec.width)
+
+    def _pixels(self, spec: RunSpec, latents: np.ndarray) -> np.ndarray:
+        h, w = self._size(spec)
+        # The picture follows the latents (a decode of other latents gives another clip).
+        rng = np.random.default_rng(zlib.crc32(np.ascontiguousarray(latents).tobytes()))
         base = rng.integers(0, 256, size=(1, h, w, 3), dtype=np.uint8)
         # A slow drift per frame keeps the clip visibly moving while staying deterministic.
         drift = (np.arange(spec.frames, dtype=np.uint16) * 3 % 256).reshape(-1, 1, 1, 1)
-        return ((base.astype(np.uint16) + drift) % 256).astype(np.uint8)
+        frames = ((base.astype(np.uint16) + drift) % 256).astype(np.uint8)
+        if spec.draft:
+            if not self.backend.tiny_vae_installed:
+                raise RuntimeError("fake: a draft decode without a tiny VAE")
+            frames &= 0xE0  # the tiny VAE's rougher picture: fewer levels
+        return frames
 
     def recover(self) -> None:
         self.dirty = False
