@@ -45,7 +45,8 @@ WAN21_LATENT_RGB_BIAS = (-0.1835, -0.0868, -0.3360)
 MAX_PREVIEW_SIDE = 128
 
 
-def _stride(height: int, width: int, max_side: int) -> int:
+def stride_for(height: int, width: int, max_side: int = MAX_PREVIEW_SIDE) -> int:
+    """Take every n-th latent pixel so that the longest side is at most `max_side`."""
     return max(1, -(-max(height, width) // max_side))
 
 
@@ -55,7 +56,7 @@ def latents_to_rgb(x0: Any, max_side: int = MAX_PREVIEW_SIDE) -> np.ndarray:
     Frames are taken every `stride` latent pixels so the longest side is at most `max_side`."""
     if x0.ndim != 4 or x0.shape[0] != LATENT_CHANNELS:
         raise ValueError(f"expected latents [16, T, H, W], got shape {tuple(x0.shape)}")
-    s = _stride(int(x0.shape[2]), int(x0.shape[3]), max_side)
+    s = stride_for(int(x0.shape[2]), int(x0.shape[3]), max_side)
     if isinstance(x0, np.ndarray):
         small = x0[:, :, ::s, ::s].astype(np.float32)
         factors = np.asarray(WAN21_LATENT_RGB_FACTORS, dtype=np.float32)
@@ -70,13 +71,6 @@ def latents_to_rgb(x0: Any, max_side: int = MAX_PREVIEW_SIDE) -> np.ndarray:
     uint8 = getattr(sys.modules[type(x0).__module__.split(".")[0]], "uint8")
     out = rgb.add_(1.0).mul_(127.5).clamp_(0, 255).round_().to(dtype=uint8)
     return out.cpu().numpy()
-
-
-def shrink_latents(x0: Any, max_side: int) -> Any:
-    """Every n-th latent pixel so the longest side is at most `max_side` (torch or numpy): what a
-    tiny-VAE preview decodes, so its cost stays a fraction of the full-size decode."""
-    s = _stride(int(x0.shape[2]), int(x0.shape[3]), max_side)
-    return x0[:, :, ::s, ::s]
 
 
 def preview_fps(clip_fps: float, frames: int, preview_frames: int) -> float:
