@@ -24,8 +24,9 @@ from pipeline.history import History, HistoryEntry
 from pipeline.jobs import Job, JobQueue
 from pipeline.outputs import OutputStore
 from pipeline.service import VideoService
-from pipeline.types import (MAX_SEED, TEXT_ENCODER_MAX_TOKENS, GenerationRequest, GenerationResult,
-                            Phase, ProgressEvent, prompt_token_estimate)
+from pipeline.types import (MAX_SEED, TEXT_ENCODER_MAX_TOKENS, FinishRequest, GenerationRequest,
+                            GenerationResult, Phase, Preview, PreviewKind, ProgressEvent,
+                            prompt_token_estimate)
 from presets import PresetBook
 from ui.memory_panel import format_forecasts, format_memory, timeline_rows
 
@@ -143,7 +144,7 @@ def _text(value: Any, what: str) -> str:
 
 
 def make_request(*, prompt: Any, preset: Any, seed: Any, randomize_seed: Any,
-                 negative_prompt: Any = "") -> GenerationRequest:
+                 negative_prompt: Any = "", draft: Any = False) -> GenerationRequest:
     """Check raw widget or API values and build the request. Generate runs with Gradio's own
     preprocessing off, so this is the one place its inputs are checked, with our messages."""
     if randomize_seed is None:
@@ -156,7 +157,8 @@ def make_request(*, prompt: Any, preset: Any, seed: Any, randomize_seed: Any,
     # Whether the preset exists is the service's check (VideoService.validate), made on submit.
     return GenerationRequest(prompt=_text(prompt, "prompt"), preset=preset,
                              seed=parse_seed(seed, randomize_seed),
-                             negative_prompt=_text(negative_prompt, "negative prompt"))
+                             negative_prompt=_text(negative_prompt, "negative prompt"),
+                             draft=False if draft is None else draft)
 
 
 def prompt_hint(prompt: Any) -> str:
@@ -171,7 +173,8 @@ def prompt_hint(prompt: Any) -> str:
 
 def describe_event(event: ProgressEvent) -> str:
     if event.phase is Phase.DENOISING and event.total:
-        return f"Denoising: step {event.step} / {event.total}"
+        seen = f" · {preview_label(event.preview)}" if event.preview is not None else ""
+        return f"Denoising: step {event.step} / {event.total}{seen}"
     return event.message or event.phase.value.capitalize() + "…"
 
 
@@ -188,7 +191,7 @@ def gallery_items(history: History, outputs: OutputStore | None = None,
     for entry in _listed_entries(history, limit):
         thumb = outputs.thumbnail(Path(entry.video_path)) if outputs is not None else None
         items.append((str(thumb or entry.video_path),
-                      f"#{entry.id} · {entry.preset_used} · seed {entry.seed}"))
+                      f"#{entry.id} · {entry.preset_used} · seed {entry.seed}{draft_mark(entry)}"))
     return items
 
 
@@ -232,6 +235,9 @@ def result_summary(record: dict[str, Any]) -> str:
     parts.append("weights loaded for this job" if record.get("weights_loaded_this_job")
                  else "model was already resident (no reload)")
     text = ", ".join(parts) + "."
+    notes = run_notes(record)
+    if notes:
+        text += "\n\n" + notes
     if record.get("prompt_truncated"):
         text += (f"\n\n⚠️ The prompt is longer than the text encoder's {TEXT_ENCODER_MAX_TOKENS} "
                  f"tokens: only its beginning was used.")
@@ -264,3 +270,63 @@ def last_timeline(ctx: UiContext) -> list[dict[str, Any]]:
     last = ctx.history.recent(1)
     record = load_record(last[0].record_path) if last else None
     return timeline_rows(record.get("vram") if record else None)
+
+
+# -- previews, draft decode, finish at full quality ----------------------------------------------
+
+_PREVIEW_WORDS = {PreviewKind.LINEAR: "quick colour preview", PreviewKind.TINY_VAE: "tiny-VAE preview"}
+
+
+def preview_label(preview: Preview) -> str:
+    return f"preview after step {preview.step} of {preview.total} ({_PREVIEW_WORDS[preview.kind]})"
+
+
+def preview_file(ctx: UiContext, job: Job, preview: Preview) -> str | None:
+    """The preview as a small animated picture in the outputs' hidden previews folder (written
+    here, on the UI side, so the GPU lane never waits for an image encoder)."""
+    path = ctx.service.outputs.write_preview(f"job{job.id}-step{preview.step}", preview.frames, preview.fps)
+    return str(path) if path is not None else None
+
+
+def draft_mark(entry: HistoryEntry) -> str:
+    """' · draft' for a clip decoded with the tiny VAE (the gallery caption says so)."""
+    record = load_record(entry.record_path) or {}
+    return " · draft" if record.get("draft") else ""
+
+
+def run_notes(record: dict[str, Any]) -> str:
+    """What the result summary adds about draft decodes, finishes and weight reloads."""
+    notes = []
+    if record.get("draft"):
+        notes.append("**Draft** (tiny VAE): select it in the history and click *Finish at full "
+                     "quality* to decode the same latents with the full VAE — no step runs again.")
+    if record.get("finished_from_job"):
+        notes.append(f"Decoded at full quality from the kept latents of #{record['finished_from_job']} "
+                     f"(no denoising step ran).")
+    reloads = (record.get("loads") or [])[1:]
+    for load in reloads:
+        notes.append(f"The weights were loaded again: {load.get('reason', 'another build')}.")
+    return "\n\n".join(notes)
+
+
+def finish_request(entry_id: Any) -> FinishRequest:
+    if entry_id is None:
+        raise InvalidRequest("Select a clip in the history first.")
+    if isinstance(entry_id, bool) or not isinstance(entry_id, (int, float, str)):
+        raise InvalidRequest(f"Choose a clip in the history to finish, got {entry_id!r:.40}.")
+    try:
+        value = int(entry_id)
+    except ValueError:
+        raise InvalidRequest(f"Choose a clip in the history to finish, got {entry_id!r:.40}.") from None
+    return FinishRequest(job_id=value)
+
+
+def run_finish(ctx: UiContext, request: FinishRequest) -> Iterator[tuple[Job, ProgressEvent | None]]:
+    """Submit a finish (decode kept latents with the full VAE) to the GPU lane and follow it."""
+    job = ctx.jobs.submit(request)
+    ahead = ctx.jobs.ahead_of(job)
+    yield job, ProgressEvent(Phase.QUEUED, message=(
+        f"Queued: {ahead} job{'s' if ahead != 1 else ''} ahead of yours on the GPU…" if ahead
+        else f"Finishing #{request.job_id} at full quality…"))
+    for event in job.follow():
+        yield job, event

@@ -60,6 +60,9 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
                                                   min_width=150, elem_id="random-seed")
                     with gr.Accordion("Negative prompt", open=False):
                         negative = gr.Textbox(label="Negative prompt", lines=2)
+                    draft = gr.Checkbox(value=False, label="Draft decode (tiny VAE: seconds; finish at "
+                                        "full quality later from the history)", elem_id="draft",
+                                        visible=bool(ctx.service.cache.backend.tiny_vae()))
                     forecast = gr.Markdown(h.forecast_text(ctx), elem_id="forecast")
                     with gr.Row():
                         generate = gr.Button("Generate", variant="primary", elem_id="generate",
@@ -68,6 +71,9 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
                         cancel = gr.Button("Cancel", variant="secondary", elem_id="cancel", scale=1)
                     status = gr.Markdown(elem_id="status", label="Status")
                 with gr.Column(scale=3):
+                    # Updated after every denoising step: the model's current estimate of the clip.
+                    preview = gr.Image(label="Preview", elem_id="preview", type="filepath",
+                                       interactive=False, height=200, show_label=True)
                     video = gr.Video(label="Video", elem_id="video", autoplay=True)
                     record_view = gr.Code(label="Reproducibility record", language="json",
                                           visible=True, max_lines=18)
@@ -86,6 +92,7 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
             with gr.Row():
                 rerun = gr.Button("Re-run selected (restore its settings)", elem_id="rerun",
                                   scale=1)
+                finish = gr.Button("Finish at full quality", elem_id="finish", scale=1)
                 selected = gr.Markdown("Nothing selected.", elem_id="selected")
             selected_id = gr.State(None)
         if extra_tabs is not None:
@@ -93,18 +100,24 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
 
         # The parameter names are the API's (gradio_client, /gradio_api/info).
         def on_generate(prompt_text, preset_name, seed_value, randomize_seed, negative_prompt,
-                        request: gr.Request, progress=gr.Progress()):
+                        draft_decode, request: gr.Request, progress=gr.Progress()):
+            last_preview = None
             try:
                 if ctx.waiting.take(request.session_hash):
                     raise h.GenerationCancelled("Withdrawn from the queue before it reached the GPU.")
                 request = h.make_request(prompt=prompt_text, preset=preset_name, seed=seed_value,
                                          randomize_seed=randomize_seed,
-                                         negative_prompt=negative_prompt)
+                                         negative_prompt=negative_prompt, draft=draft_decode)
                 for job, event in h.run_generation(ctx, request):
                     if event is None:
                         continue
                     progress(event.fraction, desc=h.describe_event(event))
-                    yield {job_id: job.id, status: h.describe_event(event), seed: request.seed}
+                    update = {job_id: job.id, status: h.describe_event(event), seed: request.seed}
+                    if event.preview is not None:
+                        path = h.preview_file(ctx, job, event.preview)
+                        if path is not None:
+                            last_preview = update[preview] = path
+                    yield update
                 if job.error is not None:
                     raise job.error
             except Exception as exc:  # noqa: BLE001 - mapped in the one place, h.as_alert
@@ -119,7 +132,8 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
                        "\n\n⚠️ " + result.fallback_summary() if result.fell_back else ""),
                    record_view: json.dumps(result.record, indent=2, default=str),
                    gallery: h.gallery_items(ctx.history, ctx.service.outputs),
-                   plot: _timeline_frame(h.timeline_rows(result.record.get("vram")))}
+                   plot: _timeline_frame(h.timeline_rows(result.record.get("vram"))),
+                   preview: last_preview if last_preview is not None else gr.skip()}
 
         # preprocess=False: the raw values go to h.make_request, which checks every one with a
         # clear message. Gradio's own preprocessing would turn a number sent as the prompt into
@@ -130,8 +144,8 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
             ctx.waiting.mark(request.session_hash)
 
         generate.click(note_click, None, None, queue=False, api_visibility="private").then(
-            on_generate, [prompt, preset, seed, random_seed, negative],
-            [job_id, status, seed, video, record_view, gallery, plot],
+            on_generate, [prompt, preset, seed, random_seed, negative, draft],
+            [job_id, status, seed, video, record_view, gallery, plot, preview],
             concurrency_limit=1, concurrency_id=GPU_QUEUE, api_name="generate",
             preprocess=False, show_progress_on=[video])
 
@@ -167,6 +181,31 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
 
         rerun.click(on_rerun, [selected_id], [prompt, preset, seed, random_seed, negative, record_view],
                     queue=False, api_name="restore_settings")
+
+        def on_finish(entry_id, progress=gr.Progress()):
+            # Decodes a kept clip's latents with the full VAE on the GPU lane: a new clip.
+            try:
+                request = h.finish_request(entry_id)
+                for job, event in h.run_finish(ctx, request):
+                    if event is None:
+                        continue
+                    progress(event.fraction, desc=h.describe_event(event))
+                    yield {job_id: job.id, status: h.describe_event(event)}
+                if job.error is not None:
+                    raise job.error
+            except Exception as exc:  # noqa: BLE001 - mapped in the one place, h.as_alert
+                alert = h.as_alert(exc)
+                yield {job_id: None, status: h.failure_status(exc, alert)}
+                raise alert from None
+            result = job.result
+            yield {job_id: None, video: str(result.video_path),
+                   status: h.result_summary(result.record),
+                   record_view: json.dumps(result.record, indent=2, default=str),
+                   gallery: h.gallery_items(ctx.history, ctx.service.outputs)}
+
+        finish.click(on_finish, [selected_id], [job_id, status, video, record_view, gallery],
+                     concurrency_limit=1, concurrency_id=GPU_QUEUE, api_name="finish",
+                     show_progress_on=[video])
 
         # Initial values are fixed when the UI is built: a tab opened later (or reopened after a
         # job finished without it) reads the current history here.
