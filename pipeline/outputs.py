@@ -405,10 +405,8 @@ class OutputStore:
                 kept.unlink(missing_ok=True)
                 removed.append(kept)
         previews = self.root / PREVIEWS_DIR
-        if previews.is_dir():
-            for path in previews.iterdir():
-                if path.is_file():
-                    path.unlink(missing_ok=True)
+        if previews.is_dir():  # last session's previews: nothing shows them any more
+            shutil.rmtree(previews, ignore_errors=True)
         if removed:
             log.info("removed %d leftover file(s) from an interrupted run", len(removed))
         return removed
