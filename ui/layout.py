@@ -21,6 +21,8 @@ GPU_QUEUE = "gpu"
 CSS = """
 #vram-panel {font-variant-numeric: tabular-nums;}
 #status {min-height: 2.5em;}
+/* Previews are a few dozen latent pixels wide: scale them up to the box instead of a dot. */
+#preview img {width: 100% !important; height: 100% !important; object-fit: contain;}
 /* Gradio sizes gallery tiles as width / min(columns, items): one clip would fill the whole row.
    Fixed-size tiles in the clips' own landscape shape instead (these class names are Gradio's; if
    they change, the gallery just falls back to Gradio's layout). */
