@@ -466,10 +466,15 @@ class VideoService:
                                     negative_prompt=entry.negative_prompt)
         gpu_name, available = self.available_gib()
         measured = self.history.measured_peaks(gpu_name) if gpu_name else {}
-        # The preset's own rungs only: the latents fix the size, a smaller preset cannot help.
-        rungs = [r for r in self.planner.plan(request.preset, available, measured)
-                 if r.preset.name == request.preset] or self.planner.ladder(request.preset, measured)[-1:]
-        rung = rungs[0]
+        # The source clip's own rung first: the same VAE settings decode the same latents into the
+        # same frames a full-quality run would have given (tiling changes the frames). The preset's
+        # plan otherwise; never a smaller preset (the latents fix the size).
+        own = [r for r in self.planner.ladder(request.preset, measured)
+               if r.preset.name == request.preset]
+        source_rung = str(source.get("rung_used") or "").split("+")[0]
+        rung = next((r for r in own if r.memory.name == source_rung), None) or next(
+            (r for r in self.planner.plan(request.preset, available, measured)
+             if r.preset.name == request.preset), own[-1])
         loads = _Loads(self.cache)
         kept = _Kept(latents=latents)
         with gpu.VramSampler(self.monitor) as sampler:

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.gpu
 
 ALL_FIXES = {"keep_target_video_length_in_config", "explicit_t5_checkpoint_path", "t5_offload_linear_bias_default",
              "t2v_without_image_encoder", "t5_token_embedding_on_host", "reset_runner_after_exception",
-             "ffn_chunked_over_tokens", "non_block_weights_kept_for_the_run"}
+             "ffn_chunked_over_tokens", "non_block_weights_kept_for_the_run",
+             "clean_latents_estimate_after_each_step"}
 
 
 def _mp4_size(path):
