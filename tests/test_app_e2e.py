@@ -217,3 +217,27 @@ def test_a_backend_module_that_cannot_be_imported_fails_at_generate_not_at_start
     assert ctx.history.recent(10, status=None) == []
     ctx.jobs.shutdown()
     ctx.history.close()
+
+
+def test_draft_then_finish_through_the_api(tmp_path):
+    from tests.apphelpers import running_app
+
+    with running_app(tmp_path, WAN_STUDIO_FAKE_TINY_VAE="1") as app:
+        client = app.client(download_files=False)
+        prompt = "A draft of a heron taking off from a pond"
+        status, *_ = client.predict(prompt, "480x832x49", 21, False, "", True, api_name="/generate")
+        assert status.startswith("Done:") and "**Draft** (tiny VAE)" in status
+        (row,) = [r for r in app.history() if r["prompt"] == prompt]
+        draft_record = json.loads(Path(row["record_path"]).read_text())
+        assert draft_record["draft"] is True
+        gallery, _ = client.predict(api_name="/history")
+        assert gallery[0]["caption"].endswith("· draft")
+        status, video, record_text, gallery = client.predict(row["id"], api_name="/finish")
+        assert "no denoising step ran" in status
+        record = json.loads(record_text)
+        assert record["finished_from_job"] == row["id"] and record["draft"] is False
+        assert not gallery[0]["caption"].endswith("draft") and gallery[1]["caption"].endswith("· draft")
+        # A clip that does not exist: a clear error, nothing queued.
+        with pytest.raises(AppError) as err:
+            client.predict(999, api_name="/finish")
+        assert "no finished clip #999" in str(err.value)

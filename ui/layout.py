@@ -95,6 +95,8 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
                 rerun = gr.Button("Re-run selected (restore its settings)", elem_id="rerun",
                                   scale=1)
                 finish = gr.Button("Finish at full quality", elem_id="finish", scale=1)
+                # The selected clip's id as a (hidden) component, so the API can name the clip.
+                finish_id = gr.Number(value=None, precision=0, visible=False, label="entry_id")
                 selected = gr.Markdown("Nothing selected.", elem_id="selected")
             selected_id = gr.State(None)
         if extra_tabs is not None:
@@ -185,6 +187,7 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
                     queue=False, api_name="restore_settings")
 
         def on_finish(entry_id, progress=gr.Progress()):
+            # entry_id: the history id of a finished clip (the API's parameter name).
             # Decodes a kept clip's latents with the full VAE on the GPU lane: a new clip.
             try:
                 request = h.finish_request(entry_id)
@@ -205,7 +208,9 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
                    record_view: json.dumps(result.record, indent=2, default=str),
                    gallery: h.gallery_items(ctx.history, ctx.service.outputs)}
 
-        finish.click(on_finish, [selected_id], [job_id, status, video, record_view, gallery],
+        selected_id.change(lambda value: value, [selected_id], [finish_id], queue=False,
+                           api_visibility="private")
+        finish.click(on_finish, [finish_id], [job_id, status, video, record_view, gallery],
                      concurrency_limit=1, concurrency_id=GPU_QUEUE, api_name="finish",
                      show_progress_on=[video])
 

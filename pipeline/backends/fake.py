@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 FAKE_STEP_SECONDS_ENV = "WAN_STUDIO_FAKE_STEP_SECONDS"
 FAKE_OOM_ENV = "WAN_STUDIO_FAKE_OOM"  # "preset:rung-or-*:phase[,...]", e.g. 720x1280x81:*:denoising
 FAKE_FAULTS_ENV = "WAN_STUDIO_FAKE_FAULTS_DIR"  # a folder of switch files, see FaultSwitches
+FAKE_TINY_VAE_ENV = "WAN_STUDIO_FAKE_TINY_VAE"  # "1": the fake has a tiny VAE (draft decodes)
 
 
 
@@ -249,7 +250,8 @@ def fake_backend_from_env(env: Mapping[str, str], preset_names: list[str]
     """The fake backend as `--backend fake` runs it, with the test-only switches read from `env`.
     Raises ValueError for an unreadable switch."""
     backend = FakeBackend(step_seconds=float(env.get(FAKE_STEP_SECONDS_ENV) or "0.2"),
-                          oom_at=parse_fake_oom(env.get(FAKE_OOM_ENV), preset_names))
+                          oom_at=parse_fake_oom(env.get(FAKE_OOM_ENV), preset_names),
+                          tiny_vae_installed=env.get(FAKE_TINY_VAE_ENV) == "1")
     if backend.oom_at:
         log.warning("TEST SWITCH %s: the fake backend will run out of memory at %s", FAKE_OOM_ENV,
                     sorted((p, r, ph.value) for p, r, ph in backend.oom_at))
