@@ -216,7 +216,9 @@ class OutputStore:
         tmp_video = self.root / f".{stem}{PARTIAL_MARK}.mp4"
         tmp_sidecar = self.root / f".{stem}{PARTIAL_MARK}.json"
         tmp_kept = self.root / f".{stem}{PARTIAL_MARK}{LATENTS_SUFFIX}"
-        record = dict(record, video=video.name, latents=kept.name if latents is not None else None)
+        record = dict(record, video=video.name)
+        if latents is not None:
+            record["latents"] = kept.name
         comment = json.dumps(record, separators=(",", ":"), default=str)
         try:
             started = time.perf_counter()

@@ -303,9 +303,10 @@ def run_notes(record: dict[str, Any]) -> str:
     if record.get("finished_from_job"):
         notes.append(f"Decoded at full quality from the kept latents of #{record['finished_from_job']} "
                      f"(no denoising step ran).")
-    reloads = (record.get("loads") or [])[1:]
-    for load in reloads:
-        notes.append(f"The weights were loaded again: {load.get('reason', 'another build')}.")
+    for load in record.get("loads") or []:
+        reason = str(load.get("reason", ""))
+        if reason.startswith("reloading"):  # a switch of build within this click
+            notes.append(f"The weights were loaded again: {reason}.")
     return "\n\n".join(notes)
 
 
