@@ -492,7 +492,7 @@ class VideoService:
                     clock.phase(Phase.LOADING, "Retrying the decode on the leanest VAE settings")
                 outcome = loads.track(key, loads.reason(key, attempts, available, rung),
                                       lambda: self._decode_only(request, rung, memory, hooks, latents,
-                                                                label, key, draft=False))
+                                                                label, key, draft=False, reset_peak=True))
                 if outcome.failure is None:
                     attempts.append(Attempt(rung.preset.name, label, "ok",
                                             peak_gib=_round(gpu.torch_peak_reserved_gib())))
@@ -577,12 +577,14 @@ class VideoService:
         return outcome
 
     def _decode_only(self, request: GenerationRequest, rung: Rung, memory: dict[str, Any],
-                     hooks: RunHooks, latents: Any, label: str, key: LoadKey, draft: bool) -> _Outcome:
+                     hooks: RunHooks, latents: Any, label: str, key: LoadKey, draft: bool,
+                     reset_peak: bool = False) -> _Outcome:
         spec = replace(self._spec(request, rung), memory=memory, draft=draft, preview=None)
         model: LoadedModel | None = None
         failure: Attempt | None = None
         error: BaseException | None = None
-        gpu.reset_torch_peak()
+        if reset_peak:
+            gpu.reset_torch_peak()  # a finish is its own job; a retry's peak includes its steps
         try:
             model = self.cache.get(key, hooks.on_phase)
             return _Outcome(frames=model.decode(latents, spec, hooks), memory=memory, label=label)
