@@ -15,6 +15,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("wan_studio")
 
@@ -50,6 +51,8 @@ class Settings:
     quant_scheme: str
     attn_mode: str
     preview: str = "auto"
+    # The command line as the records state it: the flags given, the --auth value hidden.
+    argv: tuple[str, ...] = ()
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -67,7 +70,9 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Wan T2V Studio: local text-to-video web app.")
+    # No abbreviations: `--au x` would be --auth, and the records' command line must hide it.
+    p = argparse.ArgumentParser(description="Wan T2V Studio: local text-to-video web app.",
+                                allow_abbrev=False)
     p.add_argument("--host", default=_env("WAN_STUDIO_HOST", "127.0.0.1"),
                    help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--listen", action="store_true",
@@ -97,6 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+HIDDEN = "<hidden>"
+
+
+def recorded_argv(argv: list[str]) -> tuple[str, ...]:
+    """The command line for the records: every flag as given, the password never."""
+    out = ["app.py"]
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append(HIDDEN)
+            hide_next = False
+        elif arg == "--auth":
+            out.append(arg)
+            hide_next = True
+        elif arg.startswith("--auth="):
+            out.append(f"--auth={HIDDEN}")
+        else:
+            out.append(arg)
+    return tuple(out)
+
+
 def settings_from_args(argv: list[str]) -> Settings:
     args = build_parser().parse_args(argv)
     auth = parse_auth(args.auth)
@@ -113,7 +139,8 @@ def settings_from_args(argv: list[str]) -> Settings:
     return Settings(host=host, port=args.port, share=args.share, auth=auth,
                     weights_dir=args.weights_dir, outputs_dir=args.outputs_dir, backend=args.backend,
                     vram_cap_gib=None if args.vram_cap_gib is None else float(args.vram_cap_gib),
-                    quant_scheme=args.quant_scheme, attn_mode=args.attn_mode, preview=args.preview)
+                    quant_scheme=args.quant_scheme, attn_mode=args.attn_mode, preview=args.preview,
+                    argv=recorded_argv(argv))
 
 
 def _check_outputs_dir(outputs_dir: Path, weights_dir: Path) -> None:
@@ -162,7 +189,9 @@ def _fake_backend(presets):
 def build_app(settings: Settings):
     """Wire presets, backend, cache, service, job lane and UI. Returns (demo, ui_context)."""
     # Must be set before anything initialises CUDA: it is what lets 720p fit (docs/lightx2v.md §2).
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    from install.doctor import APP_ALLOC_CONF  # the doctor reports this default as the app's own
+
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", APP_ALLOC_CONF)
 
     from pipeline.cache import PipelineCache
     from pipeline.errors import OutputError, OutputsInUse
@@ -193,10 +222,12 @@ def build_app(settings: Settings):
         adopted = history.adopt_saved(outputs.find_saved)
         log.warning("%d job(s) were interrupted when the app last stopped%s", interrupted,
                     f"; {adopted} of them had already saved their video and are listed" if adopted else "")
+    if hasattr(backend, "use_kernel_store"):
+        backend.use_kernel_store(history)  # the attention kernel measured per GPU is remembered there
     monitor = GpuMonitor()
     service = VideoService(presets=presets, cache=PipelineCache(backend), outputs=outputs,
                            history=history, monitor=monitor, vram_cap_gib=settings.vram_cap_gib,
-                           preview=settings.preview)
+                           preview=settings.preview, command_line=list(settings.argv))
     ctx = UiContext(service=service, jobs=JobQueue(service, max_waiting=MAX_QUEUED), presets=presets,
                     monitor=monitor, history=history)
     demo = build_ui(ctx, extra_tabs=_system_tab(settings, monitor))
@@ -213,25 +244,57 @@ def _system_tab(settings: Settings, monitor):
         with gr.Tab("System"):
             build_system_tab(
                 doctor=lambda: doctor.run_doctor(weights_dir=settings.weights_dir,
-                                                 outputs_dir=settings.outputs_dir, monitor=monitor),
+                                                 outputs_dir=settings.outputs_dir, monitor=monitor,
+                                                 in_ui=True),
                 weights_dir=settings.weights_dir,
                 start_download=lambda: weights.iter_download(settings.weights_dir))
     return render
 
 
+def _login_guard(settings: Settings) -> tuple[Any, dict[str, Any]]:
+    """The auth callable and FastAPI keyword arguments for launch(): throttled logins per address
+    (ui/login.py). Nothing without --auth."""
+    if settings.auth is None:
+        return None, {}
+    from starlette.middleware import Middleware
+
+    from ui.login import LoginThrottle, LoginThrottleMiddleware, password_check
+
+    throttle = LoginThrottle(lock_s=float(_env("WAN_STUDIO_LOGIN_LOCK_S", "30")))
+    user, password = settings.auth
+    return (password_check(user, password, throttle),
+            {"middleware": [Middleware(LoginThrottleMiddleware, throttle=throttle)]})
+
+
+def _startup_lines(settings: Settings, demo) -> list[str]:
+    """What the terminal says once the server is up (Gradio's own lines are off: its share hint
+    names a launch() argument, not this app's flags)."""
+    lines = [f"* Running on local URL:  http://{settings.host}:{settings.port}"]
+    if demo.share_url:
+        lines.append(f"* Running on public URL: {demo.share_url} (login required)")
+    elif settings.host in ("127.0.0.1", "localhost", "::1"):
+        lines.append("* Only this machine can open it. For other machines: python app.py --listen "
+                     "--auth user:pass (your network), or --share --auth user:pass (a public link).")
+    lines.append("* Stop it with Ctrl+C; videos and their records are in "
+                 f"{settings.outputs_dir.resolve()}")
+    return lines
+
+
 def serve(argv: list[str]) -> int:
     try:
         settings = settings_from_args(argv)
-        demo, _ = build_app(settings)
+        demo, ctx = build_app(settings)
     except ConfigError as exc:
         sys.stderr.write(exc.message + "\n")
         return 2
     from ui.layout import CSS
 
     demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUED)
+    auth, app_kwargs = _login_guard(settings)
     try:
         demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
-                    auth=settings.auth, show_error=True, css=CSS,
+                    auth=auth, show_error=True, css=CSS, quiet=True, prevent_thread_lock=True,
+                    app_kwargs=app_kwargs,
                     # Only the outputs folder is served, never the history database inside it.
                     allowed_paths=[str(settings.outputs_dir.resolve())],
                     blocked_paths=blocked_paths(settings), max_file_size=MAX_UPLOAD,
@@ -244,7 +307,38 @@ def serve(argv: list[str]) -> int:
         sys.stderr.write(f"Cannot listen on {settings.host}:{settings.port}: the port is in use "
                          f"(is Wan T2V Studio already running?). Choose another with --port.\n")
         return 1
+    for line in _startup_lines(settings, demo):
+        log.info("%s", line)
+    _run_until_stopped(demo, ctx.jobs)
     return 0
+
+
+STOPPED_MESSAGE = ("Wan T2V Studio was stopped (Ctrl+C or shutdown) before this job finished; "
+                   "nothing was saved for it. Start the app again (python app.py) and press Generate.")
+
+
+def _run_until_stopped(demo, jobs) -> None:
+    """Serve until Ctrl+C or SIGTERM; then tell every waiting or running job's client why it ends,
+    before the server goes (a client cut off without a word sees only a broken connection)."""
+    import signal
+    import time
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        while True:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    stopped = jobs.stop_all(STOPPED_MESSAGE)
+    if stopped:
+        log.warning("stopping: %d unfinished job(s) stopped; telling their clients", stopped)
+        jobs.wait_idle(15)  # a running job stops at its next step boundary
+        time.sleep(0.5)  # the followers poll every 0.1 s: their last message goes out
+    log.info("stopped")
+    demo.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=_env("WAN_STUDIO_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "download":
-        from install.weights import main_download
+        from install.cli import main_download
 
         return main_download(argv[1:])
     if argv and argv[0] == "doctor":

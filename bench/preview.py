@@ -38,7 +38,8 @@ SEED = 42
 PRESETS = ("480x832x49", "480x832x81", "720x1280x81")
 
 
-def _timed_peak(torch: Any, work) -> tuple[Any, float, float]:
+def timed_peak(torch: Any, work) -> tuple[Any, float, float]:
+    """(what `work()` returns, its seconds, its peak allocated GiB), the GPU synchronised around it."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -78,11 +79,11 @@ def measure_preset(model: Any, torch: Any, preset: Any) -> dict[str, Any]:
     model.generate(base, _Hooks().run_hooks())  # warm-up: Triton compiles for these shapes
     row: dict[str, Any] = {"preset": preset.name, "rung": rung.name}
     plain = _Hooks()
-    _, _, peak_plain = _timed_peak(torch, lambda: model.generate(base, plain.run_hooks()))
+    _, _, peak_plain = timed_peak(torch, lambda: model.generate(base, plain.run_hooks()))
     row["step_s"], row["peak_gib"] = plain.step_s(), round(peak_plain, 3)
     for kind in (PreviewKind.LINEAR, PreviewKind.TINY_VAE):
         hooks = _Hooks()
-        _, _, peak = _timed_peak(torch, lambda: model.generate(replace(base, preview=kind), hooks.run_hooks()))
+        _, _, peak = timed_peak(torch, lambda: model.generate(replace(base, preview=kind), hooks.run_hooks()))
         costs = [p.cost_ms for p in hooks.previews]
         used = sorted({p.kind.value for p in hooks.previews})
         row[kind.value] = {"kind_used": used, "cost_ms": costs,
@@ -90,8 +91,8 @@ def measure_preset(model: Any, torch: Any, preset: Any) -> dict[str, Any]:
                            "extra_peak_gib": round(peak - peak_plain, 4)}
     latents = plain.latents
     decode_hooks = _Hooks().run_hooks()
-    _, full_s, full_peak = _timed_peak(torch, lambda: model.decode(latents, base, decode_hooks))
-    _, tiny_s, tiny_peak = _timed_peak(torch, lambda: model.decode(latents, replace(base, draft=True), decode_hooks))
+    _, full_s, full_peak = timed_peak(torch, lambda: model.decode(latents, base, decode_hooks))
+    _, tiny_s, tiny_peak = timed_peak(torch, lambda: model.decode(latents, replace(base, draft=True), decode_hooks))
     row["decode"] = {"full_s": round(full_s, 3), "full_peak_gib": round(full_peak, 3),
                      "tiny_s": round(tiny_s, 3), "tiny_peak_gib": round(tiny_peak, 3),
                      "speed_up": round(full_s / tiny_s, 2) if tiny_s else None}
@@ -134,13 +135,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pipeline.backends.lightx2v import LightX2VBackend, locate_weights, tiny_vae_file
+    from pipeline.backends.lightx2v import LightX2VBackend
+    from pipeline.layout import locate
     from presets import load_presets
     from tools.synthetic_checkpoint import TINY_VAE_FILE, write_checkpoint, write_tiny_vae
 
     ckpt = args.ckpt or write_checkpoint(Path(tempfile.mkdtemp(prefix="wan-bench-")) / "full", "full").root
-    files = locate_weights(ckpt)
-    if tiny_vae_file(files) is None:
+    files = locate(ckpt)
+    if files.tiny_vae is None:
         if not files.synthetic:
             parser.error(f"{ckpt} has no {TINY_VAE_FILE}: install the tiny VAE first")
         write_tiny_vae(files.vae.parent / TINY_VAE_FILE)

@@ -20,9 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.backends.lightx2v import module_present
+from pipeline import hostmem, layout
 from pipeline.gpu import GIB, GpuMonitor
-from install.weights import (APPROX_TOTAL_BYTES, DEFAULT_WEIGHTS_DIR, OUTPUTS_DIR_ENV, WEIGHTS_DIR_ENV, VerifyReport,
-                              default_dir, format_bytes, free_disk_bytes, verify)
+from install.cli import default_dir
+from install import torch_build
+from install.progress import format_bytes
+from install.verify import VerifyReport, verify
+from install.weights import APPROX_TOTAL_BYTES, DEFAULT_WEIGHTS_DIR, OUTPUTS_DIR_ENV, WEIGHTS_DIR_ENV, free_disk_bytes
+from presets import PresetBook, PresetError, load_presets
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,8 @@ DEFAULT_OUTPUTS_DIR = Path("outputs")
 PINNED_HOST_GIB = 19
 # A "32 GB" machine reports ~31 GiB (firmware and kernel reservations), so the line sits a little below 32.
 RAM_RECOMMENDED_GIB = 30
+# What the desktop, a browser and the kernel keep for themselves when judging which rungs fit.
+RAM_RESERVED_FOR_OTHERS_GIB = 4.0
 VRAM_MIN_GIB = 8
 VRAM_TARGET_GIB = 11.5  # a 12 GB card reports 12.0 GiB; below this the 720p preset does not fit
 VRAM_BUSY_GIB = 1.5  # more than this already in use by other programs costs the large presets
@@ -40,6 +47,8 @@ OUTPUTS_FAIL_BYTES = 1 * 10**9
 # torch wheels built for CUDA 13 need an R580+ driver (the notes, TL;DR 9: PyPI torch 2.11.0 is +cu130).
 DRIVER_FOR_CUDA_MAJOR = {13: 580, 12: 525, 11: 450}
 NOTHING_TO_DO = "Nothing to do."
+# What app.py sets with os.environ.setdefault before CUDA starts (its build_app reads it from here).
+APP_ALLOC_CONF = "expandable_segments:True"
 
 
 class Status(str, enum.Enum):
@@ -101,6 +110,8 @@ class DoctorReport:
 class MemoryInfo:
     total_bytes: int
     available_bytes: int | None
+    swap_total_bytes: int | None = None
+    swap_free_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -112,7 +123,12 @@ class TorchBuild:
 
 
 def probe_memory() -> MemoryInfo | None:
-    """Total and available RAM without psutil: /proc/meminfo on Linux, sysconf elsewhere on POSIX."""
+    """Total and available RAM and swap: pipeline.hostmem (psutil, else /proc/meminfo), then sysconf
+    elsewhere on POSIX, then the Windows API."""
+    system = hostmem.read_system()
+    if system is not None:
+        return MemoryInfo(system.total_bytes, system.available_bytes, system.swap_total_bytes,
+                          system.swap_free_bytes)
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.strip()}
@@ -199,7 +215,7 @@ def _check_gpu(facts: dict[str, Any] | None, probes: SystemProbes) -> list[Findi
                             "pip install nvidia-ml-py, then re-check.")]
         return [Finding("GPU", Status.FAIL, "No NVIDIA GPU found (the NVIDIA driver did not answer).",
                         "This app needs an NVIDIA GPU with CUDA. Install or repair the NVIDIA driver; "
-                        "`nvidia-smi` in a terminal should list the card.")]
+                        "nvidia-smi in a terminal should list the card.")]
     name = facts.get("name") or "NVIDIA GPU"
     cc = facts.get("compute_capability")
     if not (isinstance(cc, (tuple, list)) and len(cc) == 2):
@@ -261,43 +277,49 @@ def _cuda_version_tuple(text: str | None) -> tuple[int, int] | None:
         return None
 
 
+def matching_torch(driver: Any) -> tuple[str, str]:
+    """The PyTorch build that fits this driver (./run.sh installs the same) and how to install it."""
+    try:
+        match = torch_build.build_for_driver(None if driver is None else str(driver))
+    except torch_build.DriverTooOld as exc:
+        return "none (driver too old)", str(exc)
+    if match is None:
+        return "unknown (driver version unreadable)", "Run ./run.sh: it reads the driver and installs the right build."
+    return (f"{match.tag} (CUDA {match.cuda}, driver R{match.min_driver}+)",
+            "pip install " + " ".join(torch_build.pip_args(match)))
+
+
 def _check_driver_and_torch(facts: dict[str, Any] | None, probes: SystemProbes) -> Finding:
     build = probes.torch_build()
-    if not build.installed:
-        return Finding("Driver / PyTorch", Status.FAIL, "PyTorch is not installed.",
-                       "pip install torch==2.11.0 (CUDA 13.0 build, needs NVIDIA driver R580+); with an older "
-                       "driver use the CUDA 12.8 build: pip install torch==2.11.0 --index-url "
-                       "https://download.pytorch.org/whl/cu128")
-    if build.error:
-        return Finding("Driver / PyTorch", Status.FAIL, f"PyTorch is installed but fails to import: {build.error}",
-                       "Reinstall PyTorch in this environment (pip install --force-reinstall torch).")
-    if not build.cuda:
-        return Finding("Driver / PyTorch", Status.FAIL, f"PyTorch {build.version} is a CPU-only build.",
-                       "Install a CUDA build: pip install torch==2.11.0 --index-url "
-                       "https://download.pytorch.org/whl/cu130 (driver R580+) or .../whl/cu128 (older drivers).")
+    driver = facts.get("driver") if facts else None
+    match, install = matching_torch(driver) if driver else ("", "")
+    for_driver = f" For NVIDIA driver {driver} the matching build is {match}." if driver else ""
+    if not build.installed or build.error or not build.cuda:
+        what = ("PyTorch is not installed." if not build.installed else
+                f"PyTorch is installed but fails to import: {build.error}" if build.error else
+                f"PyTorch {build.version} is a CPU-only build.")
+        return Finding("Driver / PyTorch", Status.FAIL, what + for_driver,
+                       install or "Install the NVIDIA driver first; ./run.sh then installs the matching PyTorch.")
     torch_cuda = _cuda_version_tuple(build.cuda)
     if facts is None:
         return Finding("Driver / PyTorch", Status.FAIL,
                        f"PyTorch {build.version} is built for CUDA {build.cuda}, but no NVIDIA driver answered.",
                        "Install the NVIDIA driver (R580 or newer for CUDA 13 builds of PyTorch).")
-    driver = facts.get("driver")
     driver_major = _parse_driver_major(driver)
     cuda_driver = facts.get("cuda_driver")  # NVML: e.g. 13000 = the newest CUDA this driver runs
     driver_cuda = (int(cuda_driver) // 1000, int(cuda_driver) % 1000 // 10) if isinstance(cuda_driver, int) else None
     detail = (f"NVIDIA driver {driver or 'unknown'}"
               f"{f' (supports CUDA up to {driver_cuda[0]}.{driver_cuda[1]})' if driver_cuda else ''}; "
-              f"PyTorch {build.version} built for CUDA {build.cuda}.")
+              f"PyTorch {build.version} built for CUDA {build.cuda}.{for_driver}")
     if torch_cuda is None:
         return Finding("Driver / PyTorch", Status.WARN, detail, "Could not read the CUDA version of PyTorch.")
     needed = DRIVER_FOR_CUDA_MAJOR.get(torch_cuda[0])
     too_old = (driver_major is not None and needed is not None and driver_major < needed) or (
         driver_cuda is not None and driver_cuda[0] < torch_cuda[0])
     if too_old:
-        lower = "cu128" if torch_cuda[0] >= 13 else "cu118"
         return Finding("Driver / PyTorch", Status.FAIL, detail + " The driver is too old for this PyTorch build.",
                        f"Update the NVIDIA driver to R{needed or '?'} or newer, or install the PyTorch build "
-                       f"for your driver: pip install torch=={(build.version or '').split('+')[0]} "
-                       f"--index-url https://download.pytorch.org/whl/{lower}")
+                       f"for your driver: {install}")
     if driver_cuda is not None and driver_cuda < torch_cuda:
         return Finding("Driver / PyTorch", Status.WARN, detail,
                        "The driver is one CUDA minor version behind PyTorch; it normally works (minor-version "
@@ -305,20 +327,51 @@ def _check_driver_and_torch(facts: dict[str, Any] | None, probes: SystemProbes) 
     return Finding("Driver / PyTorch", Status.OK, detail, NOTHING_TO_DO)
 
 
-def _check_ram(probes: SystemProbes) -> Finding:
+def _rungs_that_fit(presets: PresetBook, usable_gib: float) -> tuple[list[str], list[str]]:
+    """(rung names whose predicted host memory fits `usable_gib`, those that do not), by rung name
+    across presets (every preset ships the same rung kinds)."""
+    fit: dict[str, bool] = {}
+    for preset in presets.values():
+        for rung in preset.rungs:
+            ok = rung.predicted_host_gib is None or rung.predicted_host_gib <= usable_gib
+            fit[rung.name] = fit.get(rung.name, True) and ok
+    return [n for n, ok in fit.items() if ok], [n for n, ok in fit.items() if not ok]
+
+
+def _check_ram(probes: SystemProbes, presets: PresetBook | None = None) -> Finding:
     mem = probes.memory()
     if mem is None:
         return Finding("System RAM", Status.INFO, "Could not read the amount of RAM.",
                        f"Make sure the machine has at least 32 GB: LightX2V keeps about {PINNED_HOST_GIB} GB of "
-                       "weights in RAM.")
+                       "weights in RAM (16 GB runs the slower low-RAM settings).")
     total = mem.total_bytes / GIB
     avail = f", {mem.available_bytes / GIB:.1f} GB available now" if mem.available_bytes is not None else ""
-    detail = f"{total:.1f} GB installed{avail}. LightX2V keeps about {PINNED_HOST_GIB} GB of weights pinned in RAM."
+    swap = ""
+    if mem.swap_total_bytes is not None:
+        swap = (f"; swap {mem.swap_total_bytes / GIB:.1f} GB"
+                + (f" ({mem.swap_free_bytes / GIB:.1f} GB free)" if mem.swap_free_bytes is not None else "")
+                if mem.swap_total_bytes else "; no swap")
+    detail = (f"{total:.1f} GB installed{avail}{swap}. LightX2V keeps about {PINNED_HOST_GIB} GB of weights "
+              f"pinned in RAM on the fast settings.")
+    if presets is None:
+        try:
+            presets = load_presets()
+        except PresetError:
+            presets = None
+    usable = total - RAM_RESERVED_FOR_OTHERS_GIB
+    runs, not_runs = _rungs_that_fit(presets, usable) if presets is not None else ([], [])
+    if presets is not None:
+        detail += (f" With {usable:.0f} GB left beside the desktop this machine can run: "
+                   f"{', '.join(runs) or 'no rung'}" + (f" (not: {', '.join(not_runs)})" if not_runs else "") + ".")
+    if presets is not None and not runs:
+        return Finding("System RAM", Status.FAIL, detail,
+                       "Even the low-RAM settings need about 10 GB of RAM for this app alone; add RAM or swap.")
     if total < RAM_RECOMMENDED_GIB:
         return Finding("System RAM", Status.WARN, detail,
-                       "32 GB or more is recommended. With less, close browsers and other large programs before "
-                       "loading, and expect the model to load in low-RAM mode (LightX2V's lazy_load streams the "
-                       "weights from disk on every run: slower, and best on an SSD). Adding RAM fixes it.")
+                       "32 GB or more is recommended. With less, the app runs the low-RAM settings: the DiT "
+                       "is read from disk on every step (LightX2V's lazy_load; slower, best on an NVMe SSD) "
+                       "and the text encoder is loaded for each prompt. Close browsers and other large "
+                       "programs before generating; adding RAM fixes it.")
     return Finding("System RAM", Status.OK, detail, NOTHING_TO_DO)
 
 
@@ -381,38 +434,40 @@ def _check_allocator(probes: SystemProbes) -> Finding:
     # PyTorch 2.9+ reads PYTORCH_ALLOC_CONF and still honours the older PYTORCH_CUDA_ALLOC_CONF.
     values = {k: probes.environ.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
     setting = next(((k, v) for k, v in values.items() if v), None)
-    options = {}
-    if setting:
-        for part in setting[1].split(","):
-            key, _, value = part.partition(":")
-            options[key.strip()] = value.strip()
-    enabled = options.get("expandable_segments", "").lower() == "true"
-    shown = f"{setting[0]}={setting[1]}" if setting else "PYTORCH_CUDA_ALLOC_CONF is not set"
     if probes.platform == "win32":
+        shown = f"{setting[0]}={setting[1]}" if setting else "PYTORCH_CUDA_ALLOC_CONF is not set"
         return Finding("Allocator", Status.INFO, f"{shown}. Expandable segments are not supported on Windows.",
                        NOTHING_TO_DO)
-    if enabled:
-        return Finding("Allocator", Status.OK, f"{shown}.", NOTHING_TO_DO)
+    if setting is None:
+        # app.py sets this default itself before CUDA starts, so an unset variable is the normal case.
+        return Finding("Allocator", Status.OK, f"PYTORCH_CUDA_ALLOC_CONF={APP_ALLOC_CONF}, set by the app at start "
+                                               "(expandable segments: less fragmentation).", NOTHING_TO_DO)
+    options = dict(part.partition(":")[::2] for part in setting[1].replace(" ", "").split(","))
+    if options.get("expandable_segments", "").lower() == "true":
+        return Finding("Allocator", Status.OK, f"{setting[0]}={setting[1]}.", NOTHING_TO_DO)
     return Finding("Allocator", Status.WARN,
-                   f"{shown}: without expandable segments, memory fragments and the 720p preset can run out of "
-                   "GPU memory when it would otherwise fit.",
-                   "Start the app with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True set in the environment "
-                   "(it must be set before CUDA starts).")
+                   f"{setting[0]}={setting[1]} is set in the environment, so the app keeps it: without expandable "
+                   "segments, memory fragments and the 720p preset can run out of GPU memory when it would "
+                   "otherwise fit.",
+                   f"Unset {setting[0]} (the app then sets {APP_ALLOC_CONF} itself), or add "
+                   "expandable_segments:True to it.")
 
 
-def _is_synthetic(weights_dir: Path) -> bool:
-    """tools/synthetic_checkpoint.py marks its random-weight folders with this README."""
-    try:
-        return "SYNTHETIC CHECKPOINT" in (weights_dir / "README.txt").read_text(errors="replace")[:4096]
-    except OSError:
-        return False
+def _check_tiny_vae(weights_dir: Path) -> Finding:
+    """The optional tiny VAE, where the layout rule finds it."""
+    found = layout.tiny_vae(lambda rel: (weights_dir / rel).is_file())
+    if found:
+        return Finding("Tiny VAE", Status.OK, f"{found} is installed (draft decode and better previews).",
+                       NOTHING_TO_DO)
+    return Finding("Tiny VAE", Status.INFO, "Not installed: optional, enables draft decode and better previews.",
+                   "python app.py download --tiny-vae (a few MB).")
 
 
-def _check_weights(report: VerifyReport) -> Finding:
-    if report.ok and _is_synthetic(report.weights_dir):
+def _check_weights(report: VerifyReport, *, in_ui: bool = False) -> Finding:
+    if report.ok and layout.is_synthetic(report.weights_dir):
         return Finding("Weights", Status.WARN, f"{report.summary()} They are a SYNTHETIC checkpoint: random "
                                                "weights, for tests and sizing only; every video will be noise.",
-                       "Download the real weights (`python app.py download`) into another folder and start "
+                       "Download the real weights (python app.py download --weights-dir PATH) into another folder and start "
                        "with --weights-dir PATH.")
     if report.ok:
         return Finding("Weights", Status.OK, report.summary(), NOTHING_TO_DO)
@@ -420,9 +475,10 @@ def _check_weights(report: VerifyReport) -> Finding:
         detail = f"Not downloaded yet ({report.weights_dir})."
     else:
         detail = report.summary(limit=3)
+    how = "Press Download weights below" if in_ui else "Run python app.py download"
     return Finding("Weights", Status.FAIL, detail,
-                   "Press Download weights below, or run `python app.py download`; it fetches only what is "
-                   "missing or damaged. If you already have them elsewhere, start with --weights-dir PATH.")
+                   f"{how}; it fetches only what is missing or damaged. If you already have them elsewhere, "
+                   "start with --weights-dir PATH.")
 
 
 def _safely(name: str, check: Callable[[], Finding | list[Finding]]) -> list[Finding]:
@@ -436,8 +492,10 @@ def _safely(name: str, check: Callable[[], Finding | list[Finding]]) -> list[Fin
 
 
 def run_doctor(*, weights_dir: Path | str = DEFAULT_WEIGHTS_DIR, outputs_dir: Path | str = DEFAULT_OUTPUTS_DIR,
-               monitor: GpuMonitor | None = None, probes: SystemProbes | None = None) -> DoctorReport:
-    """Check this machine (or the one `probes` describes). Never raises."""
+               monitor: GpuMonitor | None = None, probes: SystemProbes | None = None,
+               in_ui: bool = False) -> DoctorReport:
+    """Check this machine (or the one `probes` describes). Never raises. `in_ui`: the fixes may point at the
+    System tab's buttons; in a terminal they name commands."""
     weights_dir, outputs_dir = Path(weights_dir).expanduser(), Path(outputs_dir).expanduser()
     if probes is None:
         probes = SystemProbes.default(monitor)
@@ -453,7 +511,7 @@ def run_doctor(*, weights_dir: Path | str = DEFAULT_WEIGHTS_DIR, outputs_dir: Pa
 
     def weights() -> Finding:
         weights_box[0] = probes.verify_weights(weights_dir)
-        return _check_weights(weights_box[0])
+        return _check_weights(weights_box[0], in_ui=in_ui)
 
     findings: list[Finding] = []
     findings += _safely("GPU", gpu)
@@ -466,6 +524,7 @@ def run_doctor(*, weights_dir: Path | str = DEFAULT_WEIGHTS_DIR, outputs_dir: Pa
     findings += _safely("Packages", lambda: _check_packages(probes))
     findings += _safely("Allocator", lambda: _check_allocator(probes))
     findings += weights_findings
+    findings += _safely("Tiny VAE", lambda: _check_tiny_vae(weights_dir))
     return DoctorReport(tuple(findings))
 
 

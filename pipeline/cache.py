@@ -13,7 +13,7 @@ import time
 import threading
 from typing import Callable
 
-from pipeline import gpu
+from pipeline import gpu, hostmem
 from pipeline.backend import Backend, LoadedModel, LoadKey
 from pipeline.errors import ModelLoadError, StudioError
 from pipeline.types import Phase
@@ -48,6 +48,9 @@ class PipelineCache:
                 model = self._load(key, on_phase)
             except Exception as exc:  # noqa: BLE001 - any load failure triggers the rollback
                 message = str(exc) if isinstance(exc, StudioError) else f"{type(exc).__name__}: {exc}"
+                if hostmem.is_host_oom(exc):
+                    # The ladder reads the words: a load that ran out of RAM steps down like an OOM.
+                    message = f"out of host memory ({message})"
                 log.exception("loading %s failed", key)
             else:
                 self._model, self._key = model, key

@@ -41,6 +41,10 @@ class LaneFull(StudioError):
     """Too many jobs are already waiting for the GPU."""
 
 
+class AppStopped(StudioError):
+    """The app was stopped (Ctrl+C, shutdown) while the job waited or ran."""
+
+
 class OutputError(StudioError):
     """The video or its record could not be written (disk full, folder not writable)."""
 

@@ -15,7 +15,9 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+from pipeline import hostmem
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,11 @@ _OOM_MARKERS = (
 
 
 def is_oom(exc: BaseException) -> bool:
-    """True when `exc` (or anything in its cause/context chain) is a GPU out-of-memory error."""
+    """True when `exc` (or anything in its cause/context chain) is an out-of-memory error: the GPU's,
+    or the host's (a failed pageable or pinned allocation, `hostmem.is_host_oom`), which the ladder
+    treats the same way: step down to a rung that needs less."""
+    if hostmem.is_host_oom(exc):
+        return True
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -99,10 +105,28 @@ class MemorySnapshot:
         return (self.free_bytes + (self.torch_reserved_bytes or 0)) / GIB
 
 
-class GpuMonitor:
-    """NVML view of one GPU. `nvml` defaults to the `pynvml` module of nvidia-ml-py; tests pass a fake."""
+def torch_memory(device_index: int) -> tuple[int, int] | None:
+    """(reserved, allocated) bytes of this process's PyTorch allocator on the device, or None when
+    torch is not imported or CUDA not initialised (reading never initialises it)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        if torch.cuda.is_initialized():
+            return (int(torch.cuda.memory_reserved(device_index)),
+                    int(torch.cuda.memory_allocated(device_index)))
+    except Exception:  # noqa: BLE001
+        return None
+    return None
 
-    def __init__(self, nvml: Any = None, device_index: int = 0):
+
+class GpuMonitor:
+    """NVML view of one GPU, plus this process's PyTorch allocator on it (`torch`). `nvml` defaults
+    to the `pynvml` module of nvidia-ml-py; tests pass a fake, and with it `NO_TORCH`: the real
+    allocator (which an earlier test may have initialised) is not the fake device's."""
+
+    def __init__(self, nvml: Any = None, device_index: int = 0, torch: "TorchReadings | None" = None):
+        self.torch = torch or TorchReadings()
         self._nvml = nvml
         self._device_index = device_index
         self._handle: Any = None
@@ -139,15 +163,7 @@ class GpuMonitor:
             except Exception:  # noqa: BLE001 - NVMLError_NotSupported / GPU lost: no reading
                 log.debug("nvmlDeviceGetMemoryInfo failed", exc_info=True)
                 return None
-        reserved = allocated = None
-        torch = sys.modules.get("torch")
-        if torch is not None:
-            try:
-                if torch.cuda.is_initialized():
-                    reserved = int(torch.cuda.memory_reserved(self._device_index))
-                    allocated = int(torch.cuda.memory_allocated(self._device_index))
-            except Exception:  # noqa: BLE001
-                reserved = allocated = None
+        reserved, allocated = self.torch.memory(self._device_index) or (None, None)
         return MemorySnapshot(gpu_name=self._name or "GPU", used_bytes=int(info.used),
                               total_bytes=int(info.total), free_bytes=int(info.free),
                               torch_reserved_bytes=reserved, torch_allocated_bytes=allocated)
@@ -178,6 +194,7 @@ class VramTimeline:
     peak_used_bytes: int = 0
     baseline_used_bytes: int | None = None
     peak_torch_reserved_bytes: int | None = None
+    host: hostmem.HostPeaks = field(default_factory=hostmem.HostPeaks)
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -193,8 +210,12 @@ class VramTimeline:
 class VramSampler:
     """Samples `monitor.read()` on a thread while a job runs; keeps the peak and the timeline."""
 
-    def __init__(self, monitor: GpuMonitor, interval_s: float = 0.1, max_samples: int = 20000):
+    def __init__(self, monitor: GpuMonitor, interval_s: float = 0.1, max_samples: int = 20000,
+                 host_reader: Callable[[], hostmem.ProcessMemory | None] | None = None):
+        """`host_reader`: this process's host memory per tick (default `hostmem.HostReader()`);
+        its peaks per phase land in `timeline.host`."""
         self._monitor = monitor
+        self._host_reader = host_reader if host_reader is not None else hostmem.HostReader()
         self._interval = interval_s
         self._max = max_samples
         self._stop = threading.Event()
@@ -204,6 +225,9 @@ class VramSampler:
         self.timeline = VramTimeline()
 
     def _sample(self) -> None:
+        host = self._host_reader()
+        if host is not None:
+            self.timeline.host.note(self.phase, host)
         snap = self._monitor.read()
         if snap is None:
             return
@@ -230,13 +254,9 @@ class VramSampler:
         if self._thread is not None:
             self._thread.join(timeout=2)
         self._sample()
-        torch = sys.modules.get("torch")
-        if torch is not None:
-            try:
-                if torch.cuda.is_initialized():
-                    self.timeline.peak_torch_reserved_bytes = int(torch.cuda.max_memory_reserved())
-            except Exception:  # noqa: BLE001
-                pass
+        peak = self._monitor.torch.peak_reserved_gib()
+        if peak is not None:
+            self.timeline.peak_torch_reserved_bytes = int(peak * GIB)
 
 
 def reset_torch_peak() -> None:
@@ -259,3 +279,17 @@ def torch_peak_reserved_gib() -> float | None:
         except Exception:  # noqa: BLE001
             return None
     return None
+
+
+@dataclass(frozen=True)
+class TorchReadings:
+    """Where a GpuMonitor reads this process's PyTorch allocator: the real one by default."""
+
+    memory: Callable[[int], "tuple[int, int] | None"] = torch_memory
+    peak_reserved_gib: Callable[[], "float | None"] = torch_peak_reserved_gib
+    reset_peak: Callable[[], None] = reset_torch_peak
+
+
+# For a monitor of a fake device: no allocator readings at all.
+NO_TORCH = TorchReadings(memory=lambda device_index: None, peak_reserved_gib=lambda: None,
+                         reset_peak=lambda: None)

@@ -4,7 +4,8 @@ A job row is inserted as `running` when the job starts and completed in ONE tran
 video and record are in place, so a kill leaves a `running` row that `mark_interrupted` turns into
 `interrupted` at the next start, and never a `done` row without a file. The same database keeps
 the peak VRAM and time measured per GPU, preset and memory rung, which supersede the shipped
-prediction and give an honest time estimate before Generate.
+prediction and give an honest time estimate before Generate, and the kernel choices measured per
+GPU (pipeline/backends/kernels.py: which attention kernel is fastest at a shape), so a GPU measures once.
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ CREATE TABLE IF NOT EXISTS measurements (
     measured_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS measurements_by_key ON measurements (gpu_name, preset, rung, id);
+CREATE TABLE IF NOT EXISTS kernel_choices (
+    gpu_name TEXT NOT NULL,
+    key TEXT NOT NULL,
+    choice TEXT NOT NULL,
+    measured_at REAL NOT NULL,
+    PRIMARY KEY (gpu_name, key)
+);
 """
 
 
@@ -161,10 +169,12 @@ class History:
         rows = self._rows(f"SELECT {self._COLUMNS} FROM jobs WHERE id=?", (job_id,))
         return rows[0] if rows else None
 
-    def record_measurement(self, gpu_name: str, preset: str, rung: str, peak_gib: float,
+    def record_measurement(self, gpu_name: str, preset: str, rung: str, peak_gib: float | None,
                            seconds: float | None = None) -> None:
+        """`peak_gib` None: a time without a memory reading (stored as 0, which no peak can be)."""
         self._write("INSERT INTO measurements (gpu_name, preset, rung, peak_gib, seconds, measured_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)", (gpu_name, preset, rung, peak_gib, seconds, time.time()))
+                    " VALUES (?, ?, ?, ?, ?, ?)", (gpu_name, preset, rung, peak_gib or 0.0, seconds,
+                                                   time.time()))
 
     def _recent_measurements(self, gpu_name: str) -> dict[tuple[str, str], list[tuple[float, float | None]]]:
         with self._lock:
@@ -183,8 +193,9 @@ class History:
     def measured_peaks(self, gpu_name: str) -> dict[tuple[str, str], float]:
         """The highest peak of the last few runs per preset and rung on this GPU: a first run that
         also loaded the weights peaks higher than a warm one, and the prediction must cover both."""
-        return {key: max(peak for peak, _ in runs)
-                for key, runs in self._recent_measurements(gpu_name).items()}
+        peaks = {key: max(peak for peak, _ in runs)
+                 for key, runs in self._recent_measurements(gpu_name).items()}
+        return {key: peak for key, peak in peaks.items() if peak > 0}
 
     def measured_seconds(self, gpu_name: str) -> dict[tuple[str, str], float]:
         """The median wall time of the last few runs per preset and rung on this GPU."""
@@ -194,3 +205,22 @@ class History:
             if seconds:
                 out[key] = seconds[len(seconds) // 2]
         return out
+
+    def kernel_choice(self, gpu_name: str, key: str) -> str | None:
+        """The kernel choice measured on this GPU for `key` (a JSON text), or None."""
+        with self._lock:
+            row = self._conn.execute("SELECT choice FROM kernel_choices WHERE gpu_name=? AND key=?",
+                                     (gpu_name, key)).fetchone()
+        return None if row is None else row[0]
+
+    def record_kernel_choice(self, gpu_name: str, key: str, value: str) -> None:
+        self._write("INSERT INTO kernel_choices (gpu_name, key, choice, measured_at) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (gpu_name, key) DO UPDATE SET choice=excluded.choice,"
+                    " measured_at=excluded.measured_at", (gpu_name, key, value, time.time()))
+
+    def kernel_choices(self, gpu_name: str) -> list[tuple[str, str]]:
+        """(key, choice) of every kernel choice measured on this GPU, newest first."""
+        with self._lock:
+            return [tuple(row) for row in self._conn.execute(
+                "SELECT key, choice FROM kernel_choices WHERE gpu_name=? ORDER BY measured_at DESC",
+                (gpu_name,)).fetchall()]

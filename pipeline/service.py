@@ -21,13 +21,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline import gpu
+from pipeline import gpu, hostmem
 from pipeline.backend import DecodeOutOfMemory, LoadedModel, LoadKey, RunHooks
 from pipeline.cache import PipelineCache
 from pipeline.errors import GenerationCancelled, InvalidRequest, LatentsError, OutOfVRAM, StudioError
 from pipeline.history import History, HistoryEntry
 from pipeline.outputs import OutputStore
-from pipeline.planner import Planner, PresetForecast, Rung, oom_bound_gib, replan
+from pipeline.planner import RAM_ONLY_SETTINGS, Planner, PresetForecast, Rung, oom_bound_gib, replan
 from pipeline.types import (LEAN_DECODE_SUFFIX, Attempt, FinishRequest, GenerationRequest,
                             GenerationResult, Phase, Preview, PreviewKind, ProgressEvent, RunSpec,
                             prompt_token_estimate, TEXT_ENCODER_MAX_TOKENS)
@@ -73,6 +73,10 @@ class _PhaseClock:
         self.seconds: dict[str, float] = {}
         self.step_seconds: list[float] = []
         self._last_step = self.started
+        # Bytes this process read from storage per step (the low-RAM rung streams the DiT from
+        # disk); None entries where /proc/self/io cannot be read.
+        self.step_read_bytes: list[int | None] = []
+        self._io_last = hostmem.read_io()
 
     def phase(self, phase: Phase, message: str = "") -> None:
         now = time.perf_counter()
@@ -82,6 +86,7 @@ class _PhaseClock:
         self.current, self.phase_started = phase, now
         if phase is Phase.DENOISING:
             self._last_step = now
+            self._io_last = hostmem.read_io()
         if self.sampler is not None:
             self.sampler.phase = phase.value
         self.sink(ProgressEvent(phase, message=message))
@@ -90,6 +95,10 @@ class _PhaseClock:
         now = time.perf_counter()
         self.step_seconds.append(now - self._last_step)
         self._last_step = now
+        io = hostmem.read_io()
+        self.step_read_bytes.append(None if io is None or self._io_last is None
+                                    else io["read_bytes"] - self._io_last["read_bytes"])
+        self._io_last = io
         self.sink(ProgressEvent(Phase.DENOISING, step=index, total=total))
 
     def snapshot(self, include_current: bool = True) -> dict[str, Any]:
@@ -99,6 +108,7 @@ class _PhaseClock:
         if include_current and self.current is not None and self.current is not Phase.DONE:
             out[self.current.value] = round(out.get(self.current.value, 0.0) + now - self.phase_started, 3)
         out["steps"] = [round(s, 3) for s in self.step_seconds]
+        out["step_read_bytes"] = list(self.step_read_bytes)
         out["total"] = round(now - self.started, 3)
         return out
 
@@ -151,7 +161,8 @@ class _Loads:
             return "first load" if self.cache.key is None else "these settings need another build"
         changed = _changed_settings(self.current, key)
         failed = next((a for a in reversed(attempts) if a.outcome != "ok"), None)
-        why = (f"{failed.preset}/{failed.rung} ran out of GPU memory"
+        why = (f"{failed.preset}/{failed.rung} ran out of "
+               f"{'system RAM' if failed.outcome == HOST_OOM else 'GPU memory'}"
                f"{' in ' + failed.phase if failed.phase else ''}" if failed else "the last rung failed")
         free = f", about {free_gib:.1f} GiB is really free" if free_gib is not None else ""
         return (f"reloading the weights with {changed} for {rung.preset.name}/{rung.memory.name} "
@@ -203,16 +214,31 @@ def _lean_decode_settings(memory: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dit_settings(memory: dict[str, Any]) -> tuple:
-    return tuple(sorted((k, v) for k, v in memory.items() if k not in _DECODE_SETTINGS))
+    # Settings that only save host memory (planner.RAM_ONLY_SETTINGS) leave the GPU work unchanged.
+    return tuple(sorted((k, v) for k, v in memory.items()
+                        if k not in _DECODE_SETTINGS and k not in RAM_ONLY_SETTINGS))
 
 
 class VideoService:
     def __init__(self, *, presets: PresetBook, cache: PipelineCache, outputs: OutputStore,
                  history: History, monitor: gpu.GpuMonitor, planner: Planner | None = None,
-                 vram_cap_gib: float | None = None, preview: str = "auto"):
+                 vram_cap_gib: float | None = None, preview: str = "auto",
+                 command_line: list[str] | None = None,
+                 ram_reader: Callable[[], float | None] | None = None):
+        """`preview`: one of PREVIEW_MODES, the picture sent after every denoising step.
+        `command_line`: how the app was started, as the records state it (no password).
+        `ram_reader`: GiB of system RAM a run may use. Default: the backend's own reading when it
+        has one (the fake backend reports a configured figure), else free RAM plus what this process
+        already holds (`hostmem`)."""
         if preview not in PREVIEW_MODES:
             raise ValueError(f"preview must be one of {PREVIEW_MODES}, got {preview!r}")
         self.preview = preview
+        self.command_line = list(command_line or sys.argv[:1])
+        self.ram_reader = (ram_reader or getattr(cache.backend, "available_ram_gib", None)
+                           or _ram_available_gib)
+        # Whether another job is already waiting for the GPU (the job queue sets it): the low-RAM
+        # rung then keeps its text encoder for that prompt instead of releasing and reloading it.
+        self.prompt_waiting: Callable[[], bool] = lambda: False
         self.presets = presets
         self.cache = cache
         self.outputs = outputs
@@ -234,24 +260,25 @@ class VideoService:
     def forecasts(self) -> list[PresetForecast]:
         gpu_name, available = self.available_gib()
         measured = self.history.measured_peaks(gpu_name) if gpu_name else {}
-        seconds = self.history.measured_seconds(gpu_name) if gpu_name else {}
-        return [self.planner.forecast(name, available, measured, seconds) for name in self.presets]
+        # Times of runs without a GPU reading (the fake backend) fill in where the GPU has none.
+        seconds = {**self.history.measured_seconds(self._no_gpu_key()),
+                   **(self.history.measured_seconds(gpu_name) if gpu_name else {})}
+        ram = self.ram_reader()
+        return [self.planner.forecast(name, available, measured, seconds, ram_gib=ram) for name in self.presets]
 
     # -- the job ------------------------------------------------------------------------------
-    def validate(self, request: GenerationRequest | FinishRequest) -> None:
-        if isinstance(request, FinishRequest):
-            self._finishable(request)
-            return
-        if request.preset not in self.presets:
-            raise InvalidRequest(f"Unknown preset {request.preset[:60]!r}; choose one of "
-                                 f"{', '.join(self.presets)}.")
-        if request.draft and not self.cache.backend.tiny_vae():
-            raise InvalidRequest("'Draft decode' needs the tiny VAE (taew2_1.pth), which is not "
-                                 "installed. Download it from the System tab, or untick 'Draft decode'.")
+    def tiny_vae_installed(self) -> bool:
+        """Whether the tiny VAE is there: 'Draft decode' needs it (checked at the border)."""
+        return bool(self.cache.backend.tiny_vae())
+
+    def check_finish(self, request: FinishRequest) -> None:
+        """Refuse a finish of a clip that cannot be finished, before it takes a place in the lane
+        (the border's check; `finish` reads the same state again when the job runs)."""
+        self._finishable(request)
 
     def generate(self, request: GenerationRequest, on_event: EventSink = lambda e: None,
                  should_stop: Callable[[], bool] = lambda: False) -> GenerationResult:
-        self.validate(request)
+        """Run a request checked at the border (GenerationRequest, a preset from the book)."""
         self.cache.backend.check_available()
         job_id = self.history.start_job(prompt=request.prompt, negative_prompt=request.negative_prompt,
                                         seed=request.seed, preset=request.preset)
@@ -297,10 +324,13 @@ class VideoService:
 
     def _spec(self, request: GenerationRequest, rung: Rung) -> RunSpec:
         p = rung.preset
+        memory = rung.memory.settings()
+        if memory.get("release_text_encoder") and self.prompt_waiting():
+            memory["release_text_encoder"] = False  # per call: the next prompt reuses it
         return RunSpec(preset=p.name, rung=rung.memory.name, prompt=request.prompt,
                        negative_prompt=request.negative_prompt, seed=request.seed, height=p.height,
                        width=p.width, frames=p.frames, steps=p.steps, shift=p.shift,
-                       guidance=p.guidance, memory=rung.memory.settings(),
+                       guidance=p.guidance, memory=memory,
                        preview=self._preview_kind(), draft=request.draft)
 
     def _preview_kind(self) -> PreviewKind | None:
@@ -327,11 +357,14 @@ class VideoService:
              should_stop: Callable[[], bool], attempts: list[Attempt]) -> GenerationResult:
         gpu_name, available = self.available_gib()
         measured = self.history.measured_peaks(gpu_name) if gpu_name else {}
+        ram = self.ram_reader()
         ladder = self.planner.ladder(request.preset, measured)
-        queue = self.planner.plan(request.preset, available, measured)
+        queue = self.planner.plan(request.preset, available, measured, ram_gib=ram)
+        failures: list[tuple[Rung, bool]] = []  # (rung, ran out of host memory)
         loads = _Loads(self.cache)
         tried: set[tuple[str, str]] = set()
         free_bound = available  # the best knowledge of what this process can really use
+        ram_bound = ram  # likewise for system RAM
         # DiT settings (per preset) whose latents could not be decoded even on the leanest VAE
         # settings: a later rung that differs only in VAE settings would fail the same way.
         undecodable: set[tuple[str, tuple]] = set()
@@ -345,6 +378,9 @@ class VideoService:
                 rung = queue.pop(0)
                 if should_stop():
                     raise GenerationCancelled("Cancelled before the run started.")
+                if self.planner.skip_after(rung, failures):
+                    log.info("skipping %s: it needs as much memory as a rung that ran out", rung.label)
+                    continue
                 if (rung.preset.name, _dit_settings(rung.memory.settings())) in undecodable:
                     log.info("skipping %s/%s: only its VAE settings differ from a rung whose decode "
                              "failed on the leanest ones", rung.preset.name, rung.memory.name)
@@ -374,33 +410,42 @@ class VideoService:
                 if outcome.failure is None:
                     success, chosen = outcome, rung
                     attempts.append(Attempt(rung.preset.name, outcome.label or rung.memory.name, "ok",
-                                            peak_gib=_round(gpu.torch_peak_reserved_gib())))
+                                            peak_gib=_round(self.monitor.torch.peak_reserved_gib())))
                     break
                 if not recorded:
                     attempts.append(outcome.failure)
+                host = outcome.failure.outcome == HOST_OOM
+                failures.append((rung, host))
+                if not host and not recorded:  # a host failure says nothing about the GPU memory
                     self._learn_from_oom(gpu_name, available, rung)
-                log.warning("out of GPU memory on %s/%s (%s); re-planning", rung.preset.name,
+                log.warning("%s on %s/%s (%s); re-planning", outcome.failure.outcome, rung.preset.name,
                             rung.memory.name, outcome.failure.phase)
                 # What is really free now, after the failed run's memory went back: the device's
-                # reading, and what the OOM itself proved (its peak plus the allocation that failed).
+                # reading, and what a GPU OOM itself proved (its peak plus the allocation that
+                # failed; a host failure's GPU peak bounds nothing); system RAM read again too.
                 reading = self.available_gib()[1]
-                learnt = oom_bound_gib(outcome.failure.peak_gib, outcome.failure.detail)
+                learnt = None if host else oom_bound_gib(outcome.failure.peak_gib, outcome.failure.detail)
                 free_bound = _min_known(free_bound, reading, learnt)
+                ram_bound = _min_known(ram_bound, self.ram_reader())
                 queue = replan(ladder, rung, tried, free_bound, self._key, loads.current,
-                               loads.left, loads.reload_allowed,
-                               skip=lambda r: (r.preset.name, _dit_settings(r.memory.settings()))
-                               in undecodable)
-                log.info("re-planned with %s GiB really free: %s", _round(free_bound),
-                         [f"{r.preset.name}/{r.memory.name}" for r in queue] or "nothing left")
+                               loads.left, loads.reload_allowed, ram_gib=ram_bound,
+                               skip=lambda r: self.planner.skip_after(r, failures) or (
+                                   r.preset.name, _dit_settings(r.memory.settings())) in undecodable)
+                log.info("re-planned with %s GiB GPU memory and %s GiB RAM really free: %s",
+                         _round(free_bound), _round(ram_bound), [r.label for r in queue] or "nothing left")
             if success is None or chosen is None:
                 raise OutOfVRAM(self._exhausted_message(request.preset, attempts), tuple(attempts))
-            peak = gpu.torch_peak_reserved_gib()
+            peak = self.monitor.torch.peak_reserved_gib()
             clock.phase(Phase.ENCODING)
         rung_label = success.label or chosen.memory.name
         memory = success.memory or chosen.memory.settings()
         # The sampler has stopped: the timeline covers the GPU work, and the record can carry it.
         record = self._record(job_id, request, chosen, rung_label, memory, attempts, available,
-                              gpu_name, loads.before, sampler.timeline.as_record())
+                              gpu_name, loads.before, sampler.timeline.as_record(),
+                              success.frames.shape)
+        record["host_memory"] = {"available_at_start_gib": _round(ram),
+                                 "predicted_must_hold_gib": chosen.predicted_host_gib,
+                                 **sampler.timeline.host.as_record()}
         record.update(self._extras(request.draft, kept, loads))
         # Up to the mp4 encode, which the record precedes (the sidecar adds the encode time).
         record["timings_s"] = clock.snapshot(include_current=False)
@@ -411,10 +456,16 @@ class VideoService:
         # What the user is shown is exactly what was saved (the sidecar adds the mp4 encode time).
         record = json.loads(sidecar.read_text(encoding="utf-8"))
         timings = clock.finish()
-        if gpu_name and peak is not None and success.label is None and not request.draft:
-            # The time estimate excludes the one-off weight load and counts only clean runs.
+        if success.label is None and not request.draft:
+            # The time estimate excludes the one-off weight load and counts only clean runs (a
+            # draft decode is quicker and leaner than the clip's full decode). Without a GPU peak
+            # (the fake backend) only the time is kept, under the backend's name.
             seconds = timings["total"] - timings.get(Phase.LOADING.value, 0.0)
-            self._measure(gpu_name, chosen, peak, seconds if len(attempts) == 1 else None)
+            seconds = seconds if len(attempts) == 1 else None
+            if gpu_name and peak is not None:
+                self._measure(gpu_name, chosen, peak, seconds)
+            else:
+                self._measure(self._no_gpu_key(), chosen, None, seconds)
         self.history.finish_job(job_id, preset_used=chosen.preset.name, rung_used=rung_label,
                                 video_path=video, record_path=sidecar, peak_gib=_round(peak),
                                 seconds=timings["total"], attempts=[asdict(a) for a in attempts])
@@ -473,7 +524,7 @@ class VideoService:
                if r.preset.name == request.preset]
         source_rung = str(source.get("rung_used") or "").split("+")[0]
         rung = next((r for r in own if r.memory.name == source_rung), None) or next(
-            (r for r in self.planner.plan(request.preset, available, measured)
+            (r for r in self.planner.plan(request.preset, available, measured, ram_gib=self.ram_reader())
              if r.preset.name == request.preset), own[-1])
         loads = _Loads(self.cache)
         kept = _Kept(latents=latents)
@@ -495,18 +546,18 @@ class VideoService:
                                                                 label, key, draft=False, reset_peak=True))
                 if outcome.failure is None:
                     attempts.append(Attempt(rung.preset.name, label, "ok",
-                                            peak_gib=_round(gpu.torch_peak_reserved_gib())))
+                                            peak_gib=_round(self.monitor.torch.peak_reserved_gib())))
                     break
                 attempts.append(outcome.failure)
             else:
                 raise OutOfVRAM(f"Out of GPU memory decoding clip #{entry.id} at full quality, even on "
                                 f"the leanest VAE settings. Close other programs that use the GPU and "
                                 f"try again; the draft clip is untouched.", tuple(attempts))
-            peak = gpu.torch_peak_reserved_gib()
+            peak = self.monitor.torch.peak_reserved_gib()
             clock.phase(Phase.ENCODING)
         record = self._record(job_id, request, rung, outcome.label or rung.memory.name,
                               outcome.memory or rung.memory.settings(), attempts, available, gpu_name,
-                              loads.before, sampler.timeline.as_record())
+                              loads.before, sampler.timeline.as_record(), outcome.frames.shape)
         record.update(self._extras(False, kept, loads), finished_from_job=entry.id,
                       preset_requested=source.get("preset_requested", request.preset),
                       prompt_truncated=source.get("prompt_truncated", record["prompt_truncated"]))
@@ -521,7 +572,11 @@ class VideoService:
         return GenerationResult(video_path=video, record_path=sidecar, record=record,
                                 attempts=tuple(attempts))
 
-    def _measure(self, gpu_name: str, rung: Rung, peak_gib: float, seconds: float | None) -> None:
+    def _no_gpu_key(self) -> str:
+        """What the times of runs without a GPU reading are kept under, in place of a GPU name."""
+        return f"no GPU reading ({self.cache.backend.name} backend)"
+
+    def _measure(self, gpu_name: str, rung: Rung, peak_gib: float | None, seconds: float | None) -> None:
         # A measurement improves the next prediction; failing to store one must not fail the job.
         try:
             self.history.record_measurement(gpu_name, rung.preset.name, rung.memory.name, peak_gib, seconds)
@@ -538,7 +593,7 @@ class VideoService:
     def _attempt(self, request: GenerationRequest, rung: Rung, hooks: RunHooks) -> _Outcome:
         spec = self._spec(request, rung)
         key = self.cache.backend.load_key(spec.memory)
-        gpu.reset_torch_peak()
+        self.monitor.torch.reset_peak()
         model: LoadedModel | None = None
         failure: Attempt | None = None
         error: BaseException | None = None
@@ -553,12 +608,13 @@ class VideoService:
         except DecodeOutOfMemory as exc:
             latents = exc.latents
             failure = Attempt(rung.preset.name, rung.memory.name, "out of memory",
-                              Phase.DECODING.value, exc.cause, _round(gpu.torch_peak_reserved_gib()))
+                              Phase.DECODING.value, exc.cause, _round(self.monitor.torch.peak_reserved_gib()))
         except BaseException as exc:
             if gpu.is_oom(exc):
-                failure = Attempt(rung.preset.name, rung.memory.name, "out of memory",
+                failure = Attempt(rung.preset.name, rung.memory.name,
+                                  HOST_OOM if hostmem.is_host_oom(exc) else "out of memory",
                                   _current_phase(hooks) or phase.value, _short(exc),
-                                  _round(gpu.torch_peak_reserved_gib()))
+                                  _round(self.monitor.torch.peak_reserved_gib()))
             else:
                 error = gpu.drop_frame_locals(exc)
         # Recovery runs here, outside the except block, once the failed run's frames are gone.
@@ -584,7 +640,7 @@ class VideoService:
         failure: Attempt | None = None
         error: BaseException | None = None
         if reset_peak:
-            gpu.reset_torch_peak()  # a finish is its own job; a retry's peak includes its steps
+            self.monitor.torch.reset_peak()  # a finish is its own job; a retry's peak includes its steps
         try:
             model = self.cache.get(key, hooks.on_phase)
             return _Outcome(frames=model.decode(latents, spec, hooks), memory=memory, label=label)
@@ -592,7 +648,7 @@ class VideoService:
             if isinstance(exc, DecodeOutOfMemory) or gpu.is_oom(exc):
                 failure = Attempt(rung.preset.name, label, "out of memory", Phase.DECODING.value,
                                   exc.cause if isinstance(exc, DecodeOutOfMemory) else _short(exc),
-                                  _round(gpu.torch_peak_reserved_gib()))
+                                  _round(self.monitor.torch.peak_reserved_gib()))
             else:
                 error = gpu.drop_frame_locals(exc)
         self._recover(model)
@@ -611,14 +667,31 @@ class VideoService:
 
     def _exhausted_message(self, preset: str, attempts: list[Attempt]) -> str:
         tried = ", ".join(f"{a.preset}/{a.rung}" for a in attempts)
+        if any(a.outcome == HOST_OOM for a in attempts):
+            return (f"Out of memory on every fallback for {preset} (tried {tried}); the system RAM ran "
+                    f"out{' and so did GPU memory' if any(a.outcome == 'out of memory' for a in attempts) else ''}. "
+                    f"Close large programs (browsers, other AI apps) to free RAM, close programs that "
+                    f"use the GPU, or pick a smaller preset; the low-RAM settings need about "
+                    f"{self._low_ram_need(preset)} of RAM.")
         return (f"Out of GPU memory on every fallback for {preset} (tried {tried}). Close other "
                 f"programs that use the GPU (browsers with hardware acceleration, games), or pick "
                 f"a smaller preset.")
 
+    def _low_ram_need(self, preset: str) -> str:
+        needs = [r.predicted_host_gib for r in self.planner.ladder(preset) if r.predicted_host_gib is not None]
+        return f"{min(needs):.0f} GiB" if needs else "10 GiB"
+
     def _record(self, job_id: int, request: GenerationRequest, chosen: Rung, rung_label: str,
                 memory: dict[str, Any], attempts: list[Attempt], available: float | None,
-                gpu_name: str | None, loads_before: int, vram: dict[str, Any]) -> dict[str, Any]:
+                gpu_name: str | None, loads_before: int, vram: dict[str, Any],
+                frames_shape: tuple[int, ...]) -> dict[str, Any]:
         p = chosen.preset
+        frames, height, width = frames_shape[:3]
+        # The size of the file as written: the fake backend writes a reduced size, and the record
+        # must not claim the preset's.
+        size = {"height": height, "width": width, "frames": frames}
+        if (height, width, frames) != (p.height, p.width, p.frames):
+            size["preset_size"] = {"height": p.height, "width": p.width, "frames": p.frames}
         return {
             "app": APP_NAME, "app_version": APP_VERSION, "job_id": job_id,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -626,7 +699,7 @@ class VideoService:
             "prompt_truncated": prompt_token_estimate(request.prompt) > TEXT_ENCODER_MAX_TOKENS,
             "seed": request.seed,
             "preset_requested": request.preset, "preset_used": p.name, "rung_used": rung_label,
-            "height": p.height, "width": p.width, "frames": p.frames, "fps": p.fps,
+            **size, "fps": p.fps,
             "steps": p.steps, "shift": p.shift, "guidance": p.guidance,
             "memory_settings": memory,
             "attempts": [asdict(a) for a in attempts],
@@ -637,8 +710,16 @@ class VideoService:
                      "cap_gib": self.vram_cap_gib, "predicted_peak_gib": chosen.predicted_gib,
                      **vram},
             "versions": package_versions(), "platform": platform.platform(),
-            "argv": sys.argv[:1],
+            "argv": self.command_line,
         }
+
+
+# Attempt.outcome of a rung whose host allocation (pageable or pinned) failed.
+HOST_OOM = "out of host memory"
+
+
+def _ram_available_gib() -> float | None:
+    return hostmem.available_for_process_gib(hostmem.read_system(), hostmem.read_process())
 
 
 def _current_phase(hooks: RunHooks) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,33 @@ def prompt_token_estimate(prompt: str) -> int:
     return int(len(prompt) / 3.5) + 1
 
 
+# Control characters other than newline and tab (NUL, escape sequences, ...) are refused: they
+# are invisible in the UI and in the record, and NUL cannot be stored in every file system name.
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _check_text(value: object, what: str, required: bool) -> None:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"The {what} must be text, got {type(value).__name__} {value!r:.40}.")
+    if required and not value.strip():
+        raise InvalidRequest(f"The {what} is empty: describe the clip you want.")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(f"The {what} is {len(value)} characters; the limit is "
+                             f"{MAX_PROMPT_CHARS} (the text encoder reads at most "
+                             f"{TEXT_ENCODER_MAX_TOKENS} tokens).")
+    bad = _CONTROL_CHARS.search(value)
+    if bad:
+        raise InvalidRequest(f"The {what} contains a control character ({bad.group()!r} at "
+                             f"position {bad.start() + 1}); only text, newlines and tabs are "
+                             f"allowed.")
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
+    """A request as it crosses the UI border: every field is checked here, once. The preset name is
+    checked against the preset book by the one function that builds requests from widget values
+    (`ui.handlers.make_request`); everything behind the border trusts this object."""
+
     prompt: str
     preset: str
     seed: int
@@ -37,21 +63,15 @@ class GenerationRequest:
     def __post_init__(self) -> None:
         if not isinstance(self.draft, bool):
             raise InvalidRequest(f"'Draft decode' must be true or false, got {self.draft!r:.40}.")
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise InvalidRequest("The prompt is empty: describe the clip you want.")
-        if len(self.prompt) > MAX_PROMPT_CHARS:
-            raise InvalidRequest(f"The prompt is {len(self.prompt)} characters; the limit is "
-                                 f"{MAX_PROMPT_CHARS} (the text encoder reads at most "
-                                 f"{TEXT_ENCODER_MAX_TOKENS} tokens).")
-        if not isinstance(self.negative_prompt, str) or len(self.negative_prompt) > MAX_PROMPT_CHARS:
-            raise InvalidRequest(f"The negative prompt must be text of at most {MAX_PROMPT_CHARS} "
-                                 f"characters.")
+        _check_text(self.prompt, "prompt", required=True)
+        _check_text(self.negative_prompt, "negative prompt", required=False)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise InvalidRequest(f"The seed must be a whole number, got {self.seed!r}.")
+            raise InvalidRequest(f"The seed must be a whole number, got {self.seed!r:.40}.")
         if not 0 <= self.seed <= MAX_SEED:
             raise InvalidRequest(f"The seed must be between 0 and {MAX_SEED}, got {self.seed}.")
         if not isinstance(self.preset, str) or not self.preset:
-            raise InvalidRequest("No preset was chosen.")
+            raise InvalidRequest("No preset was chosen." if self.preset in (None, "") else
+                                 f"The preset must be a preset name, got {self.preset!r:.40}.")
 
 
 class Phase(str, enum.Enum):
@@ -140,7 +160,7 @@ class Attempt:
 
     preset: str
     rung: str
-    outcome: str  # "ok" | "out of memory"
+    outcome: str  # "ok" | "out of memory" (GPU) | "out of host memory" (system RAM, pinned memory)
     phase: str = ""
     detail: str = ""
     peak_gib: float | None = None
@@ -166,7 +186,8 @@ class GenerationResult:
         failed = [a for a in self.attempts if a.outcome != "ok"]
         if not failed:
             return ""
-        tried = "; ".join(f"{a.preset}/{a.rung} ran out of GPU memory"
+        tried = "; ".join(f"{a.preset}/{a.rung} ran out of "
+                          f"{'system RAM' if a.outcome == 'out of host memory' else 'GPU memory'}"
                           f"{' in ' + a.phase if a.phase else ''}" for a in failed)
         ok = self.attempts[-1]
         if ok.rung.endswith(LEAN_DECODE_SUFFIX) and ok.preset == failed[-1].preset:

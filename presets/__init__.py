@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 PRESETS_DIR = Path(__file__).resolve().parent
+# The 4-step distilled model's schedule has exactly this many steps (LightX2V fixes it at build).
+DISTILLED_STEPS = 4
 
 
 class PresetError(ValueError):
@@ -51,8 +53,16 @@ class MemoryRung:
     vae_tiling: bool = False
     rope_chunk: int = 0  # tokens per RoPE chunk; 0 = unchunked
     clean_cuda_cache: bool = False
+    # DiT blocks streamed from the block_N.safetensors files on every step instead of held in pinned
+    # host RAM (LightX2V's lazy_load): the low-RAM rung. Needs a reload to change.
+    dit_from_disk: bool = False
+    # Release the text encoder after each prompt's encoding (loaded again for the next one) unless
+    # the next prompt is already waiting. Per call.
+    release_text_encoder: bool = False
     # Measured peak of torch-reserved GPU memory (GiB) for this preset on this rung; None = unmeasured.
     predicted_peak_gib: float | None = None
+    # Peak host memory this process must hold (GiB: anonymous + pinned, load included); None = unknown.
+    predicted_host_gib: float | None = None
 
     def settings(self) -> dict[str, Any]:
         """The memory settings as plain values (what records and the backend see)."""
@@ -63,6 +73,8 @@ class MemoryRung:
             "vae_tiling": self.vae_tiling,
             "rope_chunk": self.rope_chunk,
             "clean_cuda_cache": self.clean_cuda_cache,
+            "dit_from_disk": self.dit_from_disk,
+            "release_text_encoder": self.release_text_encoder,
         }
 
 
@@ -113,7 +125,10 @@ _RUNG_KEYS = {
     "vae_tiling": bool,
     "rope_chunk": int,
     "clean_cuda_cache": bool,
+    "dit_from_disk": bool,
+    "release_text_encoder": bool,
     "predicted_peak_gib": float,
+    "predicted_host_gib": float,
 }
 _REQUIRED_RUNG_KEYS = {"name"}
 
@@ -154,9 +169,9 @@ def _parse_rung(path: Path, index: int, data: Any) -> MemoryRung:
             values[key] = enum_type(values[key])
     if values.get("rope_chunk", 0) < 0:
         raise PresetError(f"{path.name}: field '{where}rope_chunk' must be >= 0")
-    peak = values.get("predicted_peak_gib")
-    if peak is not None and peak <= 0:
-        raise PresetError(f"{path.name}: field '{where}predicted_peak_gib' must be > 0")
+    for key in ("predicted_peak_gib", "predicted_host_gib"):
+        if values.get(key) is not None and values[key] <= 0:
+            raise PresetError(f"{path.name}: field '{where}{key}' must be > 0")
     return MemoryRung(**values)
 
 
@@ -176,8 +191,9 @@ def load_preset_file(path: Path) -> Preset:
     if v["frames"] < 1 or (v["frames"] - 1) % 4:
         raise PresetError(f"{path.name}: field 'frames' must be 4n+1 (the VAE packs 4 frames per "
                           f"latent after the first), got {v['frames']}")
-    if v["steps"] < 1:
-        raise PresetError(f"{path.name}: field 'steps' must be >= 1")
+    if v["steps"] != DISTILLED_STEPS:
+        raise PresetError(f"{path.name}: field 'steps' must be {DISTILLED_STEPS}: the step-distilled "
+                          f"model runs exactly that many denoising steps, got {v['steps']}")
     if v["fps"] < 1:
         raise PresetError(f"{path.name}: field 'fps' must be >= 1")
     if v["guidance"] != 1.0:

@@ -1,4 +1,5 @@
-"""Shared fixtures. GPU tests are skipped unless CUDA is available; browser tests unless Chromium is."""
+"""Shared fixtures. GPU tests are skipped unless CUDA is available and LightX2V importable (as
+pytest.ini says); browser tests unless Chromium is."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from pipeline.cache import PipelineCache
 from pipeline.backends.fake import FakeBackend
-from pipeline.gpu import GpuMonitor
+from pipeline.gpu import NO_TORCH, GpuMonitor
 from pipeline.history import History
 from pipeline.outputs import OutputStore
 from pipeline.service import VideoService
@@ -18,16 +19,25 @@ from presets import load_presets
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
+def gpu_skip_reason() -> str | None:
+    """Why the GPU tests cannot run here, or None. Checked before any test writes a checkpoint:
+    a CUDA machine without LightX2V skips them instead of failing each after a 7 GB write."""
+    from pipeline.backends.lightx2v import module_present
+
+    if not module_present("torch"):
+        return "needs a CUDA GPU (PyTorch is not installed)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    if not module_present("lightx2v"):
+        return "needs LightX2V (pip install -r requirements-gpu.txt and LightX2V, see tests/gpu/README.md)"
+    return None
 
 
 def pytest_collection_modifyitems(config, items):
-    no_cuda = None if _cuda_available() else pytest.mark.skip(reason="needs a CUDA GPU")
+    reason = gpu_skip_reason() if any("gpu" in item.keywords for item in items) else None
+    no_cuda = None if reason is None else pytest.mark.skip(reason=reason)
     no_browser = None if CHROMIUM else pytest.mark.skip(
         reason="needs Chromium (apt-get install chromium)")
     for item in items:
@@ -60,7 +70,8 @@ class FakeNvml:
         return ("handle", index)
 
     def nvmlDeviceGetName(self, handle):
-        return self.name.encode()
+        # nvidia-ml-py (pynvml >= 11.5) returns str, not bytes.
+        return self.name
 
     def nvmlDeviceGetMemoryInfo(self, handle):
         self.memory_calls += 1
@@ -75,7 +86,7 @@ class FakeNvml:
         return Info()
 
     def nvmlSystemGetDriverVersion(self):
-        return b"580.95.05"
+        return "580.95.05"
 
     def nvmlSystemGetCudaDriverVersion(self):
         return 13000
@@ -98,7 +109,10 @@ def fake_backend():
 def make_service(tmp_path, presets):
     def build(backend: FakeBackend | None = None, nvml=None, vram_cap_gib=None) -> VideoService:
         backend = backend or FakeBackend()
-        monitor = GpuMonitor(nvml=nvml if nvml is not None else FakeNvml(fail_init=True))
+        # No torch reading: the fake NVML's device is not the CUDA device an earlier test may have
+        # initialised, so its allocator figures must not leak into these numbers.
+        monitor = GpuMonitor(nvml=nvml if nvml is not None else FakeNvml(fail_init=True),
+                             torch=NO_TORCH)
         return VideoService(presets=presets, cache=PipelineCache(backend),
                             outputs=OutputStore(tmp_path / "outputs"),
                             history=History(tmp_path / "outputs" / "history.sqlite3"),

@@ -9,7 +9,14 @@ It serves, on 127.0.0.1 and an ephemeral port, the endpoints huggingface_hub 2.4
   404s carry X-Error-Code (RepoNotFound / RevisionNotFound / EntryNotFound), as the Hub's do, because that is
   how the client tells those cases apart.
 
+With `cdn` on, LFS files are answered as the real Hub answers them: a 302 from `/resolve/` to a signed URL on
+another host (a second server on its own port, `/cdn/{repo}/{rev}/{path}`), which serves the bytes; a client
+must not send its Hub token there. Every request is recorded with the host role, its Authorization header
+and the body bytes sent.
+
 Faults for tests: `cut_once[path] = n` sends n bytes of the body, then drops the connection (once);
+`stall_once[path] = n` sends n bytes and then holds the connection without sending more (a process can be
+killed mid-file);
 `corrupt` serves altered bytes while advertising the true checksum; `hidden` lists a file but 404s it;
 `ignore_range` answers Range requests with the whole file.
 It is bounded: it stops after `max_requests` or `lifetime_s`, whichever comes first, and on `close()`.
@@ -50,6 +57,10 @@ class RequestRecord:
     method: str
     path: str
     range: str | None
+    host: str = "hub"  # "hub" or "cdn"
+    auth: str | None = None  # the Authorization header as received
+    sent: int = 0  # body bytes written
+    status: int = 0
 
 
 @dataclass
@@ -59,6 +70,10 @@ class HubState:
     corrupt: set[str] = field(default_factory=set)
     hidden: set[str] = field(default_factory=set)
     ignore_range: bool = False  # answer 200 with the whole file, as some proxies and CDNs do
+    cdn: bool = False  # redirect LFS files to the second host, as huggingface.co does
+    stall_once: dict[str, int] = field(default_factory=dict)
+    unstall: threading.Event = field(default_factory=threading.Event)
+    cdn_url: str = ""
     requests: list[RequestRecord] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -68,10 +83,11 @@ class HubState:
 
 
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
+_CDN = re.compile(r"^/cdn/(?P<repo>[^/]+/[^/]+)/(?P<rev>[^/]+)/(?P<path>.+)$")
 _TREE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?$")
 
 
-def _make_handler(state: HubState) -> type[BaseHTTPRequestHandler]:
+def _make_handler(state: HubState, role: str = "hub") -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         # Headers and body go out in separate writes; with Nagle on, each response waits ~40 ms for an ACK.
@@ -113,9 +129,19 @@ def _make_handler(state: HubState) -> type[BaseHTTPRequestHandler]:
             return repo
 
         def _record(self) -> None:
+            self.record = RequestRecord(self.command, urlparse(self.path).path, self.headers.get("Range"), role,
+                                        self.headers.get("Authorization"))
             with state.lock:
-                state.requests.append(RequestRecord(self.command, urlparse(self.path).path,
-                                                    self.headers.get("Range")))
+                state.requests.append(self.record)
+
+        def send_response(self, code: int, message: str | None = None) -> None:
+            if hasattr(self, "record"):
+                self.record.status = code
+            super().send_response(code, message)
+
+        def _send(self, data: bytes) -> None:
+            self.wfile.write(data)
+            self.record.sent += len(data)
 
         def do_HEAD(self) -> None:  # noqa: N802 - http.server naming
             self._record()
@@ -124,7 +150,7 @@ def _make_handler(state: HubState) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:  # noqa: N802 - http.server naming
             self._record()
             url = urlparse(self.path)
-            if url.path.startswith("/api/"):
+            if role == "hub" and url.path.startswith("/api/"):
                 self._tree(url.path, parse_qs(url.query))
             else:
                 self._resolve(send_body=True)
@@ -168,7 +194,7 @@ def _make_handler(state: HubState) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
         def _resolve(self, send_body: bool) -> None:
-            routed = self._route(_RESOLVE, urlparse(self.path).path)
+            routed = self._route(_RESOLVE if role == "hub" else _CDN, urlparse(self.path).path)
             if routed is None:
                 return
             m, repo = routed
@@ -177,6 +203,17 @@ def _make_handler(state: HubState) -> type[BaseHTTPRequestHandler]:
                 self._error(404, "EntryNotFound", repo.commit)
                 return
             data = repo.files[path]
+            if role == "hub" and state.cdn and repo.is_lfs(path):
+                # huggingface.co: 302 to a signed URL elsewhere, with the file's metadata on the redirect itself.
+                self.send_response(302)
+                self.send_header("Location", f"{state.cdn_url}/cdn/{m['repo']}/{repo.commit}/{m['path']}?sig=x")
+                self.send_header("X-Repo-Commit", repo.commit)
+                self.send_header("ETag", f'"{repo.oid(path)}"')
+                self.send_header("X-Linked-Etag", f'"{repo.oid(path)}"')
+                self.send_header("X-Linked-Size", str(len(data)))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if send_body and path in state.corrupt:
                 data = bytes([data[0] ^ 0xFF]) + data[1:]
             etag = repo.oid(path)
@@ -201,12 +238,15 @@ def _make_handler(state: HubState) -> type[BaseHTTPRequestHandler]:
                 return
             with state.lock:
                 cut = state.cut_once.pop(path, None) if start == 0 else None
-            if cut is not None:
-                self.wfile.write(body[:cut])
+                stall = state.stall_once.pop(path, None) if start == 0 else None
+            if cut is not None or stall is not None:
+                self._send(body[:cut if cut is not None else stall])
                 self.wfile.flush()
+                if stall is not None:
+                    state.unstall.wait(timeout=30)  # until the test has killed the client
                 self.close_connection = True  # the client sees a body shorter than Content-Length
                 return
-            self.wfile.write(body)
+            self._send(body)
 
     return Handler
 
@@ -227,23 +267,28 @@ class HubServer:
     def __init__(self, state: HubState, *, max_requests: int = 2000, lifetime_s: float = 60.0):
         self.state = state
         self._httpd = _QuietServer(("127.0.0.1", 0), _make_handler(state))
+        # Another host name (all of 127/8 is loopback): clients compare host names, not ports.
+        self._cdn = _QuietServer(("127.0.0.2", 0), _make_handler(state, "cdn"))
+        state.cdn_url = "http://{}:{}".format(*self._cdn.server_address[:2])
         self._max_requests = max_requests
         self._deadline = time.monotonic() + lifetime_s
-        self._thread = threading.Thread(target=self._serve, name="fake-hub", daemon=True)
+        self._thread = threading.Thread(target=self._serve, args=(self._httpd,), name="fake-hub", daemon=True)
+        self._cdn_thread = threading.Thread(target=self._serve, args=(self._cdn,), name="fake-cdn", daemon=True)
 
     @property
     def url(self) -> str:
         host, port = self._httpd.server_address[:2]
         return f"http://{host}:{port}"
 
-    def _serve(self) -> None:
-        self._httpd.timeout = 0.2
+    def _serve(self, httpd: ThreadingHTTPServer) -> None:
+        httpd.timeout = 0.2
         while time.monotonic() < self._deadline and len(self.state.requests) < self._max_requests:
-            self._httpd.handle_request()
-        self._httpd.server_close()
+            httpd.handle_request()
+        httpd.server_close()
 
     def __enter__(self) -> HubServer:
         self._thread.start()
+        self._cdn_thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -251,4 +296,6 @@ class HubServer:
 
     def close(self) -> None:
         self._deadline = 0.0
+        self.state.unstall.set()
         self._thread.join(timeout=5)
+        self._cdn_thread.join(timeout=5)

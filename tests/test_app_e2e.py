@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 import re
-import sys
+import signal
 import socket
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from gradio_client.exceptions import AppError
 
-from tests.apphelpers import raw_get, run_app_to_exit, running_app, wait_for
+from tests.apphelpers import raw_get, run_app_to_exit, running_app, start_app, wait_for
 from pipeline.outputs import read_mp4_record
 
 pytestmark = pytest.mark.slow
@@ -29,7 +31,7 @@ def app(tmp_path_factory):
 def test_generate_returns_the_video_and_records_it_everywhere(app):
     client = app.client()
     prompt = "A lighthouse on a cliff at dusk, waves below"
-    status, seed, video, record_text, gallery, _plot, preview = client.predict(
+    status, seed, video, record_text, gallery, _plot, _note, preview = client.predict(
         prompt, "480x832x49", 1234, False, "blurry", api_name="/generate")
     # The API hands out the last step's preview too: a small animated GIF, not the clip.
     assert Path(preview).read_bytes()[:6] in (b"GIF89a", b"GIF87a")
@@ -54,8 +56,16 @@ def test_generate_returns_the_video_and_records_it_everywhere(app):
     assert json.loads(record_text) == record
     assert record["video"] == mp4.name
     assert (record["job_id"], record["prompt"], record["seed"]) == (row["id"], prompt, 1234)
-    assert (record["preset_used"], record["frames"], record["height"], record["width"]) == (
-        "480x832x49", 49, 480, 832)
+    # The record states the file's own pixel size (the fake writes 1/8 of the preset's), and the
+    # preset's size beside it; the command line is the one the app was started with.
+    import imageio.v3 as iio
+
+    shape = iio.improps(mp4, plugin="pyav").shape
+    assert (record["frames"], record["height"], record["width"]) == shape[:3] == (49, 48, 96)
+    assert record["preset_size"] == {"height": 480, "width": 832, "frames": 49}
+    assert record["preset_used"] == "480x832x49"
+    assert record["argv"][0] == "app.py" and record["argv"][1:3] == ["--backend", "fake"]
+    assert "--outputs-dir" in record["argv"] and "--port" in record["argv"]
     assert record["model"]["backend"] == "fake"
     # The gallery, from the result and from the history endpoint a freshly opened tab calls.
     caption = f"#{row['id']} · 480x832x49 · seed 1234"
@@ -98,7 +108,8 @@ def test_forced_oom_falls_back_and_says_so(app):
     assert "Done: **480x832x81**" in status
     from presets import load_presets
 
-    rungs = [r.name for r in load_presets()["720x1280x81"].rungs]
+    # The low-RAM rung has lean's GPU settings: after lean runs out of GPU memory it is skipped.
+    rungs = [r.name for r in load_presets()["720x1280x81"].rungs if not r.dit_from_disk]
     failed = "; ".join(f"720x1280x81/{r} ran out of GPU memory in denoising" for r in rungs)
     # One reload (block -> phase offload) and the click stays on phase offload.
     assert f"{failed}. Ran 480x832x81 on the 'lean' memory settings instead." in status
@@ -179,9 +190,28 @@ def test_a_port_in_use_is_reported_plainly(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+NO_DRIVER_PYNVML = """
+# Stands in for nvidia-ml-py on a machine without the NVIDIA driver: nvmlInit fails as it does there.
+class NVMLError(Exception):
+    pass
+
+
+class NVMLError_LibraryNotFound(NVMLError):
+    pass
+
+
+def nvmlInit():
+    raise NVMLError_LibraryNotFound("NVML Shared Library Not Found")
+"""
+
+
 def test_without_an_nvidia_gpu_the_app_starts_and_generate_explains(tmp_path):
-    """This machine has no NVIDIA GPU and no LightX2V: the real backend must still start the UI."""
-    with running_app(tmp_path, backend="lightx2v") as app:
+    """The real backend on a machine without an NVIDIA GPU must still start the UI. Forced, so that
+    it holds on a GPU machine too: NVML answers as without a driver, and CUDA sees no device."""
+    stub = tmp_path / "no-driver"
+    stub.mkdir()
+    (stub / "pynvml.py").write_text(NO_DRIVER_PYNVML)
+    with running_app(tmp_path, backend="lightx2v", PYTHONPATH=str(stub), CUDA_VISIBLE_DEVICES="") as app:
         status, body = raw_get(app.port, "/config")
         assert status == 200
         assert re.search(r"No NVIDIA GPU\*\* detected", body.decode()), "the VRAM panel"
@@ -219,20 +249,155 @@ def test_a_backend_module_that_cannot_be_imported_fails_at_generate_not_at_start
     ctx.history.close()
 
 
+# -- one GPU lane, reached over the API ------------------------------------------------------------
+
+def _hold_the_gpu(app, prompt):
+    """Start a slow job from its own client session and wait until it runs."""
+    app.fault("slow-steps", "0.5")
+    holder = app.client(download_files=False)
+    job = holder.submit(prompt, "480x832x49", 1, False, "", api_name="/generate")
+    wait_for(lambda: any(r["prompt"] == prompt for r in app.history()), 20, 0.05, "the first job")
+    return job
+
+
+def _queued(job):
+    return any(o[0].startswith("Queued: ") for o in job.outputs() or [])
+
+
+def test_cancel_over_the_api_withdraws_this_sessions_waiting_job_only(app):
+    first = _hold_the_gpu(app, "holds the GPU for the API cancel")
+    try:
+        mine, other = app.client(download_files=False), app.client(download_files=False)
+        waiting = mine.submit("withdrawn over the API", "480x832x49", 2, False, "", api_name="/generate")
+        kept = other.submit("another session's job", "480x832x49", 3, False, "", api_name="/generate")
+        wait_for(lambda: _queued(waiting) and _queued(kept), 20, 0.05, "both to be queued")
+        assert mine.predict(api_name="/cancel") == (
+            "Withdrawn: 1 waiting job left the queue before reaching the GPU.")
+        with pytest.raises(AppError) as err:
+            waiting.result(timeout=20)
+        assert err.value.title == "Cancelled" and "Withdrawn from the queue" in str(err.value)
+    finally:
+        app.fault("slow-steps", None)
+    assert first.result(timeout=30)[0].startswith("Done:")
+    assert kept.result(timeout=30)[0].startswith("Done:"), "another session's job was not touched"
+    prompts = [r["prompt"] for r in app.history()]
+    assert "withdrawn over the API" not in prompts and "another session's job" in prompts
+
+
+def test_gradio_clients_job_cancel_takes_effect(app):
+    first = _hold_the_gpu(app, "holds the GPU for Job.cancel")
+    try:
+        client = app.client(download_files=False)
+        waiting = client.submit("cancelled with Job.cancel while waiting", "480x832x49", 4, False, "",
+                                api_name="/generate")
+        wait_for(lambda: _queued(waiting), 20, 0.05, "the job to be queued")
+        assert waiting.cancel() is True
+        # Job.cancel() on the running one: it stops at a step boundary.
+        assert first.cancel() is True
+        wait_for(lambda: next(r for r in app.history() if r["prompt"] == "holds the GPU for Job.cancel")
+                 ["status"] == "cancelled", 20, 0.1, "the running job to stop")
+    finally:
+        app.fault("slow-steps", None)
+    time.sleep(1.0)  # the withdrawn job's turn would have come by now
+    assert "cancelled with Job.cancel while waiting" not in [r["prompt"] for r in app.history()]
+
+
+def test_count_queues_a_batch_with_consecutive_seeds_cancellable_together(app):
+    client = app.client(download_files=False)
+    status, seed, *_ = client.predict("a batch of three", "480x832x49", 100, False, "", 3,
+                                      api_name="/generate")
+    assert status.startswith("Clip 3 of 3 (seed 102). Done:") and seed == 102
+    rows = [r for r in app.history() if r["prompt"] == "a batch of three"]
+    assert [(r["seed"], r["status"]) for r in rows] == [(100, "done"), (101, "done"), (102, "done")]
+    assert len({r["video_path"] for r in rows}) == 3, "each clip its own history entry"
+
+    app.fault("slow-steps", "0.5")
+    try:
+        batch = client.submit("a batch cancelled together", "480x832x49", 7, False, "", 4,
+                              api_name="/generate")
+        wait_for(lambda: any(r["prompt"] == "a batch cancelled together" for r in app.history()),
+                 20, 0.05, "the batch to start")
+        answer = client.predict(api_name="/cancel")
+        assert answer == ("Cancelling at the next step boundary… Withdrawn: 3 waiting jobs left the "
+                          "queue before reaching the GPU.")
+        with pytest.raises(AppError):
+            batch.result(timeout=30)
+    finally:
+        app.fault("slow-steps", None)
+    rows = [r for r in app.history() if r["prompt"] == "a batch cancelled together"]
+    assert [(r["seed"], r["status"]) for r in rows] == [(7, "cancelled")]
+
+
+def test_the_start_up_text_is_the_apps_own(app):
+    log = app.log()
+    assert "share=True" not in log and "launch()" not in log
+    assert "--share --auth user:pass" in log and "--listen --auth user:pass" in log
+    assert f"videos and their records are in {app.outputs.resolve()}" in log
+
+
+def test_fifty_guessed_passwords_are_throttled_and_the_right_one_still_works(tmp_path):
+    from tests.apphelpers import raw_post
+
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    with running_app(tmp_path, auth=("alice", "correct horse"), WAN_STUDIO_LOGIN_LOCK_S="2") as app:
+        answers = [raw_post(app.port, "/login", f"username=alice&password=guess-{i:02d}".encode(),
+                            form)[0] for i in range(50)]
+        # Five wrong guesses are checked, then the address is refused without a check.
+        assert answers[:5] == [400] * 5 and answers.count(429) >= 40, answers
+        assert set(answers) == {400, 429}
+        status, body = raw_post(app.port, "/login", b"username=alice&password=correct+horse", form)
+        assert status == 429 and b"Too many failed logins" in body, "locked even for the right one"
+        time.sleep(2.2)
+        status, _ = raw_post(app.port, "/login", b"username=alice&password=correct+horse", form)
+        assert status == 200
+        assert app.client(download_files=False).predict("after the guesses", "480x832x49", 1, False,
+                                                        "", api_name="/generate")[0].startswith("Done:")
+        log = app.log()
+    assert "guess-" not in log and "correct horse" not in log, "a password reached the log"
+    assert "5 failed logins from 127.0.0.1 (last as user 'alice'); refusing that address" in log
+    assert "'alice' logged in from 127.0.0.1" in log
+
+
+def test_stopping_the_app_mid_job_tells_the_client_why(tmp_path):
+    app = start_app(tmp_path, faults=True)
+    try:
+        app.fault("slow-steps", "0.5")
+        client = app.client(download_files=False)
+        running = client.submit("running when the app stops", "480x832x49", 1, False, "",
+                                api_name="/generate")
+        waiting = app.client(download_files=False).submit("waiting when the app stops", "480x832x49",
+                                                           2, False, "", api_name="/generate")
+        wait_for(lambda: any(r["prompt"] == "running when the app stops" for r in app.history()),
+                 20, 0.05, "the job to start")
+        wait_for(lambda: _queued(waiting), 20, 0.05, "the second job to be queued")
+        app.proc.send_signal(signal.SIGTERM)  # as a service manager or Ctrl+C stops it
+        for job in (running, waiting):
+            with pytest.raises(AppError) as err:
+                job.result(timeout=30)
+            assert err.value.title == "The app was stopped", err.value
+            assert "was stopped (Ctrl+C or shutdown) before this job finished" in str(err.value)
+            assert "Start the app again" in str(err.value)
+        app.proc.wait(timeout=30)
+        assert app.proc.returncode == 0, app.log()
+    finally:
+        app.stop()
+    assert "Traceback" not in app.log()
+
+
 def test_draft_then_finish_through_the_api(tmp_path):
     from tests.apphelpers import running_app
 
     with running_app(tmp_path, WAN_STUDIO_FAKE_TINY_VAE="1") as app:
         client = app.client(download_files=False)
         prompt = "A draft of a heron taking off from a pond"
-        status, *_ = client.predict(prompt, "480x832x49", 21, False, "", True, api_name="/generate")
+        status, *_ = client.predict(prompt, "480x832x49", 21, False, "", 1, True, api_name="/generate")
         assert status.startswith("Done:") and "**Draft** (tiny VAE)" in status
         (row,) = [r for r in app.history() if r["prompt"] == prompt]
         draft_record = json.loads(Path(row["record_path"]).read_text())
         assert draft_record["draft"] is True
         gallery, _ = client.predict(api_name="/history")
         assert gallery[0]["caption"].endswith("· draft")
-        status, video, record_text, gallery = client.predict(row["id"], api_name="/finish")
+        status, video, record_text, gallery, _plot, _note = client.predict(row["id"], api_name="/finish")
         assert "no denoising step ran" in status
         record = json.loads(record_text)
         assert record["finished_from_job"] == row["id"] and record["draft"] is False

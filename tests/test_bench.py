@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from bench.run import OURS_VARIANTS, PEER_SKIP, frames_hash, markdown
+from bench.run import OURS_VARIANTS, PEER_SKIP, frames_hash, markdown, streaming_columns
 from pipeline.backends import lightx2v_compat as compat
 
 META = {"date": "2026-11-27", "gpu": "Test GPU", "budget_gib": 11.0, "torch": "2", "cuda": "13", "triton": "3",
@@ -20,14 +20,15 @@ def _row(**overrides):
            "load_s": 70.0, "text_encoder_s": 0.12, "steps_s": [4.0, 1.6, 1.6, 1.7], "step_s": 1.633,
            "decode_s": 1.5, "mp4_s": 1.4, "total_s": 12.0, "reserved_peak_gib": {"denoising": 4.0, "VAE decode": 8.3},
            "nvml_peak_gib": {"VAE decode": 7.2}, "peak_reserved_gib": 8.3, "peak_nvml_gib": 7.2,
-           "frames_sha256": "96d38a38db8c5ecc"}
+           "frames_sha256": "96d38a38db8c5ecc", "host_peak_gib": 21.4, "host_file_gib": 3.2,
+           "stream_gb_per_step": 0, "step_s_nvme": None, "step_s_sata": None}
     row.update(overrides)
     return row
 
 
 def test_every_report_row_has_the_header_columns_and_the_frames_hash():
     rows = [_row(), _row(config="ours-perstep", load_s=None),
-            _row(config="peer", result="OOM", failed_phase="denoising", steps_s=[], step_s=None, frames_sha256=None),
+            _row(config="lightx2v-recipe", result="OOM", failed_phase="denoising", steps_s=[], step_s=None, frames_sha256=None),
             {"config": "ours", "build": {}, "result": "load failed: boom"}]
     table = [line for line in markdown(META, rows).splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(rows)
@@ -46,15 +47,82 @@ def test_frames_hash_is_the_hash_of_the_frames_in_any_memory_layout():
     assert frames_hash(changed) != expected
 
 
+def _optimisations(backend) -> dict[str, bool]:
+    """Which of our optimisations a backend built from a variant runs with."""
+    fixes = compat.CompatFixes(skip=backend.compat_skip)
+    on = {name: fixes.wanted(name) for name in compat.OPTIMIZATION_NAMES}
+    on["ffn_chunked_over_tokens"] = on["ffn_chunked_over_tokens"] and backend.ffn_chunk_tokens > 0
+    return on
+
+
 @pytest.mark.parametrize("variant", sorted(OURS_VARIANTS))
-def test_each_bench_variant_switches_off_a_real_optimisation(variant):
-    skip = OURS_VARIANTS[variant].get("compat_skip", set())
-    for name in skip | PEER_SKIP:
+def test_each_bench_variant_switches_off_a_real_optimisation(variant, tmp_path):
+    from pipeline.backends.lightx2v import LightX2VBackend
+
+    for name in OURS_VARIANTS[variant].get("compat_skip", set()) | PEER_SKIP:
         compat.CompatFixes().wanted(name)  # raises KeyError for a name the compat layer does not know
-    if variant == "ours":
-        assert OURS_VARIANTS[variant] == {}
-    else:
-        assert skip <= set(compat.OPTIMIZATION_NAMES) and (skip or OURS_VARIANTS[variant].get("ffn_chunk_tokens") == 0)
+    # Built the way bench.run_config builds them: "ours" runs every optimisation, each other
+    # variant exactly one fewer.
+    ours = _optimisations(LightX2VBackend(tmp_path, **OURS_VARIANTS["ours"]))
+    assert all(ours.values()), ours
+    built = _optimisations(LightX2VBackend(tmp_path, **OURS_VARIANTS[variant]))
+    off = sorted(name for name, on in built.items() if not on)
+    assert len(off) == (0 if variant == "ours" else 1), (variant, off)
+
+
+def test_latest_json_lists_each_run_with_the_mean_of_steps_2_to_4():
+    from bench.run import latest_runs
+
+    rows = [_row(steps_s=[4.0, 1.5, 1.6, 1.7]), _row(config="lightx2v-resident", steps_s=[3.0, 2.0, 2.2, 2.4, 9.0]),
+            _row(config="lightx2v-recipe", result="OOM", steps_s=[], step_s=None),
+            {"config": "ours", "build": {}, "result": "load failed: boom"}]
+    runs = latest_runs(META, rows)
+    assert [r["config"] for r in runs] == ["ours", "lightx2v-resident", "lightx2v-recipe"]
+    for r in runs:
+        assert {"gpu", "date", "config", "preset", "s_per_step", "peak_reserved_gib"} <= set(r)
+        assert r["gpu"] == "Test GPU" and r["date"] == "2026-11-27"
+    assert runs[0]["s_per_step"] == 1.6 and runs[1]["s_per_step"] == 2.2 and runs[2]["s_per_step"] is None
+
+
+def test_lightx2v_configs_switch_every_kernel_hook_off_and_old_names_still_work():
+    from bench.run import ALIASES, KERNEL_SKIP
+
+    assert KERNEL_SKIP <= PEER_SKIP
+    assert {"attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu"} == KERNEL_SKIP
+    assert ALIASES == {"peer": "lightx2v-recipe", "resident": "lightx2v-resident"}
+
+
+def test_kernels_used_names_the_measured_choice_or_lightx2vs_kernel():
+    from types import SimpleNamespace
+
+    from bench.run import kernels_used
+
+    fixes = compat.CompatFixes()
+    fixes.record("int8_gemm_tiles_for_this_gpu", "INT8 GEMM autotune over 128x128x64/s4/w4")
+    selector = SimpleNamespace(summary=lambda: [{"shape": "32760x40x128", "backend": "sdpa_cudnn", "source": "measured",
+                                                 "trials": {}}])
+    ours = kernels_used(SimpleNamespace(attention_selector=selector, compat=fixes, build={"attn_mode": "sage_attn2"}))
+    assert ours["attention"] == [{"shape": "32760x40x128", "backend": "sdpa_cudnn", "source": "measured"}]
+    assert ours["int8_gemm"].startswith("INT8 GEMM autotune")
+    theirs = kernels_used(SimpleNamespace(attention_selector=None, compat=compat.CompatFixes(),
+                                          build={"attn_mode": "sage_attn2"}))
+    assert theirs == {"attention": "sage_attn2 (LightX2V's)", "int8_gemm": "LightX2V's autotune list"}
+
+
+def test_host_columns_and_the_streaming_formula():
+    rows = [_row(), _row(rung="low-ram", host_peak_gib=8.7, host_file_gib=0.9,
+                         **streaming_columns(14_100_000_000, 3.0, [14_000_000_000, 200_000_000]))]
+    table = [line for line in markdown(META, rows).splitlines() if line.startswith("|")]
+    assert {line.count("|") for line in table} == {table[0].count("|")}
+    assert "| host | host file | streamed GB | NVMe s/step | SATA s/step |" in table[0]
+    low = rows[1]
+    # 14.1 GB per step: 4.7 s on a 3 GB/s NVMe (slower than the 3.0 s computed), 28.2 s on SATA.
+    assert (low["step_s_nvme"], low["step_s_sata"]) == (4.7, 28.2)
+    assert low["stream_gb_per_step"] == 14.1 and low["disk_read_gb_per_step"] == 7.1
+    assert " 8.7 | 0.9 | 14.1 | 4.7 | 28.2 |" in table[3]
+    fast = streaming_columns(0, 1.6, [])
+    assert fast == {"stream_gb_per_step": 0.0, "disk_read_gb_per_step": None, "step_s_nvme": None,
+                    "step_s_sata": None}
 
 
 def test_preview_bench_report_has_a_row_per_preset_and_the_targets():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import subprocess
 import sys
 from dataclasses import replace
@@ -11,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 from install import doctor as d
-from pipeline.gpu import GIB, GpuMonitor
-from install.weights import VerifyProblem, VerifyReport
+from pipeline.gpu import GIB, NO_TORCH, GpuMonitor
+from install.verify import VerifyProblem, VerifyReport
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +35,7 @@ class FakeNvml:
         return index
 
     def nvmlDeviceGetName(self, handle):  # noqa: N802
-        return self.name.encode()
+        return self.name  # str, as nvidia-ml-py returns it
 
     def nvmlDeviceGetMemoryInfo(self, handle):  # noqa: N802
         return SimpleNamespace(total=self.total, used=self.used, free=self.total - self.used)
@@ -55,7 +57,7 @@ def ok_weights(path: Path) -> VerifyReport:
 def machine(nvml: FakeNvml, *, ram_gib: float = 64, **overrides) -> d.SystemProbes:
     """A well set-up machine; tests change one fact at a time."""
     probes = d.SystemProbes(
-        monitor=GpuMonitor(nvml=nvml),
+        monitor=GpuMonitor(nvml=nvml, torch=NO_TORCH),
         memory=lambda: d.MemoryInfo(int(ram_gib * GIB), int(ram_gib * 0.8 * GIB)),
         disk_free=lambda _p: 500 * 10**9,
         torch_build=lambda: d.TorchBuild(installed=True, version="2.11.0+cu130", cuda="13.0"),
@@ -77,6 +79,7 @@ def test_rtx3060_with_16gb_ram_warns_about_ram_and_says_what_to_do(tmp_path):
     ram = report.get("System RAM")
     assert ram.status is d.Status.WARN
     assert "16.0 GB installed" in ram.detail and "19 GB" in ram.detail
+    assert "can run: low-ram (not: fast, tiled-vae, lean, chunked-rope)" in ram.detail
     assert "32 GB" in ram.fix and "lazy_load" in ram.fix
     gpu, path = report.get("GPU"), report.get("INT8 path")
     assert gpu.status is d.Status.OK and "RTX 3060" in gpu.detail and "8.6 (Ampere)" in gpu.detail
@@ -89,7 +92,8 @@ def test_rtx3060_with_16gb_ram_warns_about_ram_and_says_what_to_do(tmp_path):
 
 def test_well_equipped_machine_is_all_green(tmp_path):
     report = run(machine(FakeNvml(), ram_gib=64), tmp_path)
-    assert [f.name for f in report.findings if f.status is not d.Status.OK] == []
+    assert [f.name for f in report.findings if f.status is not d.Status.OK] == ["Tiny VAE"]  # optional: INFO
+    assert report.get("Tiny VAE").status is d.Status.INFO
     assert report.headline() == "Everything checked is ready."
 
 
@@ -113,6 +117,18 @@ def test_old_driver_for_a_cuda13_torch(tmp_path):
     assert check.status is d.Status.FAIL
     assert "570.86.10" in check.detail and "CUDA 13.0" in check.detail
     assert "R580" in check.fix and "whl/cu128" in check.fix
+    assert "the matching build is cu128 (CUDA 12.8" in check.detail
+    assert check.fix.endswith("pip install torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0 --index-url "
+                              "https://download.pytorch.org/whl/cu128")  # what ./run.sh would install
+
+
+def test_the_doctor_names_the_build_for_an_old_driver_or_none(tmp_path):
+    probes = machine(FakeNvml(driver="560.35.03", cuda_driver=12060), torch_build=lambda: d.TorchBuild(False))
+    check = run(probes, tmp_path).get("Driver / PyTorch")
+    assert "matching build is cu126" in check.detail and check.fix.endswith("whl/cu126")
+    probes = machine(FakeNvml(driver="535.230.02", cuda_driver=12020), torch_build=lambda: d.TorchBuild(False))
+    check = run(probes, tmp_path).get("Driver / PyTorch")
+    assert "none (driver too old)" in check.detail and "Update the NVIDIA driver" in check.fix
 
 
 def test_cuda12_torch_on_the_same_old_driver_is_fine(tmp_path):
@@ -145,7 +161,7 @@ def test_busy_gpu_and_small_gpu(tmp_path):
 
 
 @pytest.mark.parametrize("environ, platform, status", [
-    ({}, "linux", d.Status.WARN),
+    ({}, "linux", d.Status.OK),  # unset: app.py sets the default itself before CUDA starts
     ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}, "linux", d.Status.WARN),
     ({"PYTORCH_ALLOC_CONF": "max_split_size_mb:128,expandable_segments:True"}, "linux", d.Status.OK),
     ({}, "win32", d.Status.INFO),
@@ -155,6 +171,20 @@ def test_allocator_setting(tmp_path, environ, platform, status):
     assert check.status is status
     if status is d.Status.WARN:
         assert "expandable_segments:True" in check.fix
+    if not environ and platform == "linux":
+        assert "set by the app at start" in check.detail and check.detail.startswith(
+            f"PYTORCH_CUDA_ALLOC_CONF={d.APP_ALLOC_CONF}")
+
+
+def test_the_app_sets_the_allocator_default_the_doctor_reports(monkeypatch, tmp_path):
+    """What `python app.py doctor` calls OK must be what the app really sets before CUDA starts."""
+    import app
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    demo, _ = app.build_app(app.settings_from_args(["--backend", "fake", "--outputs-dir", str(tmp_path / "out"),
+                                                    "--weights-dir", str(tmp_path / "w")]))
+    demo.close()
+    assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == d.APP_ALLOC_CONF
 
 
 def test_missing_packages(tmp_path):
@@ -219,20 +249,31 @@ def test_cli_doctor(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == (1 if "[FAIL]" in out else 0)
     assert "[FAIL] Weights" in out and code == 1
+    assert "python app.py download" in out and "below" not in out.lower()  # no UI buttons in a terminal
+    assert "`" not in out and "[WARN] Allocator" not in out
+    assert "[INFO] Tiny VAE: Not installed: optional, enables draft decode and better previews." in out
     assert d.main_doctor(["--help"]) == 0
 
 
+def test_in_the_ui_the_weights_fix_points_at_the_button(tmp_path):
+    report = d.run_doctor(weights_dir=tmp_path / "w", outputs_dir=tmp_path, probes=machine(FakeNvml(), verify_weights=d.verify), in_ui=True)
+    assert report.get("Weights").fix.startswith("Press Download weights below")
+    assert not any("`" in cell for row in report.rows() for cell in row)
+
+
 def test_modules_import_no_torch_lightx2v_or_gradio_where_they_must_not():
-    code = ("import sys; import install.doctor, install.weights; "
-            "assert 'torch' not in sys.modules and 'lightx2v' not in sys.modules and 'gradio' not in sys.modules; "
+    code = ("import sys; import install, install.doctor, install.weights, install.cli; "
+            "assert not {'torch', 'lightx2v', 'gradio', 'huggingface_hub'} & set(sys.modules); "
             "import ui.system_tab; assert 'torch' not in sys.modules and 'lightx2v' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
 
 
 def test_system_tab_builds_and_its_handlers_render(tmp_path):
+    import html
+
     import gradio as gr
 
-    from install.weights import DownloadPhase, DownloadProgress
+    from install import DownloadPhase, DownloadProgress
     from ui import system_tab as st
 
     report = run(machine(FakeNvml(), ram_gib=16), tmp_path)
@@ -254,7 +295,17 @@ def test_system_tab_builds_and_its_handlers_render(tmp_path):
     outputs = list(handler())
     assert calls == ["start"]
     assert outputs[0][0].startswith("⬇️ **Downloading**") and outputs[1][0].startswith("✓ **Weights ready.**")
-    assert outputs[-1][1] == st.report_headline(report) and outputs[-1][2] == st.report_rows(report)
+    assert outputs[-1][1] == st.report_headline(report) and outputs[-1][2] == st.report_html(report)
+    # "Stop download" is shown only while the download runs; Download comes back at the end.
+    stop = next(b for b in demo.blocks.values() if isinstance(b, gr.Button) and b.value == "Stop download")
+    assert stop.visible is False
+    assert all(o[3]["visible"] is False and o[4]["visible"] is True for o in outputs[:-1])
+    assert outputs[-1][3]["visible"] is True and outputs[-1][4]["visible"] is False
+    assert not any(isinstance(b, gr.Dataframe) for b in demo.blocks.values())  # no inner scroll box
+
+    table = st.report_html(report)
+    assert table.count("<tr>") == len(report.findings) + 1 and "`" not in table
+    assert all(html.escape(f.detail) in table for f in report.findings)
 
     rows = st.report_rows(report)
     assert rows[0][:2] == ["GPU", "✓ ok"] and any(r[1] == "⚠ warning" and "32 GB" in r[3] for r in rows)
@@ -263,3 +314,14 @@ def test_system_tab_builds_and_its_handlers_render(tmp_path):
     assert "50%" in line and "11.10 GB of 22.20 GB" in line and "50.00 MB/s" in line and "3 min 42 s" in line
     failed = st.progress_markdown(DownloadProgress(DownloadPhase.FAILED, "Not enough disk space.\nFree some."))
     assert failed.startswith("✗") and "Free some." in failed
+
+
+def test_ram_finding_reports_swap_and_rungs(tmp_path):
+    mem = d.MemoryInfo(int(64 * GIB), int(50 * GIB), int(8 * GIB), int(6 * GIB))
+    ram = run(machine(FakeNvml(), memory=lambda: mem), tmp_path).get("System RAM")
+    assert ram.status is d.Status.OK and "swap 8.0 GB (6.0 GB free)" in ram.detail
+    assert "can run: fast, tiled-vae, lean, low-ram, chunked-rope." in ram.detail
+    none = run(machine(FakeNvml(), memory=lambda: d.MemoryInfo(int(8 * GIB), int(6 * GIB), 0, 0)), tmp_path)
+    tiny = none.get("System RAM")
+    assert tiny.status is d.Status.FAIL and "no swap" in tiny.detail and "can run: no rung" in tiny.detail
+    assert "add RAM or swap" in tiny.fix

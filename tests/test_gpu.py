@@ -7,16 +7,31 @@ import time
 import pytest
 import torch
 
-from pipeline.gpu import GpuMonitor, VramSampler, is_oom
+from pipeline.gpu import NO_TORCH, GpuMonitor, TorchReadings, VramSampler, is_oom
 from tests.conftest import FakeNvml
 
 GIB = 1024**3
 
 
-def test_no_nvml_returns_none_on_this_machine():
-    # This CI machine has no NVIDIA driver: the real pynvml must fail quietly.
+def test_the_real_nvml_without_a_driver_returns_none(monkeypatch):
+    # The real nvidia-ml-py module, made to answer as it does on a machine without the NVIDIA
+    # driver (whatever this machine has): the monitor must fail quietly.
+    pynvml = pytest.importorskip("pynvml")
+
+    def no_driver():
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", no_driver)
     monitor = GpuMonitor()
     assert monitor.read() is None and monitor.facts() is None
+
+
+def test_this_machines_reading_is_none_or_consistent():
+    # Holds with and without an NVIDIA GPU: never an exception, and sane numbers when there is one.
+    snap = GpuMonitor().read()
+    if snap is not None:
+        assert isinstance(snap.gpu_name, str) and snap.gpu_name
+        assert 0 <= snap.used_bytes <= snap.total_bytes and snap.free_bytes <= snap.total_bytes
 
 
 def test_missing_driver_returns_none():
@@ -28,11 +43,30 @@ def test_not_supported_memory_query_returns_none():
 
 
 def test_fake_nvml_snapshot():
-    snap = GpuMonitor(nvml=FakeNvml(total_gib=12.0, used_gib=3.0)).read()
+    # The fake answers with str like nvidia-ml-py; a reader that called .decode() would get None.
+    assert isinstance(FakeNvml().nvmlDeviceGetName(None), str)
+    snap = GpuMonitor(nvml=FakeNvml(total_gib=12.0, used_gib=3.0), torch=NO_TORCH).read()
     assert snap.gpu_name == "NVIDIA GeForce RTX 3060"
     assert snap.total_gib == pytest.approx(12.0) and snap.used_gib == pytest.approx(3.0)
     assert snap.available_gib == pytest.approx(9.0)
-    assert snap.torch_reserved_bytes is None  # CPU torch: no CUDA allocator to read
+    assert snap.torch_reserved_bytes is None  # no allocator reading for this device
+
+
+def test_memory_this_process_reserved_counts_as_available():
+    # Independent of whether CUDA was initialised by an earlier test: the reading is injected.
+    monitor = GpuMonitor(nvml=FakeNvml(total_gib=12.0, used_gib=8.0),
+                         torch=TorchReadings(memory=lambda i: (3 * GIB, 2 * GIB)))
+    snap = monitor.read()
+    assert (snap.torch_reserved_bytes, snap.torch_allocated_bytes) == (3 * GIB, 2 * GIB)
+    assert snap.available_gib == pytest.approx(4.0 + 3.0)
+
+
+def test_a_driver_that_answers_bytes_is_read_too():
+    class OldNvml(FakeNvml):
+        def nvmlDeviceGetName(self, handle):
+            return b"Tesla T4"
+
+    assert GpuMonitor(nvml=OldNvml(), torch=NO_TORCH).read().gpu_name == "Tesla T4"
 
 
 def test_facts_for_the_doctor():
@@ -42,7 +76,8 @@ def test_facts_for_the_doctor():
 
 def test_sampler_keeps_peak_and_timeline():
     nvml = FakeNvml(total_gib=12.0, used_gib=1.0)
-    with VramSampler(GpuMonitor(nvml=nvml), interval_s=0.01) as sampler:
+    readings = TorchReadings(memory=lambda i: None, peak_reserved_gib=lambda: 7.25, reset_peak=lambda: None)
+    with VramSampler(GpuMonitor(nvml=nvml, torch=readings), interval_s=0.01) as sampler:
         sampler.phase = "denoising"
         nvml.used = int(9.5 * GIB)
         time.sleep(0.08)
@@ -52,13 +87,14 @@ def test_sampler_keeps_peak_and_timeline():
     assert tl.baseline_used_bytes == 1 * GIB and tl.peak_used_bytes == int(9.5 * GIB)
     record = tl.as_record()
     assert record["peak_used_gib"] == 9.5 and record["baseline_used_gib"] == 1.0
+    assert record["peak_torch_reserved_gib"] == 7.25  # from the monitor's allocator readings
     assert any(phase == "denoising" and gib == 9.5 for _, gib, phase in record["samples"])
     times = [t for t, _, _ in record["samples"]]
     assert times == sorted(times)
 
 
 def test_sampler_without_gpu_records_nothing():
-    with VramSampler(GpuMonitor(nvml=FakeNvml(fail_init=True)), interval_s=0.01) as sampler:
+    with VramSampler(GpuMonitor(nvml=FakeNvml(fail_init=True), torch=NO_TORCH), interval_s=0.01) as sampler:
         time.sleep(0.03)
     assert sampler.timeline.as_record()["samples"] == [] and sampler.timeline.as_record()["peak_used_gib"] is None
 

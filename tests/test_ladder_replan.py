@@ -40,7 +40,9 @@ def test_oom_bound_reads_the_failed_allocation():
 def test_replan_skips_what_does_not_fit_groups_keys_and_never_goes_back(presets):
     planner = Planner(presets)
     ladder = planner.ladder("720x1280x81")
-    key = lambda r: r.memory.offload_granularity.value  # noqa: E731 - the load key, by granularity
+    # The load key as the backends build it: the granularity, and the low-RAM rung's DiT read from
+    # disk (a build of its own).
+    key = lambda r: r.memory.offload_granularity.value + ("+disk" if r.memory.dit_from_disk else "")  # noqa: E731
     names = lambda rungs: [f"{r.preset.name}/{r.memory.name}" for r in rungs]  # noqa: E731
     first = ladder[0]
     tried = {("720x1280x81", "chunked-rope")}
@@ -55,8 +57,11 @@ def test_replan_skips_what_does_not_fit_groups_keys_and_never_goes_back(presets)
     # The reload is spent: only the current key's rungs remain.
     assert names(replan(ladder, first, tried, 4.5, key, "block", set(), False)) == [
         "480x832x49/tiled-vae"]
-    # A key left earlier in the click is never gone back to.
+    # A key left earlier in the click is never gone back to (the low-RAM build is another key:
+    # the longer clip on it comes before the shorter one on the current key).
     assert names(replan(ladder, first, tried, 4.5, key, "block", {"phase"}, True)) == [
+        "480x832x81/low-ram", "480x832x49/low-ram"]
+    assert names(replan(ladder, first, tried, 4.5, key, "block", {"phase", "phase+disk"}, True)) == [
         "480x832x49/tiled-vae"]
     # When the current key's best rung comes first, all its rungs run before the one reload
     # (480x832x49/tiled-vae before 480x832x81/lean: no reload is worth more than the longer clip).
@@ -68,9 +73,33 @@ def test_replan_skips_what_does_not_fit_groups_keys_and_never_goes_back(presets)
     assert names(replan(ladder, first, tried, 1.0, key, "block", set(), True)) == ["480x832x49/lean"]
     # skip() rules rungs out before the groups form.
     assert names(replan(ladder, first, tried, None, key, "block", set(), True,
-                        skip=lambda r: r.memory.name == "lean" and r.preset.name == "720x1280x81")) == [
+                        skip=lambda r: r.memory.name in ("lean", "low-ram") and r.preset.name == "720x1280x81")) == [
         "480x832x81/fast", "480x832x81/tiled-vae", "480x832x49/fast", "480x832x49/tiled-vae",
         "480x832x81/lean", "480x832x49/lean"]
+
+
+def test_replan_honours_system_ram_and_the_low_ram_rules(presets):
+    planner = Planner(presets)
+    ladder = planner.ladder("720x1280x81")
+    key = lambda r: r.memory.offload_granularity.value + ("+disk" if r.memory.dit_from_disk else "")  # noqa: E731
+    names = lambda rungs: [f"{r.preset.name}/{r.memory.name}" for r in rungs]  # noqa: E731
+    first, lean = ladder[0], next(r for r in ladder if r.label == "720x1280x81/lean")
+    tried = {("720x1280x81", "chunked-rope")}
+    low_ram = ["720x1280x81/low-ram", "480x832x81/low-ram", "480x832x49/low-ram"]
+    # 12 GiB of RAM really free: only the low-RAM rungs (9.5 GiB) fit; the one reload goes there.
+    assert names(replan(ladder, first, tried, None, key, "block", set(), True, ram_gib=12.0)) == low_ram
+    # After a host-memory failure: only rungs that need less RAM than the one that failed.
+    assert names(replan(ladder, first, tried, None, key, "block", set(), True,
+                        skip=lambda r: planner.skip_after(r, [(first, True)]))) == low_ram
+    # After a GPU failure on lean: the same preset's low-RAM rung (lean's GPU settings) is passed over.
+    after_lean = names(replan(ladder, lean, tried | {("720x1280x81", "lean")}, None, key, "phase", set(), True,
+                              skip=lambda r: planner.skip_after(r, [(lean, False)])))
+    assert "720x1280x81/low-ram" not in after_lean and after_lean[0] == "480x832x81/fast"
+    # Nothing fits the GPU: the leanest rung is lean where RAM allows, low-RAM where it is short.
+    assert names(replan(ladder, first, tried, 1.0, key, "block", set(), True, ram_gib=30.0)) == [
+        "480x832x49/lean"]
+    assert names(replan(ladder, first, tried, 1.0, key, "block", set(), True, ram_gib=12.0)) == [
+        "480x832x49/low-ram"]
 
 
 # -- the service's ladder walk ------------------------------------------------------------------

@@ -1,9 +1,8 @@
-"""The LightX2V backend's CPU-side logic: weights lookup, the reload key, the availability check and
-each compat fix's detection. Running it on a GPU is tests/gpu/."""
+"""The LightX2V backend's CPU-side logic (its weights layout rule is tests/test_layout.py): the reload
+key, the availability check and each compat fix's detection. Running it on a GPU is tests/gpu/."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import types
@@ -12,23 +11,7 @@ import pytest
 
 from pipeline.backends import lightx2v_compat as compat
 from pipeline.errors import NoGPUError, WeightsError
-from pipeline.backends.lightx2v import LightX2VBackend, locate_weights
-
-
-def _layout(root, layers=2, t5_in_root=False):
-    dit = root / "distill_int8"
-    dit.mkdir(parents=True)
-    (dit / "config.json").write_text(json.dumps({"num_layers": layers}))
-    (dit / "non_block.safetensors").write_bytes(b"x")
-    for i in range(layers):
-        (dit / f"block_{i}.safetensors").write_bytes(b"x")
-    ((root if t5_in_root else dit) / "models_t5_umt5-xxl-enc-int8.pth").write_bytes(b"x")
-    (dit / "Wan2.1_VAE.pth").write_bytes(b"x")
-    tok = root / "google" / "umt5-xxl"
-    tok.mkdir(parents=True)
-    (tok / "tokenizer.json").write_text("{}")
-    (tok / "tokenizer_config.json").write_text("{}")
-    return root
+from pipeline.backends.lightx2v import LightX2VBackend
 
 
 def test_importing_the_backend_imports_neither_torch_nor_lightx2v():
@@ -36,22 +19,6 @@ def test_importing_the_backend_imports_neither_torch_nor_lightx2v():
             "print(sorted(m for m in ('torch', 'lightx2v') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-
-
-def test_locate_weights_finds_both_layouts(tmp_path):
-    files = locate_weights(_layout(tmp_path / "a", t5_in_root=True))
-    assert files.t5 == tmp_path / "a" / "models_t5_umt5-xxl-enc-int8.pth"
-    assert files.vae.parent.name == "distill_int8" and not files.synthetic
-
-
-def test_locate_weights_names_what_is_missing(tmp_path):
-    root = _layout(tmp_path / "m", layers=3)
-    (root / "distill_int8" / "block_1.safetensors").unlink()
-    (root / "distill_int8" / "Wan2.1_VAE.pth").unlink()
-    with pytest.raises(WeightsError, match=r"block_1.*1 of 3.*Wan2.1_VAE.pth"):
-        locate_weights(root)
-    with pytest.raises(WeightsError, match="does not exist"):
-        locate_weights(tmp_path / "nowhere")
 
 
 def test_load_key_holds_only_build_time_settings(tmp_path):
@@ -70,11 +37,16 @@ def test_load_key_holds_only_build_time_settings(tmp_path):
         backend.load_key(dict(base, offload_granularity="model"))  # the 14 GB DiT on a 12 GB card
 
 
-def test_check_available_without_cuda(tmp_path):
+def test_check_available_without_cuda(tmp_path, monkeypatch):
+    # Forced, so it holds on a GPU machine too: a CUDA build of torch that sees no device, then a
+    # CPU-only build.
     torch = pytest.importorskip("torch")
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    with pytest.raises(NoGPUError):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    with pytest.raises(NoGPUError, match="No NVIDIA GPU is visible to PyTorch"):
+        LightX2VBackend(tmp_path).check_available()
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(NoGPUError, match="has no CUDA support"):
         LightX2VBackend(tmp_path).check_available()
 
 
@@ -408,40 +380,166 @@ def test_check_available_without_torch_or_gpu_says_no_gpu(tmp_path, monkeypatch)
     # not about installing GPU packages that would not help.
     import pipeline.backends.lightx2v as backend_module
 
+    from pipeline.errors import BackendUnavailable
+    from pipeline.gpu import GpuMonitor
+    from tests.conftest import FakeNvml
+
     monkeypatch.setattr(backend_module, "_has_module", lambda name: name != "torch")
+    # The driver's answer is forced both ways, whatever this machine has.
+    monkeypatch.setattr(backend_module, "GpuMonitor", lambda: GpuMonitor(nvml=FakeNvml(fail_init=True)))
     with pytest.raises(NoGPUError, match="No NVIDIA GPU was found on this machine"):
+        LightX2VBackend(tmp_path).check_available()
+    monkeypatch.setattr(backend_module, "GpuMonitor", lambda: GpuMonitor(nvml=FakeNvml()))
+    with pytest.raises(BackendUnavailable, match="PyTorch is not installed"):
         LightX2VBackend(tmp_path).check_available()
 
 
-@pytest.mark.parametrize("change, complete", [
-    (None, True),
-    ("config in the root", True),
-    ("no tokenizer_config.json", False),
-    ("no vocabulary", False),
-    ("no block", False),
-])
-def test_the_doctor_and_generate_agree_on_complete_weights(tmp_path, change, complete):
-    from install.weights import verify
-    from tests.fakeweights import needed_paths, repo_files
 
-    files = repo_files()
-    for rel in needed_paths(files):
-        path = tmp_path / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(files[rel])
-    tok = tmp_path / "google" / "umt5-xxl"
-    if change == "config in the root":
-        (tmp_path / "distill_int8" / "config.json").rename(tmp_path / "config.json")
-    elif change == "no tokenizer_config.json":
-        (tok / "tokenizer_config.json").unlink()
-    elif change == "no vocabulary":
-        (tok / "tokenizer.json").unlink()
-        (tok / "spiece.model").unlink()
-    elif change == "no block":
-        (tmp_path / "distill_int8" / "block_0.safetensors").unlink()
-    assert verify(tmp_path).ok is complete
-    if complete:
-        locate_weights(tmp_path)
-    else:
-        with pytest.raises(WeightsError):
-            locate_weights(tmp_path)
+# -- the real wrappers on a fake LightX2V runner ------------------------------------------------------
+
+class _FakeVae:
+    """WanVAE's surface the decode wrapper reads: cpu_offload, model, to_cuda."""
+
+    def __init__(self, torch):
+        self.cpu_offload, self.model, self.moves = True, torch.nn.Linear(1, 1), []
+
+    def to_cuda(self):
+        self.moves.append("to_cuda")
+
+
+class _FakeInfer:
+    def __init__(self, log):
+        self.log = log
+
+    def run_block(self, index):
+        self.log.append(f"block {index}")
+
+    def run_phase(self, index):
+        self.log.append(f"phase {index}")
+
+
+class _FakeRunner:
+    """What LightX2V's WanRunner does in one generate, in order: text encoder, then per step every
+    DiT block through transformer_infer.run_block, then the VAE decode; the methods the backend
+    wraps are plain attributes, as on the real runner."""
+
+    def __init__(self, torch, blocks=3, steps=2, decode_error=None):
+        self.torch, self.log, self.blocks, self.steps = torch, [], blocks, steps
+        self.model = types.SimpleNamespace(transformer_infer=_FakeInfer(self.log))
+        self.vae_decoder = _FakeVae(torch)
+        self.decode_error = decode_error
+        self.latents = torch.arange(24, dtype=torch.float32).reshape(1, 2, 3, 4)
+        self.text_encoders = ["umt5"]  # loaded, as after a build
+
+    def run_text_encoder(self, input_info):
+        self.log.append("text")
+        return "context"
+
+    def run_vae_decoder(self, latents):
+        self.log.append("decode")
+        if self.decode_error is not None:
+            raise self.decode_error
+        return latents * 2
+
+    def run(self):
+        self.run_text_encoder(None)
+        for step in range(self.steps):
+            for block in range(self.blocks):
+                self.model.transformer_infer.run_block(block)
+        return self.run_vae_decoder(self.latents)
+
+
+def _wrapped(runner):
+    """A LightX2VModel around `runner` with the real _install_wrappers and _guarded; only recover()
+    is recorded instead of run (it synchronises CUDA, which CPU torch cannot)."""
+    import sys
+
+    from pipeline.backends.lightx2v import LightX2VModel
+
+    model = LightX2VModel.__new__(LightX2VModel)
+    model._runner, model._torch, model._call, model._dirty = runner, runner.torch, None, False
+    model.arena, model.release_text_encoder = None, False  # per-call state __init__ sets
+    model.recoveries = []
+    model.recover = lambda: model.recoveries.append(sys.exc_info()[0])
+    model._install_wrappers()
+    return model
+
+
+def _hooks(stop_after_blocks=None, log=None):
+    from pipeline.backend import RunHooks
+
+    phases = []
+
+    def should_stop():
+        done = sum(1 for entry in log if entry.startswith("block")) if log is not None else 0
+        return stop_after_blocks is not None and done >= stop_after_blocks
+
+    return RunHooks(on_phase=phases.append, on_step=lambda i, n: None, should_stop=should_stop), phases
+
+
+def test_cancel_is_checked_before_every_dit_block_not_only_at_step_ends():
+    torch = pytest.importorskip("torch")
+    from pipeline.backends.lightx2v import _Call
+    from pipeline.errors import GenerationCancelled
+    from pipeline.types import Phase
+
+    runner = _FakeRunner(torch, blocks=3, steps=2)
+    model = _wrapped(runner)
+    hooks, phases = _hooks(stop_after_blocks=4, log=runner.log)
+    with pytest.raises(GenerationCancelled):
+        model._guarded(_Call(hooks, total_steps=2), runner.run)
+    # Cancel seen before the 5th block: the second step stopped after its first block.
+    assert runner.log == ["text", "block 0", "block 1", "block 2", "block 0"]
+    assert phases == [Phase.TEXT_ENCODING, Phase.DENOISING]
+    assert model.recoveries == [None] and model._call is None
+    # The phase-offload path is guarded the same way.
+    call = _Call(_hooks(stop_after_blocks=0, log=[])[0], total_steps=2)
+    model._call = call
+    with pytest.raises(Exception) as stopped:
+        runner.model.transformer_infer.run_phase(0)
+    assert type(stopped.value).__name__ == "_Cancelled" and "phase 0" not in runner.log
+    model._call = None
+
+
+def test_a_run_without_cancel_passes_every_block_and_decodes():
+    torch = pytest.importorskip("torch")
+    from pipeline.backends.lightx2v import _Call
+    from pipeline.types import Phase
+
+    runner = _FakeRunner(torch, blocks=2, steps=2)
+    runner.vae_decoder.cpu_offload = False  # a resident VAE moves to the GPU at its first decode
+    model = _wrapped(runner)
+    hooks, phases = _hooks()
+    out = model._guarded(_Call(hooks, total_steps=2), runner.run)
+    assert torch.equal(out, runner.latents * 2)
+    assert runner.log == ["text"] + ["block 0", "block 1"] * 2 + ["decode"]
+    assert phases == [Phase.TEXT_ENCODING, Phase.DENOISING, Phase.DECODING]
+    assert runner.vae_decoder.moves == ["to_cuda"] and model.recoveries == []
+
+
+def test_a_decode_oom_keeps_a_host_copy_of_the_latents_for_a_decode_only_retry():
+    torch = pytest.importorskip("torch")
+    from pipeline.backend import DecodeOutOfMemory
+    from pipeline.backends.lightx2v import _Call
+
+    runner = _FakeRunner(torch, decode_error=torch.OutOfMemoryError("CUDA out of memory. Tried to "
+                                                                    "allocate 3.10 GiB"))
+    model = _wrapped(runner)
+    with pytest.raises(DecodeOutOfMemory) as raised:
+        model._guarded(_Call(_hooks()[0], total_steps=2), runner.run)
+    kept = raised.value.latents
+    assert torch.equal(kept, runner.latents) and kept is not runner.latents
+    assert kept.device.type == "cpu" and "Tried to allocate 3.10 GiB" in raised.value.cause
+    assert runner.log[-1] == "decode" and model.recoveries == [None]
+
+
+def test_a_decode_error_that_is_not_an_oom_keeps_nothing_and_is_raised_as_is():
+    torch = pytest.importorskip("torch")
+    from pipeline.backends.lightx2v import _Call
+
+    runner = _FakeRunner(torch, decode_error=ValueError("bad latent shape"))
+    model = _wrapped(runner)
+    call = _Call(_hooks()[0], total_steps=2)
+    with pytest.raises(ValueError, match="bad latent shape"):
+        model._guarded(call, runner.run)
+    assert call.decode_oom is None and model._dirty and model.recoveries == []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.gpu import GpuMonitor
+from pipeline.gpu import NO_TORCH, GpuMonitor
 from pipeline.planner import Planner
 from presets import load_presets
 from tests.conftest import FakeNvml
@@ -13,8 +13,24 @@ def test_no_gpu_panel():
     assert format_memory(None) == NO_GPU_TEXT and "No NVIDIA GPU" in NO_GPU_TEXT
 
 
+def test_the_fake_backend_says_so_instead_of_asking_for_a_gpu():
+    snap = GpuMonitor(nvml=FakeNvml(), torch=NO_TORCH).read()
+    for reading in (None, snap):
+        text = format_memory(reading, 1.0, backend="fake")
+        assert "Fake backend" in text and "No NVIDIA GPU" not in text and "needs one" not in text
+    assert format_memory(None, backend="lightx2v") == NO_GPU_TEXT
+
+
+def test_the_vram_chart_says_when_there_is_nothing_to_draw():
+    from ui.memory_panel import NO_RUNS_TEXT, NO_SAMPLES_TEXT, timeline_note
+
+    assert timeline_note(False, []) == NO_RUNS_TEXT and "No runs yet" in NO_RUNS_TEXT
+    assert timeline_note(True, []) == NO_SAMPLES_TEXT
+    assert timeline_note(True, timeline_rows({"samples": [[0.0, 1.0, "denoising"]]})) == ""
+
+
 def test_panel_shows_used_total_and_last_peak():
-    snap = GpuMonitor(nvml=FakeNvml(total_gib=12.0, used_gib=3.0)).read()
+    snap = GpuMonitor(nvml=FakeNvml(total_gib=12.0, used_gib=3.0), torch=NO_TORCH).read()
     text = format_memory(snap, last_peak_gib=8.61)
     assert "NVIDIA GeForce RTX 3060" in text and "3.00 / 12.00 GiB" in text and "(25 %)" in text
     assert "free 9.00 GiB" in text and "**8.61 GiB**" in text
@@ -45,3 +61,20 @@ def test_timeline_rows():
     assert rows == [{"seconds": 0.0, "GiB in use": 1.5, "phase": "text encoding"},
                     {"seconds": 0.1, "GiB in use": 7.25, "phase": "—"}]
     assert timeline_rows(None) == []
+
+
+def test_forecast_table_wont_fit_and_ram_column():
+    book = load_presets()
+    planner = Planner(book)
+    labels = {n: p.label for n, p in book.items()}
+    text = format_forecasts([planner.forecast("480x832x49", 2.0, ram_gib=40.0)], labels)
+    row = next(line for line in text.splitlines() if line.startswith("| 480"))
+    assert "won't fit" in row and "close programs that use the GPU" in row and "smaller preset" in row
+    assert "will step down" not in row
+    # The predicted-peak figure names the preset/rung it belongs to.
+    assert "2.9 GiB (480x832x49/lean)" in row and "~22 GiB (fits)" in row
+    low_ram = format_forecasts([planner.forecast("720x1280x81", 11.0, ram_gib=13.0)], labels)
+    assert "(720x1280x81/low-ram)" in low_ram and "~10 GiB (fits)" in low_ram
+    assert "13.0 GiB system RAM" in low_ram
+    short = format_forecasts([planner.forecast("720x1280x81", 11.0, ram_gib=6.0)], labels)
+    assert "GiB short" in short and "more system RAM" in short

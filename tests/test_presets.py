@@ -70,6 +70,8 @@ def test_rung_settings_are_typed(tmp_path):
     ("", "rope_chunk = -1", "rope_chunk' must be >= 0"),
     ("", "vae_tiling = 1", "field 'rungs[0].vae_tiling' must be bool"),
     ("", "predicted_peak_gib = 0", "predicted_peak_gib' must be > 0"),
+    ("", "predicted_host_gib = -2.0", "predicted_host_gib' must be > 0"),
+    ("", "dit_from_disk = \"yes\"", "field 'rungs[0].dit_from_disk' must be bool"),
 ])
 def test_bad_fields_name_file_and_field(tmp_path, extra, rung_extra, message):
     write(tmp_path, "bad", extra=extra, rung_extra=rung_extra)
@@ -84,7 +86,8 @@ def test_bad_fields_name_file_and_field(tmp_path, extra, rung_extra, message):
     ("height", "470", "multiple of 16"),
     ("width", "0", "multiple of 16"),
     ("guidance", "5.0", "without CFG"),
-    ("steps", "0", "steps' must be >= 1"),
+    ("steps", "0", "steps' must be 4"),
+    ("steps", "8", "steps' must be 4"),
     ("frames", "true", "field 'frames' must be int"),
     ("label", "3", "field 'label' must be str"),
 ])
@@ -139,4 +142,28 @@ def test_invalid_toml_and_empty_dir(tmp_path):
 def test_copy_of_shipped_presets_loads_identically(tmp_path):
     for f in PRESETS_DIR.glob("*.toml"):
         shutil.copy(f, tmp_path)
-    assert list(load_presets(tmp_path)) == list(load_presets())
+    copied, shipped = load_presets(tmp_path), load_presets()
+    # Every field of every preset and rung (the source path excepted), not just the names.
+    assert dict(copied) == dict(shipped)
+    assert [p.rungs for p in copied.values()] == [p.rungs for p in shipped.values()]
+    assert all(copied[n].source.parent == tmp_path for n in copied)
+
+
+def test_the_step_count_presets_require_is_the_backends_schedule():
+    from pipeline.backends.lightx2v import DENOISING_STEPS
+    from presets import DISTILLED_STEPS
+
+    assert len(DENOISING_STEPS) == DISTILLED_STEPS
+
+
+def test_every_preset_ends_on_a_low_ram_rung_with_the_leanest_gpu_settings():
+    for preset in load_presets().values():
+        low = preset.rungs[-1]
+        assert (low.name, low.dit_from_disk, low.release_text_encoder) == ("low-ram", True, True), preset.name
+        others = preset.rungs[:-1]
+        assert all(not r.dit_from_disk for r in others)
+        assert all(low.predicted_host_gib < r.predicted_host_gib for r in others), preset.name
+        lean = others[-1].settings()
+        assert {k: v for k, v in low.settings().items() if k not in ("dit_from_disk", "release_text_encoder")} == {
+            k: v for k, v in lean.items() if k not in ("dit_from_disk", "release_text_encoder")}
+        assert low.predicted_peak_gib == others[-1].predicted_peak_gib

@@ -12,7 +12,7 @@ import pytest
 from pipeline.backends.fake import FakeBackend
 from pipeline.backends import lightx2v_compat as compat
 from pipeline.cache import PipelineCache
-from pipeline.errors import GenerationCancelled, InvalidRequest, LatentsError
+from pipeline.errors import GenerationCancelled, InvalidRequest, LatentsError, WeightsError
 from pipeline.gpu import GpuMonitor
 from pipeline.history import History
 from pipeline.jobs import JobQueue
@@ -161,13 +161,21 @@ def test_draft_then_finish_equals_the_full_decode_and_runs_no_step(make_service,
     assert [c.endswith("draft") for _, c in h.gallery_items(service.history)] == [False, True]
 
 
-def test_draft_without_a_tiny_vae_is_refused_before_the_gpu(make_service):
+def test_draft_without_a_tiny_vae_is_refused_at_the_border(make_service, presets):
+    from ui import handlers as h
+
     service = make_service(FakeBackend(tiny_vae_installed=False))
+    assert service.tiny_vae_installed() is False
+    values = dict(prompt="a", preset="480x832x49", seed=1, randomize_seed=False, draft=True)
     with pytest.raises(InvalidRequest, match="tiny VAE"):
-        service.validate(request(draft=True))
-    with pytest.raises(InvalidRequest, match="tiny VAE"):
+        h.make_request(presets, **values, draft_available=service.tiny_vae_installed())
+    assert h.make_request(presets, **values, draft_available=True).draft is True
+    assert h.make_request(presets, **dict(values, draft=None)).draft is False
+    with pytest.raises(InvalidRequest, match="Draft decode"):
+        h.make_request(presets, **dict(values, draft="yes"), draft_available=True)
+    # Behind the border the backend trusts the request: a tiny VAE gone since is a setup fault.
+    with pytest.raises(WeightsError, match="tiny VAE"):
         service.generate(request(draft=True))
-    assert service.history.recent(status=None) == []
     with pytest.raises(InvalidRequest, match="Draft decode"):
         GenerationRequest(prompt="a", preset="480x832x49", seed=1, draft="yes")
 
@@ -230,16 +238,21 @@ def test_a_missing_or_damaged_latents_file_is_a_clear_error_and_loses_nothing(ma
 def test_finish_refuses_what_cannot_be_finished(make_service):
     service = make_service()
     with pytest.raises(InvalidRequest, match="no finished clip #99"):
-        service.validate(FinishRequest(99))
+        service.check_finish(FinishRequest(99))
     with pytest.raises(InvalidRequest):
         FinishRequest(0)
     from ui import handlers as h
 
     with pytest.raises(InvalidRequest, match="Select a clip"):
-        h.finish_request(None)
+        h.finish_request(service, None)
     with pytest.raises(InvalidRequest):
-        h.finish_request("seven")
-    assert h.finish_request("7") == FinishRequest(7)
+        h.finish_request(service, "seven")
+    with pytest.raises(InvalidRequest):
+        h.finish_request(service, 2.5)
+    with pytest.raises(InvalidRequest, match="no finished clip #7"):
+        h.finish_request(service, "7")
+    done = service.generate(request())
+    assert h.finish_request(service, str(done.record["job_id"])) == FinishRequest(done.record["job_id"])
 
 
 def test_latents_are_removed_with_the_clip_and_orphans_at_start(make_service):

@@ -235,14 +235,12 @@ def test_a_measurement_that_cannot_be_stored_does_not_fail_a_saved_job(make_serv
         raise RuntimeError("database is locked")
 
     service.history.record_measurement = locked
-    import pipeline.gpu as gpu_module
+    from pipeline.gpu import TorchReadings
 
-    original = gpu_module.torch_peak_reserved_gib
-    gpu_module.torch_peak_reserved_gib = lambda: 5.0  # as on a GPU, so a measurement is taken
-    try:
-        result = service.generate(request())
-    finally:
-        gpu_module.torch_peak_reserved_gib = original
+    # A peak reading as on a GPU, so a measurement is taken.
+    service.monitor.torch = TorchReadings(memory=lambda i: None, peak_reserved_gib=lambda: 5.0,
+                                          reset_peak=lambda: None)
+    result = service.generate(request())
     (entry,) = service.history.recent(status=None)
     assert entry.status == "done" and entry.video_path == str(result.video_path)
 
@@ -286,14 +284,6 @@ def test_no_gpu_is_a_clear_error_before_any_history(make_service):
     assert service.history.recent(status=None) == []
 
 
-def test_unknown_preset_is_rejected_before_the_gpu(make_service):
-    backend = FakeBackend()
-    service = make_service(backend)
-    with pytest.raises(InvalidRequest, match="Unknown preset '1080p'"):
-        service.generate(request("1080p"))
-    assert backend.generated == [] and service.history.recent(status=None) == []
-
-
 def test_start_rung_follows_free_memory_and_measured_peaks(make_service):
     nvml = FakeNvml(total_gib=12.0, used_gib=12.0 - 7.5)  # 7.5 GiB free
     backend = FakeBackend()
@@ -334,3 +324,42 @@ def test_request_validation():
         GenerationRequest(prompt="x", preset="480x832x49", seed=1.5)
     with pytest.raises(InvalidRequest, match="limit is 2000"):
         GenerationRequest(prompt="x" * 2001, preset="480x832x49", seed=1)
+
+
+def test_the_fake_backend_fills_in_the_time_estimate_without_a_gpu(make_service):
+    service = make_service()  # no NVML: no GPU name, no peak
+    assert {f.preset: f.eta_s for f in service.forecasts()}["480x832x49"] is None
+    service.generate(request())
+    eta = {f.preset: f.eta_s for f in service.forecasts()}["480x832x49"]
+    assert eta is not None and eta > 0
+    # A time without a memory reading is not a peak: predictions keep the shipped figures.
+    assert service.history.measured_peaks("no GPU reading (fake backend)") == {}
+
+
+def test_a_model_that_cannot_recover_is_released_and_the_next_rung_loads_afresh(make_service,
+                                                                                 monkeypatch, caplog):
+    from pipeline.backends.fake import FakeModel
+
+    backend = FakeBackend(oom_at={("480x832x49", "fast", Phase.DENOISING)})
+    service = make_service(backend)
+    models = []
+    real_load = backend.load
+
+    def load(key, on_phase):
+        model = real_load(key, on_phase)
+        models.append(model)
+        return model
+
+    def broken_recover(self):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(backend, "load", load)
+    monkeypatch.setattr(FakeModel, "recover", broken_recover)
+    result = service.generate(request())
+    # "fast" ran out of memory, its recover() failed: that model was released, not reused, and
+    # "tiled-vae" (the same build) ran on a fresh load.
+    assert [(a.rung, a.outcome) for a in result.attempts] == [("fast", "out of memory"), ("tiled-vae", "ok")]
+    assert len(models) == 2 and getattr(models[0], "released", False) and models[1] is not models[0]
+    assert backend.loads[0] == backend.loads[1]
+    assert "recover() failed; releasing the model" in caplog.text
+    assert result.record["weights_loaded_this_job"] is True

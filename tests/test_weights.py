@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from install import weights as w
+from install import cli, weights as w
+from install.progress import RateMeter
 from tests import fakeweights as fw
 from tests.hubserver import FakeRepo, HubServer, HubState
 
@@ -47,6 +48,17 @@ def stop_once_t5_has_bytes(cancel: threading.Event):
     return on_progress
 
 
+def stopped_mid_t5(hub, tmp_path):
+    """A download stopped once the big T5 file has bytes on disk; returns (state, files, its partial file)."""
+    _, state, files = hub(fw.repo_files(t5_payload=BIG_T5))
+    cancel = threading.Event()
+    with pytest.raises(w.DownloadCancelled):
+        w.download_weights(tmp_path, on_progress=stop_once_t5_has_bytes(cancel), cancel=cancel)
+    parts = list((tmp_path / ".wan-studio" / "parts").rglob("*.part"))
+    assert len(parts) == 1 and parts[0].stat().st_size > 0
+    return state, files, parts[0]
+
+
 def _assert_matches(weights_dir: Path, files: dict[str, bytes]) -> None:
     for rel in fw.needed_paths(files):
         assert (weights_dir / rel).read_bytes() == files[rel], rel
@@ -66,7 +78,7 @@ def test_full_download_fetches_only_the_int8_files_and_verifies(hub, tmp_path):
     assert fetched == fw.needed_paths(files)  # nothing from distill_models/, loras/, distill_fp8/, no taew2_1
     layout = result.report.layout
     assert layout is not None and layout.num_layers == fw.NUM_LAYERS
-    assert layout.t5_path == tmp_path / "weights" / fw.T5 and layout.tokenizer_dir.name == "umt5-xxl"
+    assert layout.t5 == tmp_path / "weights" / fw.T5 and layout.tokenizer.name == "umt5-xxl"
 
     downloading = [e for e in events if e.phase is w.DownloadPhase.DOWNLOADING]
     total = sum(len(files[p]) for p in fw.needed_paths(files))
@@ -100,13 +112,8 @@ def test_broken_connection_is_resumed_with_a_range_request(hub, tmp_path):
 
 
 def test_stopped_download_resumes_in_the_next_run(hub, tmp_path):
-    _, state, files = hub(fw.repo_files(t5_payload=BIG_T5))
-    cancel = threading.Event()
-    with pytest.raises(w.DownloadCancelled):
-        w.download_weights(tmp_path, on_progress=stop_once_t5_has_bytes(cancel), cancel=cancel)
-    parts = list((tmp_path / ".wan-studio" / "parts").rglob("*.part"))
-    assert len(parts) == 1 and parts[0].stat().st_size > 0
-    kept = parts[0].stat().st_size
+    state, files, part = stopped_mid_t5(hub, tmp_path)
+    kept = part.stat().st_size
     assert not (tmp_path / fw.T5).exists()
 
     result = w.download_weights(tmp_path)
@@ -117,10 +124,7 @@ def test_stopped_download_resumes_in_the_next_run(hub, tmp_path):
 
 
 def test_server_that_ignores_range_restarts_the_file_cleanly(hub, tmp_path):
-    _, state, files = hub(fw.repo_files(t5_payload=BIG_T5))
-    cancel = threading.Event()
-    with pytest.raises(w.DownloadCancelled):
-        w.download_weights(tmp_path, on_progress=stop_once_t5_has_bytes(cancel), cancel=cancel)
+    state, files, _part = stopped_mid_t5(hub, tmp_path)
     state.ignore_range = True
     events: list[w.DownloadProgress] = []
 
@@ -260,13 +264,21 @@ def test_disk_full_while_writing_keeps_the_part_and_resumes(hub, tmp_path):
         def __exit__(self, *exc):
             self._f.close()
 
-    with pytest.raises(w.WeightsDiskFull, match="filled up while writing .*models_t5.*resumes"):
+    with pytest.raises(w.WeightsDiskFull, match="filled up while writing .*models_t5.*resumes") as info:
         w.download_weights(tmp_path, opener=FillsUp)
+    assert info.value.needed_bytes > 0  # the message says how much more is needed
     kept = next((tmp_path / ".wan-studio" / "parts").rglob("*.part")).stat().st_size
     assert kept > 0
+    # Nothing lost: every file finished before the disk filled is in place, recorded, and not fetched again.
+    finished = [rel for rel in fw.needed_paths(files) if (tmp_path / rel).exists()]
+    assert finished and all((tmp_path / rel).read_bytes() == files[rel] for rel in finished)
+    gets_before = {rel: len(state.gets(rel)) for rel in finished}
 
-    assert w.download_weights(tmp_path).report.ok
+    result = w.download_weights(tmp_path)
+    assert result.report.ok and result.files_downloaded == len(fw.needed_paths(files)) - len(finished)
+    assert {rel: len(state.gets(rel)) for rel in finished} == gets_before
     assert state.gets(fw.T5)[-1].range == f"bytes={kept}-"
+    assert state.gets(fw.T5)[-1].sent == len(files[fw.T5]) - kept
     assert (tmp_path / fw.T5).read_bytes() == files[fw.T5]
 
 
@@ -355,13 +367,13 @@ def test_check_safetensors_rejects_inconsistent_headers(tmp_path):
 
 def test_cli_download_and_exit_codes(hub, tmp_path, capsys, monkeypatch):
     server, _, _ = hub()
-    assert w.main_download(["--weights-dir", str(tmp_path), "--endpoint", server.url]) == 0
+    assert cli.main_download(["--weights-dir", str(tmp_path), "--endpoint", server.url]) == 0
     assert "Weights ready in" in capsys.readouterr().out
     monkeypatch.setenv(w.WEIGHTS_DIR_ENV, str(tmp_path / "from-env"))  # the folder the app will load from
-    assert w.main_download(["--endpoint", server.url]) == 0
+    assert cli.main_download(["--endpoint", server.url]) == 0
     assert w.verify(tmp_path / "from-env").ok
-    assert w.main_download(["--no-such-flag"]) == 2
-    assert w.main_download(["--weights-dir", str(tmp_path / "x"), "--revision", "v999"]) == 1
+    assert cli.main_download(["--no-such-flag"]) == 2
+    assert cli.main_download(["--weights-dir", str(tmp_path / "x"), "--revision", "v999"]) == 1
     assert "Download failed" in capsys.readouterr().err
 
 
@@ -395,10 +407,165 @@ def test_closing_iter_download_stops_the_transfer(hub, tmp_path):
 
 def test_rate_meter_falls_when_the_connection_stalls():
     now = [0.0]
-    meter = w._RateMeter(window_s=8.0, clock=lambda: now[0])
+    meter = RateMeter(window_s=8.0, clock=lambda: now[0])
     for _ in range(5):
         meter.add(10_000_000)
         now[0] += 1.0
     assert meter.rate() == pytest.approx(40_000_000 / 5)
     now[0] += 15.0  # nothing arrives for 15 s
     assert meter.rate() == pytest.approx(40_000_000 / 20)
+
+
+def test_lfs_files_come_from_the_cdn_host_without_the_token(hub, tmp_path):
+    """huggingface.co answers LFS files with a 302 to a signed URL on another host: both our resumable stream
+    and hf_hub_download must follow it there and leave the Hub token behind."""
+    _, state, files = hub(fw.repo_files(t5_payload=BIG_T5))
+    state.cdn = True
+    result = w.download_weights(tmp_path, token="hf_secret_for_the_hub_only")
+
+    assert result.report.ok
+    _assert_matches(tmp_path, files)
+    cdn = [r for r in state.requests if r.host == "cdn"]
+    assert {r.path.split("/", 5)[5] for r in cdn if r.method == "GET"} >= {fw.T5, "distill_int8/block_0.safetensors"}
+    assert all(r.auth is None for r in cdn)  # the token never left the Hub
+    redirected = [r for r in state.requests if r.host == "hub" and r.status == 302]
+    assert redirected and all(r.auth == "Bearer hf_secret_for_the_hub_only" for r in redirected)
+
+
+def test_a_killed_download_resumes_after_a_restart_without_refetching(hub, tmp_path):
+    import subprocess
+    import sys
+
+    server, state, files = hub(fw.repo_files(t5_payload=BIG_T5))
+    state.stall_once[fw.T5] = 5 * 1024 * 1024 + 123  # the process is killed while this transfer hangs
+    code = (f"from install.weights import download_weights; download_weights({str(tmp_path)!r}, "
+            f"endpoint={server.url!r})")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
+    parts = tmp_path / ".wan-studio" / "parts"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sum(p.stat().st_size for p in parts.rglob("*.part")) < 5 * 1024 * 1024:
+        assert proc.poll() is None, "the download ended instead of hanging"
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no clean-up code runs
+    proc.wait(timeout=10)
+    kept = next(parts.rglob("*.part")).stat().st_size
+    assert kept >= 5 * 1024 * 1024
+    state.unstall.set()
+
+    result = w.download_weights(tmp_path)
+
+    assert result.report.ok and (tmp_path / fw.T5).read_bytes() == files[fw.T5]
+    first, second = state.gets(fw.T5)
+    assert second.range == f"bytes={kept}-"
+    assert second.sent == len(files[fw.T5]) - kept  # the kept bytes were not fetched again
+    assert result.bytes_downloaded < sum(len(files[p]) for p in fw.needed_paths(files)) - kept + 1
+
+
+def test_a_damaged_partial_file_is_detected_and_fetched_again(hub, tmp_path):
+    state, files, part = stopped_mid_t5(hub, tmp_path)
+    data = bytearray(part.read_bytes())
+    data[0] ^= 0xFF  # e.g. a crash mid-write: the kept bytes are not the Hub's
+    part.write_bytes(bytes(data))
+
+    result = w.download_weights(tmp_path)
+
+    assert result.report.ok and (tmp_path / fw.T5).read_bytes() == files[fw.T5]
+    ranges = [g.range for g in state.gets(fw.T5)]
+    assert ranges[-2] == f"bytes={len(data)}-" and ranges[-1] is None  # resumed, failed the checksum, restarted
+
+
+def test_a_corrupted_finished_file_is_found_and_fetched_again(hub, tmp_path):
+    _, state, files = hub(fw.repo_files(t5_payload=BIG_T5))
+    w.download_weights(tmp_path)
+    block = tmp_path / "distill_int8/block_7.safetensors"
+    data = bytearray(block.read_bytes())
+    data[-1] ^= 0xFF  # tensor bytes: size and header intact
+    block.write_bytes(bytes(data))
+    assert [p.path for p in w.verify(tmp_path, deep=True).problems] == ["distill_int8/block_7.safetensors"]
+    before = {r.path for r in state.requests if r.method == "GET"}
+
+    result = w.download_weights(tmp_path, rehash=True)
+
+    assert result.files_downloaded == 1 and block.read_bytes() == files["distill_int8/block_7.safetensors"]
+    assert w.verify(tmp_path, deep=True).ok
+    assert len(state.gets("block_7.safetensors")) == 2 and len(state.gets(fw.T5)) == 1
+    assert before  # the first run did fetch
+
+
+def test_the_doctor_sees_the_tiny_vae_the_downloader_fetched(hub, tmp_path):
+    from install import doctor as d
+    from install.tinyvae import download_tiny_vae
+
+    taehv = FakeRepo({"taew2_1.pth": fw.torch_zip_bytes(4096, seed=7), "taehv.pth": fw.torch_zip_bytes(64),
+                      "README.md": b"# taehv\n"}, commit="e" * 40)
+    _, state, _ = hub(extra_repos={"madebyollin/taehv": taehv})  # no lightx2v/Autoencoders on this Hub
+    w.download_weights(tmp_path)
+    assert d._check_tiny_vae(tmp_path).status is d.Status.INFO
+
+    path = download_tiny_vae(tmp_path)
+
+    assert path == tmp_path / "taew2_1.pth" and path.read_bytes() == taehv.files["taew2_1.pth"]
+    assert state.gets("lightx2v/Autoencoders/resolve/main/.gitattributes") or any(
+        "Autoencoders" in r.path for r in state.requests)  # it was asked for first
+    assert not state.gets("taehv.pth")
+    report = w.verify(tmp_path)
+    assert report.ok and report.layout is not None and report.layout.tiny_vae == path
+    finding = d._check_tiny_vae(tmp_path)
+    assert finding.status is d.Status.OK and "taew2_1.pth" in finding.detail
+    assert download_tiny_vae(tmp_path) == path and len(state.gets("taew2_1.pth")) == 1  # kept, not re-fetched
+    assert cli.main_download(["--weights-dir", str(tmp_path), "--tiny-vae"]) == 0
+    # What the System tab will call: the same generator as the main download, ending with the outcome.
+    from install import download_tiny_vae as face, iter_download
+
+    other = tmp_path / "other"
+    events = list(iter_download(other, job=face, min_interval_s=0.0))
+    assert events[-1].phase is w.DownloadPhase.DONE and "taew2_1.pth" in events[-1].message
+    assert (other / "taew2_1.pth").read_bytes() == taehv.files["taew2_1.pth"]
+
+
+def test_the_setup_package_uses_only_public_huggingface_hub_names():
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    for path in (root / "install").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("huggingface_hub"):
+                assert not any(part.startswith("_") for part in node.module.split(".")), (path.name, node.module)
+                assert node.module in ("huggingface_hub", "huggingface_hub.utils", "huggingface_hub.errors",
+                                       "huggingface_hub.constants"), (path.name, node.module)
+                assert not any(a.name.startswith("_") for a in node.names), (path.name, [a.name for a in node.names])
+    assert len((root / "install" / "weights.py").read_text().splitlines()) <= 500
+
+
+def test_the_ui_imports_setup_code_only_from_the_package_face():
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    for path in (root / "ui").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("install"):
+                assert node.module == "install", (path.name, node.module)
+
+
+def test_why_our_resume_code_exists_the_library_drops_its_partial_file(hub, tmp_path):
+    """The premise of `_resumable`: when hf_hub_download stops mid-file, nothing of what arrived is kept for
+    a later process. If a future huggingface_hub keeps it, this fails, and our own code can go."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    server, _, files = hub(fw.repo_files(t5_payload=BIG_T5))
+
+    arrived: list[int] = []
+
+    class Interrupt(hf_tqdm):  # the process "dies" once bytes have arrived
+        def update(self, n=1):
+            if n:
+                arrived.append(int(n))
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        hf_hub_download(fw.REPO_ID, fw.T5, local_dir=tmp_path, endpoint=server.url, tqdm_class=Interrupt)
+    kept = [p for p in tmp_path.rglob("*") if p.is_file() and ("incomplete" in p.name or p.name == "t5" or
+                                                              p.stat().st_size >= 1024 * 1024)]
+    assert arrived and arrived[0] > 0  # bytes had been written when it stopped...
+    assert kept == [], kept  # ...and none of them is left for the next process

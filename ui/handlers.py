@@ -6,29 +6,30 @@ Widget values become a `GenerationRequest` here, by name; results become widget 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import secrets
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import gradio as gr
 
-from pipeline.errors import (BackendUnavailable, GenerationCancelled, InvalidRequest, ModelLoadError,
-                             NoGPUError, OutOfVRAM, OutputError, StudioError, WeightsError)
+from pipeline.errors import (AppStopped, BackendUnavailable, GenerationCancelled, InvalidRequest, LaneFull,
+                             LatentsError, ModelLoadError, NoGPUError, OutOfVRAM, OutputError, OutputsInUse,
+                             StudioError, WeightsError)
 from pipeline.gpu import GpuMonitor
 from pipeline.history import History, HistoryEntry
 from pipeline.jobs import Job, JobQueue
 from pipeline.outputs import OutputStore
 from pipeline.service import VideoService
-from pipeline.types import (MAX_SEED, TEXT_ENCODER_MAX_TOKENS, FinishRequest, GenerationRequest,
-                            GenerationResult, Phase, Preview, PreviewKind, ProgressEvent,
-                            prompt_token_estimate)
+from pipeline.types import (MAX_PROMPT_CHARS, MAX_SEED, TEXT_ENCODER_MAX_TOKENS, FinishRequest,
+                            GenerationRequest, GenerationResult, Phase, Preview, PreviewKind,
+                            ProgressEvent, prompt_token_estimate)
 from presets import PresetBook
-from ui.memory_panel import format_forecasts, format_memory, timeline_rows
+from ui.memory_panel import format_forecasts, format_memory, timeline_note, timeline_rows
 
 log = logging.getLogger(__name__)
 
@@ -42,37 +43,10 @@ class UiContext:
     presets: PresetBook
     monitor: GpuMonitor
     history: History
-    waiting: "WaitingClicks" = field(default_factory=lambda: WaitingClicks())
 
 
-class WaitingClicks:
-    """Generate clicks still waiting in Gradio's queue, per browser session.
-
-    Such a click is not a job yet, so the lane cannot cancel it; Cancel withdraws it here instead,
-    and the handler drops it when its turn comes, before anything reaches the GPU."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._withdrawn: dict[str, bool] = {}
-
-    def mark(self, session: str) -> None:
-        with self._lock:
-            self._withdrawn[session] = False
-
-    def withdraw(self, session: str) -> bool:
-        with self._lock:
-            if session not in self._withdrawn:
-                return False
-            self._withdrawn[session] = True
-            return True
-
-    def take(self, session: str) -> bool:
-        """The click's turn has come: True when it was withdrawn meanwhile."""
-        with self._lock:
-            return self._withdrawn.pop(session, False)
-
-
-# Titles for the alert box, in words rather than class names.
+# Titles for the alert box, in words rather than class names: each says which kind of trouble it
+# is (input, GPU, memory, disk, ...), so no alert is a bare "Error".
 _TITLES: tuple[tuple[type[StudioError], str], ...] = (
     (InvalidRequest, "Check your input"),
     (NoGPUError, "No NVIDIA GPU"),
@@ -81,7 +55,21 @@ _TITLES: tuple[tuple[type[StudioError], str], ...] = (
     (ModelLoadError, "Loading the model failed"),
     (OutOfVRAM, "Out of GPU memory"),
     (OutputError, "Saving the video failed"),
+    (LaneFull, "Queue full"),
+    (OutputsInUse, "Outputs folder in use"),
+    (LatentsError, "The clip's kept latents"),
+    (AppStopped, "The app was stopped"),
 )
+
+
+def alert_title(exc: StudioError) -> str:
+    return next((t for cls, t in _TITLES if isinstance(exc, cls)), "Generation failed")
+
+
+def _alert(title: str, body: str) -> Exception:
+    # Gradio's toast heads every raised error "Error" and leaves `title` out (6.31), so the title
+    # also leads the message: the toast says which kind of trouble it is. API clients get both.
+    return gr.Error(f"{title}: {body}", title=title, print_exception=False)
 
 
 def as_alert(exc: BaseException) -> Exception:
@@ -91,15 +79,15 @@ def as_alert(exc: BaseException) -> Exception:
     for a machine without a GPU, would read like a crash."""
     if isinstance(exc, GenerationCancelled):
         log.info("job cancelled: %s", exc)
-        return gr.Error(str(exc) or "Cancelled.", title="Cancelled", print_exception=False)
+        return _alert("Cancelled", str(exc) or "Cancelled.")
     if isinstance(exc, StudioError):
-        title = next((t for cls, t in _TITLES if isinstance(exc, cls)), "Generation failed")
+        title = alert_title(exc)
         log.log(logging.INFO if isinstance(exc, InvalidRequest) else logging.WARNING,
                 "%s: %s", title, exc)
-        return gr.Error(str(exc), title=title, print_exception=False)
+        return _alert(title, str(exc))
     log.error("unexpected error reached the UI", exc_info=exc)
-    return gr.Error(f"Unexpected error ({type(exc).__name__}: {exc}). The details are in the "
-                    f"terminal log.", title="Unexpected error", print_exception=False)
+    return _alert("Unexpected error", f"{type(exc).__name__}: {exc}. The details are in the "
+                                      f"terminal log.")
 
 
 def warn_if_fell_back(result: GenerationResult) -> None:
@@ -110,65 +98,108 @@ def warn_if_fell_back(result: GenerationResult) -> None:
 
 def failure_status(exc: BaseException, alert: Exception) -> str:
     """The status line after a failed or cancelled job (the alert box fades, this stays)."""
+    title = getattr(alert, "title", "Generation failed")
+    body = str(getattr(alert, "message", exc)).removeprefix(f"{title}: ")
     # Plain text marks: colour emoji are missing from many Linux fonts and show as boxes.
     if isinstance(exc, GenerationCancelled):
-        return f"**Cancelled.** {getattr(alert, 'message', exc)}"
-    return f"✖ **{getattr(alert, 'title', 'Error')}.** {getattr(alert, 'message', exc)}"
+        return f"**Cancelled.** {body}"
+    return f"✖ **{title}.** {body}"
 
 
 def parse_seed(seed: Any, randomize: bool) -> int:
+    """A widget or API seed value as an int; its range is GenerationRequest's check."""
     if randomize:
         return secrets.randbelow(MAX_SEED + 1)
     if seed is None or seed == "":
         raise InvalidRequest("Enter a seed, or tick 'Random seed'.")
     # bool is an int in Python; `true` as a seed is a caller's mistake, not seed 1.
     if isinstance(seed, bool) or not isinstance(seed, (int, float, str)):
-        raise InvalidRequest(f"The seed must be a whole number, got {seed!r}.")
+        raise InvalidRequest(f"The seed must be a whole number, got {seed!r:.40}.")
+    if isinstance(seed, int):
+        return seed
     try:
         value = float(seed)
     except (TypeError, ValueError):
-        raise InvalidRequest(f"The seed must be a whole number, got {seed!r}.") from None
+        raise InvalidRequest(f"The seed must be a whole number, got {seed!r:.40}.") from None
     if not value.is_integer():  # also NaN and infinity
-        raise InvalidRequest(f"The seed must be a whole number, got {seed!r}.")
-    if not 0 <= value <= MAX_SEED:
-        raise InvalidRequest(f"The seed must be between 0 and {MAX_SEED}, got {seed!r}.")
+        raise InvalidRequest(f"The seed must be a whole number, got {seed!r:.40}.")
     return int(value)
 
 
-def _text(value: Any, what: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise InvalidRequest(f"The {what} must be text, got {type(value).__name__} {value!r:.40}.")
-    return value
-
-
-def make_request(*, prompt: Any, preset: Any, seed: Any, randomize_seed: Any,
-                 negative_prompt: Any = "", draft: Any = False) -> GenerationRequest:
-    """Check raw widget or API values and build the request. Generate runs with Gradio's own
-    preprocessing off, so this is the one place its inputs are checked, with our messages."""
+def make_request(presets: PresetBook, *, prompt: Any, preset: Any, seed: Any, randomize_seed: Any,
+                 negative_prompt: Any = "", draft: Any = False,
+                 draft_available: bool = False) -> GenerationRequest:
+    """The border: raw widget or API values become a checked GenerationRequest for a preset in the
+    book. Generate runs with Gradio's own preprocessing off, so this is where its inputs are turned
+    into Python values; GenerationRequest checks each field, once. `draft_available`: whether the
+    tiny VAE that 'Draft decode' needs is installed."""
     if randomize_seed is None:
         randomize_seed = False
     if not isinstance(randomize_seed, bool):
         raise InvalidRequest(f"'Random seed' must be true or false, got {randomize_seed!r:.40}.")
-    if not isinstance(preset, str) or not preset:
-        raise InvalidRequest("No preset was chosen." if preset in (None, "") else
-                             f"The preset must be a preset name, got {preset!r:.40}.")
-    # Whether the preset exists is the service's check (VideoService.validate), made on submit.
-    return GenerationRequest(prompt=_text(prompt, "prompt"), preset=preset,
-                             seed=parse_seed(seed, randomize_seed),
-                             negative_prompt=_text(negative_prompt, "negative prompt"),
-                             draft=False if draft is None else draft)
+    request = GenerationRequest(prompt="" if prompt is None else prompt, preset=preset,
+                                seed=parse_seed(seed, randomize_seed),
+                                negative_prompt="" if negative_prompt is None else negative_prompt,
+                                draft=False if draft is None else draft)
+    if request.preset not in presets:
+        raise InvalidRequest(f"Unknown preset {request.preset[:60]!r}; choose one of "
+                             f"{', '.join(presets)}.")
+    if request.draft and not draft_available:
+        raise InvalidRequest("'Draft decode' needs the tiny VAE (taew2_1.pth), which is not "
+                             "installed. Download it from the System tab, or untick 'Draft decode'.")
+    return request
+
+
+MAX_BATCH = 16
+
+
+def _whole_number(value: Any, error: str) -> int:
+    """A widget or API value that must be a whole number (a number, or text of one), else
+    InvalidRequest(error). bool is refused: `true` is a caller's mistake, not 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InvalidRequest(error)
+    try:
+        number = float(value)
+    except ValueError:
+        raise InvalidRequest(error) from None
+    if not number.is_integer():  # also NaN and infinity
+        raise InvalidRequest(error)
+    return int(number)
+
+
+def parse_count(count: Any) -> int:
+    """How many clips one click makes (1 when the field is left empty)."""
+    if count is None or count == "":
+        return 1
+    error = f"Count must be a whole number from 1 to {MAX_BATCH}, got {count!r:.40}."
+    value = _whole_number(count, error)
+    if not 1 <= value <= MAX_BATCH:
+        raise InvalidRequest(error)
+    return value
+
+
+def make_batch(presets: PresetBook, *, count: Any = 1, **values: Any) -> list[GenerationRequest]:
+    """`count` requests for one click: the same settings with consecutive seeds (wrapping past the
+    largest seed), so each clip can be made again on its own from its record."""
+    first = make_request(presets, **values)
+    return [first] + [replace(first, seed=(first.seed + i) % (MAX_SEED + 1))
+                      for i in range(1, parse_count(count))]
 
 
 def prompt_hint(prompt: Any) -> str:
-    if not isinstance(prompt, str):
-        return ""
+    """The live line under the prompt: characters against the limit Generate enforces, and a
+    warning when the text encoder will cut the prompt."""
+    if not isinstance(prompt, str) or not prompt:
+        return f"0 / {MAX_PROMPT_CHARS:,} characters"
+    chars = f"{len(prompt):,} / {MAX_PROMPT_CHARS:,} characters"
+    if len(prompt) > MAX_PROMPT_CHARS:
+        return (f"⚠️ **{chars}**: Generate refuses prompts over {MAX_PROMPT_CHARS:,} characters; "
+                f"shorten it by {len(prompt) - MAX_PROMPT_CHARS:,}.")
     tokens = prompt_token_estimate(prompt)
     if tokens > TEXT_ENCODER_MAX_TOKENS:
-        return (f"⚠️ About {tokens} tokens: the text encoder reads only the first "
+        return (f"⚠️ {chars}, about {tokens} tokens: the text encoder reads only the first "
                 f"{TEXT_ENCODER_MAX_TOKENS}; the rest is ignored.")
-    return ""
+    return chars
 
 
 def describe_event(event: ProgressEvent) -> str:
@@ -244,26 +275,49 @@ def result_summary(record: dict[str, Any]) -> str:
     return text
 
 
-def run_generation(ctx: UiContext, request: GenerationRequest) -> Iterator[tuple[Job, ProgressEvent | None]]:
-    """Submit to the GPU lane and follow the job; the caller turns events into widget updates."""
-    job = ctx.jobs.submit(request)
-    # The lane's own count: jobs of closed tabs still run, and Gradio's queue does not see them.
-    ahead = ctx.jobs.ahead_of(job)
-    yield job, ProgressEvent(Phase.QUEUED, message=(
-        f"Queued: {ahead} job{'s' if ahead != 1 else ''} ahead of yours on the GPU…" if ahead
-        else "Starting…"))
-    for event in job.follow():
-        yield job, event
+def queued_message(ahead: int) -> str:
+    return (f"Queued: {ahead} job{'s' if ahead != 1 else ''} ahead of yours on the GPU…" if ahead
+            else "Starting…")
+
+
+async def follow_job(ctx: UiContext, job: Job, poll_s: float = 0.1):
+    """Progress of one job in the lane, as an async iterator: it holds no thread while the job waits
+    (a hundred waiting clicks must not use up the server's worker threads). While the job waits,
+    its place in the queue is reported each time it changes."""
+    last_ahead = None
+    while True:
+        events, ended = job.pending_events()
+        for event in events:
+            yield event
+        if ended:
+            return
+        if not job.started:
+            # The lane's own count: jobs of closed tabs still run and count here.
+            ahead = ctx.jobs.ahead_of(job)
+            if ahead != last_ahead:
+                last_ahead = ahead
+                yield ProgressEvent(Phase.QUEUED, message=queued_message(ahead))
+        await asyncio.sleep(poll_s)
+
+
+def restored_status(entry: HistoryEntry) -> str:
+    return (f"Settings of #{entry.id} restored ({entry.preset_requested}, seed {entry.seed}). "
+            f"Press **Generate** to run them again.")
 
 
 def panel_text(ctx: UiContext) -> str:
     last = ctx.history.recent(1)
-    return format_memory(ctx.monitor.read(), last[0].peak_gib if last else None)
+    return format_memory(ctx.monitor.read(), last[0].peak_gib if last else None,
+                         backend=ctx.service.cache.backend.name)
 
 
 def forecast_text(ctx: UiContext) -> str:
     labels = {name: p.label for name, p in ctx.presets.items()}
     return format_forecasts(ctx.service.forecasts(), labels)
+
+
+def timeline_note_text(ctx: UiContext) -> str:
+    return timeline_note(bool(ctx.history.recent(1)), last_timeline(ctx))
 
 
 def last_timeline(ctx: UiContext) -> list[dict[str, Any]]:
@@ -310,24 +364,13 @@ def run_notes(record: dict[str, Any]) -> str:
     return "\n\n".join(notes)
 
 
-def finish_request(entry_id: Any) -> FinishRequest:
-    if entry_id is None:
+def finish_request(service: VideoService, entry_id: Any) -> FinishRequest:
+    """The border for *Finish at full quality*: the history id of a clip whose latents were kept,
+    checked once here (it exists, is finished, its record, preset and latents are there)."""
+    if entry_id is None or entry_id == "":
         raise InvalidRequest("Select a clip in the history first.")
-    if isinstance(entry_id, bool) or not isinstance(entry_id, (int, float, str)):
-        raise InvalidRequest(f"Choose a clip in the history to finish, got {entry_id!r:.40}.")
-    try:
-        value = int(entry_id)
-    except ValueError:
-        raise InvalidRequest(f"Choose a clip in the history to finish, got {entry_id!r:.40}.") from None
-    return FinishRequest(job_id=value)
+    request = FinishRequest(job_id=_whole_number(
+        entry_id, f"Choose a clip in the history to finish, got {entry_id!r:.40}."))
+    service.check_finish(request)
+    return request
 
-
-def run_finish(ctx: UiContext, request: FinishRequest) -> Iterator[tuple[Job, ProgressEvent | None]]:
-    """Submit a finish (decode kept latents with the full VAE) to the GPU lane and follow it."""
-    job = ctx.jobs.submit(request)
-    ahead = ctx.jobs.ahead_of(job)
-    yield job, ProgressEvent(Phase.QUEUED, message=(
-        f"Queued: {ahead} job{'s' if ahead != 1 else ''} ahead of yours on the GPU…" if ahead
-        else f"Finishing #{request.job_id} at full quality…"))
-    for event in job.follow():
-        yield job, event

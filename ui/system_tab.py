@@ -6,6 +6,7 @@ anything itself, so it never touches torch, LightX2V or the network directly.
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
@@ -13,9 +14,9 @@ from typing import Any
 
 import gradio as gr
 
-from install.doctor import DoctorReport, Status
+from install import (APPROX_TOTAL_BYTES, DoctorReport, DownloadPhase, DownloadProgress, Status, format_bytes,
+                     format_eta, format_rate)
 from pipeline.errors import StudioError
-from install.weights import DownloadPhase, DownloadProgress, format_bytes, format_eta, format_rate
 
 TABLE_HEADERS = ["Check", "Status", "What we found", "What to do"]
 _STATUS_LABEL = {Status.OK: "✓ ok", Status.INFO: "ℹ info", Status.WARN: "⚠ warning", Status.FAIL: "✗ fix this"}
@@ -24,6 +25,19 @@ _BAR_CELLS = 24
 
 def report_rows(report: DoctorReport) -> list[list[str]]:
     return [[f.name, _STATUS_LABEL[f.status], f.detail, f.fix] for f in report.findings]
+
+
+def report_html(report: DoctorReport) -> str:
+    """The whole table as HTML: every row visible at once (a Dataframe scrolls inside a fixed-height box and
+    hid half the checks), the text escaped and shown as written."""
+    cell = 'style="padding:6px 8px;vertical-align:top;text-align:left;border-top:1px solid ' \
+           'var(--border-color-primary)"'
+    widths = ("14%", "10%", "40%", "36%")
+    head = "".join(f'<th {cell} width="{w}">{h}</th>' for h, w in zip(TABLE_HEADERS, widths, strict=True))
+    body = "".join("<tr>" + "".join(f"<td {cell}>{html.escape(text)}</td>" for text in row) + "</tr>"
+                   for row in report_rows(report))
+    return (f'<table class="doctor-table" style="width:100%;border-collapse:collapse">'
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
 
 def report_headline(report: DoctorReport) -> str:
@@ -54,41 +68,42 @@ def build_system_tab(*, doctor: Callable[[], DoctorReport], weights_dir: Path,
 
     `doctor()` runs the checks (on page load and on Re-check). `start_download()` is called with no arguments
     and must yield `DownloadProgress` items ending with a DONE, FAILED or CANCELLED one, as
-    `install.weights.iter_download` does; closing it must stop the download.
+    `install.iter_download` does; closing it must stop the download.
     """
     gr.Markdown("### Setup check")
     headline = gr.Markdown("⏳ Checking this machine…")
-    table = gr.Dataframe(headers=TABLE_HEADERS, value=[], datatype=["str", "str", "str", "str"],
-                         interactive=False, wrap=True, column_widths=["13%", "10%", "40%", "37%"],
-                         label="Setup check", show_label=False)
+    table = gr.HTML("", elem_id="doctor-table")
     recheck = gr.Button("Re-check", variant="secondary", size="sm")
 
     gr.Markdown("### Model weights")
-    gr.Markdown(f"Folder: `{weights_dir}` — about {format_bytes(22.2e9)} (INT8 DiT, UMT5 INT8 text encoder, VAE, "
-                "tokenizer). The download resumes where it stopped if it is interrupted.")
+    gr.Markdown(f"Folder: {html.escape(str(weights_dir))} — about {format_bytes(APPROX_TOTAL_BYTES)} (INT8 DiT, "
+                "UMT5 INT8 text encoder, VAE, tokenizer). The download resumes where it stopped if it is interrupted.")
     with gr.Row():
         download = gr.Button("Download weights", variant="primary")
-        stop = gr.Button("Stop download", variant="secondary")
+        stop = gr.Button("Stop download", variant="secondary", visible=False)  # only while a download runs
     progress = gr.Markdown("")
 
-    def check() -> tuple[str, list[list[str]]]:
+    def check() -> tuple[str, str]:
         report = doctor()
-        return report_headline(report), report_rows(report)
+        return report_headline(report), report_html(report)
 
-    def run_download() -> Iterator[tuple[Any, Any, Any]]:
+    def run_download() -> Iterator[tuple[Any, ...]]:
+        running = (gr.update(visible=False), gr.update(visible=True))  # (download, stop)
         try:
             with closing(start_download()) as events:
                 for event in events:
-                    yield progress_markdown(event), gr.skip(), gr.skip()
+                    yield progress_markdown(event), gr.skip(), gr.skip(), *running
         except StudioError as exc:
-            yield f"✗ **Download failed.**\n\n{exc}", gr.skip(), gr.skip()
+            yield f"✗ **Download failed.**\n\n{exc}", gr.skip(), gr.skip(), *running
         # The weights (and the disk) changed: refresh the checks so the table matches.
-        yield gr.skip(), *check()
+        yield gr.skip(), *check(), gr.update(visible=True), gr.update(visible=False)
 
     # triggers=None runs on page load, so the table is filled when the tab is first shown.
     gr.on(triggers=None, fn=check, outputs=[headline, table], api_visibility="private", show_progress="minimal")
     recheck.click(check, outputs=[headline, table], api_visibility="private", show_progress="minimal")
-    download_event = download.click(run_download, outputs=[progress, headline, table], api_visibility="private",
+    download_event = download.click(run_download, outputs=[progress, headline, table, download, stop],
+                                    api_visibility="private",
                                     show_progress="hidden", concurrency_limit=1, concurrency_id="weights-download")
     # Cancelling closes the generator; `closing` passes that on to the download, which keeps its partial file.
-    stop.click(None, cancels=[download_event])
+    stop.click(lambda: (gr.update(visible=True), gr.update(visible=False)), outputs=[download, stop],
+               cancels=[download_event], api_visibility="private")

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from pipeline.backend import DecodeOutOfMemory, LoadKey, RunHooks
-from pipeline.errors import GenerationCancelled, NoGPUError
+from pipeline.errors import GenerationCancelled, NoGPUError, WeightsError
 from pipeline.outputs import write_mp4
 from pipeline.preview import latents_to_rgb, preview_fps
 from pipeline.types import Phase, Preview, PreviewKind, RunSpec
@@ -33,6 +33,10 @@ FAKE_STEP_SECONDS_ENV = "WAN_STUDIO_FAKE_STEP_SECONDS"
 FAKE_OOM_ENV = "WAN_STUDIO_FAKE_OOM"  # "preset:rung-or-*:phase[,...]", e.g. 720x1280x81:*:denoising
 FAKE_FAULTS_ENV = "WAN_STUDIO_FAKE_FAULTS_DIR"  # a folder of switch files, see FaultSwitches
 FAKE_TINY_VAE_ENV = "WAN_STUDIO_FAKE_TINY_VAE"  # "1": the fake has a tiny VAE (draft decodes)
+# "load" (every load that keeps the DiT in RAM fails) and/or preset:rung:phase triples: host memory
+# runs out there (pinned-memory failure at run time).
+FAKE_HOST_OOM_ENV = "WAN_STUDIO_FAKE_HOST_OOM"
+FAKE_RAM_ENV = "WAN_STUDIO_FAKE_RAM_GIB"  # the system RAM the fake machine reports to the planner
 
 
 
@@ -46,6 +50,25 @@ def simulated_oom(where: str) -> BaseException:
         except ImportError:
             return RuntimeError(message)
     return torch.cuda.OutOfMemoryError(message)
+
+
+def simulated_host_oom(where: str, pinned: bool) -> BaseException:
+    """What a host allocation failure looks like: torch's CPU allocator, or CUDA's pinned-host
+    allocator, whose error carries no hint beyond the pinning call on the stack."""
+    if not pinned:
+        return RuntimeError(f"[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: can't allocate "
+                            f"memory: you tried to allocate 15032385536 bytes. Error code 12 (Cannot "
+                            f"allocate memory) (simulated in {where})")
+
+    def pin_memory_block() -> None:
+        raise RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported "
+                           "at some other API call.")
+
+    try:
+        pin_memory_block()
+    except RuntimeError as exc:
+        return exc
+    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -64,6 +87,15 @@ class FakeBackend:
     on_step_hook: Callable[[RunSpec, int], None] | None = None
     # Whether a tiny VAE "is installed": draft decodes and tiny-VAE previews need one.
     tiny_vae_installed: bool = False
+    # Host memory: (preset, rung or "*", phase) triples that run out of (pinned) host memory, loads
+    # that keep the DiT in RAM failing, and the RAM the planner is told about (None: no reading).
+    host_oom_at: set[tuple[str, str, Phase]] = field(default_factory=set)
+    host_oom_loads: bool = False
+    ram_gib: float | None = None
+
+    def available_ram_gib(self) -> float | None:
+        """The planner's RAM reading for this backend (VideoService asks backends that have one)."""
+        return self.ram_gib
 
     def check_available(self) -> None:
         if not self.gpu_present:
@@ -74,12 +106,16 @@ class FakeBackend:
         # The same build-time settings as LightX2VBackend.load_key: everything else is per call.
         build = {"offload_granularity": memory["offload_granularity"],
                  "text_encoder_offload": memory["text_encoder"] != "gpu"}
+        if memory.get("dit_from_disk"):
+            build["dit_from_disk"] = True
         return LoadKey(self.name, self.weights_dir, tuple(sorted(build.items())))
 
     def load(self, key: LoadKey, on_phase: Callable[[Phase], None]) -> "FakeModel":
         on_phase(Phase.LOADING)
         if key in self.fail_loads:
             raise RuntimeError(f"simulated load failure for {dict(key.build_settings)}")
+        if self.host_oom_loads and not dict(key.build_settings).get("dit_from_disk"):
+            raise simulated_host_oom(f"load {dict(key.build_settings)}", pinned=False)
         self.loads.append(key)
         return FakeModel(self, key)
 
@@ -104,6 +140,9 @@ class FakeModel:
         self._lock = threading.Lock()
 
     def _check(self, spec: RunSpec, phase: Phase) -> None:
+        if any(p == spec.preset and r in ("*", spec.rung) and ph is phase for p, r, ph in self.backend.host_oom_at):
+            self.dirty = True
+            raise simulated_host_oom(f"{spec.preset}/{spec.rung} {phase.value}", pinned=True)
         if self.backend._maybe_oom(spec, phase):
             self.dirty = True
             raise simulated_oom(f"{spec.preset}/{spec.rung} {phase.value}")
@@ -183,7 +222,8 @@ class FakeModel:
         frames = ((base.astype(np.uint16) + drift) % 256).astype(np.uint8)
         if spec.draft:
             if not self.backend.tiny_vae_installed:
-                raise RuntimeError("fake: a draft decode without a tiny VAE")
+                # As LightX2VModel: the border refuses drafts without one, so this is a setup fault.
+                raise WeightsError("fake: a draft decode without a tiny VAE")
             frames &= 0xE0  # the tiny VAE's rougher picture: fewer levels
         return frames
 
@@ -249,9 +289,21 @@ def fake_backend_from_env(env: Mapping[str, str], preset_names: list[str]
                           ) -> tuple[FakeBackend, "FaultSwitches | None"]:
     """The fake backend as `--backend fake` runs it, with the test-only switches read from `env`.
     Raises ValueError for an unreadable switch."""
+    host = [item.strip() for item in (env.get(FAKE_HOST_OOM_ENV) or "").split(",") if item.strip()]
+    ram = env.get(FAKE_RAM_ENV)
+    try:
+        ram_gib = float(ram) if ram else None
+    except ValueError:
+        raise ValueError(f"{FAKE_RAM_ENV}: expected GiB as a number, got {ram!r}") from None
     backend = FakeBackend(step_seconds=float(env.get(FAKE_STEP_SECONDS_ENV) or "0.2"),
                           oom_at=parse_fake_oom(env.get(FAKE_OOM_ENV), preset_names),
-                          tiny_vae_installed=env.get(FAKE_TINY_VAE_ENV) == "1")
+                          tiny_vae_installed=env.get(FAKE_TINY_VAE_ENV) == "1",
+                          host_oom_loads="load" in host,
+                          host_oom_at=parse_fake_oom(",".join(i for i in host if i != "load"), preset_names),
+                          ram_gib=ram_gib)
+    if backend.host_oom_loads or backend.host_oom_at or ram_gib is not None:
+        log.warning("TEST SWITCH %s/%s: fake host memory %s GiB, running out at %s", FAKE_HOST_OOM_ENV,
+                    FAKE_RAM_ENV, ram_gib, host)
     if backend.oom_at:
         log.warning("TEST SWITCH %s: the fake backend will run out of memory at %s", FAKE_OOM_ENV,
                     sorted((p, r, ph.value) for p, r, ph in backend.oom_at))

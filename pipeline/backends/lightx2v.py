@@ -11,12 +11,17 @@ build time (part of the LoadKey, a change reloads the weights)
                         buffers or 3 phase buffers (networks/wan/weights/transformer_weights.py:162-239)
                         and WanOffloadTransformerInfer.__init__ picks infer_with_blocks_offload or
                         infer_with_phases_offload (networks/wan/infer/offload/transformer_infer.py:13-35).
+  dit_from_disk         the low-RAM rung: LightX2V's lazy_load (non-block weights in RAM, blocks read
+                        from block_N.safetensors into two pinned buffers a block ahead), built once and
+                        kept between requests (lightx2v_compat.dit_streamed_and_kept).
   text_encoder == "gpu" T5Encoder builds either the offload block buffers or resident int8 blocks
                         (input_encoders/hf/wan/t5/model.py:487-511), and T5EncoderModel loads them
                         accordingly (:815-857); "offload" and "offload_keep_embedding" share one build.
 per call (set on the built objects before each run)
   text_encoder offload vs offload_keep_embedding: where the token embedding lives, our own
                         HostTokenEmbedding (pipeline/backends/lightx2v_compat.py, bug 5), `keep_on_device`.
+  release_text_encoder  the text encoder is dropped after encoding and loaded again for the next prompt
+                        (its 4.4 GB of pinned blocks and 2.1 GB embedding go back to the system).
   vae_offload           WanVAE.cpu_offload is read at each decode (video_encoders/hf/wan/vae.py:1566-1597);
                         we move the VAE between host and GPU to match (WanVAE.to_cpu/to_cuda, :1035-1049).
   vae_tiling            WanVAE.use_tiling is read at each decode (vae.py:1590).
@@ -42,12 +47,16 @@ slow card waits for one block, not one step); a VAE decode that runs out of memo
 back (DecodeOutOfMemory); failures are cleaned up (recover, bug 6); the FFN runs over token
 slices above 32,768 tokens (720p), which cuts 720p's peak by ~2.7 GiB at no cost; and the non-block
 weights stay on the GPU from the first to the last step of a run instead of moving twice per step
-(docs/benchmarks/2026-11-27-NVIDIA_H100_80GB_HBM3.md).
+(docs/benchmarks/2026-11-27-NVIDIA_H100_80GB_HBM3.md). Kernels (pipeline/backends/kernels.py,
+hooked in by kernels.install at load): the self-attention kernel is measured per GPU and shape at its first call
+and cached in the history database, the INT8 GEMM autotunes over tiles that fit the GPU's shared
+memory, and RTX 40/50 cards get SageAttention 1.0.6's kernel; the record's model.kernels says which.
 """
 
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import logging
 import os
@@ -60,10 +69,10 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.backend import DecodeOutOfMemory, LoadKey, RunHooks
-from pipeline.errors import (BackendUnavailable, GenerationCancelled, InvalidRequest, NoGPUError,
-                             WeightsError)
+from pipeline.errors import BackendUnavailable, GenerationCancelled, NoGPUError, WeightsError
 from pipeline.gpu import GIB, GpuMonitor, is_oom
 from pipeline.preview import latents_to_rgb, preview_fps, stride_for
+from pipeline.layout import DIT_DIR, TINY_VAE_NAMES, WeightsLayout, locate
 from pipeline.types import Phase, Preview, PreviewKind, RunSpec
 
 log = logging.getLogger(__name__)
@@ -132,87 +141,12 @@ def _lightx2v_commit() -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Weights
+# Weights: pipeline/layout.py is the one rule (the tiny VAE is its optional `tiny_vae` field).
 
 
-@dataclass(frozen=True)
-class WeightFiles:
-    root: Path
-    dit_dir: Path
-    config: dict[str, Any]
-    t5: Path
-    vae: Path
-    tokenizer: Path
-    synthetic: bool
-
-
-def locate_weights(root: Path | str) -> WeightFiles:
-    """Find the files of the HF repo layout under `root`; raise WeightsError naming what is missing.
-
-    DiT: root/distill_int8/{non_block.safetensors, block_0..N-1.safetensors} and config.json there
-    or in root (LightX2V merges both, set_config.py:289-339). T5 and VAE .pth: in distill_int8/ or
-    in root (both layouts are in use). Tokenizer: root/google/umt5-xxl. The same rules as
-    install.weights.verify, so the doctor and Generate agree on what is complete.
-    """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise WeightsError(f"The weights folder {root} does not exist. Download the model into it first.")
-    dit = root / "distill_int8"
-    missing: list[str] = []
-    config: dict[str, Any] = {}
-    config_path = next((p for p in (dit / "config.json", root / "config.json") if p.is_file()), None)
-    if config_path is None:
-        missing.append("distill_int8/config.json (or config.json in the root)")
-    else:
-        try:
-            config = json.loads(config_path.read_text())
-        except ValueError as exc:
-            raise WeightsError(f"{config_path} is not valid JSON ({exc}); download it again.") from None
-    if not (dit / "non_block.safetensors").is_file():
-        missing.append("distill_int8/non_block.safetensors")
-    layers = config.get("num_layers")
-    if isinstance(layers, int):
-        absent = [i for i in range(layers) if not (dit / f"block_{i}.safetensors").is_file()]
-        if absent:
-            shown = ", ".join(f"block_{i}" for i in absent[:5]) + (" ..." if len(absent) > 5 else "")
-            missing.append(f"distill_int8/{{{shown}}}.safetensors ({len(absent)} of {layers})")
-
-    def find(name: str) -> Path | None:
-        for candidate in (dit / name, root / name):
-            if candidate.is_file():
-                return candidate
-        return None
-
-    t5 = find("models_t5_umt5-xxl-enc-int8.pth")
-    vae = find("Wan2.1_VAE.pth")
-    if t5 is None:
-        missing.append("models_t5_umt5-xxl-enc-int8.pth (in distill_int8/ or the root)")
-    if vae is None:
-        missing.append("Wan2.1_VAE.pth (in distill_int8/ or the root)")
-    tokenizer = root / "google" / "umt5-xxl"
-    if not (tokenizer / "tokenizer_config.json").is_file() or not any(
-            (tokenizer / f).is_file() for f in ("tokenizer.json", "spiece.model")):
-        missing.append("google/umt5-xxl/ (the T5 tokenizer: tokenizer_config.json and tokenizer.json "
-                       "or spiece.model)")
-    if missing:
-        raise WeightsError(f"The model in {root} is incomplete; missing: {'; '.join(missing)}. "
-                           f"Download it again (it resumes).")
-    return WeightFiles(root=root, dit_dir=dit, config=config, t5=t5, vae=vae, tokenizer=tokenizer,
-                       synthetic=(root / "README.txt").is_file()
-                       and "SYNTHETIC CHECKPOINT" in (root / "README.txt").read_text(errors="replace"))
-
-
-TINY_VAE_NAMES = ("taew2_1.pth", "taew2_1.safetensors")
-
-
-def tiny_vae_file(files: WeightFiles) -> Path | None:
-    """The tiny VAE (taehv for Wan 2.1) when it is installed: next to the full VAE, or in the
-    weights root. The one place that knows where it lives."""
-    for folder in dict.fromkeys((files.vae.parent, files.root)):
-        for name in TINY_VAE_NAMES:
-            if (folder / name).is_file():
-                return folder / name
-    return None
+def tiny_vae_file(files: WeightsLayout) -> Path | None:
+    """The tiny VAE (taehv for Wan 2.1) when it is installed, as the layout rule found it."""
+    return files.tiny_vae
 
 
 # ------------------------------------------------------------------------------------------------
@@ -226,13 +160,16 @@ class LightX2VBackend:
 
     def __init__(self, weights_dir: Path | str, quant_scheme: str = "auto", attn_mode: str = "auto",
                  vram_cap_gib: float | None = None, *, compat_skip: frozenset[str] | set[str] = frozenset(),
-                 ffn_chunk_tokens: int = FFN_CHUNK_TOKENS, resident: bool = False):
+                 ffn_chunk_tokens: int = FFN_CHUNK_TOKENS, resident: bool = False, attention: str = "auto",
+                 kernel_store: Any = None):
         """`vram_cap_gib`: limit this process's PyTorch allocations to that many GiB (emulates a
         smaller card; leaves VRAM to other programs). `compat_skip`: compat fixes NOT to apply, for
         the GPU tests that prove each fix is needed. Never set it in the app. `ffn_chunk_tokens`:
         run the DiT FFN over token slices of at most this many tokens (0 = never; see
         lightx2v_compat.ffn_chunked_over_tokens). `resident`: no offload at all (DiT, T5 and VAE on
-        the GPU, ~30 GB): only the benchmark's reference for step times."""
+        the GPU, ~30 GB): only the benchmark's reference for step times. `attention`: "auto" measures
+        the self-attention kernels per GPU (pipeline/backends/kernels.py), a backend name forces one
+        (bench, bisecting); `kernel_store`: where measured choices persist (the history database)."""
         if quant_scheme != "auto" and quant_scheme not in QUANT_SCHEMES:
             raise ValueError(f"quant_scheme must be 'auto' or one of {sorted(QUANT_SCHEMES)}, got {quant_scheme!r}")
         if attn_mode != "auto" and attn_mode not in ATTN_MODES:
@@ -246,7 +183,30 @@ class LightX2VBackend:
         self.compat_skip = frozenset(compat_skip)
         self.ffn_chunk_tokens = int(ffn_chunk_tokens)
         self.resident = bool(resident)
+        from pipeline.backends import kernels
+
+        if attention != "auto" and attention not in kernels.ALL_ATTENTION:
+            raise ValueError(f"attention must be 'auto' or one of {list(kernels.ALL_ATTENTION)}, got {attention!r}")
+        self.attention = attention
+        self.kernel_store = kernel_store
+        self._selector: Any = None
         self._last_fixes: list[str] = []
+        self._last_fix_details: dict[str, str] = {}
+
+    def use_kernel_store(self, store: Any) -> None:
+        """Persist measured kernel choices there (the app passes its History)."""
+        self.kernel_store = store
+        if self._selector is not None:
+            self._selector.store = store
+
+    def kernel_choices(self, gpu_name: str | None = None) -> list[dict[str, Any]]:
+        """The attention kernels chosen on this GPU, for the System tab: this process's choices
+        once a run has measured, else those the history database remembers for `gpu_name`."""
+        from pipeline.backends import kernels
+
+        if self._selector is not None and self._selector.choices:
+            return self._selector.summary()
+        return kernels.cached_choices(self.kernel_store, gpu_name)
 
     # -- resolution of "auto" (cheap: find_spec only) --
 
@@ -287,7 +247,7 @@ class LightX2VBackend:
             missing.append(f"{attn_module} (for attention {self.attn_mode})")
         if missing:
             raise BackendUnavailable(f"LightX2V cannot be imported: missing {', '.join(missing)}. {INSTALL_HINT}")
-        locate_weights(self.weights_dir)
+        locate(self.weights_dir)
 
     def load_key(self, memory: dict[str, Any]) -> LoadKey:
         granularity = memory.get("offload_granularity", "block")
@@ -304,38 +264,58 @@ class LightX2VBackend:
         }
         if self.resident:
             build["resident"] = True
+        if memory.get("dit_from_disk"):
+            build["dit_from_disk"] = True  # a lazy_load build (the low-RAM rung)
         return LoadKey(backend=self.name, weights_dir=str(self.weights_dir.resolve()),
                        build_settings=tuple(sorted(build.items())))
 
     def load(self, key: LoadKey, on_phase: Callable[[Phase], None]) -> "LightX2VModel":
         on_phase(Phase.LOADING)
         build = dict(key.build_settings)
-        files = locate_weights(key.weights_dir)
+        files = locate(key.weights_dir)
         torch = _import_torch_for_cuda()
         _apply_vram_cap(torch, self.vram_cap_gib)
         lx = _import_lightx2v()
+        from pipeline.backends import kernels
+
         fixes = lx.compat.CompatFixes(skip=self.compat_skip)
+        # Host memory (issue 15): weights pinned into packed slabs, .pth checkpoints memory-mapped.
+        arena = lx.compat.pinned_weights_packed(fixes, lx.ops_utils, torch)
+        lx.compat.checkpoints_memory_mapped(fixes, lx.lx_utils)
         started = time.perf_counter()
         pipe = None
         try:
             pipe = _build_pipeline(lx, fixes, files, build)
-            model = LightX2VModel(pipe, fixes, build, files, torch, lx, ffn_chunk_tokens=self.ffn_chunk_tokens)
+            if arena is not None:
+                arena.close()
+                log.info("pinned weights: %.2f GiB in slabs for %.2f GiB of tensors", arena.pinned_bytes / GIB,
+                         arena.requested_bytes / GIB)
+            model = LightX2VModel(pipe, fixes, build, files, torch, lx, ffn_chunk_tokens=self.ffn_chunk_tokens,
+                                  arena=arena)
+            self._selector = model.attention_selector = kernels.install(
+                lx.compat, fixes, torch, build, model._runner.model.transformer_weights, sage_attn_module=lx.sage_attn_module,
+                sageattention=lx.sageattention, triton_kernels=lx.triton_kernels, attention=self.attention,
+                store=self.kernel_store)
         except BaseException:
             # A failed build (OOM while loading, missing kernel...) must not keep pinned host memory
             # or GPU buffers: the cache rolls back to the previous model right after this.
             pipe = None
+            if arena is not None:
+                arena.close()  # the arena must not keep the failed load's slabs alive
             gc.collect()
             if torch.cuda.is_initialized():
                 torch.cuda.empty_cache()
+            lx.compat.release_cached_pinned_memory(torch)
             raise
         self._last_fixes = fixes.names
+        self._last_fix_details = {fix.name: fix.detail for fix in fixes.applied}
         log.info("LightX2V pipeline built in %.1f s (%s); compat fixes: %s", time.perf_counter() - started,
                  ", ".join(f"{k}={v}" for k, v in sorted(build.items())), fixes.names or "none")
         return model
 
     def tiny_vae(self) -> str | None:
         try:
-            found = tiny_vae_file(locate_weights(self.weights_dir))
+            found = tiny_vae_file(locate(self.weights_dir))
         except WeightsError:
             return None
         return found.name if found is not None else None
@@ -343,7 +323,7 @@ class LightX2VBackend:
     def describe(self) -> dict[str, Any]:
         synthetic = None
         try:
-            synthetic = locate_weights(self.weights_dir).synthetic
+            synthetic = locate(self.weights_dir).synthetic
         except WeightsError:
             pass
         return {
@@ -361,7 +341,13 @@ class LightX2VBackend:
             "attn_mode": self.attn_mode,
             "vram_cap_gib": self.vram_cap_gib,
             "compat_fixes": list(self._last_fixes),
+            "kernels": {"attention_requested": self.attention,
+                        "attention": self._selector.summary() if self._selector is not None else [],
+                        **{name: self._last_fix_details[name] for name in _KERNEL_FIXES if name in self._last_fix_details}},
         }
+
+
+_KERNEL_FIXES = ("attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu", "sage_attention_on_sm89_sm120")
 
 
 def _torch_cuda_version() -> str | None:
@@ -412,6 +398,11 @@ class _LightX2VModules:
     default_runner_cls: Any
     wan_runner_cls: Any
     chunked_rope_cls: Any
+    sage_attn_module: Any = None
+    sageattention: Any = None
+    triton_kernels: Any = None
+    ops_utils: Any = None  # lightx2v.common.ops.utils (pinned tensors)
+    lx_utils: Any = None  # lightx2v.utils.utils (checkpoint loading)
 
 
 def _import_lightx2v() -> _LightX2VModules:
@@ -426,15 +417,26 @@ def _import_lightx2v() -> _LightX2VModules:
         from lightx2v.models.runners.default_runner import DefaultRunner
         from lightx2v.models.runners.wan.wan_runner import WanRunner
         from lightx2v.utils.registry_factory import MM_WEIGHT_REGISTER
+        import lightx2v.common.ops.utils as ops_utils
+        import lightx2v.utils.utils as lx_utils
     except ImportError as exc:
         raise BackendUnavailable(f"LightX2V could not be imported ({exc}). {INSTALL_HINT}") from exc
-    return _LightX2VModules(compat=compat, input_info=input_info, pipeline_cls=LightX2VPipeline,
+    kernel_modules = {}
+    for field_name, module_name in (("sage_attn_module", "lightx2v.common.ops.attn.sage_attn"),
+                                    ("sageattention", "sageattention"),
+                                    ("triton_kernels", "lightx2v.common.ops.mm.triton_kernels")):
+        try:
+            kernel_modules[field_name] = importlib.import_module(module_name)
+        except ImportError:
+            kernel_modules[field_name] = None  # the hook that needs it does nothing
+    return _LightX2VModules(**kernel_modules, compat=compat, input_info=input_info, pipeline_cls=LightX2VPipeline,
                             mm_weight_register=MM_WEIGHT_REGISTER, pre_infer_cls=WanPreInfer,
                             t5_encoder_cls=T5Encoder, default_runner_cls=DefaultRunner,
-                            wan_runner_cls=WanRunner, chunked_rope_cls=ChunkedRope)
+                            wan_runner_cls=WanRunner, chunked_rope_cls=ChunkedRope, ops_utils=ops_utils,
+                            lx_utils=lx_utils)
 
 
-def _build_pipeline(lx: _LightX2VModules, fixes: Any, files: WeightFiles, build: dict[str, Any]) -> Any:
+def _build_pipeline(lx: _LightX2VModules, fixes: Any, files: WeightsLayout, build: dict[str, Any]) -> Any:
     compat = lx.compat
     compat.keep_target_video_length_in_config(fixes, lx.input_info)
     pipe = lx.pipeline_cls(model_path=str(files.root), model_cls="wan2.1_distill", task="t2v")
@@ -453,6 +455,8 @@ def _build_pipeline(lx: _LightX2VModules, fixes: Any, files: WeightFiles, build:
                         text_encoder_offload=t5_offload, vae_offload=True)
     pipe.vae_path = str(files.vae)
     pipe.t5_tokenizer_path = str(files.tokenizer)
+    if build.get("dit_from_disk"):
+        pipe.lazy_load = True  # copied into the config by create_generator (set_args2config)
     compat.t2v_without_image_encoder(fixes, pipe, lx.pre_infer_cls)
     if t5_offload:
         compat.t5_offload_linear_bias_default(fixes, lx.mm_weight_register, pipe.t5_quant_scheme)
@@ -465,6 +469,13 @@ def _build_pipeline(lx: _LightX2VModules, fixes: Any, files: WeightFiles, build:
     pipe.create_generator(attn_mode=build["attn_mode"], infer_steps=len(DENOISING_STEPS), num_frames=81,
                           height=480, width=832, guidance_scale=1.0, sample_shift=5.0,
                           denoising_step_list=list(DENOISING_STEPS))
+    if build.get("dit_from_disk"):
+        compat.dit_streamed_and_kept(fixes, pipe, lx.default_runner_cls)
+        if getattr(pipe.runner, "model", None) is None:
+            raise BackendUnavailable("This LightX2V builds the streamed (lazy_load) DiT per request, which the "
+                                     "low-RAM settings cannot use; the compat fix dit_streamed_and_kept is off.")
+        compat.streamed_biases_match_resident(fixes, lx.mm_weight_register[scheme],
+                                              pipe.runner.model.transformer_weights)
     return pipe
 
 
@@ -497,8 +508,8 @@ class _Call:
 class LightX2VModel:
     """A built LightX2V runner plus the per-call plumbing (settings, progress, cancel, OOM)."""
 
-    def __init__(self, pipe: Any, fixes: Any, build: dict[str, Any], files: WeightFiles, torch: Any,
-                 lx: _LightX2VModules, ffn_chunk_tokens: int = 0):
+    def __init__(self, pipe: Any, fixes: Any, build: dict[str, Any], files: WeightsLayout, torch: Any,
+                 lx: _LightX2VModules, ffn_chunk_tokens: int = 0, arena: Any = None):
         self._pipe = pipe
         self._runner = pipe.runner
         self._torch = torch
@@ -509,9 +520,15 @@ class LightX2VModel:
         self._dirty = False
         self._compat = lx.compat
         self._chunked_rope_cls = lx.chunked_rope_cls
+        self._t5_encoder_cls = lx.t5_encoder_cls
+        self.arena = arena  # the packed pinned slabs (None when upstream pins per tensor)
+        self.release_text_encoder = False  # per call (the low-RAM rung): drop it after encoding
+        self.text_encoder_loads = 0  # loads after the build (tests)
         self.host_embedding = None
+        self.attention_selector = None  # set at load (kernels.install) where the measured attention is on
         if build["text_encoder_offload"]:
-            self.host_embedding = lx.compat.t5_token_embedding_on_host(fixes, self._runner, lx.t5_encoder_cls)
+            self.host_embedding = lx.compat.t5_token_embedding_on_host(fixes, self._runner, lx.t5_encoder_cls,
+                                                                       str(files.t5))
         lx.compat.ffn_chunked_over_tokens(fixes, self._runner.model.transformer_infer, ffn_chunk_tokens)
         lx.compat.non_block_weights_kept_for_the_run(fixes, self._runner.model)
         self._step_tap = lx.compat.clean_latents_estimate_after_each_step(fixes, self._runner.scheduler)
@@ -526,7 +543,7 @@ class LightX2VModel:
         return self.compat.names
 
     def generate(self, spec: RunSpec, hooks: RunHooks) -> np.ndarray:
-        self._validate(spec)
+        self._check_build(spec)
         if self._dirty:
             self.recover()
         runner = self._runner
@@ -630,25 +647,22 @@ class LightX2VModel:
             self._pipe.runner = None
         self._runner = None
         self._pipe = None
+        self.arena = None
         gc.collect()
         torch = self._torch
         if torch.cuda.is_initialized():
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
+        # Freed pinned blocks stay cached in torch for reuse; the next load may need that RAM.
+        self._compat.release_cached_pinned_memory(torch)
 
     # -- per call --
 
-    def _validate(self, spec: RunSpec) -> None:
-        if spec.steps != len(DENOISING_STEPS):
-            raise InvalidRequest(f"This distilled model runs exactly {len(DENOISING_STEPS)} steps "
-                                 f"(asked for {spec.steps}).")
-        if spec.guidance != 1.0:
-            raise InvalidRequest("This distilled model runs without CFG: guidance must be 1.0.")
-        if spec.height % 16 or spec.width % 16 or spec.height <= 0 or spec.width <= 0:
-            raise InvalidRequest(f"Height and width must be positive multiples of 16, got {spec.height}x{spec.width}.")
-        if spec.frames < 1 or (spec.frames - 1) % 4:
-            raise InvalidRequest(f"The frame count must be 4n+1, got {spec.frames}.")
-        if spec.memory.get("offload_granularity", "block") != self.build["offload_granularity"] or \
+    def _check_build(self, spec: RunSpec) -> None:
+        # Not a request check (presets are checked when loaded): the cache must have reloaded when
+        # the rung's build-time settings changed, and running on the wrong build would be silent.
+        if bool(spec.memory.get("dit_from_disk", False)) != bool(self.build.get("dit_from_disk", False)) or \
+                spec.memory.get("offload_granularity", "block") != self.build["offload_granularity"] or \
                 (spec.memory.get("text_encoder", "offload") == "gpu") == self.build["text_encoder_offload"]:
             raise ValueError(f"memory settings {spec.memory} need another build than this one ({self.build}); "
                              f"the cache should have reloaded")
@@ -667,11 +681,39 @@ class LightX2VModel:
         vae.cpu_offload = offload_vae
         if offload_vae and _module_device(vae.model) != "cpu":
             vae.to_cpu()  # off the GPU for the DiT phase; decode moves it in and out
+        self.release_text_encoder = bool(memory.get("release_text_encoder", False))
+        self._keep_embedding = memory.get("text_encoder", "offload") == "offload_keep_embedding"
         if self.host_embedding is not None:
-            keep = memory.get("text_encoder", "offload") == "offload_keep_embedding"
-            self.host_embedding.keep_on_device = keep
-            if not keep:
+            self.host_embedding.keep_on_device = self._keep_embedding
+            if not self._keep_embedding:
                 self.host_embedding.drop_device_copy()
+
+    # -- the text encoder, released after encoding on the low-RAM rung --
+
+    def _ensure_text_encoder(self) -> None:
+        runner = self._runner
+        if getattr(runner, "text_encoders", None):
+            return
+        if self.arena is not None:
+            self.arena.close()  # its own slabs, freed together when it is released again
+        runner.text_encoders = runner.load_text_encoder()
+        if self.arena is not None:
+            self.arena.close()
+        self.text_encoder_loads += 1
+        if self.build["text_encoder_offload"]:
+            self.host_embedding = self._compat.t5_token_embedding_on_host(self.compat, runner, self._t5_encoder_cls,
+                                                                          str(self.files.t5))
+            if self.host_embedding is not None:
+                self.host_embedding.keep_on_device = getattr(self, "_keep_embedding", False)
+
+    def _drop_text_encoder(self) -> None:
+        """Give the text encoder's host memory back (4.4 GB pinned blocks, 2.1 GB embedding)."""
+        if self.host_embedding is not None:
+            self.host_embedding.drop_device_copy()
+        self.host_embedding = None
+        self._runner.text_encoders = None
+        gc.collect()
+        self._compat.release_cached_pinned_memory(self._torch)
 
     def _set_rope_chunk(self, chunk: int) -> None:
         for holder in _rope_holders(self._runner.model.transformer_weights):
@@ -704,9 +746,10 @@ class LightX2VModel:
         return wanted
 
     def _draft(self, spec: RunSpec) -> bool:
+        # The border refused drafts without a tiny VAE; this build found none when it was loaded.
         if spec.draft and self._tiny_path is None:
-            raise InvalidRequest("'Draft decode' needs the tiny VAE (taew2_1.pth) next to the VAE in "
-                                 f"{self.files.vae.parent}; it is not there.")
+            raise WeightsError(f"'Draft decode' needs the tiny VAE ({' or '.join(TINY_VAE_NAMES)}) in "
+                               f"{self.files.root} or its {DIT_DIR}/ folder; this build found none.")
         return bool(spec.draft)
 
     def _tiny_vae(self) -> Any:
@@ -716,7 +759,7 @@ class LightX2VModel:
             runner = self._runner
             cls = getattr(runner, "tiny_vae_cls", None)
             if cls is None or self._tiny_path is None:
-                raise InvalidRequest("This LightX2V runner has no tiny VAE; untick 'Draft decode'.")
+                raise BackendUnavailable("This LightX2V runner has no tiny VAE; untick 'Draft decode'.")
             self._tiny = cls(vae_path=str(self._tiny_path), device=runner.init_device,
                              need_scaled=False).to("cuda")
             log.info("tiny VAE built from %s", self._tiny_path)
@@ -773,7 +816,10 @@ class LightX2VModel:
             call = self._call
             if call is not None:
                 call.hooks.on_phase(Phase.TEXT_ENCODING)
+            self._ensure_text_encoder()
             out = original_text(input_info)
+            if self.release_text_encoder:
+                self._drop_text_encoder()
             if call is not None:
                 if call.should_stop():
                     raise _Cancelled()

@@ -16,6 +16,21 @@ objects in, so `import pipeline.backends.lightx2v_compat` stays cheap and works 
 | t2v_without_image_encoder           | 4   | UnboundLocalError: context_clip with clean_cuda_cache        |
 | t5_token_embedding_on_host          | 5   | 2.1 GB T5 token embedding left on the GPU after each prompt  |
 | reset_runner_after_exception        | 6   | after any exception the next seed is ignored / stale block 0 |
+| sage_attention_on_sm89_sm120        | 7   | RTX 40/50: sage_attn2 is None, the first step fails          |
+
+Speed, applied the same way and listed with the fixes (each can be skipped: the bench's switches):
+attention_chosen_by_measurement (the self-attention kernel measured per GPU, pipeline/backends/
+kernels.py) and int8_gemm_tiles_for_this_gpu (INT8 GEMM autotune tiles that fit the GPU's shared
+memory; bit-identical output).
+
+Host-memory measures (issue 15), applied the same way and recorded with the fixes:
+
+| name                            | what upstream does                                            |
+|---------------------------------|---------------------------------------------------------------|
+| pinned_weights_packed           | one pinned allocation per weight, rounded up to a power of two |
+| checkpoints_memory_mapped       | torch.load of the .pth T5/VAE into anonymous memory (6.7 GB)  |
+| dit_streamed_and_kept           | lazy_load rebuilds the DiT, T5 and VAE for every request      |
+| streamed_biases_match_resident  | lazy_load keeps fp32 biases the resident load rounds to bf16  |
 """
 
 from __future__ import annotations
@@ -36,9 +51,13 @@ FIX_NAMES = (
     "t2v_without_image_encoder",
     "t5_token_embedding_on_host",
     "reset_runner_after_exception",
+    "sage_attention_on_sm89_sm120",
 )
 # Not bugs: memory savings applied the same way (recorded with the fixes for the run records).
-OPTIMIZATION_NAMES = ("ffn_chunked_over_tokens", "non_block_weights_kept_for_the_run")
+OPTIMIZATION_NAMES = ("ffn_chunked_over_tokens", "non_block_weights_kept_for_the_run",
+                      "attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu",
+                      "pinned_weights_packed", "checkpoints_memory_mapped", "dit_streamed_and_kept",
+                      "streamed_biases_match_resident")
 # Not bugs: what the app needs that LightX2V has no hook for (also recorded).
 FEATURE_NAMES = ("clean_latents_estimate_after_each_step",)
 
@@ -85,6 +104,9 @@ class CompatFixes:
     def record(self, name: str, detail: str, undo: Callable[[], None] | None = None,
                redo: Callable[[], None] | None = None, runtime: bool = False) -> None:
         log.info("LightX2V compat fix applied: %s (%s)", name, detail)
+        # Applied again to a rebuilt part (the text encoder, loaded per prompt on the low-RAM rung):
+        # the new undo/redo replace the old ones; the fix is listed once.
+        self.applied = [fix for fix in self.applied if fix.name != name]
         self.applied.append(AppliedFix(name, detail, undo, redo, runtime))
 
     @contextlib.contextmanager
@@ -246,9 +268,11 @@ def _host_token_embedding_class() -> Any:
         `keep_on_device` (the "offload_keep_embedding" rung, LightX2V's own behaviour) the table
         is copied to the GPU once and kept there."""
 
-        def __init__(self, original: torch.nn.Embedding):
+        def __init__(self, original: torch.nn.Embedding, host_weight: torch.Tensor | None = None):
             super().__init__()
-            self.host_weight = original.weight.detach().to("cpu")
+            # `host_weight`: the same table memory-mapped from the checkpoint (file-backed pages:
+            # a lookup reads only its rows, and the kernel may drop them under pressure).
+            self.host_weight = host_weight if host_weight is not None else original.weight.detach().to("cpu")
             self.keep_on_device = False
             self._device_weight = None
 
@@ -276,12 +300,39 @@ def _host_token_embedding_class() -> Any:
     return HostTokenEmbedding
 
 
-def t5_token_embedding_on_host(fixes: CompatFixes, runner: Any, t5_encoder_cls: Any) -> Any:
+def _mapped_table(checkpoint: str | None, like: Any) -> Any:
+    """The token embedding memory-mapped from the T5 checkpoint, if it is there with the loaded
+    table's shape, dtype and values (first, middle and last rows compared); else None."""
+    if not checkpoint:
+        return None
+    import torch
+
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, ValueError) as exc:  # legacy format, unreadable: keep the copy
+        log.info("T5 token embedding not memory-mapped: %s", exc)
+        return None
+    table = state.get("token_embedding.weight") if isinstance(state, dict) else None
+    state = None
+    if not isinstance(table, torch.Tensor) or table.shape != like.shape or table.dtype != like.dtype:
+        return None
+    rows = [0, like.shape[0] // 2, like.shape[0] - 1]
+    if not torch.equal(table[rows], like.detach().to("cpu")[rows]):
+        return None
+    return table
+
+
+def t5_token_embedding_on_host(fixes: CompatFixes, runner: Any, t5_encoder_cls: Any,
+                               checkpoint: str | None = None) -> Any:
     """Bug 5. T5Encoder.forward_with_offload does `self.token_embedding =
     self.token_embedding.to(AI_DEVICE)` (input_encoders/hf/wan/t5/model.py:578) and nothing moves
     it back: 2.1 GB stay on the GPU for the whole DiT phase. Replace the embedding with a
     HostTokenEmbedding (lookup on the host). Returns it (the backend switches `keep_on_device`
     per call), or None when not applied.
+
+    With `checkpoint` (the T5 .pth), the host table is the one in the file, memory-mapped, and the
+    2.1 GB anonymous copy the encoder loaded is freed: host memory the machine must hold drops by
+    that much on every rung (issue 15).
 
     Detected from the source of forward_with_offload and the encoder being offloaded."""
     encoders = getattr(runner, "text_encoders", None) or []
@@ -295,7 +346,10 @@ def t5_token_embedding_on_host(fixes: CompatFixes, runner: Any, t5_encoder_cls: 
     if not _EMBEDDING_TO_DEVICE.search(source) or not fixes.wanted("t5_token_embedding_on_host"):
         return None
     original = encoder.token_embedding
-    host = _host_token_embedding_class()(original)
+    mapped = _mapped_table(checkpoint, original.weight)
+    host = _host_token_embedding_class()(original, host_weight=mapped)
+    if mapped is not None:
+        original.weight.data = mapped  # frees the loaded copy; undo finds the same values here
     encoder.token_embedding = host
 
     def undo() -> None:
@@ -308,7 +362,8 @@ def t5_token_embedding_on_host(fixes: CompatFixes, runner: Any, t5_encoder_cls: 
         original.weight.data = host.host_weight
         encoder.token_embedding = host
 
-    fixes.record("t5_token_embedding_on_host", "umt5 token embedding lookup on the host", undo=undo, redo=redo)
+    fixes.record("t5_token_embedding_on_host", "umt5 token embedding lookup on the host"
+                 + (" (memory-mapped from the checkpoint)" if mapped is not None else ""), undo=undo, redo=redo)
     return host
 
 
@@ -346,6 +401,8 @@ def reset_runner_state(runner: Any) -> None:
     manager = getattr(getattr(model, "transformer_infer", None), "offload_manager", None)
     if manager is not None:
         manager.need_init_first_buffer = True
+        if getattr(manager, "lazy_load", False):
+            refill_streamed_first_block(manager)
     # WanModel.infer moves the non-block weights (embeddings, time projection, head: 0.47 GB) to the
     # GPU at the start of each step and back at its end (networks/wan/model.py:300-305, 341-346); an
     # exception in between leaves them on the GPU.
@@ -354,6 +411,284 @@ def reset_runner_state(runner: Any) -> None:
     if hasattr(runner, "inputs"):
         del runner.inputs
     runner.input_info = None
+
+
+def refill_streamed_first_block(manager: Any) -> None:
+    """With lazy_load the first CUDA buffer is filled from the first pinned CPU buffer, which a pass
+    stopped midway left holding another block (common/offload/manager.py:63-76, 125-150): wait for
+    the disk reads in flight, then read block 0 into it again."""
+    for future in list(getattr(manager, "prefetch_futures", []) or []):
+        try:
+            future.result()
+        except Exception:  # noqa: BLE001 - the failed read is replaced right below
+            log.warning("a streamed block read failed during recovery", exc_info=True)
+    manager.prefetch_futures = []
+    first = manager.cpu_buffers[0]
+    parts = [first] if getattr(manager, "offload_granularity", "block") == "block" else list(first)
+    for part in parts:
+        part.load_state_dict_from_disk(0, None)
+
+
+# -- host memory: pinned weights packed into power-of-two slabs ----------------------------------
+
+# torch's pinned-host allocator rounds every allocation up to a power of two: a 70.8 MB FFN weight
+# takes 128 MiB, and the DiT's 14 GB of blocks take ~20.5 GB. A slab of exactly 2**28 bytes is not
+# rounded, and first-fit packing of the weights leaves a few percent unused.
+PINNED_SLAB_BYTES = 1 << 28
+_PIN_ALIGN = 512
+
+
+class PinnedArena:
+    """First-fit packing of pinned tensors into slabs of `slab_bytes`. A tensor is a view of its
+    slab; the slab is freed when its last view is. `pinned_bytes` counts the slabs allocated."""
+
+    def __init__(self, torch: Any, slab_bytes: int = PINNED_SLAB_BYTES):
+        self.torch = torch
+        self.slab_bytes = slab_bytes
+        self._slabs: list[list[Any]] = []  # [slab tensor, bytes used]
+        self.pinned_bytes = 0
+        self.requested_bytes = 0
+        self.pinned = True
+
+    def close(self) -> None:
+        """Forget the slabs (their views keep them alive); later tensors start new slabs."""
+        self._slabs = []
+
+    def _new_slab(self) -> list[Any] | None:
+        try:
+            slab = self.torch.empty(self.slab_bytes, dtype=self.torch.uint8, pin_memory=True)
+        except RuntimeError as exc:
+            # As upstream does for one tensor: carry on in pageable memory (slower copies), say so.
+            log.warning("pinning a %d MiB slab failed (%s); weights go to pageable memory",
+                        self.slab_bytes >> 20, exc)
+            self.pinned = False
+            return None
+        self.pinned_bytes += self.slab_bytes
+        entry = [slab, 0]
+        self._slabs.append(entry)
+        return entry
+
+    def empty(self, shape: Any, dtype: Any) -> Any:
+        torch = self.torch
+        numel = 1
+        for n in shape:
+            numel *= int(n)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        self.requested_bytes += nbytes
+        if nbytes == 0 or nbytes > self.slab_bytes or not self.pinned:
+            return torch.empty(shape, dtype=dtype, pin_memory=self.pinned and nbytes > 0)
+        entry = next((e for e in self._slabs if e[1] + nbytes <= self.slab_bytes), None) or self._new_slab()
+        if entry is None:
+            return torch.empty(shape, dtype=dtype)
+        start = entry[1]
+        entry[1] = -(-(start + nbytes) // _PIN_ALIGN) * _PIN_ALIGN
+        return entry[0][start:start + nbytes].view(dtype).view(tuple(shape))
+
+
+def pinned_weights_packed(fixes: CompatFixes, ops_utils: Any, torch: Any) -> PinnedArena | None:
+    """Host memory, not a bug: `create_pin_tensor` (common/ops/utils.py:76-98) pins each weight with
+    its own `torch.empty(..., pin_memory=True)`, which torch rounds up to a power of two. Replace it
+    with one that copies the weight into a view of a packed slab (PinnedArena). Returns the arena
+    (the backend reports its bytes and closes it after the load), or None when not applied.
+
+    Detected from the source of create_pin_tensor allocating per tensor with pin_memory=True."""
+    name = "pinned_weights_packed"
+    original = getattr(ops_utils, "create_pin_tensor", None)
+    if original is None:
+        return None
+    current = getattr(original, "__wrapped_upstream__", original)
+    try:
+        source = inspect.getsource(current)
+    except (OSError, TypeError):
+        return None
+    if "pin_memory=True" not in source or not fixes.wanted(name):
+        return None
+    arena = PinnedArena(torch)
+
+    def create_pin_tensor(tensor: Any, transpose: bool = False, dtype: Any = None) -> Any:
+        pin = arena.empty(tensor.shape, dtype or tensor.dtype)
+        pin.copy_(tensor)
+        return pin.t() if transpose else pin
+
+    create_pin_tensor.__wrapped_upstream__ = current  # type: ignore[attr-defined]
+
+    def undo() -> None:
+        ops_utils.create_pin_tensor = current
+
+    def redo() -> None:
+        ops_utils.create_pin_tensor = create_pin_tensor
+
+    redo()
+    fixes.record(name, f"pinned weights packed into {PINNED_SLAB_BYTES >> 20} MiB slabs", undo=undo, redo=redo)
+    return arena
+
+
+def release_cached_pinned_memory(torch: Any) -> None:
+    """torch keeps freed pinned blocks cached for reuse; hand them back to the system (after a model
+    or the text encoder is released), where this torch has a way to. Blocks with copies still in
+    flight are not freed, so wait for the device first."""
+    cuda = getattr(torch, "cuda", None)
+    try:
+        if cuda is not None and cuda.is_initialized():
+            cuda.synchronize()
+    except RuntimeError:
+        log.debug("synchronize before emptying the pinned cache failed", exc_info=True)
+    for call in (getattr(getattr(torch, "accelerator", None), "empty_host_cache", None),
+                 getattr(torch._C, "_host_emptyCache", None)):
+        if call is not None:
+            try:
+                call()
+                return
+            except RuntimeError:
+                log.debug("emptying the pinned-memory cache failed", exc_info=True)
+
+
+# -- host memory: .pth checkpoints memory-mapped -------------------------------------------------
+
+
+def checkpoints_memory_mapped(fixes: CompatFixes, lx_utils: Any) -> None:
+    """Host memory, not a bug: `load_pt_safetensors` reads a .pth with `torch.load(map_location=
+    "cpu")` (utils/utils.py:500-524): the 6.7 GB int8 T5 lands in anonymous memory before its blocks
+    are pinned and the rest copied into the encoder, a transient the machine must hold. With
+    `mmap=True` the same tensors are file-backed pages the kernel can drop. (safetensors files are
+    memory-mapped already.) Files saved in the legacy format cannot be mapped: those load as before.
+
+    Detected from the source calling torch.load without mmap."""
+    name = "checkpoints_memory_mapped"
+    original = getattr(lx_utils, "load_pt_safetensors", None)
+    if original is None:
+        return
+    current = getattr(original, "__wrapped_upstream__", original)
+    try:
+        source = inspect.getsource(current)
+    except (OSError, TypeError):
+        return
+    if "torch.load(" not in source or "mmap" in source or not fixes.wanted(name):
+        return
+    # The globals the function reads `torch` from (utils/utils.py's module namespace).
+    namespace = current.__globals__
+    real_torch = namespace["torch"]
+
+    class _MappedLoads:
+        """The torch module as load_pt_safetensors sees it while it runs: torch.load maps files."""
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(real_torch, attr)
+
+        @staticmethod
+        def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return real_torch.load(f, *args, **{**kwargs, "mmap": True})
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                return real_torch.load(f, *args, **kwargs)
+
+    mapped = _MappedLoads()
+
+    def load_pt_safetensors(*args: Any, **kwargs: Any) -> Any:
+        namespace["torch"] = mapped
+        try:
+            return current(*args, **kwargs)
+        finally:
+            namespace["torch"] = real_torch
+
+    load_pt_safetensors.__wrapped_upstream__ = current  # type: ignore[attr-defined]
+
+    def undo() -> None:
+        lx_utils.load_pt_safetensors = current
+
+    def redo() -> None:
+        lx_utils.load_pt_safetensors = load_pt_safetensors
+
+    redo()
+    fixes.record(name, "torch.load(..., mmap=True) for .pth checkpoints", undo=undo, redo=redo)
+
+
+# -- host memory: the low-RAM rung ---------------------------------------------------------------
+
+
+def dit_streamed_and_kept(fixes: CompatFixes, pipe: Any, default_runner_cls: Any) -> bool:
+    """The low-RAM rung. With `lazy_load` the DiT keeps only its non-block weights and reads each
+    block from its block_N.safetensors into two pinned CPU buffers, one block ahead on a thread pool,
+    so reading overlaps compute (common/offload/manager.py:125-150, networks/wan/infer/offload/
+    transformer_infer.py:40-71). But the runner then builds nothing at init and rebuilds the DiT,
+    T5 and VAE for every request, releasing them in end_run (runners/default_runner.py:120-126,
+    301-322, 430-436; wan/wan_runner.py:579-606): every click would reload all three, and the
+    backend's per-model setup would be lost.
+
+    Build the modules once while `lazy_load` is set (the model captures it at construction), then
+    clear it in the runner's config so requests reuse them. Returns whether it applied; call it
+    right after create_generator on a pipeline built with lazy_load. Detected from init_run
+    loading the transformer per request."""
+    runner = pipe.runner
+    if not runner.config.get("lazy_load", False) or getattr(runner, "model", None) is not None:
+        return False
+    try:
+        source = inspect.getsource(default_runner_cls.init_run)
+    except (OSError, TypeError, AttributeError):
+        return False
+    if "load_transformer" not in source or not fixes.wanted("dit_streamed_and_kept"):
+        return False
+    runner.load_model()
+    runner.model.set_scheduler(runner.scheduler)
+    pipe.modify_config({"lazy_load": False})
+    fixes.record("dit_streamed_and_kept", "lazy_load DiT built once; blocks streamed from disk every step")
+    return True
+
+
+def _round_bias(weight: Any) -> None:
+    pin = getattr(weight, "pin_bias", None)
+    if pin is not None and getattr(weight, "bias_force_fp32", False) and pin.dtype != weight.infer_dtype:
+        pin.copy_(pin.to(weight.infer_dtype))
+
+
+def streamed_biases_match_resident(fixes: CompatFixes, mm_weight_cls: Any, transformer_weights: Any) -> None:
+    """Same frames from disk as from RAM. The resident load converts every float tensor of the
+    checkpoint to the inference dtype (bf16) before a quantized linear keeps its bias in fp32
+    (networks/base_model.py:533-541, common/ops/mm/mm_weight.py:455-466): the fp32 biases of the
+    real files are rounded to bf16. The streamed load copies them from the file into fp32 unrounded
+    (mm_weight.py:570-595, common/ops/utils.py:125-150), so a low-RAM run would differ slightly.
+    Round them the same way: the two CPU buffers built now, and every block read later.
+
+    Detected from the source of load_state_dict_from_disk copying the bias without a dtype."""
+    name = "streamed_biases_match_resident"
+    method = getattr(mm_weight_cls, "load_state_dict_from_disk", None)
+    current = getattr(method, "__wrapped_upstream__", method)
+    try:
+        source = inspect.getsource(current)
+    except (OSError, TypeError):
+        return
+    if "pin_bias.copy_(bias_tensor)" not in source or not fixes.wanted(name):
+        return
+
+    def load_state_dict_from_disk(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = current(self, *args, **kwargs)
+        _round_bias(self)
+        return result
+
+    load_state_dict_from_disk.__wrapped_upstream__ = current  # type: ignore[attr-defined]
+    mm_weight_cls.load_state_dict_from_disk = load_state_dict_from_disk
+    stack, seen = [transformer_weights], set()
+    while stack:  # the CPU buffers filled at construction
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        _round_bias(obj)
+        modules = getattr(obj, "_modules", None)
+        if isinstance(modules, dict):
+            stack.extend(m for m in modules.values() if m is not None)
+    _PROCESS_WIDE.add(name)
+
+    def undo() -> None:
+        mm_weight_cls.load_state_dict_from_disk = current
+
+    def redo() -> None:
+        mm_weight_cls.load_state_dict_from_disk = load_state_dict_from_disk
+
+    fixes.record(name, f"{mm_weight_cls.__name__}: streamed fp32 biases rounded through bf16 like the resident load",
+                 undo=undo, redo=redo)
 
 
 # -- memory optimisation: FFN over token chunks ---------------------------------------------------
@@ -504,6 +839,169 @@ def release_non_block_weights(model: Any) -> None:
     With `non_block_weights_kept_for_the_run` applied this only copies what is on the GPU."""
     model.pre_weight.to_cpu()
     model.transformer_weights.non_block_weights_to_cpu()
+
+
+# -- bug 7 ----------------------------------------------------------------------------------------
+
+
+def sage_attention_on_sm89_sm120(fixes: CompatFixes, sage_attn_module: Any, sageattention: Any,
+                                 capability: tuple[int, int] | None) -> None:
+    """Bug 7. On compute capability 8.9 and 12.0 (RTX 40 and 50) LightX2V imports
+    `sageattn_qk_int8_pv_fp16_triton` from sageattention (common/ops/attn/sage_attn.py:24-31);
+    SageAttention 1.0.6, the version that installs without compiling CUDA, exports only `sageattn`,
+    so the import fails quietly, `sageattn` stays None and sage_attn2's first call raises
+    "'NoneType' object is not callable". 1.0.6's `sageattn` is the same Triton INT8-QK kernel.
+
+    Detected by the module's `sageattn` being None while the installed sageattention offers the
+    entry point kernels.sage_entry_point picks for this capability; fixed by setting it."""
+    from pipeline.backends import kernels
+
+    name = "sage_attention_on_sm89_sm120"
+    if sage_attn_module is None or sageattention is None:
+        return
+    if getattr(sage_attn_module, "sageattn", 0) is not None and name not in _PROCESS_WIDE:
+        return
+    entry = kernels.sage_entry_point(capability, dir(sageattention))
+    if entry is None or not fixes.wanted("sage_attention_on_sm89_sm120"):
+        return
+    sage_attn_module.sageattn = getattr(sageattention, entry)
+    # LightX2V routes through a torch custom op when magi_compiler is installed, registered only if
+    # sageattn was importable at import time: without the op, call the function directly.
+    if getattr(sage_attn_module, "magi_register_custom_op", None) is not None:
+        sage_attn_module.magi_register_custom_op = None
+    _PROCESS_WIDE.add("sage_attention_on_sm89_sm120")
+
+    def undo() -> None:
+        sage_attn_module.sageattn = None
+
+    def redo() -> None:
+        sage_attn_module.sageattn = getattr(sageattention, entry)
+
+    fixes.record("sage_attention_on_sm89_sm120", f"sage_attn2 uses sageattention.{entry} on sm_{capability[0]}{capability[1]}",
+                 undo=undo, redo=redo)
+
+
+# -- speed: self-attention kernel chosen by measurement --------------------------------------------
+
+# LightX2V's dense attention weights whose apply(q, k, v, ...) on [L, H, D] we may replace.
+DENSE_ATTENTION_CLASSES = ("SageAttn2Weight", "TorchSDPAWeight", "FlashAttn2Weight", "FlashAttn3Weight")
+
+
+def attention_modules(weights: Any, name: str = "self_attn_1") -> list[Any]:
+    """Every attention weight module registered as `name` under `weights` (each block, and the CUDA
+    offload buffers' blocks), once each."""
+    found: dict[int, Any] = {}
+    seen, stack = set(), [weights]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        modules = getattr(obj, "_modules", None)
+        if not isinstance(modules, dict):
+            continue
+        module = modules.get(name)
+        if module is not None:
+            found[id(module)] = module
+        stack.extend(m for m in modules.values() if m is not None)
+    return list(found.values())
+
+
+def attention_chosen_by_measurement(fixes: CompatFixes, transformer_weights: Any, selector: Any) -> None:
+    """Not a bug: LightX2V runs the attention kernel named in the config for every GPU. Replace the
+    `apply` of each DiT self-attention module (an instance attribute: other builds keep theirs) by
+    `selector` (kernels.AttentionSelector), which measures the backends at the first call of a
+    shape and dispatches to the fastest one that is no less accurate than LightX2V's own kernel.
+    Calls it cannot serve (a mask, a batch, sequence parallel's extra arguments) go to the original.
+
+    Skipped where the modules are not LightX2V's dense kernels (sparse or custom attention)."""
+    modules = [m for m in attention_modules(transformer_weights) if type(m).__name__ in DENSE_ATTENTION_CLASSES]
+    if not modules or not fixes.wanted("attention_chosen_by_measurement"):
+        return
+    originals = {id(m): m.__dict__.get("apply") for m in modules}
+
+    def routed(module: Any) -> Callable[..., Any]:
+        original = type(module).apply.__get__(module)
+
+        def apply(q, k, v, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=None, max_seqlen_kv=None, **kwargs):
+            if q.dim() != 3 or kwargs.get("attn_mask") is not None or k.shape[0] != q.shape[0]:
+                return original(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_kv=cu_seqlens_kv,
+                                max_seqlen_q=max_seqlen_q, max_seqlen_kv=max_seqlen_kv, **kwargs)
+            return selector(q, k, v)
+
+        return apply
+
+    def redo() -> None:
+        for m in modules:
+            m.apply = routed(m)
+
+    def undo() -> None:
+        for m in modules:
+            previous = originals[id(m)]
+            if previous is None:
+                m.__dict__.pop("apply", None)
+            else:
+                m.apply = previous
+
+    redo()
+    fixes.record("attention_chosen_by_measurement",
+                 f"self-attention of {len(modules)} modules measured per GPU (baseline {selector.baseline}, "
+                 f"offered {', '.join(selector.offered)}{', forced ' + selector.force if selector.force else ''})",
+                 undo=undo, redo=redo)
+
+
+# -- speed: INT8 GEMM autotune tiles that fit this GPU -----------------------------------------------
+
+_UPSTREAM_AUTOTUNE: dict[int, list[Any]] = {}
+
+
+def int8_gemm_tiles_for_this_gpu(fixes: CompatFixes, triton_kernels: Any, smem_limit: int) -> None:
+    """Not a bug: LightX2V autotunes its INT8 GEMM over four Hopper-sized tiles (common/ops/mm/
+    triton_kernels.py:94-101); two need more shared memory than an sm_86 SM has (144 and 128 KB
+    > 99 KB) and fail to compile there, leaving two. kernels.INT8_GEMM_INSTALLED lists tiles of at
+    most 96 KB, led by 128x128x64 / 4 stages / 4 warps, measured fastest at every model shape on an
+    H200 (docs/benchmarks/kernels-micro-2026-11-30-NVIDIA_H200.json). A tile changes neither the
+    int32 accumulation nor the epilogue: outputs are bit-identical (the microbenchmark checks).
+
+    Process-wide (the kernels are module globals): a build that skips it gets upstream's list back."""
+    from pipeline.backends import kernels
+
+    targets = [k for k in (getattr(triton_kernels, "int8_gemm_bias_kernel", None),
+                           getattr(triton_kernels, "int8_gemm_kernel", None))
+               if k is not None and isinstance(getattr(k, "configs", None), list) and hasattr(k, "cache")]
+    config_cls = getattr(triton_kernels, "Config", None)
+    if not targets or config_cls is None:
+        return
+    for k in targets:
+        _UPSTREAM_AUTOTUNE.setdefault(id(k), list(k.configs))
+
+    def install(configs_for: Callable[[Any], list[Any]]) -> None:
+        for k in targets:
+            k.configs = configs_for(k)
+            k.cache = {}  # autotune results of the previous list
+
+    def upstream() -> None:
+        install(lambda k: list(_UPSTREAM_AUTOTUNE[id(k)]))
+
+    if not fixes.wanted("int8_gemm_tiles_for_this_gpu"):
+        if "int8_gemm_tiles_for_this_gpu" in _PROCESS_WIDE:
+            upstream()
+            _PROCESS_WIDE.discard("int8_gemm_tiles_for_this_gpu")
+        return
+    tiles = kernels.int8_gemm_tiles_for(smem_limit)
+    if not tiles:
+        return
+    ours = [config_cls({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": bk, "SPLIT_K": 1}, num_stages=s, num_warps=w)
+            for m, n, bk, s, w in tiles]
+
+    def redo() -> None:
+        install(lambda k: list(ours))
+
+    redo()
+    _PROCESS_WIDE.add("int8_gemm_tiles_for_this_gpu")
+    fixes.record("int8_gemm_tiles_for_this_gpu",
+                 f"INT8 GEMM autotune over {', '.join('%dx%dx%d/s%d/w%d' % t for t in tiles)} "
+                 f"(<= {smem_limit // 1024} KB shared memory per block)", undo=upstream, redo=redo)
 
 
 # -- feature: the model's estimate of the clean latents after each step (previews) ---------------

@@ -15,8 +15,10 @@ pytestmark = pytest.mark.gpu
 
 ALL_FIXES = {"keep_target_video_length_in_config", "explicit_t5_checkpoint_path", "t5_offload_linear_bias_default",
              "t2v_without_image_encoder", "t5_token_embedding_on_host", "reset_runner_after_exception",
-             "ffn_chunked_over_tokens", "non_block_weights_kept_for_the_run",
-             "clean_latents_estimate_after_each_step"}
+             "ffn_chunked_over_tokens", "non_block_weights_kept_for_the_run", "attention_chosen_by_measurement",
+             "int8_gemm_tiles_for_this_gpu", "clean_latents_estimate_after_each_step"}
+# Only where LightX2V's SageAttention import fails (RTX 40 and 50 with sageattention 1.0.6).
+CAPABILITY_FIXES = {"sage_attention_on_sm89_sm120"}
 
 
 def _mp4_size(path):
@@ -27,7 +29,7 @@ def _mp4_size(path):
         return stream.codec_context.height, stream.codec_context.width
 
 
-def test_every_preset_through_the_service_with_one_load(tiny_service, gpu_report):
+def test_every_preset_through_the_service_reloading_only_for_another_build(tiny_service, gpu_report):
     from pipeline.outputs import count_mp4_frames
     from pipeline.types import GenerationRequest
 
@@ -54,7 +56,8 @@ def test_every_preset_through_the_service_with_one_load(tiny_service, gpu_report
     assert loads == expected, (loads, keys)
     assert loads[1] == 1  # 480x832x81 runs on the build 480x832x49 loaded
     model = tiny_service.cache.backend.describe()
-    assert set(model["compat_fixes"]) == ALL_FIXES, model["compat_fixes"]
+    assert set(model["compat_fixes"]) - CAPABILITY_FIXES == ALL_FIXES, model["compat_fixes"]
+    assert model["kernels"]["attention"], model["kernels"]  # the measured choice is in the record
     assert model["quant_scheme"] == "int8-triton" and model["attn_mode"] == "sage_attn2"
 
 
@@ -254,7 +257,9 @@ def test_fix_5_t5_embedding_stays_off_the_gpu(tiny_service, gpu_report):
     # 256384 x 4096 bf16 = 2.1 GB stays allocated upstream; the host lookup gives the same frames.
     assert upstream_allocated - fixed_allocated > 1.9 * 2**30
     assert np.array_equal(reference, upstream)
-    assert model.generate(spec(seed=9), Recorder().hooks()) is not None
+    # With the fix back on: the same frames again, and the embedding's 2.1 GB gone from the GPU.
+    assert np.array_equal(model.generate(spec(seed=9), Recorder().hooks()), reference)
+    assert encoder.token_embedding.weight.device.type != "cuda"
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() - fixed_allocated < 0.1 * 2**30
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.preview import timed_peak
 from tests.gpu.gpuhelpers import CAP_GIB, PROMPT, Recorder, loaded_model, make_service, set_cap, spec
 
 pytestmark = pytest.mark.gpu
 FULL = pytest.mark.skipif(os.environ.get("WAN_STUDIO_GPU_FULL") != "1",
                           reason="full-size GPU tests: set WAN_STUDIO_GPU_FULL=1 (22 GB disk, 32 GB RAM)")
-GIB = 2**30
 
 
 class PreviewRecorder(Recorder):
@@ -49,16 +49,6 @@ def _with(spec_, **changes):
     from dataclasses import replace
 
     return replace(spec_, **changes)
-
-
-def _peak_of(torch, run):
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    out = run()
-    torch.cuda.synchronize()
-    return out, torch.cuda.max_memory_allocated() / GIB, time.perf_counter() - started
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +83,10 @@ def test_a_linear_preview_after_every_step_changes_nothing_and_costs_little(tiny
     base = spec(480, 832, 49, seed=11)
     model.generate(_with(base, preview=None), Recorder().hooks())  # warm-up (Triton compiles)
     plain = PreviewRecorder()
-    frames_plain, peak_plain, _ = _peak_of(torch, lambda: model.generate(_with(base, preview=None),
+    frames_plain, _, peak_plain = timed_peak(torch, lambda: model.generate(_with(base, preview=None),
                                                                         plain.hooks()))
     seen = PreviewRecorder()
-    frames_seen, peak_seen, _ = _peak_of(torch, lambda: model.generate(
+    frames_seen, _, peak_seen = timed_peak(torch, lambda: model.generate(
         _with(base, preview=PreviewKind.LINEAR), seen.hooks()))
     # The preview reads the scheduler's state; the clip is bit for bit the same.
     assert np.array_equal(frames_plain, frames_seen)
@@ -124,9 +114,9 @@ def test_the_tiny_vae_loads_decodes_drafts_and_previews(tae_service, gpu_report)
     base = spec(480, 832, 49, seed=12)
     model.generate(_with(base, preview=None), Recorder().hooks())  # warm-up
     full_rec = PreviewRecorder()
-    full, full_peak, full_s = _peak_of(torch, lambda: model.generate(_with(base, preview=None), full_rec.hooks()))
+    full, full_s, full_peak = timed_peak(torch, lambda: model.generate(_with(base, preview=None), full_rec.hooks()))
     draft_rec = PreviewRecorder()
-    draft, draft_peak, draft_s = _peak_of(torch, lambda: model.generate(
+    draft, draft_s, draft_peak = timed_peak(torch, lambda: model.generate(
         _with(base, preview=PreviewKind.TINY_VAE, draft=True), draft_rec.hooks()))
     assert draft.shape == full.shape == (49, 480, 832, 3) and draft.dtype == np.uint8
     # The same latents, a different decoder.
@@ -135,8 +125,8 @@ def test_the_tiny_vae_loads_decodes_drafts_and_previews(tae_service, gpu_report)
     assert [p.kind for p in draft_rec.previews] == [PreviewKind.TINY_VAE] * 4
     assert all(p.frames.dtype == np.uint8 and p.frames.shape[-1] == 3 for p in draft_rec.previews)
     # Decode-only timings on the kept latents: the full VAE and the tiny one.
-    _, full_dec_peak, full_dec_s = _peak_of(torch, lambda: model.decode(full_rec.latents, base, Recorder().hooks()))
-    _, tiny_dec_peak, tiny_dec_s = _peak_of(torch, lambda: model.decode(
+    _, full_dec_s, full_dec_peak = timed_peak(torch, lambda: model.decode(full_rec.latents, base, Recorder().hooks()))
+    _, tiny_dec_s, tiny_dec_peak = timed_peak(torch, lambda: model.decode(
         full_rec.latents, _with(base, draft=True), Recorder().hooks()))
     gpu_report("tiny_vae_480x832x49", preview_cost_ms=[p.cost_ms for p in draft_rec.previews],
                run_peak_gib={"full": round(full_peak, 3), "draft": round(draft_peak, 3)},
