@@ -50,6 +50,7 @@ class Settings:
     vram_cap_gib: float | None
     quant_scheme: str
     attn_mode: str
+    preview: str = "auto"
     # The command line as the records state it: the flags given, the --auth value hidden.
     argv: tuple[str, ...] = ()
 
@@ -94,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "LightX2V scheme name")
     p.add_argument("--attn-mode", default=_env("WAN_STUDIO_ATTN_MODE", "auto"),
                    help="attention: auto (sage_attn2 when sageattention is installed, else torch_sdpa)")
+    p.add_argument("--preview", choices=("auto", "linear", "tiny-vae", "off"),
+                   default=_env("WAN_STUDIO_PREVIEW", "auto"),
+                   help="the picture after every denoising step: auto (the tiny VAE when installed, "
+                        "else the linear colour map), linear, tiny-vae, or off")
     return p
 
 
@@ -134,7 +139,7 @@ def settings_from_args(argv: list[str]) -> Settings:
     return Settings(host=host, port=args.port, share=args.share, auth=auth,
                     weights_dir=args.weights_dir, outputs_dir=args.outputs_dir, backend=args.backend,
                     vram_cap_gib=None if args.vram_cap_gib is None else float(args.vram_cap_gib),
-                    quant_scheme=args.quant_scheme, attn_mode=args.attn_mode,
+                    quant_scheme=args.quant_scheme, attn_mode=args.attn_mode, preview=args.preview,
                     argv=recorded_argv(argv))
 
 
@@ -222,7 +227,7 @@ def build_app(settings: Settings):
     monitor = GpuMonitor()
     service = VideoService(presets=presets, cache=PipelineCache(backend), outputs=outputs,
                            history=history, monitor=monitor, vram_cap_gib=settings.vram_cap_gib,
-                           command_line=list(settings.argv))
+                           preview=settings.preview, command_line=list(settings.argv))
     ctx = UiContext(service=service, jobs=JobQueue(service, max_waiting=MAX_QUEUED), presets=presets,
                     monitor=monitor, history=history)
     demo = build_ui(ctx, extra_tabs=_system_tab(settings, monitor))

@@ -14,7 +14,11 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from pipeline.errors import BackendUnavailable
-from pipeline.types import Phase, RunSpec
+from pipeline.types import Phase, Preview, RunSpec
+
+
+def _ignore(_value: Any) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,12 @@ class RunHooks:
     on_phase: Callable[[Phase], None]
     on_step: Callable[[int, int], None]
     should_stop: Callable[[], bool]
+    # After each denoising step, when `RunSpec.preview` asks for one. Called on the GPU thread: it
+    # must return at once (the service only queues the event).
+    on_preview: Callable[[Preview], None] = _ignore
+    # The final latents (host memory, as the decode receives them), once, before the decode: the
+    # service keeps them beside the clip so it can be decoded again later ("finish").
+    on_latents: Callable[[Any], None] = _ignore
 
 
 class DecodeOutOfMemory(Exception):
@@ -54,7 +64,9 @@ class LoadedModel(Protocol):
     def generate(self, spec: RunSpec, hooks: RunHooks) -> np.ndarray: ...
 
     def decode(self, latents: Any, spec: RunSpec, hooks: RunHooks) -> np.ndarray:
-        """Decode kept latents with `spec.memory`'s VAE settings."""
+        """Decode kept latents with `spec.memory`'s VAE settings (the tiny VAE when `spec.draft`).
+        Any loaded model can decode any latents of this model family: the DiT settings of its
+        load key do not matter."""
         ...
 
     def recover(self) -> None:
@@ -79,6 +91,11 @@ class Backend(Protocol):
         ...
 
     def load(self, key: LoadKey, on_phase: Callable[[Phase], None]) -> LoadedModel: ...
+
+    def tiny_vae(self) -> str | None:
+        """The installed tiny VAE (a file name, for records), or None: draft decodes and tiny-VAE
+        previews need it. Cheap: a file lookup."""
+        ...
 
     def describe(self) -> dict[str, Any]:
         """Model id, library versions and kernels, for reproducibility records."""
@@ -119,6 +136,9 @@ class UnavailableBackend:
 
     def load(self, key, on_phase):
         raise self._error()
+
+    def tiny_vae(self) -> str | None:
+        return None
 
     def describe(self) -> dict:
         return {"backend": self.name, "unavailable": self.reason}

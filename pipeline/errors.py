@@ -50,6 +50,10 @@ class OutputsInUse(StudioError):
     """Another running app already writes to this outputs folder."""
 
 
+class LatentsError(StudioError):
+    """A job's kept latents are missing or unreadable, so it cannot be finished at full quality."""
+
+
 class OutOfVRAM(StudioError):
     """Every rung of the fallback ladder ran out of GPU memory."""
 

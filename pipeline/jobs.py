@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pipeline import gpu
 from pipeline.errors import AppStopped, GenerationCancelled, LaneFull, StudioError
 from pipeline.service import VideoService
-from pipeline.types import GenerationRequest, GenerationResult, ProgressEvent
+from pipeline.types import FinishRequest, GenerationRequest, GenerationResult, ProgressEvent
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ _END = object()
 @dataclass
 class Job:
     id: int
-    request: GenerationRequest
+    request: GenerationRequest | FinishRequest  # a FinishRequest decodes a kept clip's latents
     owner: str | None = None  # the client session that submitted it; Cancel reaches its own jobs
     cancel_flag: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
@@ -58,7 +58,8 @@ class Job:
 class JobQueue:
     """The one GPU lane. Every Generate becomes a job here at once: its place in the queue, the
     waiting cap and Cancel (of a waiting job as well as a running one) all live here and nowhere
-    else. Requests arrive checked (GenerationRequest with a preset from the book)."""
+    else. Requests arrive checked (GenerationRequest with a preset from the book, FinishRequest of a
+    finishable clip): generations and finishes share the lane."""
 
     def __init__(self, service: VideoService, max_waiting: int = 100):
         self.max_waiting = max_waiting
@@ -68,13 +69,22 @@ class JobQueue:
         self._jobs: dict[int, Job] = {}
         self._lock = threading.Lock()
         self._stopping: str | None = None  # why every job is being stopped (the app is closing)
+        # The low-RAM rung keeps its text encoder for the next prompt when one is waiting.
+        service.prompt_waiting = self.prompt_waiting
         self._worker = threading.Thread(target=self._work, name="gpu-lane", daemon=True)
         self._worker.start()
 
-    def submit(self, request: GenerationRequest, owner: str | None = None) -> Job:
+    def prompt_waiting(self) -> bool:
+        """Whether a generation job (one with a prompt to encode) waits behind the running one."""
+        with self._lock:
+            return any(not j.started and not j.done.is_set() and isinstance(j.request, GenerationRequest)
+                       for j in self._jobs.values())
+
+    def submit(self, request: GenerationRequest | FinishRequest, owner: str | None = None) -> Job:
         return self.submit_all([request], owner)[0]
 
-    def submit_all(self, requests: list[GenerationRequest], owner: str | None = None) -> list[Job]:
+    def submit_all(self, requests: list[GenerationRequest | FinishRequest],
+                   owner: str | None = None) -> list[Job]:
         """Queue the requests back to back, all or none (a batch never half fits the cap)."""
         with self._lock:
             waiting = sum(1 for j in self._jobs.values() if not j.done.is_set())
@@ -140,7 +150,9 @@ class JobQueue:
                     continue
                 job.started = True
             try:
-                job.result = self.service.generate(job.request, job.events.put, job.cancel_flag.is_set)
+                run = (self.service.finish if isinstance(job.request, FinishRequest)
+                       else self.service.generate)
+                job.result = run(job.request, job.events.put, job.cancel_flag.is_set)
             except GenerationCancelled as exc:
                 stopping = self._stopping
                 job.error = AppStopped(stopping) if stopping else gpu.drop_frame_locals(exc)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.errors import OutputError, OutputsInUse
+from pipeline.errors import LatentsError, OutputError, OutputsInUse
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ PARTIAL_MARK = ".partial"
 # First-frame stills for the history gallery, made on demand; hidden so listings show only clips.
 THUMBS_DIR = ".thumbs"
 LOCK_NAME = ".wan-studio.lock"
+# Each clip's final latents, beside it: "<stem>.latents.safetensors" (removed with the clip).
+LATENTS_SUFFIX = ".latents.safetensors"
+# Small animated previews shown during a run; hidden, a few kept, all removed at the next start.
+PREVIEWS_DIR = ".previews"
+PREVIEWS_KEPT = 16
 # Below this much free space a failed write is reported as "disk full": ffmpeg run by
 # imageio-ffmpeg reports ENOSPC only on its own stderr and exits without an exception.
 DISK_FULL_FREE_BYTES = 64 * 1024**2
@@ -200,14 +205,20 @@ class OutputStore:
         safe_preset = re.sub(r"[^A-Za-z0-9_-]", "_", preset)
         return f"{stamp}_job{job_id:05d}_{safe_preset}_seed{seed}"
 
-    def save(self, stem: str, frames: np.ndarray, fps: int, record: dict[str, Any]) -> tuple[Path, Path]:
-        """Write video and record atomically; return their final paths. Raises OutputError."""
+    def save(self, stem: str, frames: np.ndarray, fps: int, record: dict[str, Any],
+             latents: Any = None) -> tuple[Path, Path]:
+        """Write video, record and (when given) the final latents atomically; return the video's
+        and the record's final paths. Raises OutputError."""
         self.ensure()
         video = self.root / f"{stem}.mp4"
         sidecar = self.root / f"{stem}.json"
+        kept = self.root / f"{stem}{LATENTS_SUFFIX}"
         tmp_video = self.root / f".{stem}{PARTIAL_MARK}.mp4"
         tmp_sidecar = self.root / f".{stem}{PARTIAL_MARK}.json"
+        tmp_kept = self.root / f".{stem}{PARTIAL_MARK}{LATENTS_SUFFIX}"
         record = dict(record, video=video.name)
+        if latents is not None:
+            record["latents"] = kept.name
         comment = json.dumps(record, separators=(",", ":"), default=str)
         try:
             started = time.perf_counter()
@@ -223,15 +234,23 @@ class OutputStore:
                 json.dump(record, fh, indent=2, default=str)
                 fh.flush()
                 os.fsync(fh.fileno())
-            # The sidecar lands first: a video is only ever visible with its record beside it.
+            if latents is not None:
+                write_latents(latents, tmp_kept, {"job_id": str(record.get("job_id")),
+                                                  "video": video.name})
+            # The sidecar and the latents land first: a video is only ever visible with its
+            # record (and its latents) beside it.
+            if latents is not None:
+                os.replace(tmp_kept, kept)
             os.replace(tmp_sidecar, sidecar)
             os.replace(tmp_video, video)
             _fsync_dir(self.root)
         except Exception as exc:  # noqa: BLE001 - any failure must remove the partial files first
-            for leftover in (tmp_video, tmp_sidecar):
+            for leftover in (tmp_video, tmp_sidecar, tmp_kept):
                 leftover.unlink(missing_ok=True)
             if not video.exists():
                 sidecar.unlink(missing_ok=True)
+                if latents is not None:
+                    kept.unlink(missing_ok=True)
             if isinstance(exc, OutputError):
                 raise
             log.warning("saving %s failed", video.name, exc_info=exc)
@@ -287,6 +306,74 @@ class OutputStore:
             return None
         return thumb
 
+    # -- kept latents ---------------------------------------------------------------------------
+
+    @staticmethod
+    def latents_of(video: Path | str) -> Path:
+        video = Path(video)
+        return video.with_name(video.stem + LATENTS_SUFFIX)
+
+    @staticmethod
+    def video_of_latents(kept: Path) -> Path:
+        return kept.with_name(kept.name[:-len(LATENTS_SUFFIX)] + ".mp4")
+
+    def load_latents(self, video: Path | str, job_id: int | None = None) -> Any:
+        """The final latents kept beside `video`. Raises LatentsError (missing, unreadable,
+        truncated, not ours) with a message that says nothing was lost."""
+        path = self.latents_of(video)
+        which = f"#{job_id}" if job_id is not None else Path(video).name
+        if not path.is_file():
+            raise LatentsError(f"The latents of clip {which} are not on disk ({path.name} is missing), "
+                               f"so it cannot be finished at full quality. The clip and its record "
+                               f"are untouched; generate it again with the same seed instead.")
+        from safetensors import SafetensorError
+
+        try:
+            return read_latents(path)
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            raise LatentsError(f"The latents of clip {which} ({path.name}) cannot be read "
+                               f"({type(exc).__name__}: {str(exc)[:120]}); the file is damaged. The "
+                               f"clip and its record are untouched; generate it again with the same "
+                               f"seed instead.") from None
+
+    def remove(self, video: Path | str) -> list[Path]:
+        """Delete a clip and everything kept with it: record, latents, thumbnail."""
+        video = Path(video)
+        removed = []
+        for path in (video, video.with_suffix(".json"), self.latents_of(video),
+                     self.root / THUMBS_DIR / f"{video.stem}.jpg"):
+            if path.exists():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
+
+    # -- previews during a run --------------------------------------------------------------------
+
+    def write_preview(self, name: str, frames: np.ndarray, fps: float) -> Path | None:
+        """An animated GIF of small uint8 frames [T, h, w, 3] in the hidden previews folder; the
+        oldest beyond PREVIEWS_KEPT are removed. None when it cannot be written: a preview is a
+        convenience and must never fail a run."""
+        folder = self.root / PREVIEWS_DIR
+        safe = re.sub(r"[^A-Za-z0-9_-]", "_", name)
+        path = folder / f"{safe}.gif"
+        tmp = folder / f".{safe}{PARTIAL_MARK}.gif"
+        try:
+            from PIL import Image
+
+            folder.mkdir(parents=True, exist_ok=True)
+            images = [Image.fromarray(frame) for frame in frames]
+            images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                           duration=max(20, int(round(1000 / max(fps, 0.1)))), loop=0)
+            os.replace(tmp, path)
+            for old in sorted((p for p in folder.glob("*.gif") if not p.name.startswith(".")),
+                              key=lambda p: p.stat().st_mtime)[:-PREVIEWS_KEPT]:
+                old.unlink(missing_ok=True)
+        except Exception as exc:  # noqa: BLE001 - Pillow/disk errors of any kind: no preview
+            log.warning("could not write the preview %s: %s", path.name, exc)
+            tmp.unlink(missing_ok=True)
+            return None
+        return path
+
     def find_saved(self, job_id: int) -> tuple[Path, Path, dict[str, Any]] | None:
         """The published video and record of `job_id`, if `save` got that far."""
         for sidecar in self.root.glob(f"*_job{job_id:05d}_*.json"):
@@ -314,6 +401,14 @@ class OutputStore:
             if not sidecar.with_suffix(".mp4").exists() and _is_record_of(sidecar):
                 sidecar.unlink(missing_ok=True)
                 removed.append(sidecar)
+        for kept in self.root.glob(f"*_job*{LATENTS_SUFFIX}"):
+            # Latents land before their video: a kill in between leaves them alone.
+            if not self.video_of_latents(kept).exists():
+                kept.unlink(missing_ok=True)
+                removed.append(kept)
+        previews = self.root / PREVIEWS_DIR
+        if previews.is_dir():  # last session's previews: nothing shows them any more
+            shutil.rmtree(previews, ignore_errors=True)
         if removed:
             log.info("removed %d leftover file(s) from an interrupted run", len(removed))
         return removed
@@ -358,6 +453,38 @@ def _is_record_of(sidecar: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(record, dict) and record.get("video") == sidecar.with_suffix(".mp4").name
+
+
+def write_latents(latents: Any, path: Path, metadata: dict[str, str]) -> None:
+    """Save one latents array exactly as it is (dtype included) and fsync it. Torch tensors are
+    written with safetensors' torch API (bfloat16 has no numpy type), numpy arrays with its numpy
+    API; the file says which, so `read_latents` hands back the same kind."""
+    if isinstance(latents, np.ndarray):
+        from safetensors.numpy import save_file
+
+        save_file({"latents": np.ascontiguousarray(latents)}, str(path), metadata=dict(metadata, kind="numpy"))
+    else:
+        from safetensors.torch import save_file
+
+        save_file({"latents": latents.detach().to("cpu").contiguous()}, str(path),
+                  metadata=dict(metadata, kind="torch"))
+    _fsync_file(path)
+
+
+def read_latents(path: Path) -> Any:
+    """Raises OSError/ValueError/KeyError/safetensors.SafetensorError on a file that is not a
+    complete latents file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        kind = (handle.metadata() or {}).get("kind")
+    if kind not in ("numpy", "torch"):
+        raise ValueError(f"{path.name} is not a latents file of this app")
+    if kind == "numpy":
+        from safetensors.numpy import load_file
+    else:
+        from safetensors.torch import load_file
+    return load_file(str(path))["latents"]
 
 
 def read_mp4_record(path: Path) -> dict[str, Any] | None:

@@ -15,8 +15,9 @@ tries that leanest rung (predictions can be pessimistic), and the ladder reports
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Hashable, Mapping
 
 from presets import MemoryRung, Preset, PresetBook
 
@@ -105,6 +106,26 @@ class PresetForecast:
         return f"{self.preset}: {self.fit.value}, {pred} of {avail}, '{self.start.memory.name}' settings"
 
 
+def fits(rung: Rung, available_gib: float | None, ram_gib: float | None,
+         headroom_gib: float = 0.0, ram_headroom_gib: float = 0.0) -> bool:
+    """Whether `rung` is predicted to fit both budgets with the given margins (None: no reading or
+    no prediction, which does not rule a rung out)."""
+    vram_ok = (available_gib is None or rung.predicted_gib is None
+               or rung.predicted_gib + headroom_gib <= available_gib)
+    ram_ok = (ram_gib is None or rung.predicted_host_gib is None
+              or rung.predicted_host_gib + ram_headroom_gib <= ram_gib)
+    return vram_ok and ram_ok
+
+
+def leanest(rungs: list[Rung], ram_gib: float | None) -> Rung:
+    """The last preset's rung with the least GPU memory; among equals the first that fits system
+    RAM (the low-RAM rung only when the others do not fit it: it reads the DiT from disk)."""
+    group = [r for r in rungs if r.preset.name == rungs[-1].preset.name]
+    known = [r.predicted_gib for r in group if r.predicted_gib is not None]
+    least = [r for r in group if not known or r.predicted_gib == min(known)]
+    return next((r for r in least if fits(r, None, ram_gib)), least[-1])
+
+
 class Planner:
     def __init__(self, presets: PresetBook, headroom_gib: float = HEADROOM_GIB,
                  ram_headroom_gib: float = RAM_HEADROOM_GIB):
@@ -123,11 +144,9 @@ class Planner:
         return out
 
     def _fits(self, rung: Rung, available_gib: float | None, ram_gib: float | None, tight: bool) -> bool:
-        vram_ok = (available_gib is None or rung.predicted_gib is None
-                   or rung.predicted_gib + (0.0 if tight else self.headroom_gib) <= available_gib)
-        ram_ok = (ram_gib is None or rung.predicted_host_gib is None
-                  or rung.predicted_host_gib + (0.0 if tight else self.ram_headroom_gib) <= ram_gib)
-        return vram_ok and ram_ok
+        if tight:
+            return fits(rung, available_gib, ram_gib)
+        return fits(rung, available_gib, ram_gib, self.headroom_gib, self.ram_headroom_gib)
 
     def _start_index(self, ladder: list[Rung], available_gib: float | None, ram_gib: float | None) -> int | None:
         # Within each preset, in ladder order: the fastest rung that fits both budgets with headroom,
@@ -140,14 +159,6 @@ class Planner:
                     if self._fits(rung, available_gib, ram_gib, tight):
                         return index
         return None
-
-    def _leanest(self, ladder: list[Rung], ram_gib: float | None) -> Rung:
-        """The last preset's rung with the least GPU memory; among equals the first that fits system
-        RAM (the low-RAM rung only when the others do not fit it: it reads the DiT from disk)."""
-        group = [r for r in ladder if r.preset.name == ladder[-1].preset.name]
-        known = [r.predicted_gib for r in group if r.predicted_gib is not None]
-        least = [r for r in group if not known or r.predicted_gib == min(known)]
-        return next((r for r in least if self._fits(r, None, ram_gib, tight=True)), least[-1])
 
     def skip_after(self, rung: Rung, failures: list[tuple[Rung, bool]]) -> bool:
         """Whether the ladder should pass over `rung` after `failures` ((rung, ran out of host memory)
@@ -174,7 +185,7 @@ class Planner:
             return ladder
         start = self._start_index(ladder, available_gib, ram_gib)
         if start is None:
-            return [self._leanest(ladder, ram_gib)]
+            return [leanest(ladder, ram_gib)]
         rest = [r for r in ladder[start + 1:] if self._fits(r, None, ram_gib, tight=True)]
         return [ladder[start], *rest]
 
@@ -191,11 +202,11 @@ class Planner:
                                   ram_available_gib=ram_gib)
         index = self._start_index(ladder, available_gib, ram_gib)
         if index is None:
-            leanest = self._leanest(ladder, ram_gib)
-            short = tuple(name for name, fits in (
-                ("GPU memory", self._fits(leanest, available_gib, None, tight=True)),
-                ("system RAM", self._fits(leanest, None, ram_gib, tight=True))) if not fits)
-            return PresetForecast(preset_name, Fit.WONT_FIT, leanest, available_gib,
+            lean = leanest(ladder, ram_gib)
+            short = tuple(name for name, ok in (
+                ("GPU memory", self._fits(lean, available_gib, None, tight=True)),
+                ("system RAM", self._fits(lean, None, ram_gib, tight=True))) if not ok)
+            return PresetForecast(preset_name, Fit.WONT_FIT, lean, available_gib,
                                   ram_available_gib=ram_gib, short_of=short or ("GPU memory",))
         start = ladder[index]
         if start.predicted_gib is None:
@@ -208,3 +219,60 @@ class Planner:
             fit = Fit.TIGHT
         return PresetForecast(preset_name, fit, start, available_gib,
                               seconds.get((start.preset.name, start.memory.name)), ram_available_gib=ram_gib)
+
+
+def oom_bound_gib(peak_gib: float | None, detail: str) -> float | None:
+    """An upper bound on the memory this process could really use, learnt from an OOM: the peak
+    it reached plus the allocation that did not fit ("Tried to allocate 740.00 MiB"). None when
+    the failure carries no peak (no CUDA reading)."""
+    if peak_gib is None:
+        return None
+    match = _TRIED.search(detail or "")
+    tried = float(match.group(1)) * _UNITS[match.group(2)] if match else 0.0
+    return peak_gib + tried
+
+
+_TRIED = re.compile(r"Tried to allocate ([\d.]+) ?(GiB|MiB|KiB|B)\b")
+_UNITS = {"GiB": 1.0, "MiB": 1 / 1024, "KiB": 1 / 1024**2, "B": 1 / 1024**3}
+
+
+def replan(ladder: list[Rung], failed: Rung, tried: set[tuple[str, str]],
+           available_gib: float | None, key_of: Callable[[Rung], Hashable],
+           current_key: Hashable | None, left_keys: set, reload_allowed: bool,
+           skip: Callable[[Rung], bool] = lambda rung: False,
+           ram_gib: float | None = None) -> list[Rung]:
+    """The rungs to try after `failed` ran out of memory, in order, under the one-reload rule.
+
+    - every rung below `failed` in the ladder not tried yet, skipping those predicted not to fit
+      the GPU memory or the system RAM (`ram_gib`) that is really free now (no margin: these are
+      already the best readings there are); when none is predicted to fit, the leanest one (`leanest`:
+      the low-RAM rung only where RAM is short) is still tried (a prediction can be pessimistic);
+    - never a load key this click already left (going back loads the same weights again);
+    - grouped by load key, the groups in the order of their best rung, so that the ladder's order
+      of preference (the requested clip first) holds between groups and rungs sharing a key run
+      together;
+    - at most one key other than `current_key` (one reload), and none when `reload_allowed` is
+      False (the click spent its reload);
+    - nothing `skip` rules out (known to fail the same way: `Planner.skip_after`'s host-memory and
+      GPU rules, undecodable latents), before the groups are formed.
+    """
+    names = [(r.preset.name, r.memory.name) for r in ladder]
+    start = names.index((failed.preset.name, failed.memory.name)) + 1
+    eligible = [r for r in ladder[start:] if (r.preset.name, r.memory.name) not in tried
+                and key_of(r) not in left_keys and not skip(r)]
+    fitting = [r for r in eligible if fits(r, available_gib, ram_gib)]
+    if not fitting and eligible:
+        fitting = [leanest(eligible, ram_gib)]
+    groups: dict[Hashable, list[Rung]] = {}
+    for rung in fitting:
+        groups.setdefault(key_of(rung), []).append(rung)
+    out: list[Rung] = []
+    for key, rungs in groups.items():
+        if key == current_key:
+            out.extend(rungs)
+        elif reload_allowed:
+            # The one reload. After it the current key is left for good, so only what came
+            # before it stays, and later groups (yet other keys) would need a second reload.
+            out.extend(rungs)
+            break
+    return out

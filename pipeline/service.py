@@ -15,21 +15,22 @@ import logging
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from pipeline import gpu, hostmem
-from pipeline.backend import DecodeOutOfMemory, LoadedModel, RunHooks
+from pipeline.backend import DecodeOutOfMemory, LoadedModel, LoadKey, RunHooks
 from pipeline.cache import PipelineCache
-from pipeline.errors import GenerationCancelled, OutOfVRAM, StudioError
-from pipeline.history import History
+from pipeline.errors import GenerationCancelled, InvalidRequest, LatentsError, OutOfVRAM, StudioError
+from pipeline.history import History, HistoryEntry
 from pipeline.outputs import OutputStore
-from pipeline.planner import RAM_ONLY_SETTINGS, Planner, PresetForecast, Rung
-from pipeline.types import (LEAN_DECODE_SUFFIX, Attempt, GenerationRequest, GenerationResult, Phase,
-                            ProgressEvent,
-                            RunSpec, prompt_token_estimate, TEXT_ENCODER_MAX_TOKENS)
+from pipeline.planner import RAM_ONLY_SETTINGS, Planner, PresetForecast, Rung, oom_bound_gib, replan
+from pipeline.types import (LEAN_DECODE_SUFFIX, Attempt, FinishRequest, GenerationRequest,
+                            GenerationResult, Phase, Preview, PreviewKind, ProgressEvent, RunSpec,
+                            prompt_token_estimate, TEXT_ENCODER_MAX_TOKENS)
 from presets import PresetBook
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,12 @@ _VERSIONED_PACKAGES = ("torch", "triton", "lightx2v", "sageattention", "numpy", 
                        "imageio-ffmpeg", "av", "nvidia-ml-py", "gradio")
 
 EventSink = Callable[[ProgressEvent], None]
+
+PREVIEW_MODES = ("auto", "linear", "tiny-vae", "off")
+PREVIEW_SOURCES = {
+    PreviewKind.LINEAR.value: "linear latent-to-RGB factors of the Wan 2.1 VAE (no weights)",
+    PreviewKind.TINY_VAE.value: "tiny VAE decode of the step's clean-latent estimate",
+}
 
 
 def package_versions() -> dict[str, str | None]:
@@ -119,6 +126,85 @@ class _Outcome:
     label: str | None = None  # rung name as recorded, when it differs from the rung's
 
 
+@dataclass
+class _Kept:
+    """What a run handed over besides its frames: the final latents and the previews' kinds/costs."""
+
+    latents: Any = None
+    previews: list[tuple[PreviewKind, float | None]] = field(default_factory=list)
+
+
+class _Loads:
+    """The weight loads of one click, and the one-reload rule's state: the key in use, the keys
+    left (never gone back to), and whether the one reload beyond the first load is still free."""
+
+    def __init__(self, cache: PipelineCache):
+        self.cache = cache
+        self.before = cache.loads
+        self.records: list[dict[str, Any]] = []
+        self.current: LoadKey | None = None  # the key of this click's latest attempt
+        self.left: set[LoadKey] = set()
+        self.switches = 0
+
+    @property
+    def reload_allowed(self) -> bool:
+        return self.switches == 0
+
+    def switching(self, key: LoadKey) -> bool:
+        return self.current is not None and key != self.current
+
+    def reason(self, key: LoadKey, attempts: list[Attempt], free_gib: float | None, rung: Rung) -> str:
+        """Why `key` needs a load, in words; empty when the loaded model serves it."""
+        if self.cache.is_loaded and self.cache.key == key:
+            return ""
+        if not self.switching(key):
+            return "first load" if self.cache.key is None else "these settings need another build"
+        changed = _changed_settings(self.current, key)
+        failed = next((a for a in reversed(attempts) if a.outcome != "ok"), None)
+        why = (f"{failed.preset}/{failed.rung} ran out of "
+               f"{'system RAM' if failed.outcome == HOST_OOM else 'GPU memory'}"
+               f"{' in ' + failed.phase if failed.phase else ''}" if failed else "the last rung failed")
+        free = f", about {free_gib:.1f} GiB is really free" if free_gib is not None else ""
+        return (f"reloading the weights with {changed} for {rung.preset.name}/{rung.memory.name} "
+                f"({why}{free})")
+
+    def track(self, key: LoadKey, reason: str, work: Callable[[], "_Outcome"]) -> "_Outcome":
+        loads, started = self.cache.loads, time.perf_counter()
+        try:
+            return work()
+        finally:
+            if self.cache.loads > loads:
+                self.records.append({"settings": dict(key.build_settings), "reason": reason or "load",
+                                     "seconds": _round(self.cache.last_load_seconds),
+                                     "at_s": _round(time.perf_counter() - started)})
+            if self.current is not None and key != self.current:
+                self.left.add(self.current)
+                self.switches += 1
+            self.current = key
+
+
+def _changed_settings(old: LoadKey | None, new: LoadKey) -> str:
+    before = dict(old.build_settings) if old is not None else {}
+    after = dict(new.build_settings)
+    changed = [f"{k}={after[k]}" for k in after if before.get(k) != after[k]]
+    return ", ".join(changed) or "the same settings"
+
+
+def _min_known(*values: float | None) -> float | None:
+    known = [v for v in values if v is not None]
+    return min(known) if known else None
+
+
+def _read_json(path: str | None) -> dict[str, Any] | None:
+    if not path:
+        return None
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 # Settings that only change how the VAE decode runs; all of them apply per call (no reload).
 _DECODE_SETTINGS = ("vae_tiling", "vae_offload", "clean_cuda_cache")
 
@@ -136,12 +222,17 @@ def _dit_settings(memory: dict[str, Any]) -> tuple:
 class VideoService:
     def __init__(self, *, presets: PresetBook, cache: PipelineCache, outputs: OutputStore,
                  history: History, monitor: gpu.GpuMonitor, planner: Planner | None = None,
-                 vram_cap_gib: float | None = None, command_line: list[str] | None = None,
+                 vram_cap_gib: float | None = None, preview: str = "auto",
+                 command_line: list[str] | None = None,
                  ram_reader: Callable[[], float | None] | None = None):
-        """`command_line`: how the app was started, as the records state it (no password).
+        """`preview`: one of PREVIEW_MODES, the picture sent after every denoising step.
+        `command_line`: how the app was started, as the records state it (no password).
         `ram_reader`: GiB of system RAM a run may use. Default: the backend's own reading when it
         has one (the fake backend reports a configured figure), else free RAM plus what this process
         already holds (`hostmem`)."""
+        if preview not in PREVIEW_MODES:
+            raise ValueError(f"preview must be one of {PREVIEW_MODES}, got {preview!r}")
+        self.preview = preview
         self.command_line = list(command_line or sys.argv[:1])
         self.ram_reader = (ram_reader or getattr(cache.backend, "available_ram_gib", None)
                            or _ram_available_gib)
@@ -176,6 +267,15 @@ class VideoService:
         return [self.planner.forecast(name, available, measured, seconds, ram_gib=ram) for name in self.presets]
 
     # -- the job ------------------------------------------------------------------------------
+    def tiny_vae_installed(self) -> bool:
+        """Whether the tiny VAE is there: 'Draft decode' needs it (checked at the border)."""
+        return bool(self.cache.backend.tiny_vae())
+
+    def check_finish(self, request: FinishRequest) -> None:
+        """Refuse a finish of a clip that cannot be finished, before it takes a place in the lane
+        (the border's check; `finish` reads the same state again when the job runs)."""
+        self._finishable(request)
+
     def generate(self, request: GenerationRequest, on_event: EventSink = lambda e: None,
                  should_stop: Callable[[], bool] = lambda: False) -> GenerationResult:
         """Run a request checked at the border (GenerationRequest, a preset from the book)."""
@@ -183,9 +283,28 @@ class VideoService:
         job_id = self.history.start_job(prompt=request.prompt, negative_prompt=request.negative_prompt,
                                         seed=request.seed, preset=request.preset)
         attempts: list[Attempt] = []
+        return self._tracked(job_id, attempts,
+                             lambda: self._run(job_id, request, on_event, should_stop, attempts))
+
+    def finish(self, request: FinishRequest, on_event: EventSink = lambda e: None,
+               should_stop: Callable[[], bool] = lambda: False) -> GenerationResult:
+        """Decode the latents a finished job kept with the full VAE: a new clip and history entry,
+        no denoising step. The source clip stays as it is."""
+        entry, record = self._finishable(request)
+        self.cache.backend.check_available()
+        # Read before a history row exists: a missing or damaged file is a clear error, no job.
+        latents = self.outputs.load_latents(entry.video_path, entry.id)
+        job_id = self.history.start_job(prompt=entry.prompt, negative_prompt=entry.negative_prompt,
+                                        seed=entry.seed, preset=entry.preset_requested)
+        attempts: list[Attempt] = []
+        return self._tracked(job_id, attempts, lambda: self._finish(
+            job_id, entry, record, latents, on_event, should_stop, attempts))
+
+    def _tracked(self, job_id: int, attempts: list[Attempt],
+                 work: Callable[[], GenerationResult]) -> GenerationResult:
         status, error = "failed", "unknown error"
         try:
-            result = self._run(job_id, request, on_event, should_stop, attempts)
+            result = work()
             status = "done"
             return result
         except GenerationCancelled as exc:
@@ -211,25 +330,52 @@ class VideoService:
         return RunSpec(preset=p.name, rung=rung.memory.name, prompt=request.prompt,
                        negative_prompt=request.negative_prompt, seed=request.seed, height=p.height,
                        width=p.width, frames=p.frames, steps=p.steps, shift=p.shift,
-                       guidance=p.guidance, memory=memory)
+                       guidance=p.guidance, memory=memory,
+                       preview=self._preview_kind(), draft=request.draft)
+
+    def _preview_kind(self) -> PreviewKind | None:
+        if self.preview == "off":
+            return None
+        if self.preview == "linear":
+            return PreviewKind.LINEAR
+        # "auto" and "tiny-vae": the tiny VAE where it is installed, else the linear factors.
+        return PreviewKind.TINY_VAE if self.cache.backend.tiny_vae() else PreviewKind.LINEAR
+
+    def _hooks(self, clock: "_PhaseClock", should_stop: Callable[[], bool], kept: "_Kept") -> RunHooks:
+        def on_preview(preview: Preview) -> None:
+            kept.previews.append((preview.kind, preview.cost_ms))
+            clock.sink(ProgressEvent(Phase.DENOISING, step=preview.step, total=preview.total,
+                                     preview=preview))
+
+        def on_latents(latents: Any) -> None:
+            kept.latents = latents
+
+        return RunHooks(on_phase=clock.phase, on_step=clock.step, should_stop=should_stop,
+                        on_preview=on_preview, on_latents=on_latents)
 
     def _run(self, job_id: int, request: GenerationRequest, on_event: EventSink,
              should_stop: Callable[[], bool], attempts: list[Attempt]) -> GenerationResult:
         gpu_name, available = self.available_gib()
         measured = self.history.measured_peaks(gpu_name) if gpu_name else {}
         ram = self.ram_reader()
-        ladder = self.planner.plan(request.preset, available, measured, ram_gib=ram)
+        ladder = self.planner.ladder(request.preset, measured)
+        queue = self.planner.plan(request.preset, available, measured, ram_gib=ram)
         failures: list[tuple[Rung, bool]] = []  # (rung, ran out of host memory)
-        loads_before = self.cache.loads
+        loads = _Loads(self.cache)
+        tried: set[tuple[str, str]] = set()
+        free_bound = available  # the best knowledge of what this process can really use
+        ram_bound = ram  # likewise for system RAM
         # DiT settings (per preset) whose latents could not be decoded even on the leanest VAE
         # settings: a later rung that differs only in VAE settings would fail the same way.
         undecodable: set[tuple[str, tuple]] = set()
+        kept = _Kept()
         with gpu.VramSampler(self.monitor) as sampler:
             clock = _PhaseClock(on_event, sampler)
-            hooks = RunHooks(on_phase=clock.phase, on_step=clock.step, should_stop=should_stop)
+            hooks = self._hooks(clock, should_stop, kept)
             success: _Outcome | None = None
             chosen: Rung | None = None
-            for rung in ladder:
+            while queue:
+                rung = queue.pop(0)
                 if should_stop():
                     raise GenerationCancelled("Cancelled before the run started.")
                 if self.planner.skip_after(rung, failures):
@@ -239,34 +385,54 @@ class VideoService:
                     log.info("skipping %s/%s: only its VAE settings differ from a rung whose decode "
                              "failed on the leanest ones", rung.preset.name, rung.memory.name)
                     continue
+                key = self._key(rung)
+                reason = loads.reason(key, attempts, free_bound, rung)
                 if attempts:
-                    clock.phase(Phase.LOADING, f"Retrying on {rung.preset.name}/{rung.memory.name}")
-                outcome = self._attempt(request, rung, hooks)
+                    clock.phase(Phase.LOADING, f"Retrying on {rung.preset.name}/{rung.memory.name}"
+                                + (f": {reason}" if reason and loads.switching(key) else ""))
+                kept.latents = None  # only the latents of the attempt that succeeds are kept
+                outcome = loads.track(key, reason, lambda: self._attempt(request, rung, hooks))
+                tried.add((rung.preset.name, rung.memory.name))
+                recorded = False
                 if outcome.failure is not None and outcome.latents is not None:
                     # The steps finished and only the decode ran out of memory: decode the kept
                     # latents again on the leanest VAE settings instead of re-running the steps.
                     attempts.append(outcome.failure)
+                    recorded = True
                     self._learn_from_oom(gpu_name, available, rung)
                     lean = _lean_decode_settings(rung.memory.settings())
-                    outcome = (self._retry_decode(request, rung, lean, hooks, outcome.latents)
-                               if lean != rung.memory.settings() else _Outcome(failure=outcome.failure))
+                    if lean != rung.memory.settings():
+                        outcome = self._retry_decode(request, rung, lean, hooks, outcome.latents)
+                        if outcome.failure is not None:
+                            attempts.append(outcome.failure)
                     if outcome.failure is not None:
                         undecodable.add((rung.preset.name, _dit_settings(lean)))
-                        if outcome.failure is not attempts[-1]:
-                            attempts.append(outcome.failure)
-                        continue
                 if outcome.failure is None:
                     success, chosen = outcome, rung
                     attempts.append(Attempt(rung.preset.name, outcome.label or rung.memory.name, "ok",
                                             peak_gib=_round(self.monitor.torch.peak_reserved_gib())))
                     break
-                attempts.append(outcome.failure)
+                if not recorded:
+                    attempts.append(outcome.failure)
                 host = outcome.failure.outcome == HOST_OOM
                 failures.append((rung, host))
-                if not host:  # a host failure says nothing about the GPU memory the rung needs
+                if not host and not recorded:  # a host failure says nothing about the GPU memory
                     self._learn_from_oom(gpu_name, available, rung)
-                log.warning("%s on %s/%s (%s); stepping down", outcome.failure.outcome, rung.preset.name,
+                log.warning("%s on %s/%s (%s); re-planning", outcome.failure.outcome, rung.preset.name,
                             rung.memory.name, outcome.failure.phase)
+                # What is really free now, after the failed run's memory went back: the device's
+                # reading, and what a GPU OOM itself proved (its peak plus the allocation that
+                # failed; a host failure's GPU peak bounds nothing); system RAM read again too.
+                reading = self.available_gib()[1]
+                learnt = None if host else oom_bound_gib(outcome.failure.peak_gib, outcome.failure.detail)
+                free_bound = _min_known(free_bound, reading, learnt)
+                ram_bound = _min_known(ram_bound, self.ram_reader())
+                queue = replan(ladder, rung, tried, free_bound, self._key, loads.current,
+                               loads.left, loads.reload_allowed, ram_gib=ram_bound,
+                               skip=lambda r: self.planner.skip_after(r, failures) or (
+                                   r.preset.name, _dit_settings(r.memory.settings())) in undecodable)
+                log.info("re-planned with %s GiB GPU memory and %s GiB RAM really free: %s",
+                         _round(free_bound), _round(ram_bound), [r.label for r in queue] or "nothing left")
             if success is None or chosen is None:
                 raise OutOfVRAM(self._exhausted_message(request.preset, attempts), tuple(attempts))
             peak = self.monitor.torch.peak_reserved_gib()
@@ -275,21 +441,25 @@ class VideoService:
         memory = success.memory or chosen.memory.settings()
         # The sampler has stopped: the timeline covers the GPU work, and the record can carry it.
         record = self._record(job_id, request, chosen, rung_label, memory, attempts, available,
-                              gpu_name, loads_before, sampler.timeline.as_record(),
+                              gpu_name, loads.before, sampler.timeline.as_record(),
                               success.frames.shape)
         record["host_memory"] = {"available_at_start_gib": _round(ram),
                                  "predicted_must_hold_gib": chosen.predicted_host_gib,
                                  **sampler.timeline.host.as_record()}
+        record.update(self._extras(request.draft, kept, loads))
         # Up to the mp4 encode, which the record precedes (the sidecar adds the encode time).
         record["timings_s"] = clock.snapshot(include_current=False)
         stem = self.outputs.new_stem(job_id, chosen.preset.name, request.seed)
-        video, sidecar = self.outputs.save(stem, success.frames, chosen.preset.fps, record)
+        video, sidecar = self.outputs.save(stem, success.frames, chosen.preset.fps, record,
+                                           latents=success.latents if success.latents is not None
+                                           else kept.latents)
         # What the user is shown is exactly what was saved (the sidecar adds the mp4 encode time).
         record = json.loads(sidecar.read_text(encoding="utf-8"))
         timings = clock.finish()
-        if success.label is None:
-            # The time estimate excludes the one-off weight load and counts only clean runs. Without
-            # a GPU peak (the fake backend) only the time is kept, under the backend's name.
+        if success.label is None and not request.draft:
+            # The time estimate excludes the one-off weight load and counts only clean runs (a
+            # draft decode is quicker and leaner than the clip's full decode). Without a GPU peak
+            # (the fake backend) only the time is kept, under the backend's name.
             seconds = timings["total"] - timings.get(Phase.LOADING.value, 0.0)
             seconds = seconds if len(attempts) == 1 else None
             if gpu_name and peak is not None:
@@ -297,6 +467,106 @@ class VideoService:
             else:
                 self._measure(self._no_gpu_key(), chosen, None, seconds)
         self.history.finish_job(job_id, preset_used=chosen.preset.name, rung_used=rung_label,
+                                video_path=video, record_path=sidecar, peak_gib=_round(peak),
+                                seconds=timings["total"], attempts=[asdict(a) for a in attempts])
+        return GenerationResult(video_path=video, record_path=sidecar, record=record,
+                                attempts=tuple(attempts))
+
+    def _key(self, rung: Rung) -> LoadKey:
+        return self.cache.backend.load_key(rung.memory.settings())
+
+    def _extras(self, draft: bool, kept: "_Kept", loads: "_Loads") -> dict[str, Any]:
+        tiny = self.cache.backend.tiny_vae()
+        kinds = list(dict.fromkeys(kind.value for kind, _ in kept.previews))
+        costs = [c for _, c in kept.previews if c is not None]
+        return {
+            "draft": draft,
+            "decode": f"draft: tiny VAE ({tiny})" if draft else "full VAE",
+            "preview": None if not kinds else {
+                "kind": kinds[-1] if len(kinds) == 1 else kinds,
+                "source": PREVIEW_SOURCES.get(kinds[-1], kinds[-1]) if len(kinds) == 1 else
+                [PREVIEW_SOURCES.get(k, k) for k in kinds],
+                "count": len(kept.previews),
+                "cost_ms_max": round(max(costs), 3) if costs else None},
+            "loads": loads.records,
+        }
+
+    # -- finish at full quality ----------------------------------------------------------------
+    def _finishable(self, request: FinishRequest) -> tuple[HistoryEntry, dict[str, Any]]:
+        entry = self.history.get(request.job_id)
+        if entry is None or entry.status != "done" or not entry.video_path:
+            raise InvalidRequest(f"There is no finished clip #{request.job_id} to finish.")
+        if not Path(entry.video_path).exists():
+            raise InvalidRequest(f"Clip #{entry.id} is no longer on disk.")
+        record = _read_json(entry.record_path)
+        if record is None:
+            raise LatentsError(f"The record of clip #{entry.id} cannot be read, so the settings "
+                               f"to decode it with are unknown; nothing was changed.")
+        if record.get("preset_used") not in self.presets:
+            raise InvalidRequest(f"Clip #{entry.id} was made with the preset "
+                                 f"{str(record.get('preset_used'))[:60]!r}, which no longer exists.")
+        if not self.outputs.latents_of(entry.video_path).is_file():
+            # load_latents words it; here only so that submit refuses before queueing.
+            self.outputs.load_latents(entry.video_path, entry.id)
+        return entry, record
+
+    def _finish(self, job_id: int, entry: HistoryEntry, source: dict[str, Any], latents: Any,
+                on_event: EventSink, should_stop: Callable[[], bool],
+                attempts: list[Attempt]) -> GenerationResult:
+        request = GenerationRequest(prompt=entry.prompt, preset=source["preset_used"], seed=entry.seed,
+                                    negative_prompt=entry.negative_prompt)
+        gpu_name, available = self.available_gib()
+        measured = self.history.measured_peaks(gpu_name) if gpu_name else {}
+        # The source clip's own rung first: the same VAE settings decode the same latents into the
+        # same frames a full-quality run would have given (tiling changes the frames). The preset's
+        # plan otherwise; never a smaller preset (the latents fix the size).
+        own = [r for r in self.planner.ladder(request.preset, measured)
+               if r.preset.name == request.preset]
+        source_rung = str(source.get("rung_used") or "").split("+")[0]
+        rung = next((r for r in own if r.memory.name == source_rung), None) or next(
+            (r for r in self.planner.plan(request.preset, available, measured, ram_gib=self.ram_reader())
+             if r.preset.name == request.preset), own[-1])
+        loads = _Loads(self.cache)
+        kept = _Kept(latents=latents)
+        with gpu.VramSampler(self.monitor) as sampler:
+            clock = _PhaseClock(on_event, sampler)
+            hooks = self._hooks(clock, should_stop, kept)
+            # Any loaded model decodes: keep it instead of loading the weights for its key.
+            key = self.cache.key if self.cache.is_loaded else self._key(rung)
+            outcome = _Outcome(failure=None)
+            for label, memory in ((f"{rung.memory.name}+finish", rung.memory.settings()),
+                                  (f"{rung.memory.name}+finish{LEAN_DECODE_SUFFIX}",
+                                   _lean_decode_settings(rung.memory.settings()))):
+                if should_stop():
+                    raise GenerationCancelled("Cancelled before the decode started.")
+                if attempts:
+                    clock.phase(Phase.LOADING, "Retrying the decode on the leanest VAE settings")
+                outcome = loads.track(key, loads.reason(key, attempts, available, rung),
+                                      lambda: self._decode_only(request, rung, memory, hooks, latents,
+                                                                label, key, draft=False, reset_peak=True))
+                if outcome.failure is None:
+                    attempts.append(Attempt(rung.preset.name, label, "ok",
+                                            peak_gib=_round(self.monitor.torch.peak_reserved_gib())))
+                    break
+                attempts.append(outcome.failure)
+            else:
+                raise OutOfVRAM(f"Out of GPU memory decoding clip #{entry.id} at full quality, even on "
+                                f"the leanest VAE settings. Close other programs that use the GPU and "
+                                f"try again; the draft clip is untouched.", tuple(attempts))
+            peak = self.monitor.torch.peak_reserved_gib()
+            clock.phase(Phase.ENCODING)
+        record = self._record(job_id, request, rung, outcome.label or rung.memory.name,
+                              outcome.memory or rung.memory.settings(), attempts, available, gpu_name,
+                              loads.before, sampler.timeline.as_record(), outcome.frames.shape)
+        record.update(self._extras(False, kept, loads), finished_from_job=entry.id,
+                      preset_requested=source.get("preset_requested", request.preset),
+                      prompt_truncated=source.get("prompt_truncated", record["prompt_truncated"]))
+        record["timings_s"] = clock.snapshot(include_current=False)
+        stem = self.outputs.new_stem(job_id, rung.preset.name, entry.seed)
+        video, sidecar = self.outputs.save(stem, outcome.frames, rung.preset.fps, record, latents=latents)
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+        timings = clock.finish()
+        self.history.finish_job(job_id, preset_used=rung.preset.name, rung_used=record["rung_used"],
                                 video_path=video, record_path=sidecar, peak_gib=_round(peak),
                                 seconds=timings["total"], attempts=[asdict(a) for a in attempts])
         return GenerationResult(video_path=video, record_path=sidecar, record=record,
@@ -356,18 +626,29 @@ class VideoService:
     def _retry_decode(self, request: GenerationRequest, rung: Rung, memory: dict[str, Any],
                       hooks: RunHooks, latents: Any) -> _Outcome:
         """Decode kept latents with `memory`'s (leaner) VAE settings; no step is run again."""
-        spec = replace(self._spec(request, rung), memory=memory)
-        label = f"{rung.memory.name}{LEAN_DECODE_SUFFIX}"
+        outcome = self._decode_only(request, rung, memory, hooks, latents,
+                                    f"{rung.memory.name}{LEAN_DECODE_SUFFIX}",
+                                    self.cache.backend.load_key(memory), draft=request.draft)
+        outcome.latents = latents
+        return outcome
+
+    def _decode_only(self, request: GenerationRequest, rung: Rung, memory: dict[str, Any],
+                     hooks: RunHooks, latents: Any, label: str, key: LoadKey, draft: bool,
+                     reset_peak: bool = False) -> _Outcome:
+        spec = replace(self._spec(request, rung), memory=memory, draft=draft, preview=None)
         model: LoadedModel | None = None
         failure: Attempt | None = None
         error: BaseException | None = None
+        if reset_peak:
+            self.monitor.torch.reset_peak()  # a finish is its own job; a retry's peak includes its steps
         try:
-            model = self.cache.get(self.cache.backend.load_key(memory), hooks.on_phase)
+            model = self.cache.get(key, hooks.on_phase)
             return _Outcome(frames=model.decode(latents, spec, hooks), memory=memory, label=label)
         except BaseException as exc:
             if isinstance(exc, DecodeOutOfMemory) or gpu.is_oom(exc):
                 failure = Attempt(rung.preset.name, label, "out of memory", Phase.DECODING.value,
-                                  exc.cause if isinstance(exc, DecodeOutOfMemory) else _short(exc))
+                                  exc.cause if isinstance(exc, DecodeOutOfMemory) else _short(exc),
+                                  _round(self.monitor.torch.peak_reserved_gib()))
             else:
                 error = gpu.drop_frame_locals(exc)
         self._recover(model)

@@ -56,8 +56,13 @@ class GenerationRequest:
     preset: str
     seed: int
     negative_prompt: str = ""
+    # Decode with the tiny VAE: seconds and a fraction of the memory, a rougher clip. The final
+    # latents are kept either way, so "Finish at full quality" can decode them later.
+    draft: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.draft, bool):
+            raise InvalidRequest(f"'Draft decode' must be true or false, got {self.draft!r:.40}.")
         _check_text(self.prompt, "prompt", required=True)
         _check_text(self.negative_prompt, "negative prompt", required=False)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -80,11 +85,42 @@ class Phase(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class FinishRequest:
+    """Decode the latents a finished (draft) job kept with the full VAE; no step runs again."""
+
+    job_id: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.job_id, bool) or not isinstance(self.job_id, int) or self.job_id < 1:
+            raise InvalidRequest(f"Choose a clip in the history to finish, got {self.job_id!r:.40}.")
+
+
+class PreviewKind(str, enum.Enum):
+    # The published linear map from Wan 2.1's 16 latent channels to RGB: no weights, milliseconds.
+    LINEAR = "linear"
+    # The tiny autoencoder (taew2_1.pth), when installed: closer to the final clip, costs more.
+    TINY_VAE = "tiny-vae"
+
+
+@dataclass(frozen=True)
+class Preview:
+    """The model's estimate of the clean clip after one denoising step, as small uint8 frames."""
+
+    step: int
+    total: int
+    frames: Any = field(repr=False)  # np.ndarray uint8 [T, h, w, 3]
+    kind: PreviewKind
+    fps: float
+    cost_ms: float | None = None  # time the backend spent making it (GPU work included)
+
+
+@dataclass(frozen=True)
 class ProgressEvent:
     phase: Phase
     step: int = 0
     total: int = 0
     message: str = ""
+    preview: Preview | None = field(default=None, compare=False)
 
     @property
     def fraction(self) -> float:
@@ -114,6 +150,8 @@ class RunSpec:
     shift: float
     guidance: float
     memory: dict[str, Any]  # MemoryRung.settings()
+    preview: PreviewKind | None = PreviewKind.LINEAR  # None: no previews
+    draft: bool = False  # decode with the tiny VAE
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,10 @@ def app(tmp_path_factory):
 def test_generate_returns_the_video_and_records_it_everywhere(app):
     client = app.client()
     prompt = "A lighthouse on a cliff at dusk, waves below"
-    status, seed, video, record_text, gallery, _plot, _note = client.predict(
+    status, seed, video, record_text, gallery, _plot, _note, preview = client.predict(
         prompt, "480x832x49", 1234, False, "blurry", api_name="/generate")
+    # The API hands out the last step's preview too: a small animated GIF, not the clip.
+    assert Path(preview).read_bytes()[:6] in (b"GIF89a", b"GIF87a")
 
     assert status.startswith("Done: **480x832x49** on 'fast' settings, seed 1234")
     assert seed == 1234
@@ -109,10 +111,11 @@ def test_forced_oom_falls_back_and_says_so(app):
     # The low-RAM rung has lean's GPU settings: after lean runs out of GPU memory it is skipped.
     rungs = [r.name for r in load_presets()["720x1280x81"].rungs if not r.dit_from_disk]
     failed = "; ".join(f"720x1280x81/{r} ran out of GPU memory in denoising" for r in rungs)
-    assert f"{failed}. Ran 480x832x81 on the 'fast' memory settings instead." in status
+    # One reload (block -> phase offload) and the click stays on phase offload.
+    assert f"{failed}. Ran 480x832x81 on the 'lean' memory settings instead." in status
     (row,) = [r for r in app.history() if r["prompt"] == prompt]
     assert (row["preset_requested"], row["preset_used"], row["rung_used"]) == (
-        "720x1280x81", "480x832x81", "fast")
+        "720x1280x81", "480x832x81", "lean")
     record = read_mp4_record(Path(row["video_path"]))
     assert [a["outcome"] for a in record["attempts"]] == ["out of memory"] * len(rungs) + ["ok"]
 
@@ -379,3 +382,27 @@ def test_stopping_the_app_mid_job_tells_the_client_why(tmp_path):
     finally:
         app.stop()
     assert "Traceback" not in app.log()
+
+
+def test_draft_then_finish_through_the_api(tmp_path):
+    from tests.apphelpers import running_app
+
+    with running_app(tmp_path, WAN_STUDIO_FAKE_TINY_VAE="1") as app:
+        client = app.client(download_files=False)
+        prompt = "A draft of a heron taking off from a pond"
+        status, *_ = client.predict(prompt, "480x832x49", 21, False, "", 1, True, api_name="/generate")
+        assert status.startswith("Done:") and "**Draft** (tiny VAE)" in status
+        (row,) = [r for r in app.history() if r["prompt"] == prompt]
+        draft_record = json.loads(Path(row["record_path"]).read_text())
+        assert draft_record["draft"] is True
+        gallery, _ = client.predict(api_name="/history")
+        assert gallery[0]["caption"].endswith("· draft")
+        status, video, record_text, gallery, _plot, _note = client.predict(row["id"], api_name="/finish")
+        assert "no denoising step ran" in status
+        record = json.loads(record_text)
+        assert record["finished_from_job"] == row["id"] and record["draft"] is False
+        assert not gallery[0]["caption"].endswith("draft") and gallery[1]["caption"].endswith("· draft")
+        # A clip that does not exist: a clear error, nothing queued.
+        with pytest.raises(AppError) as err:
+            client.predict(999, api_name="/finish")
+        assert "no finished clip #999" in str(err.value)

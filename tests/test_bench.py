@@ -123,3 +123,19 @@ def test_host_columns_and_the_streaming_formula():
     fast = streaming_columns(0, 1.6, [])
     assert fast == {"stream_gb_per_step": 0.0, "disk_read_gb_per_step": None, "step_s_nvme": None,
                     "step_s_sata": None}
+
+
+def test_preview_bench_report_has_a_row_per_preset_and_the_targets():
+    from bench.preview import markdown as preview_markdown
+
+    row = {"preset": "480x832x81", "rung": "fast", "step_s": 3.175, "peak_gib": 9.1,
+           "linear": {"kind_used": ["linear"], "cost_ms": [2.1, 1.9, 2.0, 2.2], "share_of_step": 0.00069,
+                      "extra_peak_gib": 0.004},
+           "tiny-vae": {"kind_used": ["tiny-vae"], "cost_ms": [40.0, 38.5, 39.0, 39.2],
+                        "share_of_step": 0.0126, "extra_peak_gib": 0.2},
+           "decode": {"full_s": 2.9, "full_peak_gib": 8.2, "tiny_s": 0.4, "tiny_peak_gib": 0.6, "speed_up": 7.25}}
+    meta = {"date": "2026-11-30", "gpu": "Test GPU", "budget_gib": 11.0, "torch": "2", "checkpoint": "synthetic",
+            "command": "python -m bench.preview"}
+    text = preview_markdown(meta, [row])
+    assert "| 480x832x81 | fast | 3.175 | 2.2 | 0.07 % | 0.004 | 40.0 | 1.26 % | 0.200 | 2.90 / 8.20 | 0.40 / 0.60 | 7.25× |" in text
+    assert "≤ 1 % of a step" in text and "Test GPU (2026-11-30)" in text

@@ -165,6 +165,31 @@ def test_cancel_withdraws_a_click_still_waiting_for_the_gpu(browser, tmp_path):
         assert errors == [], errors
 
 
+def test_a_preview_shows_after_each_step_before_the_clip(browser, tmp_path, artifacts_dir: Path):
+    with running_app(tmp_path, faults=True, WAN_STUDIO_FAKE_STEP_SECONDS="0.1") as app:
+        app.fault("slow-steps", "0.6")  # ~0.7 s per step: time to look between steps
+        page, errors = _open(browser, app.url)
+        page.locator("#prompt textarea").fill("A hot-air balloon over a valley at dawn")
+        page.locator("#generate").click()
+        preview = page.locator("#preview img")
+        wait_for(lambda: preview.count() and (preview.first.get_attribute("src") or "").endswith(".gif"),
+                 30, 0.05, "the first preview")
+        status = page.locator("#status")
+        assert "preview after step" in status.inner_text()
+        # The preview came before the clip: no video yet.
+        assert page.locator("#video video").count() == 0
+        first_src = preview.first.get_attribute("src")
+        wait_for(lambda: (preview.first.get_attribute("src") or "") != first_src, 15, 0.05,
+                 "the preview to update after the next step")
+        page.screenshot(path=str(artifacts_dir / "browser-preview.png"), full_page=True)
+        app.fault("slow-steps", None)
+        video = page.locator("#video video")
+        wait_for(lambda: video.count() and video.get_attribute("src"), 30, 0.1, "the clip")
+        wait_for(lambda: "Done:" in status.inner_text(), 15, 0.1, "the status line")
+        assert errors == [], errors
+        page.close()
+
+
 def test_the_system_tab_shows_the_whole_doctor_table(browser, tmp_path, artifacts_dir: Path):
     with running_app(tmp_path) as app:
         page, errors = _open(browser, app.url)

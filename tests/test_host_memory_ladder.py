@@ -91,3 +91,25 @@ def test_text_encoder_kept_when_the_next_prompt_is_waiting(make_service):
     result = service.generate(request(seed=8))
     assert backend.generated[-1].memory["release_text_encoder"] is False
     assert result.record["rung_used"] == "low-ram" and len(backend.loads) == 1  # no reload for it
+
+
+def test_the_job_queue_tells_the_service_when_another_prompt_waits(make_service):
+    from pipeline.jobs import JobQueue
+    from pipeline.types import FinishRequest
+
+    backend = FakeBackend(ram_gib=13.0)  # the low-RAM rung: it releases its text encoder per call
+    service = make_service(backend, nvml=FakeNvml(total_gib=12.0, used_gib=0.5))
+    jobs = JobQueue(service)
+    try:
+        assert service.prompt_waiting() is False
+        batch = jobs.submit_all([request(seed=1), request(seed=2)])
+        assert all(job.done.wait(10) and job.error is None for job in batch), [j.error for j in batch]
+        # A finish waiting behind a prompt has no prompt to encode: it does not count.
+        third, finish = jobs.submit_all([request(seed=3), FinishRequest(999)])
+        assert third.done.wait(10) and finish.done.wait(10) and third.error is None
+    finally:
+        jobs.shutdown()
+    # The first prompt was encoded while the second waited: the low-RAM rung kept its text encoder
+    # for it; the last of the batch, and the one followed only by a finish, released it.
+    assert [s.memory["release_text_encoder"] for s in backend.generated] == [False, True, True]
+    assert {s.rung for s in backend.generated} == {"low-ram"} and len(backend.loads) == 1

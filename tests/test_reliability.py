@@ -152,12 +152,12 @@ def test_frames_and_size_cannot_be_passed_through_the_api(app):
     endpoint = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]
     names = [p["parameter_name"] for p in endpoint["parameters"]]
     assert names == ["prompt_text", "preset_name", "seed_value", "randomize_seed", "negative_prompt",
-                     "count"]
+                     "count", "draft_decode"]
     with pytest.raises(TypeError):
         client.predict(prompt_text="a", frames=999, api_name="/generate")
     # Extra positional values are dropped by Gradio: the clip has the preset's frames and size.
     prompt = _unique("extra values")
-    client.predict(prompt, PRESET, 5, False, "", 1, 999, 2048, 4096, api_name="/generate")
+    client.predict(prompt, PRESET, 5, False, "", 1, False, 999, 2048, 4096, api_name="/generate")
     (row,) = _rows_for(app, prompt)
     record = json.loads(Path(row["record_path"]).read_text())
     assert record["preset_size"] == {"frames": 81, "height": 480, "width": 832}
@@ -172,7 +172,10 @@ def test_oom_in_every_phase_falls_back_with_the_steps_reported(app):
     status, *_ = client.predict(prompt, "720x1280x81", 9, False, "", api_name="/generate")
     for phase in ("VAE decode", "text encoding"):
         assert f"ran out of GPU memory in {phase}" in status
-    assert "Ran 480x832x81 on the 'fast' memory settings instead" in status
+    # After the 720p block-offload rung the one reload goes to phase offload, and the click stays
+    # there: 720p/lean, then 480x832x81/lean (never back to block offload).
+    assert "Ran 480x832x81 on the 'lean' memory settings instead" in status
+    assert "The weights were loaded again: reloading the weights with offload_granularity=phase" in status
     (row,) = _rows_for(app, prompt)
     assert (row["status"], row["preset_requested"], row["preset_used"]) == ("done", "720x1280x81",
                                                                             "480x832x81")
@@ -181,7 +184,7 @@ def test_oom_in_every_phase_falls_back_with_the_steps_reported(app):
         ("720x1280x81", "chunked-rope", "out of memory", "VAE decode"),
         ("720x1280x81", "chunked-rope+lean-decode", "out of memory", "VAE decode"),
         ("720x1280x81", "lean", "out of memory", "text encoding"),
-        ("480x832x81", "fast", "ok", ""),
+        ("480x832x81", "lean", "ok", ""),
     ]
     assert read_mp4_record(Path(row["video_path"]))["attempts"][-1]["outcome"] == "ok"
 

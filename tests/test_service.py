@@ -52,8 +52,15 @@ def test_success_writes_video_record_and_history(make_service):
     phases = [e.phase for e in events]
     assert phases.index(Phase.TEXT_ENCODING) < phases.index(Phase.DENOISING) < phases.index(
         Phase.DECODING) < phases.index(Phase.ENCODING) < phases.index(Phase.DONE)
-    steps = [(e.step, e.total) for e in events if e.phase is Phase.DENOISING and e.total]
+    steps = [(e.step, e.total) for e in events
+             if e.phase is Phase.DENOISING and e.total and e.preview is None]
     assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    # A preview follows every step, and the record says which kind was shown.
+    previews = [e.preview for e in events if e.preview is not None]
+    assert [(p.step, p.total) for p in previews] == steps
+    assert sidecar["preview"]["kind"] == "linear" and sidecar["preview"]["count"] == 4
+    assert sidecar["draft"] is False and sidecar["decode"] == "full VAE"
+    assert sidecar["latents"] and (result.video_path.parent / sidecar["latents"]).is_file()
     fractions = [e.fraction for e in events]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
 
@@ -64,21 +71,24 @@ def test_oom_steps_down_the_explicit_ladder_and_records_every_rung(make_service)
     service = make_service(backend)
     result = service.generate(request("720x1280x81"))
     tried = [(a.preset, a.rung, a.outcome, a.phase) for a in result.attempts]
+    # After chunked-rope (block offload) the best rung left is 720p/lean (phase offload): the one
+    # reload goes there, and from then on only phase-offload rungs run (never back to block).
     assert tried == [
         ("720x1280x81", "chunked-rope", "out of memory", "denoising"),
         ("720x1280x81", "lean", "out of memory", "denoising"),
-        ("480x832x81", "fast", "out of memory", "text encoding"),
-        ("480x832x81", "tiled-vae", "ok", ""),
+        ("480x832x81", "lean", "ok", ""),
     ]
     assert result.preset_used == "480x832x81" and result.fell_back
     summary = result.fallback_summary()
     assert "720x1280x81/chunked-rope ran out of GPU memory in denoising" in summary
-    assert summary.endswith("Ran 480x832x81 on the 'tiled-vae' memory settings instead.")
+    assert summary.endswith("Ran 480x832x81 on the 'lean' memory settings instead.")
     record = json.loads(result.record_path.read_text())
     assert [a["rung"] for a in record["attempts"]] == [t[1] for t in tried]
     assert record["memory_settings"]["vae_tiling"] is True
-    # Only build-time settings reload: block->phase->block is three loads, not four.
-    assert len(backend.loads) == 3
+    # The first load plus one reload, and the record lists both with the reason for the second.
+    assert len(backend.loads) == 2
+    assert [dict(load["settings"])["offload_granularity"] for load in record["loads"]] == ["block", "phase"]
+    assert "720x1280x81/chunked-rope ran out of GPU memory" in record["loads"][1]["reason"]
 
 
 def test_exhausted_ladder_is_a_clear_error_and_a_failed_history_row(make_service):
@@ -87,7 +97,13 @@ def test_exhausted_ladder_is_a_clear_error_and_a_failed_history_row(make_service
     service = make_service(backend)
     with pytest.raises(OutOfVRAM) as err:
         service.generate(request("480x832x81"))
-    assert len(err.value.attempts) == 6  # 3 rungs of 480x832x81 + 3 of 480x832x49
+    # fast and tiled-vae share block offload; then the one reload goes to phase offload, whose rungs
+    # (480x832x81/lean, 480x832x49/lean) are the leanest there are; the block-offload rungs of
+    # 480x832x49 are never gone back to (they need more memory than the lean ones that failed).
+    assert [(a.preset, a.rung) for a in err.value.attempts] == [
+        ("480x832x81", "fast"), ("480x832x81", "tiled-vae"), ("480x832x81", "lean"),
+        ("480x832x49", "lean")]
+    assert len(backend.loads) == 2
     assert "Out of GPU memory on every fallback for 480x832x81" in str(err.value)
     assert "480x832x49/lean" in str(err.value)
     (entry,) = service.history.recent(status=None)
@@ -125,14 +141,16 @@ def test_decode_that_fails_even_lean_skips_rungs_that_differ_only_in_vae(make_se
     tried = [(a.preset, a.rung, a.outcome) for a in result.attempts]
     # fast and tiled-vae share their DiT settings: once fast's latents could not be decoded even on
     # the leanest VAE settings, tiled-vae is skipped. lean (phase offload) differs and is tried; its
-    # own VAE settings are already the leanest, so its failed decode is not retried.
+    # own VAE settings are already the leanest, so its failed decode is not retried. After that
+    # reload only phase-offload rungs remain: 480x832x49/lean.
     assert tried == [
         ("480x832x81", "fast", "out of memory"),
         ("480x832x81", "fast+lean-decode", "out of memory"),
         ("480x832x81", "lean", "out of memory"),
-        ("480x832x49", "fast", "ok"),
+        ("480x832x49", "lean", "ok"),
     ]
-    assert len(backend.generated) == 3  # fast, lean, then 480x832x49/fast: three denoise runs
+    assert len(backend.generated) == 3  # fast, lean, then 480x832x49/lean: three denoise runs
+    assert len(backend.loads) == 2
 
 
 def test_reload_failing_during_the_decode_retry_steps_down_instead_of_failing(make_service):
@@ -235,8 +253,10 @@ def test_cancel_between_steps_stops_and_the_next_run_works(make_service):
     events = []
     with pytest.raises(GenerationCancelled):
         service.generate(request(), events.append, stop.is_set)
-    steps = [e.step for e in events if e.phase is Phase.DENOISING and e.total]
+    steps = [e.step for e in events if e.phase is Phase.DENOISING and e.total and e.preview is None]
     assert steps == [1, 2]  # stopped at the boundary after step 2
+    # Cancel right after a preview works as before: the preview of step 2 came, nothing after it.
+    assert [e.preview.step for e in events if e.preview is not None] == [1, 2]
     (entry,) = service.history.recent(status=None)
     assert entry.status == "cancelled"
     backend.on_step_hook = None

@@ -136,3 +136,25 @@ def test_command_line(tmp_path):
     pytest.importorskip("tokenizers")
     assert sc.main(["--size", "tiny", "--no-t5", "--no-vae", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / sc.DIT_DIR / "non_block.safetensors").is_file()
+
+
+def test_tiny_vae_spec_is_taehv_for_wan21_and_loads_with_torch(tmp_path):
+    torch = pytest.importorskip("torch")
+    specs = sc.tiny_vae_spec()
+    # TAEHV(latent_channels=16, patch_size=1): 128 tensors, 11,315,539 parameters.
+    assert len(specs) == 128 and sum(s.numel for s in specs) == 11_315_539
+    shapes = {s.name: s.shape for s in specs}
+    assert shapes["encoder.0.weight"] == (64, 3, 3, 3)
+    assert shapes["encoder.2.conv.weight"] == (64, 128, 1, 1)  # TPool(64, 2)
+    assert shapes["encoder.12.conv.weight"] == (64, 64, 1, 1)  # TPool(64, 1)
+    assert shapes["encoder.17.weight"] == (16, 64, 3, 3)
+    assert shapes["decoder.1.weight"] == (256, 16, 3, 3)
+    assert shapes["decoder.3.conv.0.weight"] == (256, 512, 3, 3)  # MemBlock over [x, past]
+    assert shapes["decoder.13.conv.weight"] == (256, 128, 1, 1)  # TGrow(128, 2)
+    assert shapes["decoder.22.weight"] == (3, 64, 3, 3) and shapes["decoder.22.bias"] == (3,)
+    path = sc.write_tiny_vae(tmp_path / "taew2_1.pth")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert {k: tuple(v.shape) for k, v in state.items()} == shapes
+    assert all(v.dtype == torch.float32 for v in state.values())
+    assert sc.main([str(tmp_path / "cli"), "--no-t5", "--no-vae", "--tiny-vae"]) == 0
+    assert (tmp_path / "cli" / sc.DIT_DIR / sc.TINY_VAE_FILE).is_file()

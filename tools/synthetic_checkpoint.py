@@ -18,6 +18,9 @@ Layout written:
     OUT_DIR/distill_int8/models_t5_umt5-xxl-enc-int8.pth umt5-xxl encoder, int8 (6.7 GB, any size)
     OUT_DIR/distill_int8/Wan2.1_VAE.pth                  Wan VAE state dict (194 keys, 126.9 M params)
     OUT_DIR/google/umt5-xxl/                             a toy WordLevel tokenizer
+    OUT_DIR/distill_int8/taew2_1.pth                     with --tiny-vae: the tiny VAE (taehv for Wan
+                                                         2.1; 128 keys, 11.3 M params) for draft
+                                                         decodes and previews
 
 The T5 and VAE are the same for `tiny` and `full` (LightX2V hard-codes umt5-xxl and the Wan VAE
 architecture), so they cannot be shrunk; `include_t5=False` / `include_vae=False` skip them (CPU
@@ -60,6 +63,7 @@ WARNING_TEXT = (
 DIT_DIR = layout.DIT_DIR
 T5_FILE = layout.T5_FILENAME
 VAE_FILE = layout.VAE_FILENAME
+TINY_VAE_FILE = layout.TINY_VAE_NAMES[0]
 TOKENIZER_DIR = layout.TOKENIZER_DIR
 
 # umt5-xxl as hard-coded by LightX2V (t5/model.py:769-783); the DiT's text_embedding input is this dim.
@@ -314,6 +318,57 @@ class _Filler:
         return out
 
 
+def tiny_vae_spec() -> list[TensorSpec]:
+    """The tiny VAE for Wan 2.1 (TAEHV with 16 latent channels, patch size 1), generated from the
+    construction rules of LightX2V's TAEHV (models/video_encoders/hf/tae.py at f8aee98b): an
+    encoder and a decoder of 3x3 convolutions, MemBlocks (three convs over [x, past] plus a 1x1 skip
+    when the width changes), TPool/TGrow 1x1 convs that fold time into channels, and bias-free
+    strided / post-upsample convs. fp32; what WanVAE_tiny loads with `torch.load(weights_only=True)`."""
+    specs: list[TensorSpec] = []
+
+    def conv(name: str, out_c: int, in_c: int, kernel: int = 3, bias: bool = True) -> None:
+        fan_in = in_c * kernel * kernel
+        specs.append(TensorSpec(f"{name}.weight", "float32", (out_c, in_c, kernel, kernel), "normal",
+                                std=1.0 / math.sqrt(fan_in)))
+        if bias:
+            specs.append(TensorSpec(f"{name}.bias", "float32", (out_c,), "zeros"))
+
+    def mem_block(name: str, n_in: int, n_out: int) -> None:
+        conv(f"{name}.conv.0", n_out, n_in * 2)
+        conv(f"{name}.conv.2", n_out, n_out)
+        conv(f"{name}.conv.4", n_out, n_out)
+        if n_in != n_out:
+            conv(f"{name}.skip", n_out, n_in, kernel=1, bias=False)
+
+    latent, image = 16, 3
+    # encoder: conv, act, then three stages of [TPool, strided conv, 3 MemBlocks], then conv to z.
+    conv("encoder.0", 64, image)
+    index = 2
+    for stride in (2, 2, 1):
+        conv(f"encoder.{index}.conv", 64, 64 * stride, kernel=1, bias=False)  # TPool(64, stride)
+        conv(f"encoder.{index + 1}", 64, 64, bias=False)  # conv(64, 64, stride=2, bias=False)
+        for k in range(3):
+            mem_block(f"encoder.{index + 2 + k}", 64, 64)
+        index += 5
+    conv(f"encoder.{index}", latent, 64)
+    # decoder: Clamp, conv, act, 3 MemBlocks, then three stages of [Upsample, TGrow, conv, ...].
+    widths = [256, 128, 64, 64]
+    conv("decoder.1", widths[0], latent)
+    for k in range(3):
+        mem_block(f"decoder.{3 + k}", widths[0], widths[0])
+    index = 6
+    for stage, t_stride in enumerate((1, 2, 2)):
+        n_f = widths[stage]
+        conv(f"decoder.{index + 1}.conv", n_f * t_stride, n_f, kernel=1, bias=False)  # TGrow
+        conv(f"decoder.{index + 2}", widths[stage + 1], n_f, bias=False)
+        if stage < 2:
+            for k in range(3):
+                mem_block(f"decoder.{index + 3 + k}", widths[stage + 1], widths[stage + 1])
+            index += 6
+    conv(f"decoder.{index + 4}", image, widths[3])  # after the last conv's activation
+    return specs
+
+
 # ----------------------------------------------------------------------------------------------
 # Writers
 
@@ -435,7 +490,8 @@ class CheckpointPaths:
 
 
 def write_checkpoint(out_dir: Path | str, size: str, *, include_t5: bool = True, include_vae: bool = True,
-                     share_t5_vae_from: Path | str | None = None, seed: int = 0) -> CheckpointPaths:
+                     share_t5_vae_from: Path | str | None = None, seed: int = 0,
+                     include_tiny_vae: bool = False) -> CheckpointPaths:
     """Write a synthetic checkpoint (see the module doc). Returns its paths.
 
     `share_t5_vae_from`: another synthetic checkpoint root whose T5 and VAE files are hard-linked
@@ -463,9 +519,19 @@ def write_checkpoint(out_dir: Path | str, size: str, *, include_t5: bool = True,
             _link(Path(share_t5_vae_from) / DIT_DIR / target.name, target)
         else:
             write_torch_state_dict_streaming(target, make(), filler)
+    if include_tiny_vae:
+        write_tiny_vae(dit / TINY_VAE_FILE, seed)
     write_tokenizer(root / TOKENIZER_DIR)
     return CheckpointPaths(root=root, dit_dir=dit, t5=t5_path if include_t5 else None,
                            vae=vae_path if include_vae else None, tokenizer=root / TOKENIZER_DIR)
+
+
+def write_tiny_vae(path: Path | str, seed: int = 0) -> Path:
+    """A random tiny VAE (taew2_1.pth layout) at `path`; 45 MB."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_torch_state_dict_streaming(path, tiny_vae_spec(), _Filler(seed + 1))
+    return path
 
 
 def _link(source: Path, target: Path) -> None:
@@ -489,11 +555,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-vae", action="store_true", help="skip the 0.5 GB VAE file")
     parser.add_argument("--share-t5-vae-from", type=Path, default=None,
                         help="link T5 and VAE from this synthetic checkpoint instead of writing them")
+    parser.add_argument("--tiny-vae", action="store_true",
+                        help="also write a random taew2_1.pth (the tiny VAE: draft decodes, previews)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     paths = write_checkpoint(args.out_dir, args.size, include_t5=not args.no_t5, include_vae=not args.no_vae,
-                             share_t5_vae_from=args.share_t5_vae_from, seed=args.seed)
+                             share_t5_vae_from=args.share_t5_vae_from, seed=args.seed,
+                             include_tiny_vae=args.tiny_vae)
     log.warning("Done: %s (SYNTHETIC, for tests and sizing only; see README.txt there)", paths.root)
     return 0
 

@@ -18,16 +18,16 @@ from typing import Any
 import gradio as gr
 
 from pipeline.errors import (AppStopped, BackendUnavailable, GenerationCancelled, InvalidRequest, LaneFull,
-                             ModelLoadError, NoGPUError, OutOfVRAM, OutputError, OutputsInUse,
+                             LatentsError, ModelLoadError, NoGPUError, OutOfVRAM, OutputError, OutputsInUse,
                              StudioError, WeightsError)
 from pipeline.gpu import GpuMonitor
 from pipeline.history import History, HistoryEntry
 from pipeline.jobs import Job, JobQueue
 from pipeline.outputs import OutputStore
 from pipeline.service import VideoService
-from pipeline.types import (MAX_PROMPT_CHARS, MAX_SEED, TEXT_ENCODER_MAX_TOKENS, GenerationRequest,
-                            GenerationResult,
-                            Phase, ProgressEvent, prompt_token_estimate)
+from pipeline.types import (MAX_PROMPT_CHARS, MAX_SEED, TEXT_ENCODER_MAX_TOKENS, FinishRequest,
+                            GenerationRequest, GenerationResult, Phase, Preview, PreviewKind,
+                            ProgressEvent, prompt_token_estimate)
 from presets import PresetBook
 from ui.memory_panel import format_forecasts, format_memory, timeline_note, timeline_rows
 
@@ -57,6 +57,7 @@ _TITLES: tuple[tuple[type[StudioError], str], ...] = (
     (OutputError, "Saving the video failed"),
     (LaneFull, "Queue full"),
     (OutputsInUse, "Outputs folder in use"),
+    (LatentsError, "The clip's kept latents"),
     (AppStopped, "The app was stopped"),
 )
 
@@ -126,39 +127,55 @@ def parse_seed(seed: Any, randomize: bool) -> int:
 
 
 def make_request(presets: PresetBook, *, prompt: Any, preset: Any, seed: Any, randomize_seed: Any,
-                 negative_prompt: Any = "") -> GenerationRequest:
+                 negative_prompt: Any = "", draft: Any = False,
+                 draft_available: bool = False) -> GenerationRequest:
     """The border: raw widget or API values become a checked GenerationRequest for a preset in the
     book. Generate runs with Gradio's own preprocessing off, so this is where its inputs are turned
-    into Python values; GenerationRequest checks each field, once."""
+    into Python values; GenerationRequest checks each field, once. `draft_available`: whether the
+    tiny VAE that 'Draft decode' needs is installed."""
     if randomize_seed is None:
         randomize_seed = False
     if not isinstance(randomize_seed, bool):
         raise InvalidRequest(f"'Random seed' must be true or false, got {randomize_seed!r:.40}.")
     request = GenerationRequest(prompt="" if prompt is None else prompt, preset=preset,
                                 seed=parse_seed(seed, randomize_seed),
-                                negative_prompt="" if negative_prompt is None else negative_prompt)
+                                negative_prompt="" if negative_prompt is None else negative_prompt,
+                                draft=False if draft is None else draft)
     if request.preset not in presets:
         raise InvalidRequest(f"Unknown preset {request.preset[:60]!r}; choose one of "
                              f"{', '.join(presets)}.")
+    if request.draft and not draft_available:
+        raise InvalidRequest("'Draft decode' needs the tiny VAE (taew2_1.pth), which is not "
+                             "installed. Download it from the System tab, or untick 'Draft decode'.")
     return request
 
 
 MAX_BATCH = 16
 
 
+def _whole_number(value: Any, error: str) -> int:
+    """A widget or API value that must be a whole number (a number, or text of one), else
+    InvalidRequest(error). bool is refused: `true` is a caller's mistake, not 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InvalidRequest(error)
+    try:
+        number = float(value)
+    except ValueError:
+        raise InvalidRequest(error) from None
+    if not number.is_integer():  # also NaN and infinity
+        raise InvalidRequest(error)
+    return int(number)
+
+
 def parse_count(count: Any) -> int:
     """How many clips one click makes (1 when the field is left empty)."""
     if count is None or count == "":
         return 1
-    if isinstance(count, bool) or not isinstance(count, (int, float, str)):
-        raise InvalidRequest(f"Count must be a whole number from 1 to {MAX_BATCH}, got {count!r:.40}.")
-    try:
-        value = float(count)
-    except ValueError:
-        raise InvalidRequest(f"Count must be a whole number from 1 to {MAX_BATCH}, got {count!r:.40}.") from None
-    if not value.is_integer() or not 1 <= value <= MAX_BATCH:
-        raise InvalidRequest(f"Count must be a whole number from 1 to {MAX_BATCH}, got {count!r:.40}.")
-    return int(value)
+    error = f"Count must be a whole number from 1 to {MAX_BATCH}, got {count!r:.40}."
+    value = _whole_number(count, error)
+    if not 1 <= value <= MAX_BATCH:
+        raise InvalidRequest(error)
+    return value
 
 
 def make_batch(presets: PresetBook, *, count: Any = 1, **values: Any) -> list[GenerationRequest]:
@@ -187,7 +204,8 @@ def prompt_hint(prompt: Any) -> str:
 
 def describe_event(event: ProgressEvent) -> str:
     if event.phase is Phase.DENOISING and event.total:
-        return f"Denoising: step {event.step} / {event.total}"
+        seen = f" · {preview_label(event.preview)}" if event.preview is not None else ""
+        return f"Denoising: step {event.step} / {event.total}{seen}"
     return event.message or event.phase.value.capitalize() + "…"
 
 
@@ -204,7 +222,7 @@ def gallery_items(history: History, outputs: OutputStore | None = None,
     for entry in _listed_entries(history, limit):
         thumb = outputs.thumbnail(Path(entry.video_path)) if outputs is not None else None
         items.append((str(thumb or entry.video_path),
-                      f"#{entry.id} · {entry.preset_used} · seed {entry.seed}"))
+                      f"#{entry.id} · {entry.preset_used} · seed {entry.seed}{draft_mark(entry)}"))
     return items
 
 
@@ -248,6 +266,9 @@ def result_summary(record: dict[str, Any]) -> str:
     parts.append("weights loaded for this job" if record.get("weights_loaded_this_job")
                  else "model was already resident (no reload)")
     text = ", ".join(parts) + "."
+    notes = run_notes(record)
+    if notes:
+        text += "\n\n" + notes
     if record.get("prompt_truncated"):
         text += (f"\n\n⚠️ The prompt is longer than the text encoder's {TEXT_ENCODER_MAX_TOKENS} "
                  f"tokens: only its beginning was used.")
@@ -303,3 +324,53 @@ def last_timeline(ctx: UiContext) -> list[dict[str, Any]]:
     last = ctx.history.recent(1)
     record = load_record(last[0].record_path) if last else None
     return timeline_rows(record.get("vram") if record else None)
+
+
+# -- previews, draft decode, finish at full quality ----------------------------------------------
+
+_PREVIEW_WORDS = {PreviewKind.LINEAR: "quick colour preview", PreviewKind.TINY_VAE: "tiny-VAE preview"}
+
+
+def preview_label(preview: Preview) -> str:
+    return f"preview after step {preview.step} of {preview.total} ({_PREVIEW_WORDS[preview.kind]})"
+
+
+def preview_file(ctx: UiContext, job: Job, preview: Preview) -> str | None:
+    """The preview as a small animated picture in the outputs' hidden previews folder (written
+    here, on the UI side, so the GPU lane never waits for an image encoder)."""
+    path = ctx.service.outputs.write_preview(f"job{job.id}-step{preview.step}", preview.frames, preview.fps)
+    return str(path) if path is not None else None
+
+
+def draft_mark(entry: HistoryEntry) -> str:
+    """' · draft' for a clip decoded with the tiny VAE (the gallery caption says so)."""
+    record = load_record(entry.record_path) or {}
+    return " · draft" if record.get("draft") else ""
+
+
+def run_notes(record: dict[str, Any]) -> str:
+    """What the result summary adds about draft decodes, finishes and weight reloads."""
+    notes = []
+    if record.get("draft"):
+        notes.append("**Draft** (tiny VAE): select it in the history and click *Finish at full "
+                     "quality* to decode the same latents with the full VAE — no step runs again.")
+    if record.get("finished_from_job"):
+        notes.append(f"Decoded at full quality from the kept latents of #{record['finished_from_job']} "
+                     f"(no denoising step ran).")
+    for load in record.get("loads") or []:
+        reason = str(load.get("reason", ""))
+        if reason.startswith("reloading"):  # a switch of build within this click
+            notes.append(f"The weights were loaded again: {reason}.")
+    return "\n\n".join(notes)
+
+
+def finish_request(service: VideoService, entry_id: Any) -> FinishRequest:
+    """The border for *Finish at full quality*: the history id of a clip whose latents were kept,
+    checked once here (it exists, is finished, its record, preset and latents are there)."""
+    if entry_id is None or entry_id == "":
+        raise InvalidRequest("Select a clip in the history first.")
+    request = FinishRequest(job_id=_whole_number(
+        entry_id, f"Choose a clip in the history to finish, got {entry_id!r:.40}."))
+    service.check_finish(request)
+    return request
+

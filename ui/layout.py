@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 CSS = """
 #vram-panel {font-variant-numeric: tabular-nums;}
 #status {min-height: 2.5em;}
+/* Previews are a few dozen latent pixels wide: scale them up to the box instead of a dot. */
+#preview img {width: 100% !important; height: 100% !important; object-fit: contain;}
 /* After a failed Generate the status line itself says what went wrong; Gradio would also lay its
    bare "Error" pill over it (its status tracker; if the names change, the pill just shows). */
 #status [data-testid="status-tracker"]:has(> .error) {display: none !important;}
@@ -64,6 +66,9 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
                                           info=f"1–{h.MAX_BATCH} clips, consecutive seeds")
                     with gr.Accordion("Negative prompt", open=False):
                         negative = gr.Textbox(label="Negative prompt", lines=2)
+                    draft = gr.Checkbox(value=False, label="Draft decode (tiny VAE: seconds; finish at "
+                                        "full quality later from the history)", elem_id="draft",
+                                        visible=ctx.service.tiny_vae_installed())
                     forecast = gr.Markdown(h.forecast_text(ctx), elem_id="forecast")
                     with gr.Row():
                         generate = gr.Button("Generate", variant="primary", elem_id="generate",
@@ -72,6 +77,9 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
                         cancel = gr.Button("Cancel", variant="secondary", elem_id="cancel", scale=1)
                     status = gr.Markdown(elem_id="status", label="Status")
                 with gr.Column(scale=3):
+                    # Updated after every denoising step: the model's current estimate of the clip.
+                    preview = gr.Image(label="Preview", elem_id="preview", type="filepath",
+                                       interactive=False, height=200, show_label=True)
                     video = gr.Video(label="Video", elem_id="video", autoplay=True)
                     record_view = gr.Code(label="Reproducibility record", language="json",
                                           visible=True, max_lines=18, elem_id="record-view")
@@ -85,37 +93,49 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
                                        height=220, elem_id="vram-plot", label="VRAM timeline")
                     plot_note = gr.Markdown(h.timeline_note_text(ctx), elem_id="vram-plot-note")
             gr.Markdown("### History\nClick a clip to play it; *Restore settings* puts its settings "
-                        "back in the form, *Run again* makes it again.")
+                        "back in the form, *Run again* makes it again, *Finish at full quality* "
+                        "decodes a draft's kept latents with the full VAE.")
             gallery = gr.Gallery(h.gallery_items(ctx.history, ctx.service.outputs), columns=6,
                                  height="auto", label="History", show_label=False,
                                  elem_id="history", allow_preview=False, object_fit="cover")
             with gr.Row():
                 restore = gr.Button("Restore settings", elem_id="restore", scale=1)
                 run_again = gr.Button("Run again", elem_id="run-again", scale=1)
+                finish = gr.Button("Finish at full quality", elem_id="finish", scale=1)
+                # The selected clip's id as a (hidden) component, so the API can name the clip.
+                finish_id = gr.Number(value=None, precision=0, visible=False, label="entry_id")
                 selected = gr.Markdown("Nothing selected.", elem_id="selected")
             selected_id = gr.State(None)
         if extra_tabs is not None:
             extra_tabs()
 
-        generate_inputs = [prompt, preset, seed, random_seed, negative, count]
-        generate_outputs = [status, seed, video, record_view, gallery, plot, plot_note]
+        generate_inputs = [prompt, preset, seed, random_seed, negative, count, draft]
+        generate_outputs = [status, seed, video, record_view, gallery, plot, plot_note, preview]
 
         # The parameter names are the API's (gradio_client, /gradio_api/info). An async generator:
         # a click that waits in the lane holds no server thread, and gradio_client's Job.cancel()
         # (Gradio's /cancel route) reaches it as a task cancellation.
         async def on_generate(prompt_text, preset_name, seed_value, randomize_seed, negative_prompt,
-                              count, request: gr.Request, progress=gr.Progress()):
+                              count, draft_decode, request: gr.Request, progress=gr.Progress()):
             jobs = []
             try:
                 batch = h.make_batch(ctx.presets, prompt=prompt_text, preset=preset_name,
                                      seed=seed_value, randomize_seed=randomize_seed,
-                                     negative_prompt=negative_prompt, count=count)
+                                     negative_prompt=negative_prompt, count=count, draft=draft_decode,
+                                     draft_available=ctx.service.tiny_vae_installed())
                 jobs = ctx.jobs.submit_all(batch, owner=request.session_hash)
                 for number, job in enumerate(jobs, 1):
                     prefix = f"Clip {number} of {len(jobs)} (seed {job.request.seed}). " if len(jobs) > 1 else ""
+                    last_preview = None
                     async for event in h.follow_job(ctx, job):
                         progress(event.fraction, desc=h.describe_event(event))
-                        yield {status: prefix + h.describe_event(event), seed: job.request.seed}
+                        update = {status: prefix + h.describe_event(event), seed: job.request.seed}
+                        if event.preview is not None:
+                            # Written off the event loop: an image encode per step.
+                            path = await asyncio.to_thread(h.preview_file, ctx, job, event.preview)
+                            if path is not None:
+                                last_preview = update[preview] = path
+                        yield update
                     if job.error is not None:
                         raise job.error
                     result = job.result
@@ -128,7 +148,9 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
                                "\n\n⚠️ " + result.fallback_summary() if result.fell_back else ""),
                            record_view: json.dumps(result.record, indent=2, default=str),
                            gallery: items,
-                           plot: _timeline_frame(rows), plot_note: h.timeline_note(True, rows)}
+                           plot: _timeline_frame(rows), plot_note: h.timeline_note(True, rows),
+                           # The API's answer is the last message: it carries the last preview too.
+                           preview: last_preview if last_preview is not None else gr.skip()}
             except asyncio.CancelledError:
                 # Gradio's /cancel (gradio_client's Job.cancel()): the batch's jobs go too. A closed
                 # tab does not come here (its generator is closed, not cancelled): its jobs finish.
@@ -189,10 +211,12 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
                 raise h.as_alert(h.InvalidRequest("Select a video in the history first."))
             record = h.load_record(entry.record_path) or {}
             # The status line speaks of the restored entry, not of whatever ran last.
+            # A draft is restored as a draft where the tiny VAE is still installed.
+            draft_again = bool(record.get("draft")) and ctx.service.tiny_vae_installed()
             return (entry.prompt, entry.preset_requested, entry.seed, False, entry.negative_prompt, 1,
-                    json.dumps(record, indent=2, default=str), h.restored_status(entry))
+                    draft_again, json.dumps(record, indent=2, default=str), h.restored_status(entry))
 
-        restore_outputs = [prompt, preset, seed, random_seed, negative, count, record_view, status]
+        restore_outputs = [prompt, preset, seed, random_seed, negative, count, draft, record_view, status]
         restore.click(on_restore, [selected_id], restore_outputs, queue=False,
                       api_name="restore_settings")
         # Run again: the selected entry's own settings (its seed, not a random one), then Generate.
@@ -200,6 +224,40 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
                         api_visibility="private").success(
             on_generate, generate_inputs, generate_outputs, concurrency_limit=None,
             preprocess=False, show_progress_on=[status], api_visibility="private")
+
+        # entry_id: the history id of a finished clip (the API's parameter name). Decodes a kept
+        # clip's latents with the full VAE in the one GPU lane (Cancel reaches it): a new clip.
+        async def on_finish(entry_id, request: gr.Request, progress=gr.Progress()):
+            job = None
+            try:
+                finish_request = h.finish_request(ctx.service, entry_id)
+                job = ctx.jobs.submit(finish_request, owner=request.session_hash)
+                prefix = f"Finishing #{finish_request.job_id} at full quality. "
+                async for event in h.follow_job(ctx, job):
+                    progress(event.fraction, desc=h.describe_event(event))
+                    yield {status: prefix + h.describe_event(event)}
+                if job.error is not None:
+                    raise job.error
+            except asyncio.CancelledError:
+                if job is not None:
+                    ctx.jobs.cancel(job.id)
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped in the one place, h.as_alert
+                alert = h.as_alert(exc)
+                # As after Generate: the last video stays, the status line says what happened.
+                yield {status: h.failure_status(exc, alert)}
+                raise alert from None
+            result = job.result
+            rows = h.timeline_rows(result.record.get("vram"))
+            items = await asyncio.to_thread(h.gallery_items, ctx.history, ctx.service.outputs)
+            yield {video: str(result.video_path), status: h.result_summary(result.record),
+                   record_view: json.dumps(result.record, indent=2, default=str), gallery: items,
+                   plot: _timeline_frame(rows), plot_note: h.timeline_note(True, rows)}
+
+        selected_id.change(lambda value: value, [selected_id], [finish_id], queue=False,
+                           api_visibility="private")
+        finish.click(on_finish, [finish_id], [status, video, record_view, gallery, plot, plot_note],
+                     concurrency_limit=None, api_name="finish", show_progress_on=[status])
 
         # Initial values are fixed when the UI is built: a tab opened later (or reopened after a
         # job finished without it) reads the current history here.

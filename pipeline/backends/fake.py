@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import zlib
 import os
 import sys
 import threading
@@ -21,15 +22,17 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from pipeline.backend import DecodeOutOfMemory, LoadKey, RunHooks
-from pipeline.errors import GenerationCancelled, NoGPUError
+from pipeline.errors import GenerationCancelled, NoGPUError, WeightsError
 from pipeline.outputs import write_mp4
-from pipeline.types import Phase, RunSpec
+from pipeline.preview import latents_to_rgb, preview_fps
+from pipeline.types import Phase, Preview, PreviewKind, RunSpec
 
 log = logging.getLogger(__name__)
 
 FAKE_STEP_SECONDS_ENV = "WAN_STUDIO_FAKE_STEP_SECONDS"
 FAKE_OOM_ENV = "WAN_STUDIO_FAKE_OOM"  # "preset:rung-or-*:phase[,...]", e.g. 720x1280x81:*:denoising
 FAKE_FAULTS_ENV = "WAN_STUDIO_FAKE_FAULTS_DIR"  # a folder of switch files, see FaultSwitches
+FAKE_TINY_VAE_ENV = "WAN_STUDIO_FAKE_TINY_VAE"  # "1": the fake has a tiny VAE (draft decodes)
 # "load" (every load that keeps the DiT in RAM fails) and/or preset:rung:phase triples: host memory
 # runs out there (pinned-memory failure at run time).
 FAKE_HOST_OOM_ENV = "WAN_STUDIO_FAKE_HOST_OOM"
@@ -80,7 +83,10 @@ class FakeBackend:
     weights_dir: str = "fake-weights"
     loads: list[LoadKey] = field(default_factory=list)
     generated: list[RunSpec] = field(default_factory=list)
+    decoded: list[RunSpec] = field(default_factory=list)  # decode() calls (retries, finishes)
     on_step_hook: Callable[[RunSpec, int], None] | None = None
+    # Whether a tiny VAE "is installed": draft decodes and tiny-VAE previews need one.
+    tiny_vae_installed: bool = False
     # Host memory: (preset, rung or "*", phase) triples that run out of (pinned) host memory, loads
     # that keep the DiT in RAM failing, and the RAM the planner is told about (None: no reading).
     host_oom_at: set[tuple[str, str, Phase]] = field(default_factory=set)
@@ -112,6 +118,9 @@ class FakeBackend:
             raise simulated_host_oom(f"load {dict(key.build_settings)}", pinned=False)
         self.loads.append(key)
         return FakeModel(self, key)
+
+    def tiny_vae(self) -> str | None:
+        return "taew2_1.pth (fake)" if self.tiny_vae_installed else None
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "model_id": "fake (CPU test double)", "quant_scheme": "none",
@@ -145,6 +154,8 @@ class FakeModel:
         hooks.on_phase(Phase.TEXT_ENCODING)
         self._check(spec, Phase.TEXT_ENCODING)
         hooks.on_phase(Phase.DENOISING)
+        latents = self._final_latents(spec)
+        noise = np.random.default_rng(spec.seed + 1).standard_normal(latents.shape).astype(np.float32)
         for step in range(1, spec.steps + 1):
             if hooks.should_stop():
                 self.dirty = True
@@ -155,32 +166,66 @@ class FakeModel:
             if self.backend.on_step_hook:
                 self.backend.on_step_hook(spec, step)
             hooks.on_step(step, spec.steps)
-        latents = np.random.default_rng(spec.seed).random(
-            ((spec.frames - 1) // 4 + 1, 4, 4), dtype=np.float32)
+            if spec.preview is not None:
+                # Like the real model: the estimate of the clean latents sharpens step by step.
+                weight = step / spec.steps
+                hooks.on_preview(self._preview(spec, step, latents * weight + noise * (1 - weight)))
+        hooks.on_latents(latents.copy())
         hooks.on_phase(Phase.DECODING)
         if self.backend._maybe_oom(spec, Phase.DECODING):
             self.dirty = True
             raise DecodeOutOfMemory(latents, f"simulated in {spec.preset}/{spec.rung}")
         return self._pixels(spec, latents)
 
+    def _final_latents(self, spec: RunSpec) -> np.ndarray:
+        # 16 channels, 4n+1 frames -> n+1 latent frames, 1/8 of the (reduced) size: the real layout.
+        h, w = self._size(spec)
+        return np.random.default_rng(spec.seed).standard_normal(
+            (16, (spec.frames - 1) // 4 + 1, h // 8, w // 8)).astype(np.float32)
+
+    def _preview(self, spec: RunSpec, step: int, x0: np.ndarray) -> Preview:
+        started = time.perf_counter()
+        kind = PreviewKind.LINEAR
+        frames = latents_to_rgb(x0)
+        if spec.preview is PreviewKind.TINY_VAE and self.backend.tiny_vae_installed:
+            kind = PreviewKind.TINY_VAE
+            frames = np.repeat(np.repeat(frames, 2, axis=1), 2, axis=2)  # "decoded": twice the size
+        return Preview(step=step, total=spec.steps, frames=frames, kind=kind,
+                       fps=preview_fps(16, spec.frames, len(frames)),
+                       cost_ms=round((time.perf_counter() - started) * 1000, 3))
+
     def decode(self, latents: Any, spec: RunSpec, hooks: RunHooks) -> np.ndarray:
         assert not self.dirty, "decode() after a failure without recover()"
+        assert not self.released, "decode() on a released model"
+        if not isinstance(latents, np.ndarray) or latents.ndim != 4 or latents.shape[0] != 16:
+            raise ValueError(f"fake decode: expected latents [16, T, H, W], got {type(latents).__name__}")
+        self.backend.decoded.append(spec)
         hooks.on_phase(Phase.DECODING)
         if self.backend._maybe_oom(spec, Phase.DECODING):
             self.dirty = True
             raise DecodeOutOfMemory(latents, f"simulated in {spec.preset}/{spec.rung} (decode only)")
         return self._pixels(spec, latents)
 
-    def _pixels(self, spec: RunSpec, latents: np.ndarray) -> np.ndarray:
+    def _size(self, spec: RunSpec) -> tuple[int, int]:
         def shrink(n: int) -> int:
             return max(16, (n // self.backend.scale) // 16 * 16)
 
-        h, w = shrink(spec.height), shrink(spec.width)
-        rng = np.random.default_rng(spec.seed)
+        return shrink(spec.height), shrink(spec.width)
+
+    def _pixels(self, spec: RunSpec, latents: np.ndarray) -> np.ndarray:
+        h, w = self._size(spec)
+        # The picture follows the latents (a decode of other latents gives another clip).
+        rng = np.random.default_rng(zlib.crc32(np.ascontiguousarray(latents).tobytes()))
         base = rng.integers(0, 256, size=(1, h, w, 3), dtype=np.uint8)
         # A slow drift per frame keeps the clip visibly moving while staying deterministic.
         drift = (np.arange(spec.frames, dtype=np.uint16) * 3 % 256).reshape(-1, 1, 1, 1)
-        return ((base.astype(np.uint16) + drift) % 256).astype(np.uint8)
+        frames = ((base.astype(np.uint16) + drift) % 256).astype(np.uint8)
+        if spec.draft:
+            if not self.backend.tiny_vae_installed:
+                # As LightX2VModel: the border refuses drafts without one, so this is a setup fault.
+                raise WeightsError("fake: a draft decode without a tiny VAE")
+            frames &= 0xE0  # the tiny VAE's rougher picture: fewer levels
+        return frames
 
     def recover(self) -> None:
         self.dirty = False
@@ -252,6 +297,7 @@ def fake_backend_from_env(env: Mapping[str, str], preset_names: list[str]
         raise ValueError(f"{FAKE_RAM_ENV}: expected GiB as a number, got {ram!r}") from None
     backend = FakeBackend(step_seconds=float(env.get(FAKE_STEP_SECONDS_ENV) or "0.2"),
                           oom_at=parse_fake_oom(env.get(FAKE_OOM_ENV), preset_names),
+                          tiny_vae_installed=env.get(FAKE_TINY_VAE_ENV) == "1",
                           host_oom_loads="load" in host,
                           host_oom_at=parse_fake_oom(",".join(i for i in host if i != "load"), preset_names),
                           ram_gib=ram_gib)

@@ -71,14 +71,18 @@ import numpy as np
 from pipeline.backend import DecodeOutOfMemory, LoadKey, RunHooks, module_present
 from pipeline.errors import BackendUnavailable, GenerationCancelled, NoGPUError, WeightsError
 from pipeline.gpu import GIB, GpuMonitor, is_oom
-from pipeline.layout import WeightsLayout, locate
-from pipeline.types import Phase, RunSpec
+from pipeline.preview import latents_to_rgb, preview_fps, stride_for
+from pipeline.layout import DIT_DIR, TINY_VAE_NAMES, WeightsLayout, locate
+from pipeline.types import Phase, Preview, PreviewKind, RunSpec
 
 log = logging.getLogger(__name__)
 
 MODEL_ID = "lightx2v/Wan2.1-T2V-14B-StepDistill-CfgDistill-Lightx2v (distill_int8)"
 LIGHTX2V_PINNED_COMMIT = "f8aee98b5462cca8d7288888146ebd95592bf266"
 DENOISING_STEPS = [1000, 750, 500, 250]  # the distilled schedule; LightX2V captures it at init
+# A tiny-VAE preview decodes latents of at most this many latent pixels on the longest side
+# (8x as many pixels out): 256 px previews.
+TINY_PREVIEW_LATENT_SIDE = 32
 # 720x1280x81 has 75,600 tokens, 480x832x81 32,760: chunk 720p's FFN (3 slices), leave 480p alone.
 FFN_CHUNK_TOKENS = 32768
 
@@ -124,6 +128,15 @@ def _lightx2v_commit() -> str | None:
         return json.loads(text).get("vcs_info", {}).get("commit_id")
     except ValueError:
         return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Weights: pipeline/layout.py is the one rule (the tiny VAE is its optional `tiny_vae` field).
+
+
+def tiny_vae_file(files: WeightsLayout) -> Path | None:
+    """The tiny VAE (taehv for Wan 2.1) when it is installed, as the layout rule found it."""
+    return files.tiny_vae
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,6 +302,13 @@ class LightX2VBackend:
         log.info("LightX2V pipeline built in %.1f s (%s); compat fixes: %s", time.perf_counter() - started,
                  ", ".join(f"{k}={v}" for k, v in sorted(build.items())), fixes.names or "none")
         return model
+
+    def tiny_vae(self) -> str | None:
+        try:
+            found = tiny_vae_file(locate(self.weights_dir))
+        except WeightsError:
+            return None
+        return found.name if found is not None else None
 
     def describe(self) -> dict[str, Any]:
         synthetic = None
@@ -464,6 +484,10 @@ class _Call:
     steps_done: int = 0
     cancel_seen: bool = False
     decode_oom: tuple[Any, str] | None = None  # (latents on the host, message)
+    spec: RunSpec | None = None
+    preview: PreviewKind | None = None  # what the next preview uses (a failing tiny VAE steps down)
+    draft: bool = False  # decode with the tiny VAE
+    keep_latents: bool = False  # hand the final latents to hooks.on_latents before decoding
 
     def should_stop(self) -> bool:
         if not self.cancel_seen and self.hooks.should_stop():
@@ -497,6 +521,9 @@ class LightX2VModel:
                                                                        str(files.t5))
         lx.compat.ffn_chunked_over_tokens(fixes, self._runner.model.transformer_infer, ffn_chunk_tokens)
         lx.compat.non_block_weights_kept_for_the_run(fixes, self._runner.model)
+        self._step_tap = lx.compat.clean_latents_estimate_after_each_step(fixes, self._runner.scheduler)
+        self._tiny_path = tiny_vae_file(files)
+        self._tiny: Any = None  # built at its first use (draft decode or preview)
         self._install_wrappers()
 
     # -- public protocol --
@@ -513,14 +540,19 @@ class LightX2VModel:
         self._apply_per_call(spec.memory)
         self._pipe.modify_config({"target_video_length": spec.frames})
         runner.scheduler.sample_shift = float(spec.shift)
-        call = _Call(hooks, total_steps=runner.scheduler.infer_steps)
+        call = _Call(hooks, total_steps=runner.scheduler.infer_steps, spec=spec,
+                     preview=self._preview_kind(spec.preview), draft=self._draft(spec), keep_latents=True)
         runner.set_progress_callback(self._progress_callback)
+        if self._step_tap is not None and call.preview is not None:
+            self._step_tap.callback = self._on_step_state
         try:
             result = self._guarded(call, lambda: self._pipe.generate(
                 seed=int(spec.seed), prompt=spec.prompt, negative_prompt=spec.negative_prompt,
                 save_result_path=None, return_result_tensor=True, target_shape=[spec.height, spec.width]))
         finally:
             runner.set_progress_callback(None)
+            if self._step_tap is not None:
+                self._step_tap.callback = None
         video = result["video"]
         result = None
         self._drop_run_outputs()
@@ -535,8 +567,9 @@ class LightX2VModel:
         if self._dirty:
             self.recover()
         self._apply_per_call(spec.memory)
-        images = self._guarded(_Call(hooks, total_steps=0),
-                               lambda: self._runner.run_vae_decoder(latents.to("cuda")), host_latents=latents)
+        call = _Call(hooks, total_steps=0, spec=spec, draft=self._draft(spec))
+        images = self._guarded(call, lambda: self._runner.run_vae_decoder(latents.to("cuda")),
+                               host_latents=latents)
         frames = _vae_output_to_uint8(images, torch)
         del images
         torch.cuda.empty_cache()
@@ -596,6 +629,7 @@ class LightX2VModel:
         # (base_runner.py:90-107); frozen objects are never collected, so unfreeze first.
         gc.unfreeze()
         self._call = None
+        self._tiny = None
         if self.host_embedding is not None:
             self.host_embedding.drop_device_copy()
         self.host_embedding = None
@@ -694,6 +728,72 @@ class LightX2VModel:
             # LightX2V checks it at the next step boundary (default_runner.py:241-242).
             self._runner.stop_signal = True
 
+    # -- previews and the tiny VAE --
+
+    def _preview_kind(self, wanted: PreviewKind | None) -> PreviewKind | None:
+        if wanted is PreviewKind.TINY_VAE and self._tiny_path is None:
+            return PreviewKind.LINEAR
+        return wanted
+
+    def _draft(self, spec: RunSpec) -> bool:
+        # The border refused drafts without a tiny VAE; this build found none when it was loaded.
+        if spec.draft and self._tiny_path is None:
+            raise WeightsError(f"'Draft decode' needs the tiny VAE ({' or '.join(TINY_VAE_NAMES)}) in "
+                               f"{self.files.root} or its {DIT_DIR}/ folder; this build found none.")
+        return bool(spec.draft)
+
+    def _tiny_vae(self) -> Any:
+        """LightX2V's tiny VAE (what `use_tae` with `tae_path` builds in WanRunner.load_vae_decoder),
+        built once and kept on the GPU: its weights are ~22 MB."""
+        if self._tiny is None:
+            runner = self._runner
+            cls = getattr(runner, "tiny_vae_cls", None)
+            if cls is None or self._tiny_path is None:
+                raise BackendUnavailable("This LightX2V runner has no tiny VAE; untick 'Draft decode'.")
+            self._tiny = cls(vae_path=str(self._tiny_path), device=runner.init_device,
+                             need_scaled=False).to("cuda")
+            log.info("tiny VAE built from %s", self._tiny_path)
+        return self._tiny
+
+    def _on_step_state(self, state: Any) -> None:
+        """After each step (the compat tap): a small preview of x0 = x_t - sigma * v. A preview
+        must never fail the run: one that fails falls back to the linear factors, then to none."""
+        call = self._call
+        if call is None or call.preview is None or call.spec is None:
+            return
+        kind = call.preview
+        started = time.perf_counter()
+        frames = None
+        failed: str | None = None
+        try:
+            frames = self._preview_frames(kind, state)
+        except Exception as exc:  # noqa: BLE001 - any preview failure (OOM included) just stops previews
+            failed = f"{type(exc).__name__}: {exc}"
+        if failed is not None:
+            log.warning("%s preview failed (%s); %s", kind.value, failed[:200],
+                        "using the linear factors" if kind is PreviewKind.TINY_VAE else "no more previews")
+            call.preview = PreviewKind.LINEAR if kind is PreviewKind.TINY_VAE else None
+            self._torch.cuda.empty_cache()
+            return
+        spec = call.spec
+        call.hooks.on_preview(Preview(step=state.step_index + 1, total=state.total, frames=frames,
+                                      kind=kind, fps=preview_fps(16, spec.frames, len(frames)),
+                                      cost_ms=round((time.perf_counter() - started) * 1000, 3)))
+
+    def _preview_frames(self, kind: PreviewKind, state: Any) -> np.ndarray:
+        torch = self._torch
+        with torch.no_grad():
+            _, _, height, width = state.latents.shape
+            if kind is PreviewKind.LINEAR:
+                # x0 only at the pixels the preview shows: a few MB, not the 19 MB tensor at 720p.
+                return latents_to_rgb(state.x0(stride_for(height, width)))
+            # The tiny VAE on latents of at most 32 pixels a side (256 px out) and every 4th decoded
+            # frame: a fraction of a full-size tiny decode.
+            x0 = state.x0(stride_for(height, width, TINY_PREVIEW_LATENT_SIDE))
+            images = self._tiny_vae().decode(x0.to(torch.bfloat16))  # [1, 3, T, h, w] in [-1, 1]
+            del x0
+            return _vae_output_to_uint8(images[:, :, ::4], torch)
+
     # -- wrappers installed once on the runner --
 
     def _install_wrappers(self) -> None:
@@ -721,9 +821,17 @@ class LightX2VModel:
             if call is not None:
                 if call.should_stop():
                     raise _Cancelled()
+                if call.keep_latents:
+                    # Exactly what the decode receives, on the host (19 MB at 720p): decoding it
+                    # again later ("finish at full quality") gives the same frames.
+                    call.hooks.on_latents(latents.detach().to("cpu"))
                 call.hooks.on_phase(Phase.DECODING)
             vae = runner.vae_decoder
-            if not vae.cpu_offload and _module_device(vae.model) == "cpu":
+            draft = call is not None and call.draft
+            if draft:
+                # The tiny VAE stands in for this one decode; the full VAE stays where it is.
+                runner.vae_decoder = self._tiny_vae()
+            elif not vae.cpu_offload and _module_device(vae.model) == "cpu":
                 vae.to_cuda()  # the rung keeps the VAE resident; it moves in at the first decode
             try:
                 return original_decode(latents)
@@ -733,6 +841,8 @@ class LightX2VModel:
                     # them again on a leaner rung without re-running the steps.
                     call.decode_oom = (latents.detach().to("cpu"), f"{type(exc).__name__}: {exc}")
                 raise
+            finally:
+                runner.vae_decoder = vae
 
         def guard(original):
             def run(*args, **kwargs):

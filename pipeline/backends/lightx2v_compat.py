@@ -58,6 +58,8 @@ OPTIMIZATION_NAMES = ("ffn_chunked_over_tokens", "non_block_weights_kept_for_the
                       "attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu",
                       "pinned_weights_packed", "checkpoints_memory_mapped", "dit_streamed_and_kept",
                       "streamed_biases_match_resident")
+# Not bugs: what the app needs that LightX2V has no hook for (also recorded).
+FEATURE_NAMES = ("clean_latents_estimate_after_each_step",)
 
 
 # Fixes that patch process-wide LightX2V state (a module-level set, a class attribute) stay in effect
@@ -92,7 +94,7 @@ class CompatFixes:
         return name in self.names and name not in self.suspended
 
     def wanted(self, name: str) -> bool:
-        if name not in FIX_NAMES and name not in OPTIMIZATION_NAMES:
+        if name not in FIX_NAMES and name not in OPTIMIZATION_NAMES and name not in FEATURE_NAMES:
             raise KeyError(f"unknown compat fix {name!r}")
         if name in self.skip:
             log.warning("LightX2V compat fix %s is DISABLED (test mode)", name)
@@ -1000,3 +1002,83 @@ def int8_gemm_tiles_for_this_gpu(fixes: CompatFixes, triton_kernels: Any, smem_l
     fixes.record("int8_gemm_tiles_for_this_gpu",
                  f"INT8 GEMM autotune over {', '.join('%dx%dx%d/s%d/w%d' % t for t in tiles)} "
                  f"(<= {smem_limit // 1024} KB shared memory per block)", undo=upstream, redo=redo)
+
+
+# -- feature: the model's estimate of the clean latents after each step (previews) ---------------
+
+# step_post computes the clean estimate inline and overwrites the latents with the next noisy
+# sample at once: x0 = x_t - sigma_t * v (schedulers/wan/step_distill/scheduler.py:42-49).
+_X0_INLINE = re.compile(r"self\.latents[^\n]*-\s*(sigma\s*\*\s*flow_pred|flow_pred\s*\*\s*sigma)")
+
+
+@dataclass
+class StepState:
+    """What the scheduler holds after the model ran one step, before step_post moves on:
+    x_t (`latents`), the model's velocity (`noise_pred`) and sigma_t. Flow matching: the model's
+    estimate of the clean latents is x0 = x_t - sigma_t * v."""
+
+    step_index: int  # 0-based
+    total: int
+    latents: Any
+    noise_pred: Any
+    sigma: float
+
+    def x0(self, stride: int = 1) -> Any:
+        """The clean-latents estimate [C, T, H, W] in float32, every `stride`-th latent pixel (a
+        preview needs no more; the full tensor at 720p is 19 MB and takes three temporaries)."""
+        x_t, v = self.latents, self.noise_pred
+        if stride > 1:
+            x_t, v = x_t[..., ::stride, ::stride], v[..., ::stride, ::stride]
+        return x_t.float() - self.sigma * v.float()
+
+
+@dataclass
+class StepTap:
+    """The installed wrapper's switch: `callback(StepState)` runs after each step while set."""
+
+    callback: Callable[[StepState], None] | None = None
+
+
+def clean_latents_estimate_after_each_step(fixes: CompatFixes, scheduler: Any) -> StepTap | None:
+    """Not a bug: LightX2V calls back after each step with a percentage only (default_runner.py:
+    254-257); the clean-latents estimate exists only inside step_post, which replaces the latents
+    with the next noisy sample. Wrap this scheduler instance's step_post: before it runs, hand the
+    step's x_t, velocity and sigma to the tap's callback (which derives x0 only when a preview is
+    wanted), then run the original unchanged. Nothing is computed while no callback is set.
+
+    Detected from the source of step_post: it must read self.noise_pred and
+    self.sigmas[self.step_index] and subtract sigma * flow_pred from self.latents. Returns the tap,
+    or None (no previews: a LightX2V whose scheduler works otherwise is not guessed at)."""
+    try:
+        source = inspect.getsource(type(scheduler).step_post)
+    except (OSError, TypeError, AttributeError):
+        return None
+    if ("self.noise_pred" not in source or "self.sigmas[self.step_index]" not in source
+            or not _X0_INLINE.search(source)):
+        log.info("LightX2V's step_post does not compute x0 = x_t - sigma * v as expected: no previews")
+        return None
+    if not fixes.wanted("clean_latents_estimate_after_each_step"):
+        return None
+    tap = StepTap()
+    original = scheduler.step_post
+
+    def step_post(*args: Any, **kwargs: Any) -> Any:
+        callback = tap.callback
+        if callback is not None:
+            index = int(scheduler.step_index)
+            callback(StepState(step_index=index, total=int(scheduler.infer_steps),
+                               latents=scheduler.latents, noise_pred=scheduler.noise_pred,
+                               sigma=float(scheduler.sigmas[index].item())))
+        return original(*args, **kwargs)
+
+    scheduler.step_post = step_post
+
+    def undo() -> None:
+        scheduler.step_post = original
+
+    def redo() -> None:
+        scheduler.step_post = step_post
+
+    fixes.record("clean_latents_estimate_after_each_step",
+                 "step_post hands x_t, v and sigma_t to the preview before moving on", undo=undo, redo=redo)
+    return tap

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu
 ALL_FIXES = {"keep_target_video_length_in_config", "explicit_t5_checkpoint_path", "t5_offload_linear_bias_default",
              "t2v_without_image_encoder", "t5_token_embedding_on_host", "reset_runner_after_exception",
              "ffn_chunked_over_tokens", "non_block_weights_kept_for_the_run", "attention_chosen_by_measurement",
-             "int8_gemm_tiles_for_this_gpu"}
+             "int8_gemm_tiles_for_this_gpu", "clean_latents_estimate_after_each_step"}
 # Only where LightX2V's SageAttention import fails (RTX 40 and 50 with sageattention 1.0.6).
 CAPABILITY_FIXES = {"sage_attention_on_sm89_sm120"}
 
