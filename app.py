@@ -51,6 +51,7 @@ class Settings:
     quant_scheme: str
     attn_mode: str
     preview: str = "auto"
+    open_browser: bool = False
     # The command line as the records state it: the flags given, the --auth value hidden.
     argv: tuple[str, ...] = ()
 
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "LightX2V scheme name")
     p.add_argument("--attn-mode", default=_env("WAN_STUDIO_ATTN_MODE", "auto"),
                    help="attention: auto (sage_attn2 when sageattention is installed, else torch_sdpa)")
+    p.add_argument("--open", action="store_true", dest="open_browser",
+                   help="open the app in this machine's web browser once it is up")
     p.add_argument("--preview", choices=("auto", "linear", "tiny-vae", "off"),
                    default=_env("WAN_STUDIO_PREVIEW", "auto"),
                    help="the picture after every denoising step: auto (the tiny VAE when installed, "
@@ -140,6 +143,7 @@ def settings_from_args(argv: list[str]) -> Settings:
                     weights_dir=args.weights_dir, outputs_dir=args.outputs_dir, backend=args.backend,
                     vram_cap_gib=None if args.vram_cap_gib is None else float(args.vram_cap_gib),
                     quant_scheme=args.quant_scheme, attn_mode=args.attn_mode, preview=args.preview,
+                    open_browser=args.open_browser,
                     argv=recorded_argv(argv))
 
 
@@ -294,6 +298,7 @@ def serve(argv: list[str]) -> int:
     try:
         demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
                     auth=auth, show_error=True, css=CSS, quiet=True, prevent_thread_lock=True,
+                    inbrowser=settings.open_browser,
                     app_kwargs=app_kwargs,
                     # Only the outputs folder is served, never the history database inside it.
                     allowed_paths=[str(settings.outputs_dir.resolve())],

@@ -67,3 +67,11 @@ def test_the_recorded_command_line_hides_the_password_and_keeps_every_flag():
     settings = app.settings_from_args(["--listen", "--auth", "alice:pw1", "--vram-cap-gib", "9"])
     assert settings.argv == ("app.py", "--listen", "--auth", "<hidden>", "--vram-cap-gib", "9")
     assert "pw1" not in " ".join(settings.argv)
+
+
+def test_a_browser_opens_only_when_asked():
+    import app as app_module
+
+    # The README promises no browser window unless --open is given.
+    assert app_module.settings_from_args([]).open_browser is False
+    assert app_module.settings_from_args(["--open"]).open_browser is True
