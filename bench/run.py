@@ -353,6 +353,9 @@ def latest_runs(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[s
                     "rung": r.get("rung"), "result": r.get("result"),
                     "s_per_step": round(sum(steps[1:4]) / len(steps[1:4]), 3) if len(steps) > 1 else None,
                     "step1_s": steps[0] if steps else None, "peak_reserved_gib": r.get("peak_reserved_gib"),
+                    # Host memory: must-hold peak (anonymous + pinned, load included) and the
+                    # file-backed pages of mapped weights beside it.
+                    "host_peak_gib": r.get("host_peak_gib"), "host_file_gib": r.get("host_file_gib"),
                     "kernels": r.get("kernels"), "frames_sha256": r.get("frames_sha256")})
     return out
 

@@ -79,7 +79,8 @@ def test_latest_json_lists_each_run_with_the_mean_of_steps_2_to_4():
     runs = latest_runs(META, rows)
     assert [r["config"] for r in runs] == ["ours", "lightx2v-resident", "lightx2v-recipe"]
     for r in runs:
-        assert {"gpu", "date", "config", "preset", "s_per_step", "peak_reserved_gib"} <= set(r)
+        assert {"gpu", "date", "config", "preset", "s_per_step", "peak_reserved_gib", "host_peak_gib",
+                "host_file_gib"} <= set(r)
         assert r["gpu"] == "Test GPU" and r["date"] == "2026-11-27"
     assert runs[0]["s_per_step"] == 1.6 and runs[1]["s_per_step"] == 2.2 and runs[2]["s_per_step"] is None
 
