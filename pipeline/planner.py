@@ -196,7 +196,14 @@ class Planner:
         ladder = self.ladder(preset_name, measured)
         seconds = seconds or {}
         if available_gib is None:
-            # No GPU reading (the fake backend): no verdict, but a time measured here still shows.
+            # No GPU reading (the fake backend, a driver that does not answer): no GPU verdict, but
+            # RAM alone can still say that even the leanest rung cannot run on this machine.
+            if ram_gib is not None and not any(self._fits(r, None, ram_gib, tight=True) for r in ladder):
+                # Among equals the smallest preset: the last resort a user would try.
+                least = min(reversed(ladder), key=lambda r: r.predicted_host_gib or 0.0)
+                return PresetForecast(preset_name, Fit.WONT_FIT, least, None, ram_available_gib=ram_gib,
+                                      short_of=("system RAM",))
+            # A time measured here still shows.
             return PresetForecast(preset_name, Fit.UNKNOWN, ladder[0], None,
                                   seconds.get((ladder[0].preset.name, ladder[0].memory.name)),
                                   ram_available_gib=ram_gib)

@@ -206,3 +206,16 @@ def test_the_system_tab_shows_the_whole_doctor_table(browser, tmp_path, artifact
         assert not page.get_by_role("button", name="Stop download").is_visible()
         page.screenshot(path=str(artifacts_dir / "browser-system-tab.png"), full_page=True)
         assert errors == [], errors
+
+
+def test_a_preset_that_cannot_run_here_says_wont_fit_and_what_to_free(browser, tmp_path, artifacts_dir: Path):
+    # 6 GiB of system RAM: too little even for the low-RAM settings of the smallest preset.
+    with running_app(tmp_path, WAN_STUDIO_FAKE_RAM_GIB="6") as app:
+        page, errors = _open(browser, app.url)
+        panel = page.locator("#forecast")
+        wait_for(lambda: "won't fit" in panel.inner_text(), 30, 0.2, "the forecast")
+        text = panel.inner_text()
+        assert "will step down" not in text and "more system RAM" in text
+        assert "480x832x49/low-ram" in text  # the figure names the preset/rung it belongs to
+        page.screenshot(path=str(artifacts_dir / "browser-wont-fit.png"), full_page=True)
+        assert errors == [], errors

@@ -115,3 +115,14 @@ def test_skip_after_host_failure_jumps_to_a_rung_needing_less_ram():
     # A GPU failure on lean skips low-ram (same GPU settings), not the smaller preset's rungs.
     lean = next(r for r in ladder if r.memory.name == "lean")
     assert p.skip_after(ladder[-1], [(lean, False)]) and not p.skip_after(fast, [(lean, False)])
+
+
+def test_without_a_gpu_reading_ram_alone_can_say_wont_fit():
+    p = planner()
+    # No GPU reading (the fake backend, a driver that does not answer): no GPU verdict...
+    assert p.forecast("480x832x49", None, ram_gib=64.0).fit is Fit.UNKNOWN
+    assert p.forecast("480x832x49", None).fit is Fit.UNKNOWN
+    # ...but 6 GiB of RAM is too little even for the low-RAM rung, and the forecast says so.
+    ram = p.forecast("720x1280x81", None, ram_gib=6.0)
+    assert ram.fit is Fit.WONT_FIT and ram.short_of == ("system RAM",)
+    assert ram.start.label == "480x832x49/low-ram" and "more system RAM" in ram.describe()
