@@ -543,3 +543,19 @@ def test_a_decode_error_that_is_not_an_oom_keeps_nothing_and_is_raised_as_is():
     with pytest.raises(ValueError, match="bad latent shape"):
         model._guarded(call, runner.run)
     assert call.decode_oom is None and model._dirty and model.recoveries == []
+
+
+def test_rope_holders_are_found_once_in_blocks_and_offload_buffers():
+    from pipeline.backends.lightx2v import _rope_holders
+
+    class Module:
+        def __init__(self, **children):
+            self._modules = dict(children)
+
+    attn = [Module(rope=Module()) for _ in range(3)]
+    shared = attn[0]  # the offload buffer and the first block share a phase object
+    weights = Module(blocks=Module(b0=Module(self_attn_1=attn[0]), b1=Module(self_attn_1=attn[1])),
+                     offload_buffers=Module(buf=Module(self_attn_1=shared), other=Module(self_attn_1=attn[2])),
+                     non_block=Module(head=Module()), nothing=None)
+    found = _rope_holders(weights)
+    assert sorted(map(id, found)) == sorted(map(id, attn))

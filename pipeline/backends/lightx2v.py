@@ -897,19 +897,9 @@ def _raise_failure(failure: tuple[str, Any, str], call: _Call, torch: Any) -> No
 def _rope_holders(weights: Any) -> list[Any]:
     """Every weight module that owns a `rope` (the self-attention phase of each block and of the
     CUDA offload buffers)."""
-    found, seen, stack = [], set(), [weights]
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        modules = getattr(obj, "_modules", None)
-        if not isinstance(modules, dict):
-            continue
-        if "rope" in modules:
-            found.append(obj)
-        stack.extend(m for m in modules.values() if m is not None)
-    return found
+    from pipeline.backends.lightx2v_compat import weight_module_tree
+
+    return [obj for obj, modules in weight_module_tree(weights) if "rope" in modules]
 
 
 def _module_device(module: Any) -> str:

@@ -40,7 +40,7 @@ import inspect
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -887,10 +887,9 @@ def sage_attention_on_sm89_sm120(fixes: CompatFixes, sage_attn_module: Any, sage
 DENSE_ATTENTION_CLASSES = ("SageAttn2Weight", "TorchSDPAWeight", "FlashAttn2Weight", "FlashAttn3Weight")
 
 
-def attention_modules(weights: Any, name: str = "self_attn_1") -> list[Any]:
-    """Every attention weight module registered as `name` under `weights` (each block, and the CUDA
-    offload buffers' blocks), once each."""
-    found: dict[int, Any] = {}
+def weight_module_tree(weights: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """Each LightX2V weight module under `weights` (blocks, phases, and the CUDA offload buffers'
+    copies of them), once, with its registered sub-modules (`_modules`)."""
     seen, stack = set(), [weights]
     while stack:
         obj = stack.pop()
@@ -900,10 +899,13 @@ def attention_modules(weights: Any, name: str = "self_attn_1") -> list[Any]:
         modules = getattr(obj, "_modules", None)
         if not isinstance(modules, dict):
             continue
-        module = modules.get(name)
-        if module is not None:
-            found[id(module)] = module
+        yield obj, modules
         stack.extend(m for m in modules.values() if m is not None)
+
+
+def attention_modules(weights: Any, name: str = "self_attn_1") -> list[Any]:
+    """Every attention weight module registered as `name` under `weights`, once each."""
+    found = {id(mods[name]): mods[name] for _, mods in weight_module_tree(weights) if mods.get(name) is not None}
     return list(found.values())
 
 
