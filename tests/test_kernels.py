@@ -357,3 +357,22 @@ def test_install_never_offers_sageattention_where_it_is_missing():
         kernels.install(compat, compat.CompatFixes(), _fake_torch((8, 9), "x"),
                         {"quant_scheme": "int8-triton", "attn_mode": "torch_sdpa"}, _Module(), sage_attn_module=None,
                         sageattention=None, triton_kernels=None, attention=kernels.SAGE)
+
+
+def test_a_kernel_whose_two_calls_differ_is_never_chosen():
+    torch = pytest.importorskip("torch")
+    q, k, v = (torch.randn(128, 2, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    exact = kernels.attention_functions(torch, None)["torch_sdpa"]
+    jitter = {"n": 0}
+
+    def flaky(q, k, v):  # fast and accurate, but an order-dependent reduction: not bit-repeatable
+        jitter["n"] += 1
+        return exact(q, k, v) + jitter["n"] * 1e-7
+
+    trials = kernels.measure_attention(torch, q, k, v, {"sage_attn2": exact, "flaky": flaky},
+                                       ["sage_attn2", "flaky"],
+                                       clock=lambda name, call: 0.01 if name == "flaky" else 0.05)
+    by_name = {t.backend: t for t in trials}
+    assert by_name["flaky"].error.startswith("not repeatable") and by_name["flaky"].seconds is None
+    assert by_name["sage_attn2"].error is None
+    assert kernels.choose_attention(trials, "sage_attn2") == "sage_attn2"

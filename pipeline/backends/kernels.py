@@ -288,8 +288,14 @@ def measure_attention(torch: Any, q: Any, k: Any, v: Any, fns: dict[str, Callabl
         failure = None
         try:
             out = fn(qp, k, v)
+            # Same seed, same frames is a promise of the app: a kernel whose two calls on the same
+            # inputs differ (an order-dependent reduction) is never chosen.
+            repeatable = bool(torch.equal(out, fn(qp, k, v)))
             rel = (torch.linalg.vector_norm(out[rows].float() - ref).item() / ref_norm) if ref_norm else 0.0
             del out
+            if not repeatable:
+                trials.append(Trial(name, error="not repeatable: two calls on the same inputs differed"))
+                continue
             times = [clock(name, lambda: fn(qp, k, v)) for _ in range(reps)]
             trials.append(Trial(name, seconds=sorted(times)[len(times) // 2], rel_l2=rel))
         except Exception as exc:  # noqa: BLE001 - a backend that cannot run here (or needs more memory
