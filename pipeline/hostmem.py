@@ -42,8 +42,9 @@ _PINNING_FRAME_WORDS = ("pin",)
 
 
 class HostOutOfMemory(MemoryError):
-    """A host allocation (pageable or pinned) failed. Raised by our own loaders with a message that
-    says how much was asked for; a MemoryError, so anything that catches those catches it."""
+    """A host allocation (pageable or pinned) failed. The LightX2V adapter raises it, without the
+    failed run's traceback, for any host-memory failure it caught; a MemoryError, so anything that
+    catches those (and `is_host_oom`) still recognises it."""
 
 
 @dataclass(frozen=True)

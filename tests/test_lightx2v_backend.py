@@ -559,3 +559,23 @@ def test_rope_holders_are_found_once_in_blocks_and_offload_buffers():
                      non_block=Module(head=Module()), nothing=None)
     found = _rope_holders(weights)
     assert sorted(map(id, found)) == sorted(map(id, attn))
+
+
+@pytest.mark.parametrize("error", [MemoryError("cannot allocate 7 GB"),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: "
+                                                "can't allocate memory: you tried to allocate 7516192768 bytes")])
+def test_a_host_memory_failure_stays_a_host_memory_failure_through_the_adapter(error):
+    torch = pytest.importorskip("torch")
+    from pipeline import gpu, hostmem
+    from pipeline.backends.lightx2v import _Call
+
+    # During the decode: not a GPU decode OOM (no decode-only retry on leaner GPU settings).
+    runner = _FakeRunner(torch, decode_error=error)
+    model = _wrapped(runner)
+    call = _Call(_hooks()[0], total_steps=2)
+    with pytest.raises(hostmem.HostOutOfMemory) as raised:
+        model._guarded(call, runner.run)
+    assert call.decode_oom is None and model.recoveries == [None]
+    # The fresh exception is still an OOM for the ladder, and still a host one.
+    assert gpu.is_oom(raised.value) and hostmem.is_host_oom(raised.value)
+    assert raised.value.__context__ is None  # raised outside the except block: no failed run kept

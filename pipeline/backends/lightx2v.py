@@ -70,6 +70,7 @@ import numpy as np
 
 from pipeline.backend import DecodeOutOfMemory, LoadKey, RunHooks, module_present
 from pipeline.errors import BackendUnavailable, GenerationCancelled, NoGPUError, WeightsError
+from pipeline import hostmem
 from pipeline.gpu import GIB, GpuMonitor, is_oom
 from pipeline.preview import latents_to_rgb, preview_fps, stride_for
 from pipeline.layout import DIT_DIR, TINY_VAE_NAMES, WeightsLayout, locate
@@ -836,7 +837,7 @@ class LightX2VModel:
             try:
                 return original_decode(latents)
             except Exception as exc:
-                if call is not None and is_oom(exc):
+                if call is not None and is_oom(exc) and not hostmem.is_host_oom(exc):
                     # Keep the final latents (small: 16 x T/4 x H/8 x W/8) so the service can decode
                     # them again on a leaner rung without re-running the steps.
                     call.decode_oom = (latents.detach().to("cpu"), f"{type(exc).__name__}: {exc}")
@@ -869,6 +870,11 @@ class LightX2VModel:
             latents, oom_message = call.decode_oom
             call.decode_oom = None
             return ("decode_oom", latents, oom_message)
+        if hostmem.is_host_oom(exc):
+            # Before is_oom (which also counts it): the ladder steps down by RAM, not by VRAM, and
+            # the clues (MemoryError, a pinning frame on the stack) die with this traceback.
+            log.warning("system RAM ran out: %s", message)
+            return ("host_oom", None, message)
         if is_oom(exc):
             log.warning("GPU out of memory: %s", message)
             return ("oom", None, message)
@@ -890,6 +896,8 @@ def _raise_failure(failure: tuple[str, Any, str], call: _Call, torch: Any) -> No
         raise GenerationCancelled(f"Cancelled after step {call.steps_done} of {call.total_steps}.")
     if kind == "decode_oom":
         raise DecodeOutOfMemory(latents, message)
+    if kind == "host_oom":
+        raise hostmem.HostOutOfMemory(message)
     # A fresh exception without the failed run's traceback, so holding it keeps no GPU memory.
     raise torch.OutOfMemoryError(message)
 
