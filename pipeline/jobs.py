@@ -87,6 +87,8 @@ class JobQueue:
                    owner: str | None = None) -> list[Job]:
         """Queue the requests back to back, all or none (a batch never half fits the cap)."""
         with self._lock:
+            if self._stopping:
+                raise AppStopped(self._stopping)  # a click while the app closes never reaches the GPU
             waiting = sum(1 for j in self._jobs.values() if not j.done.is_set())
             if waiting + len(requests) > self.max_waiting:
                 # Jobs of closed tabs stay in the lane: the cap counts them too.

@@ -178,3 +178,7 @@ def test_stopping_the_app_ends_every_job_with_the_reason(lane):
     for job in (running, waiting):
         assert isinstance(job.error, AppStopped) and str(job.error) == "the app was stopped"
     assert service.ran == [0], "the waiting job never started"
+    # A click while the app closes is refused with the same reason and never reaches the GPU.
+    with pytest.raises(AppStopped, match="the app was stopped"):
+        jobs.submit(_request(2), owner="c")
+    assert service.ran == [0]

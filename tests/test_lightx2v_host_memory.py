@@ -299,3 +299,12 @@ def test_text_encoder_released_after_encoding_and_loaded_for_the_next_prompt():
     runner.run_text_encoder("c")
     runner.run_text_encoder("d")
     assert runner.loads == 2 and runner.text_encoders == ["t5#2"]
+
+
+def test_a_later_build_that_skips_the_packing_gets_upstreams_pinning_back():
+    ops_utils = types.SimpleNamespace(create_pin_tensor=upstream_create_pin_tensor)
+    assert compat.pinned_weights_packed(compat.CompatFixes(), ops_utils, _PinlessTorch()) is not None
+    assert ops_utils.create_pin_tensor is not upstream_create_pin_tensor  # the first build's wrapper
+    skipping = compat.CompatFixes(skip=frozenset({"pinned_weights_packed"}))
+    assert compat.pinned_weights_packed(skipping, ops_utils, _PinlessTorch()) is None
+    assert ops_utils.create_pin_tensor is upstream_create_pin_tensor and skipping.names == []

@@ -501,7 +501,10 @@ def pinned_weights_packed(fixes: CompatFixes, ops_utils: Any, torch: Any) -> Pin
         source = inspect.getsource(current)
     except (OSError, TypeError):
         return None
-    if "pin_memory=True" not in source or not fixes.wanted(name):
+    if "pin_memory=True" not in source:
+        return None
+    if not fixes.wanted(name):
+        ops_utils.create_pin_tensor = current  # an earlier build's wrapper must not stay in effect
         return None
     arena = PinnedArena(torch)
 
@@ -563,7 +566,10 @@ def checkpoints_memory_mapped(fixes: CompatFixes, lx_utils: Any) -> None:
         source = inspect.getsource(current)
     except (OSError, TypeError):
         return
-    if "torch.load(" not in source or "mmap" in source or not fixes.wanted(name):
+    if "torch.load(" not in source or "mmap" in source:
+        return
+    if not fixes.wanted(name):
+        lx_utils.load_pt_safetensors = current  # an earlier build's wrapper must not stay in effect
         return
     # The globals the function reads `torch` from (utils/utils.py's module namespace).
     namespace = current.__globals__
