@@ -376,3 +376,41 @@ def test_a_kernel_whose_two_calls_differ_is_never_chosen():
     assert by_name["flaky"].error.startswith("not repeatable") and by_name["flaky"].seconds is None
     assert by_name["sage_attn2"].error is None
     assert kernels.choose_attention(trials, "sage_attn2") == "sage_attn2"
+
+
+def test_a_choice_not_repeatable_on_the_whole_call_falls_back_to_the_baseline_and_is_not_stored(tmp_path):
+    torch = pytest.importorskip("torch")
+    history = History(tmp_path / "history.sqlite3")
+    q, k, v = (torch.randn(300, 4, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    calls: list[str] = []
+    sel = _selector(torch, history, {"sage_attn2": 0.05, "sdpa_cudnn": 0.01}, calls)
+    exact = sel.fns["sdpa_cudnn"]
+    jitter = {"n": 0}
+
+    def cudnn_like(qq, kk, vv):  # repeatable on the measured prefix view, not on the whole tensor
+        jitter["n"] += 1
+        return exact(qq, kk, vv) + (jitter["n"] * 1e-6 if qq is q else 0.0)
+
+    sel.fns["sdpa_cudnn"] = cudnn_like
+    sel(q, k, v)
+    choice = list(sel.choices.values())[0]
+    assert choice.backend == "sage_attn2"
+    assert {t.backend: t for t in choice.trials}["sdpa_cudnn"].error == "not repeatable on the whole call"
+    # The fallback is remembered like any measured choice.
+    assert kernels.cached_choices(history, "Fake GPU")[0]["backend"] == "sage_attn2"
+    history.close()
+
+
+def test_a_choice_made_while_a_backend_ran_out_of_memory_is_not_stored():
+    torch = pytest.importorskip("torch")
+    q, k, v = (torch.randn(64, 2, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    store = kernels.MemoryStore()
+    sel = _selector(torch, store, {"sage_attn2": 0.05, "sdpa_cudnn": 0.04}, [])
+
+    def oom(qq, kk, vv):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    sel.fns["sdpa_flash"] = oom
+    sel(q, k, v)
+    assert list(sel.choices.values())[0].backend == "sdpa_cudnn"
+    assert store.kernel_choice("Fake GPU", next(iter(sel.choices))) is None

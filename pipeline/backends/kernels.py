@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import replace, asdict, dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
 log = logging.getLogger(__name__)
@@ -339,14 +339,31 @@ class AttentionSelector:
             if choice is None:
                 started = time.perf_counter()
                 trials = measure_attention(self.torch, q, k, v, self.fns, self.offered, clock=self.clock)
-                choice = AttentionChoice(choose_attention(trials, self.baseline), self.baseline, shape,
-                                         self.gpu_name, tuple(trials), time.time())
+                backend = choose_attention(trials, self.baseline)
+                if backend != self.baseline and not self._repeatable(backend, q, k, v):
+                    # The measurement saw a prefix of the queries; the frames come from the whole call.
+                    log.warning("attention %s is not repeatable on the whole %s call; keeping %s",
+                                backend, shape, self.baseline)
+                    trials = [replace(t, error="not repeatable on the whole call", seconds=None)
+                              if t.backend == backend else t for t in trials]
+                    backend = self.baseline
+                choice = AttentionChoice(backend, self.baseline, shape, self.gpu_name, tuple(trials), time.time())
                 log.info("attention at %s on %s: %s (measured in %.1f s: %s)", shape, self.gpu_name, choice.backend,
                          time.perf_counter() - started, choice.summary()["trials"])
-                if self.store is not None:
+                # A backend that ran out of memory mid-run on a small card may fit another time:
+                # such a choice holds for this process only, and the next one measures again.
+                if self.store is not None and not any("out of memory" in (t.error or "").lower() for t in trials):
                     self.store.record_kernel_choice(self.gpu_name, key, choice.to_json())
         self.choices[key] = choice
         return choice
+
+    def _repeatable(self, backend: str, q: Any, k: Any, v: Any) -> bool:
+        fn = self.fns[backend]
+        try:
+            return bool(self.torch.equal(fn(q, k, v), fn(q, k, v)))
+        except Exception:  # noqa: BLE001 - cannot run the whole call here (memory): not chosen
+            log.warning("attention %s could not run the whole call twice", backend, exc_info=True)
+            return False
 
     def _cached(self, key: str) -> AttentionChoice | None:
         if self.store is None:
