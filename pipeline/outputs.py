@@ -114,6 +114,17 @@ def _bundled_ffmpeg_available() -> bool:
     return True
 
 
+def read_record(path: str | Path | None) -> dict[str, Any] | None:
+    """A clip's sidecar record, or None when it is missing, unreadable or not a JSON object."""
+    if not path:
+        return None
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def count_mp4_frames(path: Path) -> int | None:
     """Video packets actually present in the file (a truncated file has fewer); None without PyAV.
 

@@ -26,7 +26,7 @@ from pipeline.backend import DecodeOutOfMemory, LoadedModel, LoadKey, RunHooks
 from pipeline.cache import PipelineCache
 from pipeline.errors import GenerationCancelled, InvalidRequest, LatentsError, OutOfVRAM, StudioError
 from pipeline.history import History, HistoryEntry
-from pipeline.outputs import OutputStore
+from pipeline.outputs import OutputStore, read_record
 from pipeline.planner import RAM_ONLY_SETTINGS, Planner, PresetForecast, Rung, oom_bound_gib, replan
 from pipeline.types import (LEAN_DECODE_SUFFIX, Attempt, FinishRequest, GenerationRequest,
                             GenerationResult, Phase, Preview, PreviewKind, ProgressEvent, RunSpec,
@@ -193,16 +193,6 @@ def _changed_settings(old: LoadKey | None, new: LoadKey) -> str:
 def _min_known(*values: float | None) -> float | None:
     known = [v for v in values if v is not None]
     return min(known) if known else None
-
-
-def _read_json(path: str | None) -> dict[str, Any] | None:
-    if not path:
-        return None
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 # Settings that only change how the VAE decode runs; all of them apply per call (no reload).
@@ -498,7 +488,7 @@ class VideoService:
             raise InvalidRequest(f"There is no finished clip #{request.job_id} to finish.")
         if not Path(entry.video_path).exists():
             raise InvalidRequest(f"Clip #{entry.id} is no longer on disk.")
-        record = _read_json(entry.record_path)
+        record = read_record(entry.record_path)
         if record is None:
             raise LatentsError(f"The record of clip #{entry.id} cannot be read, so the settings "
                                f"to decode it with are unknown; nothing was changed.")

@@ -10,7 +10,7 @@ import types
 import pytest
 
 from pipeline.backends import lightx2v_compat as compat
-from pipeline.errors import NoGPUError, WeightsError
+from pipeline.errors import NoGPUError
 from pipeline.backends.lightx2v import LightX2VBackend
 
 

@@ -188,3 +188,14 @@ def test_a_lock_error_of_another_kind_is_a_clear_output_error(tmp_path, monkeypa
     monkeypatch.setattr(fcntl, "flock", broken)
     with pytest.raises(OutputError, match="Input/output error"):
         OutputStore(tmp_path).claim()
+
+
+def test_a_record_that_is_not_a_json_object_reads_as_missing(tmp_path):
+    from pipeline.outputs import read_record
+
+    (tmp_path / "list.json").write_text("[1, 2]", encoding="utf-8")
+    (tmp_path / "bad.json").write_text("{not json", encoding="utf-8")
+    (tmp_path / "ok.json").write_text('{"seed": 3}', encoding="utf-8")
+    assert read_record(tmp_path / "list.json") is None and read_record(tmp_path / "bad.json") is None
+    assert read_record(tmp_path / "gone.json") is None and read_record(None) is None
+    assert read_record(str(tmp_path / "ok.json")) == {"seed": 3}

@@ -7,7 +7,6 @@ Widget values become a `GenerationRequest` here, by name; results become widget 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import secrets
@@ -23,7 +22,7 @@ from pipeline.errors import (AppStopped, BackendUnavailable, GenerationCancelled
 from pipeline.gpu import GpuMonitor
 from pipeline.history import History, HistoryEntry
 from pipeline.jobs import Job, JobQueue
-from pipeline.outputs import OutputStore
+from pipeline.outputs import OutputStore, read_record
 from pipeline.service import VideoService
 from pipeline.types import (MAX_PROMPT_CHARS, MAX_SEED, TEXT_ENCODER_MAX_TOKENS, FinishRequest,
                             GenerationRequest, GenerationResult, Phase, Preview, PreviewKind,
@@ -245,15 +244,6 @@ def entry_for_gallery_selection(history: History, value: Any, index: int | None)
     return entry_for_gallery_index(history, index)
 
 
-def load_record(path: str | None) -> dict[str, Any] | None:
-    if not path:
-        return None
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def result_summary(record: dict[str, Any]) -> str:
     """One paragraph on a finished run; says so when the prompt was cut by the text encoder."""
     timings = record.get("timings_s", {})
@@ -322,7 +312,7 @@ def timeline_note_text(ctx: UiContext) -> str:
 
 def last_timeline(ctx: UiContext) -> list[dict[str, Any]]:
     last = ctx.history.recent(1)
-    record = load_record(last[0].record_path) if last else None
+    record = read_record(last[0].record_path) if last else None
     return timeline_rows(record.get("vram") if record else None)
 
 
@@ -344,7 +334,7 @@ def preview_file(ctx: UiContext, job: Job, preview: Preview) -> str | None:
 
 def draft_mark(entry: HistoryEntry) -> str:
     """' · draft' for a clip decoded with the tiny VAE (the gallery caption says so)."""
-    record = load_record(entry.record_path) or {}
+    record = read_record(entry.record_path) or {}
     return " · draft" if record.get("draft") else ""
 
 

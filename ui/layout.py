@@ -199,7 +199,7 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
             if entry is None:
                 return None, "Nothing selected.", gr.skip(), gr.skip()
             text = f"#{entry.id}: “{entry.prompt[:80]}” · {entry.preset_used} ({entry.rung_used}) · seed {entry.seed}"
-            record = h.load_record(entry.record_path) or {}
+            record = h.read_record(entry.record_path) or {}
             return entry.id, text, entry.video_path, json.dumps(record, indent=2, default=str)
 
         gallery.select(on_select, None, [selected_id, selected, video, record_view], queue=False,
@@ -209,7 +209,7 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
             entry = ctx.history.get(int(entry_id)) if entry_id is not None else None
             if entry is None:
                 raise h.as_alert(h.InvalidRequest("Select a video in the history first."))
-            record = h.load_record(entry.record_path) or {}
+            record = h.read_record(entry.record_path) or {}
             # The status line speaks of the restored entry, not of whatever ran last.
             # A draft is restored as a draft where the tiny VAE is still installed.
             draft_again = bool(record.get("draft")) and ctx.service.tiny_vae_installed()
