@@ -579,3 +579,32 @@ def test_a_host_memory_failure_stays_a_host_memory_failure_through_the_adapter(e
     # The fresh exception is still an OOM for the ladder, and still a host one.
     assert gpu.is_oom(raised.value) and hostmem.is_host_oom(raised.value)
     assert raised.value.__context__ is None  # raised outside the except block: no failed run kept
+
+
+def test_a_failure_is_recovered_from_once_even_when_the_service_asks_again():
+    torch = pytest.importorskip("torch")
+    from pipeline.backends import lightx2v_compat as compat
+    from pipeline.backends.lightx2v import LightX2VModel, _Call
+
+    syncs = []
+    fake_torch = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(synchronize=lambda: syncs.append("sync"), empty_cache=lambda: None),
+        OutOfMemoryError=torch.OutOfMemoryError)
+    runner = types.SimpleNamespace(stop_signal=True, set_progress_callback=lambda cb: None,
+                                   gen_video=None, gen_video_final=None)
+    model = LightX2VModel.__new__(LightX2VModel)
+    model._runner, model._torch, model._call, model._dirty = runner, fake_torch, None, False
+    model.compat, model._compat, model.host_embedding = compat.CompatFixes(), compat, None
+    model._recovered = False  # a run started
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        model._guarded(_Call(_hooks()[0], total_steps=4), oom)
+    assert syncs == ["sync"] and runner.stop_signal is False
+    model.recover()  # the service's recovery after the same failure: nothing left to do
+    assert syncs == ["sync"]
+    model._recovered = False  # the next run started
+    model.recover()
+    assert syncs == ["sync", "sync"]

@@ -509,6 +509,7 @@ class LightX2VModel:
         self.files = files
         self._call: _Call | None = None
         self._dirty = False
+        self._recovered = True  # nothing has run since the last recover(): a second one is a no-op
         self._compat = lx.compat
         self._chunked_rope_cls = lx.chunked_rope_cls
         self._t5_encoder_cls = lx.t5_encoder_cls
@@ -537,6 +538,7 @@ class LightX2VModel:
         self._check_build(spec)
         if self._dirty:
             self.recover()
+        self._recovered = False  # from here on, a failure leaves something to recover
         runner = self._runner
         self._apply_per_call(spec.memory)
         self._pipe.modify_config({"target_video_length": spec.frames})
@@ -567,6 +569,7 @@ class LightX2VModel:
         torch = self._torch
         if self._dirty:
             self.recover()
+        self._recovered = False  # from here on, a failure leaves something to recover
         self._apply_per_call(spec.memory)
         call = _Call(hooks, total_steps=0, spec=spec, draft=self._draft(spec))
         images = self._guarded(call, lambda: self._runner.run_vae_decoder(latents.to("cuda")),
@@ -600,11 +603,14 @@ class LightX2VModel:
 
     def recover(self) -> None:
         """Clean state after any exception (bug 6), so the next run honours its seed and starts
-        the block-offload double buffer from block 0; then give cached GPU memory back."""
+        the block-offload double buffer from block 0; then give cached GPU memory back. A no-op
+        when nothing ran since the last one: the service recovers after every failure, and a
+        cancel or OOM was already recovered from here (each recovery synchronises, collects and,
+        on the low-RAM rung, reads the first block from disk again)."""
         torch = self._torch
         runner = self._runner
         self._call = None
-        if runner is None:
+        if runner is None or self._recovered:
             return
         if self.compat.has("reset_runner_after_exception"):
             self._compat.reset_runner_state(runner)
@@ -624,6 +630,7 @@ class LightX2VModel:
         gc.collect()
         torch.cuda.empty_cache()
         self._dirty = False
+        self._recovered = True
 
     def release(self) -> None:
         # LightX2V gc.freeze()s the object graph after its first successful run
