@@ -35,6 +35,17 @@ HEADS, HEAD_DIM = 40, 128
 GEMM_SHAPES = ((32760, 5120, 5120), (32760, 5120, 13824), (32760, 13824, 5120), (75600, 5120, 13824))
 
 
+def _gemm_inputs(torch, tk, m: int, k: int, n: int):
+    """A quantised activation [m, k] with its scales, an INT8 weight [n, k], its scales and a bias."""
+    a = torch.randn((m, k), device="cuda", dtype=torch.bfloat16)
+    aq, ascale = tk.int8_quantize_triton(a)
+    del a
+    w = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+    wscale = torch.rand((n,), device="cuda", dtype=torch.float32) / 100
+    bias = torch.randn((n,), device="cuda", dtype=torch.float32)
+    return aq, ascale, w, wscale, bias
+
+
 def _time(torch: Any, fn, reps: int) -> float:
     fn()
     torch.cuda.synchronize()
@@ -131,12 +142,7 @@ def gemm(torch: Any, lx_root: Path, reps: int) -> dict[str, Any]:
         lists["tile %dx%dx%d s%d w%d" % t] = [config(t)]
     results = []
     for m, k, n in GEMM_SHAPES:
-        a = torch.randn((m, k), device="cuda", dtype=torch.bfloat16)
-        aq, ascale = tk.int8_quantize_triton(a)
-        del a
-        w = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
-        wscale = torch.rand((n,), device="cuda", dtype=torch.float32) / 100
-        bias = torch.randn((n,), device="cuda", dtype=torch.float32)
+        aq, ascale, w, wscale, bias = _gemm_inputs(torch, tk, m, k, n)
         ref = None
         for name, configs in lists.items():
             kern.configs = configs
@@ -180,12 +186,7 @@ def gemm_ab(torch: Any, lx_root: Path, rounds: int, reps: int) -> list[dict[str,
             for m, n, k, s, w in kernels.int8_gemm_tiles_for(smem)]
     out = []
     for m, k, n in GEMM_SHAPES:
-        a = torch.randn((m, k), device="cuda", dtype=torch.bfloat16)
-        aq, ascale = tk.int8_quantize_triton(a)
-        del a
-        w = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
-        wscale = torch.rand((n,), device="cuda", dtype=torch.float32) / 100
-        bias = torch.randn((n,), device="cuda", dtype=torch.float32)
+        aq, ascale, w, wscale, bias = _gemm_inputs(torch, tk, m, k, n)
         times: dict[str, list[float]] = {"lightx2v": [], "ours": []}
         picks: dict[str, str] = {}
         outs = {}
