@@ -234,11 +234,17 @@ def build_app(settings: Settings):
                            preview=settings.preview, command_line=list(settings.argv))
     ctx = UiContext(service=service, jobs=JobQueue(service, max_waiting=MAX_QUEUED), presets=presets,
                     monitor=monitor, history=history)
-    demo = build_ui(ctx, extra_tabs=_system_tab(settings, monitor))
+    demo = build_ui(ctx, extra_tabs=_system_tab(settings, monitor, history))
     return demo, ctx
 
 
-def _system_tab(settings: Settings, monitor):
+def _system_tab(settings: Settings, monitor, history):
+    def measured_kernels() -> list[dict[str, Any]]:
+        from pipeline.backends import kernels
+
+        snapshot = monitor.read()
+        return kernels.cached_choices(history, snapshot.gpu_name if snapshot else None)
+
     def render() -> None:
         import gradio as gr
 
@@ -251,7 +257,8 @@ def _system_tab(settings: Settings, monitor):
                                                  outputs_dir=settings.outputs_dir, monitor=monitor,
                                                  in_ui=True),
                 weights_dir=settings.weights_dir,
-                start_download=lambda: weights.iter_download(settings.weights_dir))
+                start_download=lambda: weights.iter_download(settings.weights_dir),
+                kernels=measured_kernels)
     return render
 
 

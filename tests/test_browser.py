@@ -202,6 +202,7 @@ def test_the_system_tab_shows_the_whole_doctor_table(browser, tmp_path, artifact
         assert table.evaluate("e => e.scrollHeight <= e.clientHeight + 1")
         text = table.inner_text()
         assert "`" not in text and "Weights" in text and "Tiny VAE" in text and "Allocator" in text
+        assert "No attention kernel measured on this GPU yet" in page.locator("#kernel-table").inner_text()
         assert page.get_by_role("button", name="Download weights").is_visible()
         assert not page.get_by_role("button", name="Stop download").is_visible()
         page.screenshot(path=str(artifacts_dir / "browser-system-tab.png"), full_page=True)

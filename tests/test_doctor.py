@@ -326,3 +326,21 @@ def test_ram_finding_reports_swap_and_rungs(tmp_path):
     tiny = none.get("System RAM")
     assert tiny.status is d.Status.FAIL and "no swap" in tiny.detail and "can run: no rung" in tiny.detail
     assert "add RAM or swap" in tiny.fix
+
+
+def test_the_system_tab_lists_the_attention_kernels_this_gpu_measured(tmp_path):
+    from pipeline.backends import kernels
+    from pipeline.history import History
+    from ui.system_tab import kernels_markdown
+
+    assert "No attention kernel measured on this GPU yet" in kernels_markdown([])
+    history = History(tmp_path / "history.sqlite3")
+    trials = (kernels.Trial("sage_attn2", seconds=0.0498, rel_l2=0.0134),
+              kernels.Trial("sdpa_cudnn", seconds=0.0391, rel_l2=0.0029),
+              kernels.Trial("sdpa_flash", error="RuntimeError: no kernel"))
+    choice = kernels.AttentionChoice("sdpa_cudnn", "sage_attn2", "32760x40x128", "NVIDIA H200", trials)
+    history.record_kernel_choice("NVIDIA H200", "NVIDIA H200/32760x40x128/bfloat16/v", choice.to_json())
+    text = kernels_markdown(kernels.cached_choices(history, "NVIDIA H200"))
+    assert "| 32760x40x128 | sdpa_cudnn | sage_attn2 | 39.1 | 49.8 |" in text
+    assert kernels.cached_choices(history, "NVIDIA GeForce RTX 3060") == []  # per GPU
+    history.close()

@@ -62,8 +62,26 @@ def progress_markdown(p: DownloadProgress) -> str:
             f"{format_rate(p.rate_bps)} · {format_eta(p.eta_s)} left")
 
 
+def kernels_markdown(choices: list[dict[str, Any]]) -> str:
+    """The attention kernels this GPU measured (pipeline.backends.kernels summaries), one row a shape."""
+    if not choices:
+        return ("No attention kernel measured on this GPU yet. The first run of each video size times the "
+                "available kernels (a few seconds, once) and keeps the fastest one that is no less accurate "
+                "than LightX2V's own; the choice shows here and in every clip's record.")
+    rows = ["| video tokens × heads × dim | chosen | LightX2V's kernel | chosen ms | LightX2V's ms |",
+            "|---|---|---|---|---|"]
+    for c in choices:
+        trials = c.get("trials", {})
+        ms = lambda name: trials.get(name, {}).get("ms")  # noqa: E731
+        shown = lambda value: "—" if value is None else f"{value:g}"  # noqa: E731
+        rows.append(f"| {c.get('shape', '?')} | {c.get('backend', '?')} | {c.get('baseline', '?')} | "
+                    f"{shown(ms(c.get('backend')))} | {shown(ms(c.get('baseline')))} |")
+    return "\n".join(rows)
+
+
 def build_system_tab(*, doctor: Callable[[], DoctorReport], weights_dir: Path,
-                     start_download: Callable[..., Iterator[DownloadProgress]]) -> None:
+                     start_download: Callable[..., Iterator[DownloadProgress]],
+                     kernels: Callable[[], list[dict[str, Any]]] = list) -> None:
     """Lay out the System tab in the current Blocks context.
 
     `doctor()` runs the checks (on page load and on Re-check). `start_download()` is called with no arguments
@@ -74,6 +92,9 @@ def build_system_tab(*, doctor: Callable[[], DoctorReport], weights_dir: Path,
     headline = gr.Markdown("⏳ Checking this machine…")
     table = gr.HTML("", elem_id="doctor-table")
     recheck = gr.Button("Re-check", variant="secondary", size="sm")
+
+    gr.Markdown("### Attention kernel on this GPU")
+    kernel_table = gr.Markdown(kernels_markdown([]), elem_id="kernel-table")
 
     gr.Markdown("### Model weights")
     gr.Markdown(f"Folder: {html.escape(str(weights_dir))} — about {format_bytes(APPROX_TOTAL_BYTES)} (INT8 DiT, "
@@ -87,6 +108,9 @@ def build_system_tab(*, doctor: Callable[[], DoctorReport], weights_dir: Path,
         report = doctor()
         return report_headline(report), report_html(report)
 
+    def check_all() -> tuple[str, str, str]:
+        return (*check(), kernels_markdown(kernels()))
+
     def run_download() -> Iterator[tuple[Any, ...]]:
         running = (gr.update(visible=False), gr.update(visible=True))  # (download, stop)
         try:
@@ -99,8 +123,10 @@ def build_system_tab(*, doctor: Callable[[], DoctorReport], weights_dir: Path,
         yield gr.skip(), *check(), gr.update(visible=True), gr.update(visible=False)
 
     # triggers=None runs on page load, so the table is filled when the tab is first shown.
-    gr.on(triggers=None, fn=check, outputs=[headline, table], api_visibility="private", show_progress="minimal")
-    recheck.click(check, outputs=[headline, table], api_visibility="private", show_progress="minimal")
+    gr.on(triggers=None, fn=check_all, outputs=[headline, table, kernel_table], api_visibility="private",
+          show_progress="minimal")
+    recheck.click(check_all, outputs=[headline, table, kernel_table], api_visibility="private",
+                  show_progress="minimal")
     download_event = download.click(run_download, outputs=[progress, headline, table, download, stop],
                                     api_visibility="private",
                                     show_progress="hidden", concurrency_limit=1, concurrency_id="weights-download")
