@@ -190,15 +190,6 @@ class LightX2VBackend:
         if self._selector is not None:
             self._selector.store = store
 
-    def kernel_choices(self, gpu_name: str | None = None) -> list[dict[str, Any]]:
-        """The attention kernels chosen on this GPU, for the System tab: this process's choices
-        once a run has measured, else those the history database remembers for `gpu_name`."""
-        from pipeline.backends import kernels
-
-        if self._selector is not None and self._selector.choices:
-            return self._selector.summary()
-        return kernels.cached_choices(self.kernel_store, gpu_name)
-
     # -- resolution of "auto" (cheap: find_spec only) --
 
     @property
