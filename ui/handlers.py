@@ -111,18 +111,7 @@ def parse_seed(seed: Any, randomize: bool) -> int:
         return secrets.randbelow(MAX_SEED + 1)
     if seed is None or seed == "":
         raise InvalidRequest("Enter a seed, or tick 'Random seed'.")
-    # bool is an int in Python; `true` as a seed is a caller's mistake, not seed 1.
-    if isinstance(seed, bool) or not isinstance(seed, (int, float, str)):
-        raise InvalidRequest(f"The seed must be a whole number, got {seed!r:.40}.")
-    if isinstance(seed, int):
-        return seed
-    try:
-        value = float(seed)
-    except (TypeError, ValueError):
-        raise InvalidRequest(f"The seed must be a whole number, got {seed!r:.40}.") from None
-    if not value.is_integer():  # also NaN and infinity
-        raise InvalidRequest(f"The seed must be a whole number, got {seed!r:.40}.")
-    return int(value)
+    return _whole_number(seed, f"The seed must be a whole number, got {seed!r:.40}.")
 
 
 def make_request(presets: PresetBook, *, prompt: Any, preset: Any, seed: Any, randomize_seed: Any,
@@ -157,6 +146,8 @@ def _whole_number(value: Any, error: str) -> int:
     InvalidRequest(error). bool is refused: `true` is a caller's mistake, not 1."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise InvalidRequest(error)
+    if isinstance(value, int):
+        return value  # exactly, even past float's 2**53
     try:
         number = float(value)
     except ValueError:
