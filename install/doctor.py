@@ -106,12 +106,8 @@ class DoctorReport:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class MemoryInfo:
-    total_bytes: int
-    available_bytes: int | None
-    swap_total_bytes: int | None = None
-    swap_free_bytes: int | None = None
+# Total and available RAM and swap, as pipeline.hostmem reads them (one reading, one type).
+MemoryInfo = hostmem.SystemMemory
 
 
 @dataclass(frozen=True)
@@ -124,17 +120,10 @@ class TorchBuild:
 
 def probe_memory() -> MemoryInfo | None:
     """Total and available RAM and swap: pipeline.hostmem (psutil, else /proc/meminfo), then sysconf
-    elsewhere on POSIX, then the Windows API."""
+    elsewhere on POSIX (no psutil, no /proc), then the Windows API."""
     system = hostmem.read_system()
     if system is not None:
-        return MemoryInfo(system.total_bytes, system.available_bytes, system.swap_total_bytes,
-                          system.swap_free_bytes)
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.strip()}
-        return MemoryInfo(fields["MemTotal"], fields.get("MemAvailable"))
-    except (OSError, KeyError, ValueError, IndexError):
-        pass
+        return system
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
