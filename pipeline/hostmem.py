@@ -8,9 +8,13 @@ The split that matters for a model whose weights sit in host RAM:
 - file-backed (`RssFile`): pages of memory-mapped files (safetensors weights read through mmap).
   Under pressure the kernel drops them and reads them again later, so they cost speed, not a crash.
 
-Pinned memory from `cudaHostAlloc` is mapped by the NVIDIA driver: depending on the driver it shows
-up as `RssFile` of a `/dev/nvidia*` mapping or not in RSS at all. So must-hold adds
-max(pinned bytes torch reports, RSS of /dev/nvidia* mappings) and file-backed subtracts the latter.
+Pinned memory from `cudaHostAlloc` is mapped by the NVIDIA driver, and where its pages show up
+depends on the driver: as `RssShmem` (measured on an H200 host, 2026-11-30: 18.75 GiB pinned, 18.76
+GiB RssShmem), as `RssFile` of a `/dev/nvidia*` mapping, or not in RSS at all. So must-hold is
+anon + shmem + the /dev/nvidia* RSS, plus whatever part of torch's pinned count none of those holds;
+file-backed subtracts the /dev/nvidia* RSS. (A process that also held shared memory of its own
+while its pinned pages sat outside RSS would be under-counted by the smaller of the two; this app
+creates no shared memory of its own.)
 
 Every reader returns None where the facts cannot be read (no /proc on Windows and macOS without
 psutil, a sandbox hiding /proc), never raises: the sampler and the planner call them all the time.
@@ -57,7 +61,9 @@ class ProcessMemory:
 
     @property
     def must_hold_bytes(self) -> int:
-        return self.anon_bytes + self.shmem_bytes + max(self.pinned_bytes or 0, self.device_mapped_bytes or 0)
+        mapped = self.device_mapped_bytes or 0
+        unseen_pinned = max(0, (self.pinned_bytes or 0) - self.shmem_bytes - mapped)
+        return self.anon_bytes + self.shmem_bytes + mapped + unseen_pinned
 
     @property
     def reclaimable_bytes(self) -> int:

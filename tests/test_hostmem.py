@@ -45,6 +45,13 @@ def test_pinned_bytes_counted_once_whether_or_not_the_driver_maps_them_into_rss(
     # Pinned pages as RSS of a /dev/nvidia* mapping: moved from file-backed to must-hold, not doubled.
     mapped = ProcessMemory(GIB, 5 * GIB, 0, pinned_bytes=3 * GIB, device_mapped_bytes=3 * GIB)
     assert mapped.must_hold_bytes == 4 * GIB and mapped.reclaimable_bytes == 2 * GIB
+    # Pinned pages as shared memory (RssShmem), as an H200 host's driver shows them: not doubled.
+    # (Measured: 18.75 GiB pinned, 18.76 GiB RssShmem, 2.8 GiB RssAnon; the must-hold is 21.6, not 40.3.)
+    shmem = ProcessMemory(GIB, 2 * GIB, 3 * GIB, pinned_bytes=3 * GIB, device_mapped_bytes=0)
+    assert shmem.must_hold_bytes == 4 * GIB and shmem.reclaimable_bytes == 2 * GIB
+    # Partly in one place, partly unseen: the unseen part still counts.
+    partly = ProcessMemory(GIB, 2 * GIB, 2 * GIB, pinned_bytes=3 * GIB, device_mapped_bytes=0)
+    assert partly.must_hold_bytes == 4 * GIB
 
 
 def test_smaps_device_rss_sums_only_nvidia_mappings():

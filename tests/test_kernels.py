@@ -414,3 +414,51 @@ def test_a_choice_made_while_a_backend_ran_out_of_memory_is_not_stored():
     sel(q, k, v)
     assert list(sel.choices.values())[0].backend == "sdpa_cudnn"
     assert store.kernel_choice("Fake GPU", next(iter(sel.choices))) is None
+
+
+def _smoothing_sage(torch):
+    """Like SageAttention 1.0.6 (smooth_k): subtracts the keys' mean from k in place, then attends."""
+    exact = kernels.attention_functions(torch, None)["torch_sdpa"]
+
+    def sage(q, k, v):
+        k -= k.mean(dim=0, keepdim=True)
+        return exact(q, k, v)
+    return sage
+
+
+def test_measuring_a_backend_that_changes_k_in_place_leaves_k_as_it_was():
+    # Measured on an H200: the first run of each shape gave other frames than the next ones, because
+    # measuring SageAttention smoothed the block's k in place before the real call; and SageAttention
+    # was judged "not repeatable" (its second call saw the smoothed k).
+    torch = pytest.importorskip("torch")
+    q, k, v = (torch.randn(256, 2, 16, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(i) )
+               for i in range(3))
+    k += 3.0  # a mean to subtract, as real keys have
+    k_before = k.clone()
+    fns = {"sage_attn2": _smoothing_sage(torch), "sdpa_cudnn": kernels.attention_functions(torch, None)["torch_sdpa"]}
+    trials = kernels.measure_attention(torch, q, k, v, fns, ["sage_attn2", "sdpa_cudnn"], query_rows=64,
+                                       clock=lambda name, call: (call(), 0.01)[1])
+    assert torch.equal(k, k_before)
+    assert {t.backend: t.error for t in trials} == {"sage_attn2": None, "sdpa_cudnn": None}
+
+
+def test_the_first_call_of_a_shape_gives_what_the_next_calls_give():
+    torch = pytest.importorskip("torch")
+    q, k, v = (torch.randn(300, 2, 16, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(i))
+               for i in range(3))
+    k += 3.0
+    sel = kernels.AttentionSelector(torch=torch, fns={"sage_attn2": _smoothing_sage(torch),
+                                                      "sdpa_cudnn": kernels.attention_functions(torch, None)["torch_sdpa"]},
+                                    offered=["sage_attn2", "sdpa_cudnn"], baseline="sage_attn2", gpu_name="Fake GPU",
+                                    versions="t", clock=lambda name, call: (call(), 0.05 if name == "sage_attn2" else 0.01)[1])
+    # The whole-call repeatability check runs too: the rival is faster and no less accurate.
+    first = sel(q, k.clone(), v)
+    again = sel(q, k.clone(), v)
+    assert list(sel.choices.values())[0].backend == "sdpa_cudnn"
+    assert torch.equal(first, again)
+
+
+def test_without_a_baseline_errors_equal_to_the_fourth_digit_count_as_equal():
+    trials = [T("sage_attn2", error="not importable"), T("sdpa_cudnn", 0.000367, 0.001703),
+              T("sdpa_flash", 0.000627, 0.001702)]
+    assert kernels.choose_attention(trials, "sage_attn2") == "sdpa_cudnn"

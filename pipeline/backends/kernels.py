@@ -42,9 +42,16 @@ ALL_ATTENTION = (SAGE, TORCH_SDPA, SDPA_CUDNN, SDPA_FLASH, SDPA_EFFICIENT, FLASH
 SAGE_SM89_ENTRY = "sageattn_qk_int8_pv_fp16_triton"
 SAGE_SM89_CAPABILITIES = ((8, 9), (12, 0))
 
+# Backends that change their inputs: SageAttention subtracts the keys' mean from k in place
+# (smooth_k). Harmless in a run, where k is used once, but a measurement calls several kernels on the
+# same k, and the run's own call comes after it: measured on 2026-11-30, the first run of a shape gave
+# other frames than the next runs, and SageAttention was judged "not repeatable".
+MUTATES_KEYS = frozenset({SAGE})
+
 TIMING_QUERY_ROWS = 8192   # rows of q timed per backend (all keys): ~1/4 of a 480p call, ~1/9 at 720p
 REFERENCE_ROWS = 128       # query rows the fp32 reference is computed for
 TIMING_REPS = 3
+NO_BASELINE_TOLERANCE = 0.02
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,7 +144,9 @@ def choose_attention(trials: Iterable[Trial], baseline: str) -> str:
         measured = [t for t in trials if t.rel_l2 is not None]
         if not measured:
             return baseline
-        bar = min(t.rel_l2 for t in measured)
+        # Errors of exact-up-to-bf16 kernels differ in the fourth digit (1.702e-3 against 1.703e-3,
+        # measured): within 2 % of the most accurate counts as equally accurate.
+        bar = min(t.rel_l2 for t in measured) * (1 + NO_BASELINE_TOLERANCE)
         return min((t for t in measured if t.rel_l2 <= bar), key=lambda t: t.seconds).backend
     bar = base.rel_l2
     best = base
@@ -265,6 +274,24 @@ def reference_rows(torch: Any, q: Any, k: Any, v: Any, rows: Any) -> Any:
     return out
 
 
+class KeysKept:
+    """Gives k back its values after each call of a backend in MUTATES_KEYS. The copy sits in host
+    memory (0.77 GB at 720p) so that measuring costs no GPU memory beyond the kernels' own."""
+
+    def __init__(self, k: Any, names: Iterable[str]):
+        self.k = k
+        self.saved = k.to("cpu", copy=True) if any(n in MUTATES_KEYS for n in names) else None
+
+    def call(self, name: str, fn: Callable[[Any, Any, Any], Any], q: Any, v: Any) -> Any:
+        out = fn(q, self.k, v)
+        self.restore(name)
+        return out
+
+    def restore(self, name: str) -> None:
+        if self.saved is not None and name in MUTATES_KEYS:
+            self.k.copy_(self.saved)
+
+
 def measure_attention(torch: Any, q: Any, k: Any, v: Any, fns: dict[str, Callable[[Any, Any, Any], Any]],
                       names: Iterable[str], *, query_rows: int = TIMING_QUERY_ROWS, ref_rows: int = REFERENCE_ROWS,
                       reps: int = TIMING_REPS, clock: Callable[[str, Callable[[], Any]], float] | None = None
@@ -272,8 +299,11 @@ def measure_attention(torch: Any, q: Any, k: Any, v: Any, fns: dict[str, Callabl
     """Time each backend on the first `query_rows` rows of q against all of k, v (one untimed call
     first: JIT compilation) and measure its relative L2 error on `ref_rows` rows spread over that
     prefix. The prefix keeps SageAttention's per-block quantisation of q exactly as in a full call.
-    `clock(name, call)`: seconds of one call (default: CUDA events; tests pass fake timings)."""
+    `clock(name, call)`: seconds of one call (default: CUDA events; tests pass fake timings).
+    k is the same tensor afterwards, bit for bit, whichever backends ran (KeysKept)."""
     clock = clock or (lambda name, call: _cuda_seconds(torch, call))
+    names = list(names)
+    keys = KeysKept(k, names)
     n = min(q.shape[0], query_rows)
     qp = q[:n]
     rows = torch.linspace(0, n - 1, min(ref_rows, n), device=q.device).round().long()
@@ -287,20 +317,24 @@ def measure_attention(torch: Any, q: Any, k: Any, v: Any, fns: dict[str, Callabl
             continue
         failure = None
         try:
-            out = fn(qp, k, v)
+            out = keys.call(name, fn, qp, v)
             # Same seed, same frames is a promise of the app: a kernel whose two calls on the same
             # inputs differ (an order-dependent reduction) is never chosen.
-            repeatable = bool(torch.equal(out, fn(qp, k, v)))
+            repeatable = bool(torch.equal(out, keys.call(name, fn, qp, v)))
             rel = (torch.linalg.vector_norm(out[rows].float() - ref).item() / ref_norm) if ref_norm else 0.0
             del out
             if not repeatable:
                 trials.append(Trial(name, error="not repeatable: two calls on the same inputs differed"))
                 continue
-            times = [clock(name, lambda: fn(qp, k, v)) for _ in range(reps)]
+            times = []
+            for _ in range(reps):
+                times.append(clock(name, lambda: fn(qp, k, v)))
+                keys.restore(name)
             trials.append(Trial(name, seconds=sorted(times)[len(times) // 2], rel_l2=rel))
         except Exception as exc:  # noqa: BLE001 - a backend that cannot run here (or needs more memory
             # than is left: also "cannot run here", never a failed run) is simply not chosen
             failure = f"{type(exc).__name__}: {str(exc)[:120]}"
+            keys.restore(name)
         if failure is not None:
             # Outside the except block: the traceback's tensors are gone, give their memory back.
             trials.append(Trial(name, error=failure))
@@ -359,9 +393,11 @@ class AttentionSelector:
 
     def _repeatable(self, backend: str, q: Any, k: Any, v: Any) -> bool:
         fn = self.fns[backend]
+        keys = KeysKept(k, [backend])
         try:
-            return bool(self.torch.equal(fn(q, k, v), fn(q, k, v)))
+            return bool(self.torch.equal(keys.call(backend, fn, q, v), keys.call(backend, fn, q, v)))
         except Exception:  # noqa: BLE001 - cannot run the whole call here (memory): not chosen
+            keys.restore(backend)
             log.warning("attention %s could not run the whole call twice", backend, exc_info=True)
             return False
 

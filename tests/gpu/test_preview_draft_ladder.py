@@ -94,10 +94,11 @@ def test_a_linear_preview_after_every_step_changes_nothing_and_costs_little(tiny
     for p in seen.previews:
         assert p.kind is PreviewKind.LINEAR
         assert p.frames.dtype == np.uint8 and p.frames.shape == (13, 60, 104, 3)  # latent frames/size
-    # At the last step the estimate is the final latents (step_post adds no noise back).
+    # At the last step the estimate is the final latents (step_post adds no noise back), up to the
+    # final latents' rounding to bf16 (the preview keeps float32): measured at most 2 levels of 255.
     from pipeline.preview import latents_to_rgb
 
-    assert np.abs(latents_to_rgb(seen.latents).astype(int) - seen.previews[-1].frames.astype(int)).max() <= 1
+    assert np.abs(latents_to_rgb(seen.latents).astype(int) - seen.previews[-1].frames.astype(int)).max() <= 2
     costs = [p.cost_ms for p in seen.previews]
     gpu_report("preview_linear_tiny", cost_ms=costs, extra_peak_gib=round(peak_seen - peak_plain, 4))
     assert peak_seen - peak_plain <= 0.1
