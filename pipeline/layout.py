@@ -107,13 +107,6 @@ def resolve(exists: Exists, num_layers: int) -> Resolution:
                       tiny_vae(exists))
 
 
-def merge_configs(configs: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    merged: dict[str, Any] = {}
-    for config in configs:
-        merged.update(config)
-    return merged
-
-
 def config_problem(config: dict[str, Any]) -> str | None:
     """What is wrong with a merged DiT config, or None."""
     absent = [k for k in CONFIG_KEYS_READ_BY_LOADER if k not in config]
@@ -158,7 +151,7 @@ def read_config(root: Path) -> tuple[dict[str, Any], list[str], list[tuple[str, 
             continue
         configs.append(data)
         used.append(rel)
-    return merge_configs(configs), used, problems
+    return {key: value for config in configs for key, value in config.items()}, used, problems
 
 
 def is_synthetic(root: Path) -> bool:
