@@ -17,7 +17,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipeline import hostmem
+from pipeline.machine import hostmem
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ quantized checkpoint folder's over it) and its .pth search (the quantized folder
     taew2_1.pth / lighttaew2_1.pth   optional tiny VAE, in distill_int8/ or the root
 
 The rule is written over an `exists(relative_path)` predicate so it applies equally to a folder on disk
-and to a repository listing. Core module: standard library only.
+and to a repository listing. Standard library only: the doctor and the downloader import it without
+the backend's packages.
 """
 
 from __future__ import annotations
