@@ -161,7 +161,7 @@ def _check_outputs_dir(outputs_dir: Path, weights_dir: Path) -> None:
 def blocked_paths(settings: Settings) -> list[str]:
     """Files under the served outputs folder that Gradio must never hand out: the history database
     (every prompt ever typed), its SQLite side files, and the folder's lock file."""
-    from pipeline.outputs import LOCK_NAME
+    from pipeline.store.outputs import LOCK_NAME
 
     db = (settings.outputs_dir / HISTORY_DB_NAME).resolve()
     return ([str(db)] + [f"{db}{suffix}" for suffix in ("-wal", "-shm", "-journal")]
@@ -169,7 +169,7 @@ def blocked_paths(settings: Settings) -> list[str]:
 
 
 def _real_backend(settings: Settings):
-    from pipeline.backend import UnavailableBackend
+    from pipeline.backends.unavailable import UnavailableBackend
 
     try:
         from pipeline.backends.lightx2v import LightX2VBackend
@@ -199,10 +199,10 @@ def build_app(settings: Settings):
 
     from pipeline.cache import PipelineCache
     from pipeline.errors import OutputError, OutputsInUse
-    from pipeline.gpu import GpuMonitor
-    from pipeline.history import History
+    from pipeline.machine.gpu import GpuMonitor
+    from pipeline.store.history import History
     from pipeline.jobs import JobQueue
-    from pipeline.outputs import OutputStore
+    from pipeline.store.outputs import OutputStore
     from pipeline.service import VideoService
     from presets import load_presets
     from ui import UiContext, build_ui

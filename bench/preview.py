@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pipeline.backends.lightx2v import LightX2VBackend
-    from pipeline.layout import locate
+    from pipeline.backends.weights_layout import locate
     from presets import load_presets
     from tools.synthetic_checkpoint import TINY_VAE_FILE, write_checkpoint, write_tiny_vae
 

@@ -80,7 +80,7 @@ class PhaseProbe:
     allocator's peak counter, NVML via a 20 ms sampler)."""
 
     torch: Any
-    nvml: Any  # pipeline.gpu.GpuMonitor
+    nvml: Any  # pipeline.machine.gpu.GpuMonitor
     baseline_used: int
     t0: float = field(default_factory=time.perf_counter)
     phase: str = "start"
@@ -89,13 +89,13 @@ class PhaseProbe:
     steps: list[float] = field(default_factory=list)
     reserved_peak: dict[str, float] = field(default_factory=dict)
     nvml_peak: dict[str, float] = field(default_factory=dict)
-    host: Any = None  # pipeline.hostmem.HostPeaks, sampled in the same loop as NVML
+    host: Any = None  # pipeline.machine.hostmem.HostPeaks, sampled in the same loop as NVML
     step_read_bytes: list[int | None] = field(default_factory=list)
     _last_step: float = 0.0
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        from pipeline import hostmem
+        from pipeline.machine import hostmem
 
         self._hostmem = hostmem
         self._host_reader = hostmem.HostReader(smaps_every=25)
@@ -161,7 +161,7 @@ def _spec(preset: Any, memory: dict[str, Any]):
 
 
 def _mp4_writer():
-    from pipeline import outputs
+    from pipeline.store import outputs
 
     try:
         import imageio_ffmpeg
@@ -176,7 +176,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, ckpt: Path):
         import torch
 
-        from pipeline.gpu import GpuMonitor
+        from pipeline.machine.gpu import GpuMonitor
         from presets import load_presets
 
         self.args, self.ckpt, self.torch = args, ckpt, torch
@@ -212,7 +212,7 @@ class Bench:
             self.set_cap(cap_gib)
             self.torch.cuda.empty_cache()
             started = time.perf_counter()
-            from pipeline.gpu import VramSampler
+            from pipeline.machine.gpu import VramSampler
 
             # The app's sampler records host memory per phase; here the one phase is the load.
             with VramSampler(self.monitor, interval_s=0.05) as load_sampler:
@@ -249,7 +249,7 @@ class Bench:
 
     def _one(self, model: Any, preset: Any, rung: str, memory: dict[str, Any], label: str, load_s: float | None,
              fixes: list[str], record: bool) -> None:
-        from pipeline.gpu import is_oom
+        from pipeline.machine.gpu import is_oom
 
         torch = self.torch
         torch.cuda.synchronize()

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.backend import module_present
-from pipeline import hostmem, layout
-from pipeline.gpu import GIB, GpuMonitor
+from pipeline.machine import hostmem
+from pipeline.backends import weights_layout
+from pipeline.machine.gpu import GIB, GpuMonitor
 from install.cli import default_dir
 from install import torch_build
 from install.progress import format_bytes
@@ -106,7 +107,7 @@ class DoctorReport:
         return "\n".join(lines)
 
 
-# Total and available RAM and swap, as pipeline.hostmem reads them (one reading, one type).
+# Total and available RAM and swap, as pipeline.machine.hostmem reads them (one reading, one type).
 MemoryInfo = hostmem.SystemMemory
 
 
@@ -119,7 +120,7 @@ class TorchBuild:
 
 
 def probe_memory() -> MemoryInfo | None:
-    """Total and available RAM and swap: pipeline.hostmem (psutil, else /proc/meminfo), then sysconf
+    """Total and available RAM and swap: pipeline.machine.hostmem (psutil, else /proc/meminfo), then sysconf
     elsewhere on POSIX (no psutil, no /proc), then the Windows API."""
     system = hostmem.read_system()
     if system is not None:
@@ -444,7 +445,7 @@ def _check_allocator(probes: SystemProbes) -> Finding:
 
 def _check_tiny_vae(weights_dir: Path) -> Finding:
     """The optional tiny VAE, where the layout rule finds it."""
-    found = layout.tiny_vae(lambda rel: (weights_dir / rel).is_file())
+    found = weights_layout.tiny_vae(lambda rel: (weights_dir / rel).is_file())
     if found:
         return Finding("Tiny VAE", Status.OK, f"{found} is installed (draft decode and better previews).",
                        NOTHING_TO_DO)
@@ -453,7 +454,7 @@ def _check_tiny_vae(weights_dir: Path) -> Finding:
 
 
 def _check_weights(report: VerifyReport, *, in_ui: bool = False) -> Finding:
-    if report.ok and layout.is_synthetic(report.weights_dir):
+    if report.ok and weights_layout.is_synthetic(report.weights_dir):
         return Finding("Weights", Status.WARN, f"{report.summary()} They are a SYNTHETIC checkpoint: random "
                                                "weights, for tests and sizing only; every video will be noise.",
                        "Download the real weights (python app.py download --weights-dir PATH) into another folder and start "

@@ -1,5 +1,5 @@
 """The optional Wan 2.1 tiny VAE (draft decode and better previews): found on the Hub at run time, fetched
-verified through the weights manager, placed where pipeline/layout.py's rule finds it."""
+verified through the weights manager, placed where pipeline/backends/weights_layout.py's rule finds it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from install.errors import WeightsFileMissing, WeightsRepoNotFound
 from install.progress import DownloadPhase, DownloadProgress
 from install.weights import DEFAULT_WEIGHTS_DIR, _Downloader, _open_part, free_disk_bytes, resolve_endpoint
-from pipeline import layout
+from pipeline.backends import weights_layout
 
 # Where a Wan 2.1 tiny VAE is published: LightX2V's own autoencoders, then the taehv author's.
 TINY_VAE_REPO_IDS = ("lightx2v/Autoencoders", "madebyollin/taehv")
@@ -33,9 +33,10 @@ def download_tiny_vae(weights_dir: Path | str = DEFAULT_WEIGHTS_DIR, *, repo_ids
             tried.append(f"{repo_id} ({exc})")
             continue
         # Only where the layout rule looks (the repo's root or distill_int8/), so no file is moved after its check.
-        found = [listed[c] for n in layout.TINY_VAE_NAMES for c in layout.pth_candidates(n) if c in listed]
+        found = [listed[c] for n in weights_layout.TINY_VAE_NAMES
+                 for c in weights_layout.pth_candidates(n) if c in listed]
         if not found:
-            tried.append(f"{repo_id} (no {' or '.join(layout.TINY_VAE_NAMES)} at its root)")
+            tried.append(f"{repo_id} (no {' or '.join(weights_layout.TINY_VAE_NAMES)} at its root)")
             continue
         d.run(lambda: found[:1])
         target = root / found[0].path

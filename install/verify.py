@@ -1,5 +1,5 @@
-"""`verify`: is every file the INT8 path opens present and sound? The layout is pipeline/layout.py's rule;
-sizes and checksums come from the record the download writes (`.wan-studio/manifest.json`)."""
+"""`verify`: is every file the INT8 path opens present and sound? The layout is the rule of
+pipeline/backends/weights_layout.py; sizes and checksums come from the record the download writes (`.wan-studio/manifest.json`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from install.errors import WeightsCorrupt, WeightsIncomplete
 from install.filecheck import hash_file, read_json, structure_problem
 from install.progress import format_bytes
-from pipeline import layout
+from pipeline.backends import weights_layout
 from pipeline.errors import WeightsError
 
 STATE_DIR = ".wan-studio"
@@ -35,7 +35,7 @@ class VerifyReport:
     bytes_checked: int
     used_manifest: bool
     deep: bool
-    layout: layout.WeightsLayout | None
+    layout: weights_layout.WeightsLayout | None
 
     @property
     def ok(self) -> bool:
@@ -86,8 +86,8 @@ def verify(weights_dir: Path | str, *, deep: bool = False) -> VerifyReport:
     try:
         if not root.is_dir():
             problems.append(VerifyProblem(".", "missing", f"folder {root} does not exist"))
-        elif root.name == layout.DIT_DIR and (root / "non_block.safetensors").exists():
-            problems.append(VerifyProblem(".", "layout", f"this is the {layout.DIT_DIR} folder itself; point "
+        elif root.name == weights_layout.DIT_DIR and (root / "non_block.safetensors").exists():
+            problems.append(VerifyProblem(".", "layout", f"this is the {weights_layout.DIT_DIR} folder itself; point "
                                                          f"the weights folder at its parent ({root.parent})"))
         else:
             found = _verify(root, deep, problems, checked)
@@ -98,15 +98,15 @@ def verify(weights_dir: Path | str, *, deep: bool = False) -> VerifyReport:
 
 
 def _verify(root: Path, deep: bool, problems: list[VerifyProblem], checked: list[tuple[str, int]]
-            ) -> layout.WeightsLayout | None:
+            ) -> weights_layout.WeightsLayout | None:
     manifest = read_manifest(root)
     recorded: dict[str, dict[str, Any]] = manifest["files"] if manifest else {}
-    config, used, bad = layout.read_config(root)
+    config, used, bad = weights_layout.read_config(root)
     problems += [VerifyProblem(rel, "corrupt", why) for rel, why in bad]
-    if used and (err := layout.config_problem(config)):
+    if used and (err := weights_layout.config_problem(config)):
         problems.append(VerifyProblem(used[-1], "corrupt", err))
     layers = config.get("num_layers") if not problems else 0
-    res = layout.resolve(lambda r: (root / r).is_file(), layers if isinstance(layers, int) else 0)
+    res = weights_layout.resolve(lambda r: (root / r).is_file(), layers if isinstance(layers, int) else 0)
     problems += [VerifyProblem(m.split(" ", 1)[0].rstrip(","), "missing", f"missing: {m}") for m in res.missing]
     for rel in dict.fromkeys([*res.files, *recorded]):  # an optional file is checked once we fetched it
         path, want = root / rel, recorded.get(rel, {})
@@ -126,7 +126,7 @@ def _verify(root: Path, deep: bool, problems: list[VerifyProblem], checked: list
     if problems:
         return None
     try:
-        return layout.locate(root)
+        return weights_layout.locate(root)
     except WeightsError as exc:
         problems.append(VerifyProblem(".", "layout", str(exc)))
         return None

@@ -1,11 +1,11 @@
 """Weights manager: fetch exactly what the INT8 path needs from the Hub, resume, verify before loading.
 
-Where files go is pipeline/layout.py's rule (the same one the backend and the doctor use). The Hub work is
-huggingface_hub's public API: `HfApi.list_repo_tree` lists the repository at one pinned commit with sizes
-and checksums (LFS sha256, git blob ids), `get_hf_file_metadata` says where a file is served from and
-whether it is Xet-backed, and `hf_hub_download` fetches it (through hf_xet when installed). Every file is
-checked against the Hub's checksum before it is moved into place and recorded in `.wan-studio/manifest.json`,
-which `verify()` reads.
+Where files go is the rule of pipeline/backends/weights_layout.py (the same one the backend and the doctor
+use). The Hub work is huggingface_hub's public API: `HfApi.list_repo_tree` lists the repository at one
+pinned commit with sizes and checksums (LFS sha256, git blob ids), `get_hf_file_metadata` says where a file
+is served from and whether it is Xet-backed, and `hf_hub_download` fetches it (through hf_xet when
+installed). Every file is checked against the Hub's checksum before it is moved into place and recorded in
+`.wan-studio/manifest.json`, which `verify()` reads.
 
 Our own transfer code exists for one case only, because the library provably lacks it: resuming a
 plain-HTTP file after the app was closed or killed. huggingface_hub 1.x downloads into a process-unique
@@ -42,7 +42,7 @@ from install.errors import (DownloadCancelled, WeightsCorrupt, WeightsDirNotWrit
 from install.filecheck import check_safetensors, check_torch_zip, hash_file, structure_problem
 from install.progress import DownloadPhase, DownloadProgress, RateMeter, format_bytes
 from install.verify import MANIFEST_NAME, STATE_DIR, VerifyProblem, VerifyReport, read_manifest, verify
-from pipeline import layout
+from pipeline.backends import weights_layout
 from pipeline.errors import WeightsError
 
 __all__ = ["DownloadCancelled", "DownloadResult", "VerifyProblem", "VerifyReport", "WeightsCorrupt",
@@ -393,30 +393,31 @@ def _plan_model(d: _Downloader, repo_id: str, revision: str | None) -> tuple[str
 
     def plan() -> list[PlannedFile]:
         listed = d.listing(repo_id, commit)
-        tokenizer = layout.tokenizer_files(listed.__contains__)
+        tokenizer = weights_layout.tokenizer_files(listed.__contains__)
         if not tokenizer:
             wan = d.pin(TOKENIZER_FALLBACK_REPO_ID, None, quick=False)
-            wan_listed = d.listing(TOKENIZER_FALLBACK_REPO_ID, wan, layout.TOKENIZER_DIR)
-            if tok := layout.tokenizer_files(wan_listed.__contains__):
+            wan_listed = d.listing(TOKENIZER_FALLBACK_REPO_ID, wan, weights_layout.TOKENIZER_DIR)
+            if tok := weights_layout.tokenizer_files(wan_listed.__contains__):
                 log.info("%s has no tokenizer; taking it from %s", repo_id, TOKENIZER_FALLBACK_REPO_ID)
                 listed.update({p: wan_listed[p] for p in tok})
-        configs = layout.config_paths(listed.__contains__)
+        configs = weights_layout.config_paths(listed.__contains__)
         for rel in configs:  # the block count is in the (tiny) configs, so they come first
             if not d.is_current(listed[rel]):
                 d.fetch(listed[rel], 0, 0)
-        config, _, bad = layout.read_config(d.root)
-        layers = config.get("num_layers") if configs and not bad and not layout.config_problem(config) else None
+        config, _, bad = weights_layout.read_config(d.root)
+        layers = config.get("num_layers") if configs and not bad and not weights_layout.config_problem(config) else None
         if configs and layers is None:
             raise WeightsCorrupt(f"The config from {repo_id} is unusable: "
-                                 f"{bad[0][1] if bad else layout.config_problem(config)}.")
-        res = layout.resolve(listed.__contains__, layers or 0)
+                                 f"{bad[0][1] if bad else weights_layout.config_problem(config)}.")
+        res = weights_layout.resolve(listed.__contains__, layers or 0)
         if res.missing:
             shown = "; ".join(res.missing[:6])
             raise WeightsFileMissing(f"The repository {repo_id} (commit {commit[:10]}) lacks files the INT8 path "
                                      f"needs: {shown}. Its layout may have changed; check the repository page, or "
                                      "try an older --revision.")
         # Forget files an older snapshot needed and this one does not, so verify() stops expecting them.
-        d.recorded = {rel: e for rel, e in d.recorded.items() if rel in res.files or Path(rel).name in layout.TINY_VAE_NAMES}
+        d.recorded = {rel: e for rel, e in d.recorded.items()
+                      if rel in res.files or Path(rel).name in weights_layout.TINY_VAE_NAMES}
         return [listed[rel] for rel in res.files]
 
     return commit, plan

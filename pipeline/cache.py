@@ -13,7 +13,7 @@ import time
 import threading
 from typing import Callable
 
-from pipeline import gpu, hostmem
+from pipeline.machine import gpu, hostmem
 from pipeline.backend import Backend, LoadedModel, LoadKey
 from pipeline.errors import ModelLoadError, StudioError
 from pipeline.types import Phase

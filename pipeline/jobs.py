@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from pipeline import gpu
+from pipeline.machine import gpu
 from pipeline.errors import AppStopped, GenerationCancelled, LaneFull, StudioError
 from pipeline.service import VideoService
 from pipeline.types import FinishRequest, GenerationRequest, GenerationResult, ProgressEvent

@@ -21,12 +21,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline import gpu, hostmem
+from pipeline.machine import gpu, hostmem
 from pipeline.backend import DecodeOutOfMemory, LoadedModel, LoadKey, RunHooks
 from pipeline.cache import PipelineCache
 from pipeline.errors import GenerationCancelled, InvalidRequest, LatentsError, OutOfVRAM, StudioError
-from pipeline.history import History, HistoryEntry
-from pipeline.outputs import OutputStore, read_record
+from pipeline.store.history import History, HistoryEntry
+from pipeline.store.outputs import OutputStore, read_record
 from pipeline.planner import RAM_ONLY_SETTINGS, Planner, PresetForecast, Rung, oom_bound_gib, replan
 from pipeline.types import (LEAN_DECODE_SUFFIX, Attempt, FinishRequest, GenerationRequest,
                             GenerationResult, Phase, Preview, PreviewKind, ProgressEvent, RunSpec,

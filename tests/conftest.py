@@ -10,9 +10,9 @@ import pytest
 
 from pipeline.cache import PipelineCache
 from pipeline.backends.fake import FakeBackend
-from pipeline.gpu import NO_TORCH, GpuMonitor
-from pipeline.history import History
-from pipeline.outputs import OutputStore
+from pipeline.machine.gpu import NO_TORCH, GpuMonitor
+from pipeline.store.history import History
+from pipeline.store.outputs import OutputStore
 from pipeline.service import VideoService
 from presets import load_presets
 
@@ -48,7 +48,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 class FakeNvml:
-    """Just the NVML surface pipeline.gpu uses, with settable memory figures."""
+    """Just the NVML surface pipeline.machine.gpu uses, with settable memory figures."""
 
     class NVMLError(Exception):
         pass

@@ -16,7 +16,7 @@ import pytest
 from gradio_client.exceptions import AppError
 
 from tests.apphelpers import raw_get, run_app_to_exit, running_app, start_app, wait_for
-from pipeline.outputs import read_mp4_record
+from pipeline.store.outputs import read_mp4_record
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from install import doctor as d
-from pipeline.gpu import GIB, NO_TORCH, GpuMonitor
+from pipeline.machine.gpu import GIB, NO_TORCH, GpuMonitor
 from install.verify import VerifyProblem, VerifyReport
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -330,7 +330,7 @@ def test_ram_finding_reports_swap_and_rungs(tmp_path):
 
 def test_the_system_tab_lists_the_attention_kernels_this_gpu_measured(tmp_path):
     from pipeline.backends import kernels
-    from pipeline.history import History
+    from pipeline.store.history import History
     from ui.system_tab import kernels_markdown
 
     assert "No attention kernel measured on this GPU yet" in kernels_markdown([])

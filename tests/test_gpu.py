@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from pipeline.gpu import NO_TORCH, GpuMonitor, TorchReadings, VramSampler, is_oom
+from pipeline.machine.gpu import NO_TORCH, GpuMonitor, TorchReadings, VramSampler, is_oom
 from tests.conftest import FakeNvml
 
 GIB = 1024**3

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline import gpu, hostmem
-from pipeline.hostmem import GIB, HostOutOfMemory, ProcessMemory
+from pipeline.machine import gpu, hostmem
+from pipeline.machine.hostmem import GIB, HostOutOfMemory, ProcessMemory
 
 STATUS = """Name:\tpython
 VmRSS:\t  3145728 kB

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.backends import kernels
 from pipeline.backends import lightx2v_compat as compat
-from pipeline.history import History
+from pipeline.store.history import History
 
 SAGE_106 = ["sageattn", "sageattn_varlen"]  # what sageattention 1.0.6 exports
 SAGE_2 = SAGE_106 + [kernels.SAGE_SM89_ENTRY]

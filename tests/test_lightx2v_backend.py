@@ -381,7 +381,7 @@ def test_check_available_without_torch_or_gpu_says_no_gpu(tmp_path, monkeypatch)
     import pipeline.backends.lightx2v as backend_module
 
     from pipeline.errors import BackendUnavailable
-    from pipeline.gpu import GpuMonitor
+    from pipeline.machine.gpu import GpuMonitor
     from tests.conftest import FakeNvml
 
     monkeypatch.setattr(backend_module, "_has_module", lambda name: name != "torch")
@@ -566,7 +566,7 @@ def test_rope_holders_are_found_once_in_blocks_and_offload_buffers():
                                                 "can't allocate memory: you tried to allocate 7516192768 bytes")])
 def test_a_host_memory_failure_stays_a_host_memory_failure_through_the_adapter(error):
     torch = pytest.importorskip("torch")
-    from pipeline import gpu, hostmem
+    from pipeline.machine import gpu, hostmem
     from pipeline.backends.lightx2v import _Call
 
     # During the decode: not a GPU decode OOM (no decode-only retry on leaner GPU settings).

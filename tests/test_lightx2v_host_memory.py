@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from pipeline import hostmem
+from pipeline.machine import hostmem
 from pipeline.backends import lightx2v_compat as compat
 
 

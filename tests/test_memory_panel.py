@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.gpu import NO_TORCH, GpuMonitor
+from pipeline.machine.gpu import NO_TORCH, GpuMonitor
 from pipeline.planner import Planner
 from presets import load_presets
 from tests.conftest import FakeNvml

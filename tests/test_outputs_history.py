@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import OutputError, OutputsInUse
-from pipeline.history import History
-from pipeline.outputs import OutputStore, read_mp4_record, write_mp4
+from pipeline.store.history import History
+from pipeline.store.outputs import OutputStore, read_mp4_record, write_mp4
 
 
 def frames(n=9, h=32, w=48):
@@ -58,7 +58,7 @@ def test_disk_full_leaves_nothing_and_says_so(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("pipeline.outputs.os.replace", full)
+    monkeypatch.setattr("pipeline.store.outputs.os.replace", full)
     with pytest.raises(OutputError, match="is full: the video was not saved"):
         store.save("next", frames(), 16, {"n": 1})
     monkeypatch.undo()
@@ -140,7 +140,7 @@ def test_a_job_killed_after_its_video_landed_is_adopted_at_restart(tmp_path):
 
 
 def test_one_outputs_folder_belongs_to_one_app(tmp_path):
-    from pipeline.outputs import LOCK_NAME
+    from pipeline.store.outputs import LOCK_NAME
 
     first, second = OutputStore(tmp_path), OutputStore(tmp_path)
     first.claim()
@@ -152,7 +152,7 @@ def test_one_outputs_folder_belongs_to_one_app(tmp_path):
 
 def test_a_killed_owner_leaves_no_stale_claim(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline.outputs import OutputStore; "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline.store.outputs import OutputStore; "
          f"store = OutputStore(Path({str(tmp_path)!r})); store.claim(); print('claimed', flush=True); time.sleep(60)"],
         cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
@@ -191,7 +191,7 @@ def test_a_lock_error_of_another_kind_is_a_clear_output_error(tmp_path, monkeypa
 
 
 def test_a_record_that_is_not_a_json_object_reads_as_missing(tmp_path):
-    from pipeline.outputs import read_record
+    from pipeline.store.outputs import read_record
 
     (tmp_path / "list.json").write_text("[1, 2]", encoding="utf-8")
     (tmp_path / "bad.json").write_text("{not json", encoding="utf-8")

@@ -13,11 +13,11 @@ from pipeline.backends.fake import FakeBackend
 from pipeline.backends import lightx2v_compat as compat
 from pipeline.cache import PipelineCache
 from pipeline.errors import GenerationCancelled, InvalidRequest, LatentsError, WeightsError
-from pipeline.gpu import GpuMonitor
-from pipeline.history import History
+from pipeline.machine.gpu import GpuMonitor
+from pipeline.store.history import History
 from pipeline.jobs import JobQueue
-from pipeline.outputs import LATENTS_SUFFIX, OutputStore
-from pipeline.preview import WAN21_LATENT_RGB_BIAS, latents_to_rgb, preview_fps
+from pipeline.store.outputs import LATENTS_SUFFIX, OutputStore
+from pipeline.backends.latent_preview import WAN21_LATENT_RGB_BIAS, latents_to_rgb, preview_fps
 from pipeline.service import VideoService
 from pipeline.types import FinishRequest, GenerationRequest, Phase, PreviewKind
 from tests.conftest import FakeNvml

@@ -20,7 +20,7 @@ from gradio_client.utils import Status
 
 from tests.apphelpers import (PYTHON, REPO, free_port, history_rows, listed_files, raw_get, raw_post,
                               run_app_to_exit, running_app, start_app, wait_for)
-from pipeline.outputs import LOCK_NAME, read_mp4_record
+from pipeline.store.outputs import LOCK_NAME, read_mp4_record
 
 pytestmark = pytest.mark.slow
 
@@ -442,9 +442,9 @@ def test_a_full_disk_under_the_real_mp4_encoder_is_caught(tmp_path, monkeypatch)
     as if all was well, leaving a short or empty file. The store must notice and publish nothing."""
     import numpy as np
 
-    from pipeline import outputs as outputs_module
+    from pipeline.store import outputs as outputs_module
     from pipeline.errors import OutputError
-    from pipeline.outputs import PARTIAL_MARK, OutputStore
+    from pipeline.store.outputs import PARTIAL_MARK, OutputStore
 
     if not outputs_module._bundled_ffmpeg_available():
         pytest.skip("imageio-ffmpeg's ffmpeg is not installed here: the PyAV writer raises on ENOSPC itself")
@@ -479,7 +479,7 @@ def test_start_up_clean_up_removes_only_what_a_killed_save_left(tmp_path):
     removes it, and the user's own files in the folder (JSON included) stay."""
     import numpy as np
 
-    from pipeline.outputs import PARTIAL_MARK, OutputStore
+    from pipeline.store.outputs import PARTIAL_MARK, OutputStore
 
     store = OutputStore(tmp_path)
     frames = np.zeros((5, 32, 32, 3), dtype=np.uint8)

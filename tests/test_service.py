@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.errors import GenerationCancelled, InvalidRequest, NoGPUError, OutOfVRAM
 from pipeline.backends.fake import FakeBackend
-from pipeline.outputs import read_mp4_record
+from pipeline.store.outputs import read_mp4_record
 from pipeline.types import GenerationRequest, Phase
 from tests.conftest import FakeNvml
 
@@ -235,7 +235,7 @@ def test_a_measurement_that_cannot_be_stored_does_not_fail_a_saved_job(make_serv
         raise RuntimeError("database is locked")
 
     service.history.record_measurement = locked
-    from pipeline.gpu import TorchReadings
+    from pipeline.machine.gpu import TorchReadings
 
     # A peak reading as on a GPU, so a measurement is taken.
     service.monitor.torch = TorchReadings(memory=lambda i: None, peak_reserved_gib=lambda: 5.0,

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from pipeline import layout
+from pipeline.backends import weights_layout
 from tools import synthetic_checkpoint as sc
 
 
@@ -125,7 +125,7 @@ def test_share_t5_and_vae_links_instead_of_writing(tmp_path):
     paths = sc.write_checkpoint(tmp_path / "ckpt", "tiny", share_t5_vae_from=tmp_path / "donor")
     assert paths.t5.read_bytes() == b"t5" and paths.vae.read_bytes() == b"vae"
     assert os.path.samefile(paths.t5, donor / sc.T5_FILE)
-    found = layout.locate(paths.root)  # the backend's and the doctor's rule finds every file it wrote
+    found = weights_layout.locate(paths.root)  # the backend's and the doctor's rule finds every file it wrote
     assert found.synthetic and found.t5 == paths.t5 and found.tokenizer == paths.tokenizer
     with pytest.raises(FileNotFoundError):
         sc.write_checkpoint(tmp_path / "other", "tiny", share_t5_vae_from=tmp_path / "missing")

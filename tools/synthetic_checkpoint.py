@@ -47,24 +47,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from pipeline import layout
+from pipeline.backends import weights_layout
 
 log = logging.getLogger(__name__)
 
 WARNING_TEXT = (
-    f"{layout.SYNTHETIC_MARK} - FOR TESTS AND SIZING ONLY.\n"
+    f"{weights_layout.SYNTHETIC_MARK} - FOR TESTS AND SIZING ONLY.\n"
     "Every weight in this folder is random. It has the exact file layout, tensor names, dtypes and\n"
     "shapes of lightx2v/Wan2.1-T2V-14B-StepDistill-CfgDistill-Lightx2v (distill_int8), so LightX2V\n"
     "loads and runs it, and its speed and memory use are real, but every video it makes is noise.\n"
     "Do not point Wan T2V Studio at this folder for real use.\n"
 )
 
-# The names the layout rule looks for (one rule: pipeline/layout.py).
-DIT_DIR = layout.DIT_DIR
-T5_FILE = layout.T5_FILENAME
-VAE_FILE = layout.VAE_FILENAME
-TINY_VAE_FILE = layout.TINY_VAE_NAMES[0]
-TOKENIZER_DIR = layout.TOKENIZER_DIR
+# The names the layout rule looks for (one rule: pipeline/backends/weights_layout.py).
+DIT_DIR = weights_layout.DIT_DIR
+T5_FILE = weights_layout.T5_FILENAME
+VAE_FILE = weights_layout.VAE_FILENAME
+TINY_VAE_FILE = weights_layout.TINY_VAE_NAMES[0]
+TOKENIZER_DIR = weights_layout.TOKENIZER_DIR
 
 # umt5-xxl as hard-coded by LightX2V (t5/model.py:769-783); the DiT's text_embedding input is this dim.
 T5_VOCAB = 256384

@@ -19,10 +19,10 @@ import gradio as gr
 from pipeline.errors import (AppStopped, BackendUnavailable, GenerationCancelled, InvalidRequest, LaneFull,
                              LatentsError, ModelLoadError, NoGPUError, OutOfVRAM, OutputError, OutputsInUse,
                              StudioError, WeightsError)
-from pipeline.gpu import GpuMonitor
-from pipeline.history import History, HistoryEntry
+from pipeline.machine.gpu import GpuMonitor
+from pipeline.store.history import History, HistoryEntry
 from pipeline.jobs import Job, JobQueue
-from pipeline.outputs import OutputStore, read_record
+from pipeline.store.outputs import OutputStore, read_record
 from pipeline.service import VideoService
 from pipeline.types import (MAX_PROMPT_CHARS, MAX_SEED, TEXT_ENCODER_MAX_TOKENS, FinishRequest,
                             GenerationRequest, GenerationResult, Phase, Preview, PreviewKind,

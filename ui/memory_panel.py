@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.gpu import GIB, MemorySnapshot
+from pipeline.machine.gpu import GIB, MemorySnapshot
 from pipeline.planner import Fit, PresetForecast
 
 NO_GPU_TEXT = "**No NVIDIA GPU** detected (NVML unavailable): generation needs one."

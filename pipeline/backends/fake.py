@@ -23,8 +23,8 @@ import numpy as np
 
 from pipeline.backend import DecodeOutOfMemory, LoadKey, RunHooks
 from pipeline.errors import GenerationCancelled, NoGPUError, WeightsError
-from pipeline.outputs import write_mp4
-from pipeline.preview import latents_to_rgb, preview_fps
+from pipeline.store.outputs import write_mp4
+from pipeline.backends.latent_preview import latents_to_rgb, preview_fps
 from pipeline.types import Phase, Preview, PreviewKind, RunSpec
 
 log = logging.getLogger(__name__)

@@ -163,7 +163,7 @@ def choose_attention(trials: Iterable[Trial], baseline: str) -> str:
 
 
 class ChoiceStore(Protocol):
-    """What the history database offers (pipeline.history.History)."""
+    """What the history database offers (pipeline.store.history.History)."""
 
     def kernel_choice(self, gpu_name: str, key: str) -> str | None: ...
 

@@ -70,10 +70,10 @@ import numpy as np
 
 from pipeline.backend import DecodeOutOfMemory, LoadKey, RunHooks, module_present
 from pipeline.errors import BackendUnavailable, GenerationCancelled, NoGPUError, WeightsError
-from pipeline import hostmem
-from pipeline.gpu import GIB, GpuMonitor, is_oom
-from pipeline.preview import latents_to_rgb, preview_fps, stride_for
-from pipeline.layout import DIT_DIR, TINY_VAE_NAMES, WeightsLayout, locate
+from pipeline.machine import hostmem
+from pipeline.machine.gpu import GIB, GpuMonitor, is_oom
+from pipeline.backends.latent_preview import latents_to_rgb, preview_fps, stride_for
+from pipeline.backends.weights_layout import DIT_DIR, TINY_VAE_NAMES, WeightsLayout, locate
 from pipeline.types import Phase, Preview, PreviewKind, RunSpec
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def _lightx2v_commit() -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Weights: pipeline/layout.py is the one rule (the tiny VAE is its optional `tiny_vae` field).
+# Weights: pipeline/backends/weights_layout.py is the one rule (the tiny VAE is its optional `tiny_vae` field).
 
 
 def tiny_vae_file(files: WeightsLayout) -> Path | None:

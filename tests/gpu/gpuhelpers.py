@@ -22,17 +22,17 @@ def mp4_writer():
         imageio_ffmpeg.get_ffmpeg_exe()
         return None
     except (ImportError, RuntimeError):
-        from pipeline.outputs import _write_mp4_pyav
+        from pipeline.store.outputs import _write_mp4_pyav
 
         return _write_mp4_pyav
 
 
 def make_service(ckpt: Path, root: Path, **backend_kwargs):
     from pipeline.cache import PipelineCache
-    from pipeline.gpu import GpuMonitor
-    from pipeline.history import History
+    from pipeline.machine.gpu import GpuMonitor
+    from pipeline.store.history import History
     from pipeline.backends.lightx2v import LightX2VBackend
-    from pipeline.outputs import OutputStore
+    from pipeline.store.outputs import OutputStore
     from pipeline.service import VideoService
     from presets import load_presets
 

@@ -26,8 +26,8 @@ full_only = pytest.mark.skipif(os.environ.get("WAN_STUDIO_GPU_FULL") != "1",
 def _measure(service, memory, run_spec):
     """Load `memory`'s build from nothing and run `run_spec` on it, sampling host memory the way
     the app does. Returns (frames, model, {"load": record, "run": record}, must-hold after the run)."""
-    from pipeline import hostmem
-    from pipeline.gpu import GpuMonitor, VramSampler
+    from pipeline.machine import hostmem
+    from pipeline.machine.gpu import GpuMonitor, VramSampler
 
     service.cache.release()
     gc.collect()

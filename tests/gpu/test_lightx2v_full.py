@@ -25,7 +25,7 @@ def full_service(full_ckpt, tmp_path_factory):
 
 
 def _run(service, preset_name, gpu_report):
-    from pipeline.outputs import count_mp4_frames
+    from pipeline.store.outputs import count_mp4_frames
     from pipeline.types import GenerationRequest
 
     # The rung the planner picks for the memory free now: under the cap the run must start and
@@ -58,7 +58,7 @@ def test_480p_presets_finish(full_service, preset_name, gpu_report):
 
 def test_device_memory_returns_to_its_level_after_an_oom(full_service, capped, gpu_report):
     torch = capped
-    from pipeline.gpu import GpuMonitor, is_oom
+    from pipeline.machine.gpu import GpuMonitor, is_oom
 
     model = loaded_model(full_service)
     model.generate(spec(seed=1), Recorder().hooks())  # warm: kernels compiled, buffers allocated

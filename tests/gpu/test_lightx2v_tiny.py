@@ -32,7 +32,7 @@ def _mp4_size(path):
 
 
 def test_every_preset_through_the_service_reloading_only_for_another_build(tiny_service, gpu_report):
-    from pipeline.outputs import count_mp4_frames
+    from pipeline.store.outputs import count_mp4_frames
     from pipeline.types import GenerationRequest
 
     backend = tiny_service.cache.backend
@@ -67,7 +67,7 @@ def test_every_preset_through_the_service_reloading_only_for_another_build(tiny_
 
 def test_same_seed_gives_identical_frames_also_after_an_oom(tiny_service, capped, gpu_report):
     torch = capped
-    from pipeline.gpu import is_oom
+    from pipeline.machine.gpu import is_oom
 
     model = loaded_model(tiny_service)
     hooks = Recorder().hooks()

@@ -96,7 +96,7 @@ def test_a_linear_preview_after_every_step_changes_nothing_and_costs_little(tiny
         assert p.frames.dtype == np.uint8 and p.frames.shape == (13, 60, 104, 3)  # latent frames/size
     # At the last step the estimate is the final latents (step_post adds no noise back), up to the
     # final latents' rounding to bf16 (the preview keeps float32): measured at most 2 levels of 255.
-    from pipeline.preview import latents_to_rgb
+    from pipeline.backends.latent_preview import latents_to_rgb
 
     assert np.abs(latents_to_rgb(seen.latents).astype(int) - seen.previews[-1].frames.astype(int)).max() <= 2
     costs = [p.cost_ms for p in seen.previews]
@@ -138,7 +138,7 @@ def test_the_tiny_vae_loads_decodes_drafts_and_previews(tae_service, gpu_report)
 
 
 def test_finish_at_full_quality_equals_the_normal_decode_bit_for_bit(tiny_service, tmp_path):
-    from pipeline.outputs import read_latents, write_latents
+    from pipeline.store.outputs import read_latents, write_latents
 
     model = loaded_model(tiny_service)
     base = spec(480, 832, 49, seed=13)

@@ -14,7 +14,7 @@ import json
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -156,14 +156,12 @@ class History:
             rows = self._conn.execute(sql, params).fetchall()
         return [HistoryEntry(*row) for row in rows]
 
-    _COLUMNS = ("id, created_at, status, prompt, negative_prompt, seed, preset_requested, preset_used,"
-                " rung_used, video_path, record_path, error, peak_gib, seconds")
+    _COLUMNS = ", ".join(f.name for f in fields(HistoryEntry))
 
     def recent(self, limit: int = 50, status: str | None = "done") -> list[HistoryEntry]:
-        if status is None:
-            return self._rows(f"SELECT {self._COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
-        return self._rows(f"SELECT {self._COLUMNS} FROM jobs WHERE status=? ORDER BY id DESC LIMIT ?",
-                          (status, limit))
+        """The newest jobs first; `status` None: of any status."""
+        return self._rows(f"SELECT {self._COLUMNS} FROM jobs WHERE ? IS NULL OR status=? ORDER BY id DESC"
+                          " LIMIT ?", (status, status, limit))
 
     def get(self, job_id: int) -> HistoryEntry | None:
         rows = self._rows(f"SELECT {self._COLUMNS} FROM jobs WHERE id=?", (job_id,))

@@ -17,11 +17,11 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipeline import hostmem
+from pipeline.machine import hostmem
 
 log = logging.getLogger(__name__)
 
-GIB = 1024**3
+GIB = hostmem.GIB
 
 # Messages that mean "the allocator could not get device memory" even where the exception type is
 # a plain RuntimeError: cuBLAS/cuDNN workspace allocations fail this way, and LightX2V re-raises
@@ -42,23 +42,17 @@ def is_oom(exc: BaseException) -> bool:
     treats the same way: step down to a rung that needs less."""
     if hostmem.is_host_oom(exc):
         return True
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        torch = sys.modules.get("torch")
-        if torch is not None:
-            oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
-                                          getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None))
-                              if isinstance(t, type))
-            if oom_types and isinstance(current, oom_types):
-                return True
+    torch = sys.modules.get("torch")
+    oom_types = () if torch is None else tuple(
+        t for t in (getattr(torch, "OutOfMemoryError", None),
+                    getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if isinstance(t, type))
+    for current in hostmem.exception_chain(exc):
+        if oom_types and isinstance(current, oom_types):
+            return True
         # Triton's OutOfResources is shared memory per kernel, not VRAM: stepping down won't help.
-        if type(current).__name__ != "OutOfResources":
-            text = str(current).lower()
-            if any(marker in text for marker in _OOM_MARKERS):
-                return True
-        current = current.__cause__ or current.__context__
+        if type(current).__name__ != "OutOfResources" and any(
+                marker in str(current).lower() for marker in _OOM_MARKERS):
+            return True
     return False
 
 
@@ -107,17 +101,13 @@ class MemorySnapshot:
 
 def torch_memory(device_index: int) -> tuple[int, int] | None:
     """(reserved, allocated) bytes of this process's PyTorch allocator on the device, or None when
-    torch is not imported or CUDA not initialised (reading never initialises it)."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return None
+    torch is not imported or CUDA not initialised."""
+    cuda = hostmem.initialised_cuda()
     try:
-        if torch.cuda.is_initialized():
-            return (int(torch.cuda.memory_reserved(device_index)),
-                    int(torch.cuda.memory_allocated(device_index)))
+        return None if cuda is None else (int(cuda.memory_reserved(device_index)),
+                                          int(cuda.memory_allocated(device_index)))
     except Exception:  # noqa: BLE001
         return None
-    return None
 
 
 class GpuMonitor:
@@ -261,24 +251,20 @@ class VramSampler:
 
 def reset_torch_peak() -> None:
     """Start a new peak-reserved window (per attempt), if torch has CUDA initialised."""
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        try:
-            if torch.cuda.is_initialized():
-                torch.cuda.reset_peak_memory_stats()
-        except Exception:  # noqa: BLE001
-            pass
+    cuda = hostmem.initialised_cuda()
+    try:
+        if cuda is not None:
+            cuda.reset_peak_memory_stats()
+    except Exception:  # noqa: BLE001
+        log.debug("could not reset the peak memory statistics", exc_info=True)
 
 
 def torch_peak_reserved_gib() -> float | None:
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        try:
-            if torch.cuda.is_initialized():
-                return torch.cuda.max_memory_reserved() / GIB
-        except Exception:  # noqa: BLE001
-            return None
-    return None
+    cuda = hostmem.initialised_cuda()
+    try:
+        return None if cuda is None else cuda.max_memory_reserved() / GIB
+    except Exception:  # noqa: BLE001
+        return None
 
 
 @dataclass(frozen=True)

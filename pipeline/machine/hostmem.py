@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,6 @@ _HOST_OOM_MARKERS = (
     "pinned memory",
     "out of host memory",
 )
-# CUDA reports a failed cudaHostAlloc as a plain "CUDA error: out of memory", the same words as some
-# device failures: the frame names tell the two apart (pinning code calls it).
-_PINNING_FRAME_WORDS = ("pin",)
 
 
 class HostOutOfMemory(MemoryError):
@@ -123,17 +120,23 @@ def parse_smaps_device_rss(text: str, prefix: str = "/dev/nvidia") -> int:
     return total
 
 
-def pinned_bytes() -> int | None:
-    """Bytes torch's pinned-host allocator holds (its rounded blocks, cached ones included), if torch
-    is imported and CUDA is up; never initialises CUDA."""
+def initialised_cuda() -> Any:
+    """`torch.cuda` when torch is imported and CUDA is up, else None: reading never initialises CUDA."""
     torch = sys.modules.get("torch")
-    if torch is None:
-        return None
     try:
-        if not torch.cuda.is_initialized():
-            return None
-        stats = torch.cuda.host_memory_stats()
-    except Exception:  # noqa: BLE001 - older torch, no CUDA: no reading
+        return torch.cuda if torch is not None and torch.cuda.is_initialized() else None
+    except Exception:  # noqa: BLE001 - a torch without CUDA support: no reading
+        return None
+
+
+def pinned_bytes() -> int | None:
+    """Bytes torch's pinned-host allocator holds (its rounded blocks, cached ones included)."""
+    cuda = initialised_cuda()
+    try:
+        stats = cuda.host_memory_stats() if cuda is not None else None
+    except Exception:  # noqa: BLE001 - older torch: no reading
+        return None
+    if stats is None:
         return None
     for key in ("allocated_bytes.current", "allocated_bytes.all.current", "reserved_bytes.current"):
         value = stats.get(key)
@@ -241,31 +244,31 @@ def read_io() -> dict[str, int] | None:
         return None
 
 
-def _frames(tb: TracebackType | None):
-    while tb is not None:
-        yield tb.tb_frame.f_code.co_name
-        tb = tb.tb_next
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then its cause (or context), and so on, each exception once."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
 
 
 def is_host_oom(exc: BaseException) -> bool:
     """True when `exc` (or its cause/context chain) is a failed host allocation: MemoryError (ours
     included), torch's CPU allocator, or CUDA's pinned-host allocator (cudaHostAlloc: "CUDA error:
     out of memory" raised from pinning code)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, MemoryError):
-            return True
+    torch = sys.modules.get("torch")
+    device_oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    for current in exception_chain(exc):
         text = str(current).lower()
-        if any(marker in text for marker in _HOST_OOM_MARKERS):
+        if isinstance(current, MemoryError) or any(marker in text for marker in _HOST_OOM_MARKERS):
             return True
-        torch = sys.modules.get("torch")
-        device_oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+        # CUDA reports a failed cudaHostAlloc with the same words as some device failures: the
+        # names of the frames that raised it (pinning code) tell the two apart.
         if "cuda error: out of memory" in text and not (isinstance(device_oom, type) and isinstance(current, device_oom)):
-            if any(word in name.lower() for name in _frames(current.__traceback__) for word in _PINNING_FRAME_WORDS):
+            if any("pin" in frame.f_code.co_name.lower() for frame, _ in traceback.walk_tb(current.__traceback__)):
                 return True
-        current = current.__cause__ or current.__context__
     return False
 
 

@@ -12,7 +12,8 @@ quantized checkpoint folder's over it) and its .pth search (the quantized folder
     taew2_1.pth / lighttaew2_1.pth   optional tiny VAE, in distill_int8/ or the root
 
 The rule is written over an `exists(relative_path)` predicate so it applies equally to a folder on disk
-and to a repository listing. Core module: standard library only.
+and to a repository listing. Standard library only: the doctor and the downloader import it without
+the backend's packages.
 """
 
 from __future__ import annotations
@@ -107,13 +108,6 @@ def resolve(exists: Exists, num_layers: int) -> Resolution:
                       tiny_vae(exists))
 
 
-def merge_configs(configs: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    merged: dict[str, Any] = {}
-    for config in configs:
-        merged.update(config)
-    return merged
-
-
 def config_problem(config: dict[str, Any]) -> str | None:
     """What is wrong with a merged DiT config, or None."""
     absent = [k for k in CONFIG_KEYS_READ_BY_LOADER if k not in config]
@@ -158,7 +152,7 @@ def read_config(root: Path) -> tuple[dict[str, Any], list[str], list[tuple[str, 
             continue
         configs.append(data)
         used.append(rel)
-    return merge_configs(configs), used, problems
+    return {key: value for config in configs for key, value in config.items()}, used, problems
 
 
 def is_synthetic(root: Path) -> bool:

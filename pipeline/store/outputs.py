@@ -41,14 +41,14 @@ DISK_FULL_FREE_BYTES = 64 * 1024**2
 Mp4Writer = Callable[[np.ndarray, int, Path, str], None]
 
 
-def _disk_full_message(path: Path) -> str:
-    return (f"The disk holding {path.parent} is full: the video was not saved. Free some space "
-            f"and generate again; earlier videos and the history are untouched.")
+def _disk_full(path: Path) -> OutputError:
+    return OutputError(f"The disk holding {path.parent} is full: the video was not saved. Free some "
+                       f"space and generate again; earlier videos and the history are untouched.")
 
 
 def _disk_error(path: Path, exc: OSError) -> OutputError:
     if exc.errno == errno.ENOSPC:
-        return OutputError(_disk_full_message(path))
+        return _disk_full(path)
     if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
         return OutputError(f"Cannot write to {path.parent} ({exc.strerror}). Choose a writable "
                            f"outputs folder with --outputs-dir.")
@@ -149,12 +149,12 @@ def _fsync_file(path: Path) -> None:
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:
+    except OSError:  # Windows cannot open a folder: its renames need no fsync of one
         return
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        log.debug("could not fsync %s", directory, exc_info=True)
     finally:
         os.close(fd)
 
@@ -245,12 +245,10 @@ class OutputStore:
                 json.dump(record, fh, indent=2, default=str)
                 fh.flush()
                 os.fsync(fh.fileno())
-            if latents is not None:
-                write_latents(latents, tmp_kept, {"job_id": str(record.get("job_id")),
-                                                  "video": video.name})
             # The sidecar and the latents land first: a video is only ever visible with its
             # record (and its latents) beside it.
             if latents is not None:
+                write_latents(latents, tmp_kept, {"job_id": str(record.get("job_id")), "video": video.name})
                 os.replace(tmp_kept, kept)
             os.replace(tmp_sidecar, sidecar)
             os.replace(tmp_video, video)
@@ -267,7 +265,7 @@ class OutputStore:
             log.warning("saving %s failed", video.name, exc_info=exc)
             # The encoder's own errors (a broken pipe, a RuntimeError) hide ENOSPC; free space tells.
             if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or self._disk_nearly_full():
-                raise OutputError(_disk_full_message(video)) from None
+                raise _disk_full(video) from None
             if isinstance(exc, OSError):
                 raise _disk_error(video, exc) from None
             raise
@@ -290,7 +288,7 @@ class OutputStore:
         if found == expected_frames:
             return
         if self._disk_nearly_full():
-            raise OutputError(_disk_full_message(video))
+            raise _disk_full(video)
         raise OutputError(f"Writing {video.name} failed: the encoder produced {found} of "
                           f"{expected_frames} frames. Nothing was saved; see the terminal log.")
 
@@ -323,10 +321,6 @@ class OutputStore:
     def latents_of(video: Path | str) -> Path:
         video = Path(video)
         return video.with_name(video.stem + LATENTS_SUFFIX)
-
-    @staticmethod
-    def video_of_latents(kept: Path) -> Path:
-        return kept.with_name(kept.name[:-len(LATENTS_SUFFIX)] + ".mp4")
 
     def load_latents(self, video: Path | str, job_id: int | None = None) -> Any:
         """The final latents kept beside `video`. Raises LatentsError (missing, unreadable,
@@ -388,12 +382,8 @@ class OutputStore:
     def find_saved(self, job_id: int) -> tuple[Path, Path, dict[str, Any]] | None:
         """The published video and record of `job_id`, if `save` got that far."""
         for sidecar in self.root.glob(f"*_job{job_id:05d}_*.json"):
-            video = sidecar.with_suffix(".mp4")
-            try:
-                record = json.loads(sidecar.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if video.exists() and record.get("job_id") == job_id:
+            video, record = sidecar.with_suffix(".mp4"), read_record(sidecar)
+            if record is not None and video.exists() and record.get("job_id") == job_id:
                 return video, sidecar, record
         return None
 
@@ -407,14 +397,15 @@ class OutputStore:
             path.unlink(missing_ok=True)
             removed.append(path)
         for sidecar in self.root.glob("*.json"):
+            video = sidecar.with_suffix(".mp4")
             # Only our own records (save() names the video in them): the folder may hold the
             # user's files too.
-            if not sidecar.with_suffix(".mp4").exists() and _is_record_of(sidecar):
+            if not video.exists() and (read_record(sidecar) or {}).get("video") == video.name:
                 sidecar.unlink(missing_ok=True)
                 removed.append(sidecar)
         for kept in self.root.glob(f"*_job*{LATENTS_SUFFIX}"):
             # Latents land before their video: a kill in between leaves them alone.
-            if not self.video_of_latents(kept).exists():
+            if not kept.with_name(kept.name[:-len(LATENTS_SUFFIX)] + ".mp4").exists():
                 kept.unlink(missing_ok=True)
                 removed.append(kept)
         previews = self.root / PREVIEWS_DIR
@@ -455,15 +446,6 @@ def _try_lock(handle: Any) -> bool:
         log.warning("the file system of %s has no file locks (%s): nothing stops a second app from "
                     "using this outputs folder at the same time", handle.name, exc.strerror)
     return True
-
-
-def _is_record_of(sidecar: Path) -> bool:
-    """True when `sidecar` is a record save() wrote for the mp4 beside it."""
-    try:
-        record = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and record.get("video") == sidecar.with_suffix(".mp4").name
 
 
 def write_latents(latents: Any, path: Path, metadata: dict[str, str]) -> None:
