@@ -25,11 +25,20 @@ compat layer imports it only when it installs a fusion.
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+
+# Triton's CPU interpreter (the CPU tests) runs the kernels on host tensors; compiled, they need CUDA.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def runs_on(t: torch.Tensor) -> bool:
+    return t.is_cuda or (INTERPRETED and t.device.type == "cpu")
+
 
 # The rounding forms of the complex product (a + bi)(c + di), real and imaginary part:
 # 0: both products rounded, then the sum; 1: fma(first product, -second rounded) ; 2: the other way.
@@ -100,7 +109,7 @@ def rope(x: torch.Tensor, freqs: torch.Tensor, form: tuple[int, int]) -> torch.T
 
 def rope_fits(x: torch.Tensor, freqs: Any) -> bool:
     """Shapes and dtypes the rope kernel serves exactly as the eager chain does."""
-    return (isinstance(freqs, torch.Tensor) and freqs.dtype == torch.complex64 and x.dim() == 3
+    return (isinstance(freqs, torch.Tensor) and freqs.dtype == torch.complex64 and x.dim() == 3 and runs_on(x)
             and x.dtype == torch.bfloat16 and x.stride(-1) == 1 and x.shape[-1] % 2 == 0
             and freqs.device == x.device and freqs.shape[0] == x.shape[0]
             and freqs.numel() == x.shape[0] * x.shape[-1] // 2
@@ -164,7 +173,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 
 
 def rms_norm_fits(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
-    return (x.dtype == torch.bfloat16 and x.dim() >= 1 and x.shape[-1] <= 16384
+    return (x.dtype == torch.bfloat16 and runs_on(x) and x.dim() >= 1 and x.shape[-1] <= 16384
             and x.stride(-1) == 1 and (x.dim() == 1 or x.reshape(-1, x.shape[-1]).stride(-1) == 1)
             and (weight is None or (weight.dtype == x.dtype and weight.is_contiguous()
                                     and weight.shape == (x.shape[-1],) and weight.device == x.device)))
@@ -205,7 +214,7 @@ def gate_residual_(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
 def gate_residual_fits(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> bool:
     """2-D bf16 x and a y of its shape, rows contiguous, and a gate of one row (bf16 or fp32: the
     product is rounded to bf16 only where eager's y * gate is a bf16 tensor)."""
-    return (x.dim() == 2 and y.shape == x.shape and x.dtype == torch.bfloat16
+    return (x.dim() == 2 and runs_on(x) and y.shape == x.shape and x.dtype == torch.bfloat16
             and y.dtype in (torch.bfloat16, torch.float32) and gate.dtype in (torch.bfloat16, torch.float32)
             and gate.numel() == x.shape[1] and gate.is_contiguous() and x.stride(1) == 1 and y.stride(1) == 1
             and x.device == y.device == gate.device)
