@@ -89,7 +89,7 @@ def test_lightx2v_configs_switch_every_kernel_hook_off_and_old_names_still_work(
     from bench.run import ALIASES, KERNEL_SKIP
 
     assert KERNEL_SKIP <= PEER_SKIP
-    assert {"attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu"} == KERNEL_SKIP
+    assert {"attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu", *compat.FUSION_NAMES} == KERNEL_SKIP
     assert ALIASES == {"peer": "lightx2v-recipe", "resident": "lightx2v-resident"}
 
 
