@@ -20,9 +20,10 @@ level before the run. Configurations:
   ours-resident
             `lightx2v-resident` with our kernel choices (attention measured per GPU, INT8 GEMM tiles):
             what the kernels alone buy, same placement
-  ours-nochunk, ours-perstep, ours-noattn, ours-nogemm
+  ours-nochunk, ours-perstep, ours-noattn, ours-nogemm, ours-nofuse
             `ours` without one optimisation (the FFN over token slices; the non-block weights
-            kept on the GPU for a run; the measured attention kernel; the INT8 GEMM tiles), to
+            kept on the GPU for a run; the measured attention kernel; the INT8 GEMM tiles; the fused
+            elementwise chains of the DiT block), to
             measure what each buys and to bisect
   (`peer` and `resident` are the old names of the two LightX2V configurations.)
 
@@ -65,6 +66,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from pipeline.backends.lightx2v_compat import FUSION_NAMES
 
 log = logging.getLogger("bench")
 GIB = 1024**3
@@ -435,8 +438,9 @@ OURS_VARIANTS: dict[str, dict[str, Any]] = {
     "ours-perstep": {"compat_skip": {"non_block_weights_kept_for_the_run"}},
     "ours-noattn": {"compat_skip": {"attention_chosen_by_measurement"}},
     "ours-nogemm": {"compat_skip": {"int8_gemm_tiles_for_this_gpu"}},
+    "ours-nofuse": {"compat_skip": set(FUSION_NAMES)},
 }
-KERNEL_SKIP = {"attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu"}
+KERNEL_SKIP = {"attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu", *FUSION_NAMES}
 # LightX2V as it ships: only the fixes it needs to run (bug 5's fix and every optimisation off).
 PEER_SKIP = {"t5_token_embedding_on_host", "non_block_weights_kept_for_the_run"} | KERNEL_SKIP
 RESIDENT_KWARGS = {"resident": True, "ffn_chunk_tokens": 0}

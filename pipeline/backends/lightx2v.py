@@ -277,7 +277,8 @@ class LightX2VBackend:
             self._selector = model.attention_selector = kernels.install(
                 lx.compat, fixes, torch, build, model._runner.model.transformer_weights, sage_attn_module=lx.sage_attn_module,
                 sageattention=lx.sageattention, triton_kernels=lx.triton_kernels, attention=self.attention,
-                store=self.kernel_store)
+                store=self.kernel_store, transformer_infer=model._runner.model.transformer_infer,
+                rope_cls=lx.torch_complex_rope_cls, rms_module=lx.rms_norm_module)
         except BaseException:
             # A failed build (OOM while loading, missing kernel...) must not keep pinned host memory
             # or GPU buffers: the cache rolls back to the previous model right after this.
@@ -329,7 +330,8 @@ class LightX2VBackend:
         }
 
 
-_KERNEL_FIXES = ("attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu", "sage_attention_on_sm89_sm120")
+_KERNEL_FIXES = ("attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu", "sage_attention_on_sm89_sm120",
+                 "rope_fused", "qk_rms_norm_fused", "gate_residual_fused")
 
 
 def _torch_cuda_version() -> str | None:
@@ -385,6 +387,8 @@ class _LightX2VModules:
     triton_kernels: Any = None
     ops_utils: Any = None  # lightx2v.common.ops.utils (pinned tensors)
     lx_utils: Any = None  # lightx2v.utils.utils (checkpoint loading)
+    torch_complex_rope_cls: Any = None  # the RoPE LightX2VPipeline builds by default (fused)
+    rms_norm_module: Any = None  # lightx2v.common.ops.norm.rms_norm_weight (q/k RMSNorm, fused)
 
 
 def _import_lightx2v() -> _LightX2VModules:
@@ -394,6 +398,8 @@ def _import_lightx2v() -> _LightX2VModules:
         from lightx2v.utils import input_info  # runs lightx2v/__init__: every runner (notes §8)
         from lightx2v import LightX2VPipeline
         from lightx2v.common.ops.rope.chunked_rope import ChunkedRope
+        from lightx2v.common.ops.rope.torch_rope import TorchComplexRope
+        import lightx2v.common.ops.norm.rms_norm_weight as rms_norm_module
         from lightx2v.models.input_encoders.hf.wan.t5.model import T5Encoder
         from lightx2v.models.networks.wan.infer.pre_infer import WanPreInfer
         from lightx2v.models.runners.default_runner import DefaultRunner
@@ -415,7 +421,8 @@ def _import_lightx2v() -> _LightX2VModules:
                             mm_weight_register=MM_WEIGHT_REGISTER, pre_infer_cls=WanPreInfer,
                             t5_encoder_cls=T5Encoder, default_runner_cls=DefaultRunner,
                             wan_runner_cls=WanRunner, chunked_rope_cls=ChunkedRope, ops_utils=ops_utils,
-                            lx_utils=lx_utils)
+                            lx_utils=lx_utils, torch_complex_rope_cls=TorchComplexRope,
+                            rms_norm_module=rms_norm_module)
 
 
 def _build_pipeline(lx: _LightX2VModules, fixes: Any, files: WeightsLayout, build: dict[str, Any]) -> Any:

@@ -23,6 +23,15 @@ attention_chosen_by_measurement (the self-attention kernel measured per GPU, pip
 kernels.py) and int8_gemm_tiles_for_this_gpu (INT8 GEMM autotune tiles that fit the GPU's shared
 memory; bit-identical output).
 
+Fusions of the DiT block's bf16 elementwise chains into Triton kernels (pipeline/backends/
+fused_kernels.py; docs/lightx2v.md §5 has the numerics), each a name of its own:
+
+| name                 | chain upstream                                   | output                          |
+|----------------------|--------------------------------------------------|---------------------------------|
+| rope_fused           | TorchComplexRope: fp32 complex copies of q and k | bit-identical (form checked)    |
+| qk_rms_norm_fused    | RMSNorm of q/k without sgl_kernel: 7 bf16 passes | bf16 mean may differ by 1 ulp   |
+| gate_residual_fused  | x.add_(y * gate) in cross-attn and post_process  | bit-identical                   |
+
 Host-memory measures (issue 15), applied the same way and recorded with the fixes:
 
 | name                            | what upstream does                                            |
@@ -39,6 +48,8 @@ import contextlib
 import inspect
 import logging
 import re
+import textwrap
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -53,11 +64,14 @@ FIX_NAMES = (
     "reset_runner_after_exception",
     "sage_attention_on_sm89_sm120",
 )
+# Speed: the DiT block's bf16 elementwise chains fused into Triton kernels (pipeline/backends/
+# fused_kernels.py, docs/lightx2v.md §5), each switchable by name.
+FUSION_NAMES = ("rope_fused", "qk_rms_norm_fused", "gate_residual_fused")
 # Not bugs: memory savings applied the same way (recorded with the fixes for the run records).
 OPTIMIZATION_NAMES = ("ffn_chunked_over_tokens", "non_block_weights_kept_for_the_run",
                       "attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu",
                       "pinned_weights_packed", "checkpoints_memory_mapped", "dit_streamed_and_kept",
-                      "streamed_biases_match_resident")
+                      "streamed_biases_match_resident", *FUSION_NAMES)
 # Not bugs: what the app needs that LightX2V has no hook for (also recorded).
 FEATURE_NAMES = ("clean_latents_estimate_after_each_step",)
 
@@ -1090,3 +1104,208 @@ def clean_latents_estimate_after_each_step(fixes: CompatFixes, scheduler: Any) -
     fixes.record("clean_latents_estimate_after_each_step",
                  "step_post hands x_t, v and sigma_t to the preview before moving on", undo=undo, redo=redo)
     return tap
+
+
+# -- speed: the DiT block's bf16 elementwise chains fused -----------------------------------------
+
+
+class _Switch:
+    """On while a fusion is applied; `CompatFixes.disabled` turns it off (the eager chain runs)."""
+
+    def __init__(self) -> None:
+        self.on = True
+
+
+def rope_fused(fixes: CompatFixes, transformer_weights: Any, rope_cls: Any, device: str = "cuda") -> None:
+    """Not a bug: TorchComplexRope (common/ops/rope/torch_rope.py:59-79, the rope_type LightX2VPipeline
+    defaults to) turns q and k into fp32 complex tensors, multiplies by the complex64 frequencies
+    and converts back: four full-size temporaries per tensor, ~10 bf16-sized passes each. The fused
+    kernel reads bf16 q (or k) and the frequencies once and writes bf16 once.
+
+    Bit-identical by construction except for one thing source cannot tell: whether the compiler of
+    the eager complex product fused a multiply and an add. `fused_kernels.rope_variant_matching`
+    runs upstream's own apply_single and each rounding form on this device; the fusion installs only
+    with the form that matches bit for bit. Each TorchComplexRope of the weights (also the inner one
+    of a ChunkedRope, so rope_chunk keeps slicing; the offload buffers' copies included) gets an
+    instance `apply`; calls the kernel does not serve (positions, other dtypes) go to the original.
+    Detected from the source of apply_single (fp32 complex product, cast back)."""
+    name = "rope_fused"
+    if not fixes.wanted(name):
+        return
+    try:
+        source = inspect.getsource(rope_cls.apply_single)
+    except (OSError, TypeError, AttributeError):
+        return
+    if not all(part in source for part in ("view_as_complex", "x_complex * freqs", "output.to(x.dtype)")):
+        log.info("LightX2V's TorchComplexRope.apply_single is not the fp32 complex product expected: %s off", name)
+        return
+    modules: dict[int, Any] = {}
+    for _, mods in weight_module_tree(transformer_weights):
+        rope = mods.get("rope")
+        for candidate in (rope, getattr(rope, "inner", None)):
+            if (type(candidate) is rope_cls and getattr(candidate, "layout", None) == "interleaved"
+                    and str(getattr(candidate, "compute_dtype", "")) == "torch.float32"):
+                modules[id(candidate)] = candidate
+    if not modules:
+        return
+    from pipeline.backends import fused_kernels
+
+    probe = next(iter(modules.values()))
+    form = fused_kernels.rope_variant_matching(lambda x, f: rope_cls.apply_single(probe, x, f), device)
+    if form is None:
+        log.warning("no rounding form of the fused RoPE matches LightX2V's on this GPU: %s off", name)
+        return
+    switch = _Switch()
+
+    def fused(module: Any) -> Callable[..., Any]:
+        original = type(module).apply.__get__(module)
+
+        def apply(q, k, freqs, **kwargs):
+            if (switch.on and not kwargs and fused_kernels.rope_fits(q, freqs)
+                    and fused_kernels.rope_fits(k, freqs)):
+                return fused_kernels.rope(q, freqs, form), fused_kernels.rope(k, freqs, form)
+            return original(q, k, freqs, **kwargs)
+
+        return apply
+
+    for module in modules.values():
+        module.apply = fused(module)
+
+    def undo() -> None:
+        switch.on = False
+
+    def redo() -> None:
+        switch.on = True
+
+    fixes.record(name, f"RoPE of q and k: fused_kernels._rope_kernel (complex product form {form}) on "
+                 f"{len(modules)} modules", undo=undo, redo=redo)
+
+
+def qk_rms_norm_fused(fixes: CompatFixes, transformer_weights: Any, rms_module: Any) -> None:
+    """Not a bug: without sgl_kernel, RMSWeightSgl.apply (common/ops/norm/rms_norm_weight.py:355-372)
+    normalises q and k over the hidden dim in bf16 tensors: square, mean, +eps, rsqrt and two
+    products, seven full-size passes each. The fused kernel does it in one, rounding to bf16 at each
+    of those steps as the eager chain does. The fp32 sum of squares runs in another order than
+    torch's reduction, so a row whose sum falls within that difference of a bf16 rounding boundary
+    gets a mean one bf16 ulp apart (docs/lightx2v.md §5: the error against an fp32 reference stays
+    LightX2V's). Every RMSWeightSgl of the weights (norm_q/norm_k of self and cross attention, CUDA
+    buffers included) gets an instance `apply`.
+
+    Detected from sgl_kernel being absent in LightX2V's norm module (with it, upstream already runs
+    a fused kernel) and from the source of the fallback."""
+    name = "qk_rms_norm_fused"
+    cls = getattr(rms_module, "RMSWeightSgl", None)
+    if cls is None or getattr(rms_module, "sgl_kernel", 0) is not None or not fixes.wanted(name):
+        return
+    try:
+        source = inspect.getsource(cls.apply)
+    except (OSError, TypeError):
+        return
+    if ("torch.rsqrt(input_tensor.pow(2).mean(-1, keepdim=True) + self.eps)" not in source
+            or "(input_tensor * weight).to(self.infer_dtype)" not in source):
+        log.info("LightX2V's RMSWeightSgl fallback is not the bf16 chain expected: %s off", name)
+        return
+    modules = {id(m): m for _, mods in weight_module_tree(transformer_weights) for m in mods.values()
+               if type(m) is cls}
+    if not modules:
+        return
+    from pipeline.backends import fused_kernels
+
+    switch = _Switch()
+
+    def fused(module: Any) -> Callable[..., Any]:
+        original = type(module).apply.__get__(module)
+
+        def apply(input_tensor):
+            if switch.on and module.sensitive_layer_dtype == module.infer_dtype:
+                weight = module._get_actual_weight()
+                if weight is not None and fused_kernels.rms_norm_fits(input_tensor, weight):
+                    return fused_kernels.rms_norm(input_tensor, weight, module.eps)
+            return original(input_tensor)
+
+        return apply
+
+    for module in modules.values():
+        module.apply = fused(module)
+
+    def undo() -> None:
+        switch.on = False
+
+    def redo() -> None:
+        switch.on = True
+
+    fixes.record(name, f"q/k RMSNorm: fused_kernels._rms_norm_kernel on {len(modules)} modules",
+                 undo=undo, redo=redo)
+
+
+def method_rewritten(cls: Any, name: str, replacements: tuple[tuple[str, str], ...],
+                     helpers: dict[str, Any]) -> Callable[..., Any] | None:
+    """`cls.name` compiled again from its own source with each `old` line replaced by `new` (each
+    must occur exactly once), in its module's globals plus `helpers`; None where the source is not
+    what the replacements expect. Fuses lines inside an upstream method without copying the rest of
+    it: a later LightX2V whose method changed elsewhere keeps its changes."""
+    func = getattr(cls, name, None)
+    try:
+        source = textwrap.dedent(inspect.getsource(func))
+    except (OSError, TypeError):
+        return None
+    if "super()" in source or "__class__" in source:
+        return None  # needs the class cell a recompiled function lacks
+    for old, new in replacements:
+        if source.count(old) != 1:
+            return None
+        source = source.replace(old, new)
+    namespace = dict(func.__globals__)
+    namespace.update(helpers)
+    exec(compile(source, f"<{cls.__name__}.{name} rewritten by lightx2v_compat>", "exec"), namespace)
+    return namespace[name]
+
+
+# The gate + residual lines of WanTransformerInfer (networks/wan/infer/transformer_infer.py:380, 502).
+_GATE_RESIDUAL_LINES = {
+    "infer_cross_attn": (("x.add_(y_out * gate_msa.squeeze())", "_fused_gate_residual_(x, y_out, gate_msa)"),),
+    "post_process": (("x.add_(y * c_gate_msa.squeeze())", "_fused_gate_residual_(x, y, c_gate_msa)"),),
+}
+
+
+def gate_residual_fused(fixes: CompatFixes, transformer_infer: Any) -> None:
+    """Not a bug: after self-attention and after the FFN the residual is updated as
+    `x.add_(y * gate.squeeze())` (networks/wan/infer/transformer_infer.py:380, 502): a bf16 product
+    written out, then read back for the add, five full-size passes. The fused kernel rounds the
+    product to bf16 and adds it into x in place in three; bit-identical.
+
+    Installed on this transformer_infer instance as infer_cross_attn and post_process compiled
+    from upstream's own source with that one line replaced (method_rewritten); a LightX2V whose
+    lines differ keeps its methods (logged)."""
+    name = "gate_residual_fused"
+    if not fixes.wanted(name):
+        return
+    from pipeline.backends import fused_kernels
+
+    switch = _Switch()
+
+    def _fused_gate_residual_(x: Any, y: Any, gate: Any) -> Any:
+        gate = gate.squeeze()
+        if switch.on and fused_kernels.gate_residual_fits(x, y, gate):
+            return fused_kernels.gate_residual_(x, y, gate)
+        return x.add_(y * gate)
+
+    cls = type(transformer_infer)
+    methods = {}
+    for method, replacements in _GATE_RESIDUAL_LINES.items():
+        func = method_rewritten(cls, method, replacements, {"_fused_gate_residual_": _fused_gate_residual_})
+        if func is None:
+            log.info("LightX2V's %s.%s has not the gate + residual line expected: %s off", cls.__name__, method, name)
+            return
+        methods[method] = types.MethodType(func, transformer_infer)
+    for method, bound in methods.items():
+        setattr(transformer_infer, method, bound)
+
+    def undo() -> None:
+        switch.on = False
+
+    def redo() -> None:
+        switch.on = True
+
+    fixes.record(name, "x += y * gate: fused_kernels._gate_residual_kernel in "
+                 + ", ".join(f"{cls.__name__}.{m}" for m in methods), undo=undo, redo=redo)
