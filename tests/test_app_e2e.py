@@ -5,6 +5,7 @@ it; a forced OOM shows its fallback; start-up refusals; a machine without an NVI
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -211,7 +212,9 @@ def test_without_an_nvidia_gpu_the_app_starts_and_generate_explains(tmp_path):
     stub = tmp_path / "no-driver"
     stub.mkdir()
     (stub / "pynvml.py").write_text(NO_DRIVER_PYNVML)
-    with running_app(tmp_path, backend="lightx2v", PYTHONPATH=str(stub), CUDA_VISIBLE_DEVICES="") as app:
+    # The stub goes in front of whatever PYTHONPATH already holds (an install may rely on it).
+    pythonpath = os.pathsep.join(p for p in (str(stub), os.environ.get("PYTHONPATH", "")) if p)
+    with running_app(tmp_path, backend="lightx2v", PYTHONPATH=pythonpath, CUDA_VISIBLE_DEVICES="") as app:
         status, body = raw_get(app.port, "/config")
         assert status == 200
         assert re.search(r"No NVIDIA GPU\*\* detected", body.decode()), "the VRAM panel"
