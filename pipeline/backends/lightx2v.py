@@ -644,6 +644,11 @@ class LightX2VModel:
         self._runner = None
         self._pipe = None
         self.arena = None
+        # Whoever still holds this model (a caller's local variable during a ladder step, a test)
+        # must not keep the weights alive: everything that references the runner's parts goes.
+        self.compat.forget()
+        self.attention_selector = None
+        self._step_tap = None
         gc.collect()
         torch = self._torch
         if torch.cuda.is_initialized():

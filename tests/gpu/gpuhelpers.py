@@ -57,12 +57,13 @@ class Recorder:
     phases: list[Any] = field(default_factory=list)
     steps: list[tuple[int, int]] = field(default_factory=list)
     checks: int = 0
+    latents: Any = None  # the final latents, as the decode received them
 
     def hooks(self):
         from pipeline.backend import RunHooks
 
         return RunHooks(on_phase=self.phases.append, on_step=lambda i, n: self.steps.append((i, n)),
-                        should_stop=self.should_stop)
+                        should_stop=self.should_stop, on_latents=lambda x: setattr(self, "latents", x))
 
     def should_stop(self) -> bool:
         from pipeline.types import Phase
