@@ -304,8 +304,8 @@ class WorkerGroup:
         what = "running this job" if isinstance(request, (p.Generate, p.Decode)) else "loading or cleaning up"
         self.restart(f"worker pid {rank.pid} for GPU {self.gpus[index]} stopped ({words})")
         raise WorkerDied(f"The GPU worker for GPU {self.gpus[index]} (pid {rank.pid}) stopped while {what} "
-                         f"({words}: killed, out of host memory, or a driver reset). It has been restarted "
-                         f"with the model unloaded; the queue goes on. Press Generate to try again.")
+                         f"({words}: ended by the system or by hand, or a GPU driver reset). It has been "
+                         f"restarted with the model unloaded; the queue goes on. Press Generate to try again.")
 
     def _exception(self, failure: p.Failure) -> BaseException:
         where = f"GPU {self.gpus[failure.rank]}" + (f", rank {failure.rank} of {self.size}" if self.seq else "")
