@@ -18,7 +18,7 @@ import gradio as gr
 
 from pipeline.errors import (AppStopped, BackendUnavailable, GenerationCancelled, InvalidRequest, LaneFull,
                              LatentsError, ModelLoadError, NoGPUError, OutOfVRAM, OutputError, OutputsInUse,
-                             StudioError, WeightsError)
+                             StudioError, WeightsError, WorkerDied)
 from pipeline.gpu import GpuMonitor
 from pipeline.history import History, HistoryEntry
 from pipeline.jobs import Job, JobQueue
@@ -61,6 +61,7 @@ _TITLES: tuple[tuple[type[StudioError], str], ...] = (
     (OutputsInUse, "Outputs folder in use"),
     (LatentsError, "The clip's kept latents"),
     (AppStopped, "The app was stopped"),
+    (WorkerDied, "A GPU worker stopped"),
 )
 
 
