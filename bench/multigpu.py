@@ -177,13 +177,16 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             group.close()
 
+    # Written after each configuration: a run cut short by a time limit keeps what it measured.
     if "1gpu" in configs:
         run_group("ours-1gpu", WorkerGroup(_spec_for(args, 1), gpus[:1]))
+        _write(args, gpu_name, rows)
     if "seq" in configs:
         run_group(f"ours-{n}gpu-seq", WorkerGroup(_spec_for(args, n), gpus, seq=True))
+        _write(args, gpu_name, rows)
     if "lanes" in configs:
         rows.extend(_lanes(args, gpus, [presets[name] for name in args.lanes_presets.split(",") if name]))
-    _write(args, gpu_name, rows)
+        _write(args, gpu_name, rows)
     sys.stdout.write(json.dumps(rows, indent=1) + "\n")
     return 0
 
@@ -201,22 +204,15 @@ def _lanes(args: argparse.Namespace, gpus: tuple[int, ...], chosen: list[Any]) -
             group.wait_ready(600)
         for preset in chosen:
             rung = preset.rungs[0]
-            for group in groups:  # load and warm every lane first: the timing is of the runs only
-                _run(group, preset, rung, argparse.Namespace(**{**vars(args), "warmup": args.warmup}))
+            # Load and warm every lane first, at once: the timing is of the runs only.
+            _together(lambda i: _run(groups[i], preset, rung, args), len(groups))
             started = time.perf_counter()
             alone, _ = _run(groups[0], preset, rung, argparse.Namespace(**{**vars(args), "warmup": False}))
             one_s = time.perf_counter() - started
-            results: list[dict[str, Any]] = [{} for _ in groups]
-
-            def lane(i: int) -> None:
-                results[i] = _run(groups[i], preset, rung, argparse.Namespace(**{**vars(args), "warmup": False}))[0]
-
-            threads = [threading.Thread(target=lane, args=(i,)) for i in range(len(groups))]
             started = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            results = [r[0] for r in _together(
+                lambda i: _run(groups[i], preset, rung, argparse.Namespace(**{**vars(args), "warmup": False})),
+                len(groups))]
             together_s = time.perf_counter() - started
             rows.append({**alone, "config": f"ours-{len(gpus)}gpu-lanes",
                          "one_clip_s": round(one_s, 3), "clips_together": len(groups),
@@ -228,6 +224,21 @@ def _lanes(args: argparse.Namespace, gpus: tuple[int, ...], chosen: list[Any]) -
         for group in groups:
             group.close()
     return rows
+
+
+def _together(work: Any, count: int) -> list[Any]:
+    """work(i) for i < count, each on its own thread (one per lane), their results in order."""
+    results: list[Any] = [None] * count
+
+    def run(i: int) -> None:
+        results[i] = work(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
 
 
 def _write(args: argparse.Namespace, gpu_name: str, rows: list[dict[str, Any]]) -> None:
