@@ -10,6 +10,7 @@ Nothing heavy happens at import: torch and LightX2V load on the first Generate.
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
@@ -52,6 +53,9 @@ class Settings:
     attn_mode: str
     preview: str = "auto"
     open_browser: bool = False
+    # Several GPUs: the GPU indices ("0,1" or "all"; None: one GPU, in this process) and the mode.
+    gpus: str | None = None
+    multi_gpu: str = "lanes"
     # The command line as the records state it: the flags given, the --auth value hidden.
     argv: tuple[str, ...] = ()
 
@@ -96,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "LightX2V scheme name")
     p.add_argument("--attn-mode", default=_env("WAN_STUDIO_ATTN_MODE", "auto"),
                    help="attention: auto (sage_attn2 when sageattention is installed, else torch_sdpa)")
+    p.add_argument("--gpus", default=_env("WAN_STUDIO_GPUS"),
+                   help="use several GPUs: their indices (0,1) or 'all'; each runs in its own worker "
+                        "process (default: one GPU, in the app's process)")
+    p.add_argument("--multi-gpu", choices=("lanes", "seq"), default=_env("WAN_STUDIO_MULTI_GPU", "lanes"),
+                   help="with --gpus: 'lanes' runs one clip per GPU at a time (the queue picks a free GPU "
+                        "that fits), 'seq' splits each clip over the GPUs (2, 4 or 8; LightX2V's "
+                        "sequence parallelism)")
     p.add_argument("--open", action="store_true", dest="open_browser",
                    help="open the app in this machine's web browser once it is up")
     p.add_argument("--preview", choices=("auto", "linear", "tiny-vae", "off"),
@@ -143,7 +154,7 @@ def settings_from_args(argv: list[str]) -> Settings:
                     weights_dir=args.weights_dir, outputs_dir=args.outputs_dir, backend=args.backend,
                     vram_cap_gib=None if args.vram_cap_gib is None else float(args.vram_cap_gib),
                     quant_scheme=args.quant_scheme, attn_mode=args.attn_mode, preview=args.preview,
-                    open_browser=args.open_browser,
+                    open_browser=args.open_browser, gpus=args.gpus, multi_gpu=args.multi_gpu,
                     argv=recorded_argv(argv))
 
 
@@ -229,13 +240,52 @@ def build_app(settings: Settings):
     if hasattr(backend, "use_kernel_store"):
         backend.use_kernel_store(history)  # the attention kernel measured per GPU is remembered there
     monitor = GpuMonitor()
-    service = VideoService(presets=presets, cache=PipelineCache(backend), outputs=outputs,
-                           history=history, monitor=monitor, vram_cap_gib=settings.vram_cap_gib,
-                           preview=settings.preview, command_line=list(settings.argv))
-    ctx = UiContext(service=service, jobs=JobQueue(service, max_waiting=MAX_QUEUED), presets=presets,
-                    monitor=monitor, history=history)
+    service_kwargs = dict(vram_cap_gib=settings.vram_cap_gib, preview=settings.preview,
+                          command_line=list(settings.argv))
+    if settings.gpus:
+        lanes = _multi_gpu_services(settings, backend, presets, outputs, history, service_kwargs)
+        service = lanes[0]
+    else:
+        service = VideoService(presets=presets, cache=PipelineCache(backend), outputs=outputs,
+                               history=history, monitor=monitor, **service_kwargs)
+        lanes = [service]
+    ctx = UiContext(service=service, jobs=JobQueue(service, max_waiting=MAX_QUEUED, lanes=lanes),
+                    presets=presets, monitor=monitor, history=history,
+                    lanes=lanes if settings.gpus else [])
     demo = build_ui(ctx, extra_tabs=_system_tab(settings, monitor, history))
     return demo, ctx
+
+
+def _multi_gpu_services(settings: Settings, backend, presets, outputs, history, service_kwargs):
+    """One service per GPU worker group (--gpus, --multi-gpu): the workers start now, in the
+    background; each loads its weights at its first job."""
+    from pipeline.backend import UnavailableBackend
+    from pipeline.machine.gpu import device_count
+    from pipeline.workers import group
+    from pipeline.workers.protocol import BackendSpec
+    from pipeline.workers.setup import multi_gpu_services
+
+    try:
+        gpus = group.parse_gpus(settings.gpus, device_count())
+        group.check_mode(settings.multi_gpu, gpus)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if isinstance(backend, UnavailableBackend):
+        raise ConfigError(f"--gpus needs the {backend.name} backend, which cannot run here: {backend.reason}. "
+                          f"'python app.py doctor' explains what is missing.")
+    if settings.backend == "fake":
+        spec = BackendSpec("fake", {name: getattr(backend, name) for name in (
+            "step_seconds", "oom_at", "tiny_vae_installed", "host_oom_loads", "host_oom_at", "ram_gib")})
+    else:
+        spec = BackendSpec("lightx2v", {
+            "weights_dir": settings.weights_dir, "quant_scheme": settings.quant_scheme,
+            "attn_mode": settings.attn_mode, "vram_cap_gib": settings.vram_cap_gib,
+            "seq_parallel": len(gpus) if settings.multi_gpu == "seq" else 1})
+    services, groups = multi_gpu_services(mode=settings.multi_gpu, gpus=gpus, backend_spec=spec, presets=presets,
+                                          outputs=outputs, history=history, **service_kwargs)
+    atexit.register(lambda: [g.close() for g in groups])
+    log.info("%d GPU(s) %s in %s mode: %d worker group(s)", len(gpus), gpus, settings.multi_gpu, len(groups))
+    return services
 
 
 def _system_tab(settings: Settings, monitor, history):

@@ -62,3 +62,7 @@ class OutOfVRAM(StudioError):
         # below types (types raises InvalidRequest), and the house has no import loops.
         super().__init__(message)
         self.attempts = attempts
+
+
+class WorkerDied(StudioError):
+    """A GPU worker process ended while it ran a job (killed, driver reset, crash); it was restarted."""

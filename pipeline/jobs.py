@@ -1,4 +1,9 @@
-"""The one GPU lane: a single worker thread that runs jobs in submission order.
+"""The one job queue: jobs run in submission order on the GPU lane(s).
+
+One lane (the default, one GPU, or one sequence-parallel group of GPUs) runs one job at a time. With
+several lanes (`--multi-gpu lanes`, one GPU each) a job goes to a free lane whose GPU memory fits
+it; when only a busy lane's GPU would fit it, it waits for that lane, and later jobs that fit a free
+lane go ahead of it.
 
 The UI submits a job and follows its events; the job does not belong to the browser tab. If the tab
 closes, the job still finishes and lands in history. Cancel is cooperative: a waiting job is
@@ -16,6 +21,7 @@ from dataclasses import dataclass, field
 
 from pipeline.machine import gpu
 from pipeline.errors import AppStopped, GenerationCancelled, LaneFull, StudioError
+from pipeline.planner import Fit
 from pipeline.service import VideoService
 from pipeline.types import FinishRequest, GenerationRequest, GenerationResult, ProgressEvent
 
@@ -37,6 +43,7 @@ class Job:
     result: GenerationResult | None = None
     error: BaseException | None = None
     started: bool = False  # taken by the worker (set under the queue's lock)
+    lane: int | None = None  # the lane (GPU) that took it
 
     def cancel(self) -> None:
         self.cancel_flag.set()
@@ -61,18 +68,30 @@ class JobQueue:
     else. Requests arrive checked (GenerationRequest with a preset from the book, FinishRequest of a
     finishable clip): generations and finishes share the lane."""
 
-    def __init__(self, service: VideoService, max_waiting: int = 100):
+    def __init__(self, service: VideoService, max_waiting: int = 100,
+                 lanes: list[VideoService] | None = None):
+        """`lanes`: one service per GPU lane (multi-GPU lanes mode); default: `service` alone."""
         self.max_waiting = max_waiting
-        self.service = service
-        self._queue: "queue.Queue[Job | None]" = queue.Queue()
+        self.lanes = list(lanes) if lanes else [service]
+        self.service = self.lanes[0]
+        self._waiting: list[Job] = []
         self._ids = itertools.count(1)
         self._jobs: dict[int, Job] = {}
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._closed = False
+        self._busy = [False] * len(self.lanes)
+        # GiB available on each lane's GPU when it last became idle: what a busy lane will offer.
+        self._idle_available: list[float | None] = [None] * len(self.lanes)
         self._stopping: str | None = None  # why every job is being stopped (the app is closing)
-        # The low-RAM rung keeps its text encoder for the next prompt when one is waiting.
-        service.prompt_waiting = self.prompt_waiting
-        self._worker = threading.Thread(target=self._work, name="gpu-lane", daemon=True)
-        self._worker.start()
+        self._workers = []
+        for index, lane in enumerate(self.lanes):
+            # The low-RAM rung keeps its text encoder for the next prompt when one is waiting.
+            lane.prompt_waiting = self.prompt_waiting
+            worker = threading.Thread(target=self._work, args=(index,), daemon=True,
+                                      name="gpu-lane" if len(self.lanes) == 1 else f"gpu-lane-{index}")
+            worker.start()
+            self._workers.append(worker)
 
     def prompt_waiting(self) -> bool:
         """Whether a generation job (one with a prompt to encode) waits behind the running one."""
@@ -97,7 +116,8 @@ class JobQueue:
             jobs = [Job(next(self._ids), request, owner) for request in requests]
             for job in jobs:
                 self._jobs[job.id] = job
-                self._queue.put(job)
+                self._waiting.append(job)
+            self._wake.notify_all()
         return jobs
 
     def ahead_of(self, job: Job) -> int:
@@ -142,18 +162,23 @@ class JobQueue:
         job.events.put(_END)
         return False
 
-    def _work(self) -> None:
+    def _work(self, lane: int) -> None:
+        service = self.lanes[lane]
         while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            with self._lock:
-                if job.done.is_set():  # withdrawn while it waited
-                    continue
-                job.started = True
+            with self._wake:
+                job = None
+                while job is None:
+                    if self._closed:
+                        return
+                    job = self._next_for(lane)
+                    if job is None:
+                        # Memory readings change without a notification: look again now and then.
+                        self._wake.wait(timeout=0.5)
+                self._waiting.remove(job)
+                job.started, job.lane = True, lane
+                self._busy[lane] = True
             try:
-                run = (self.service.finish if isinstance(job.request, FinishRequest)
-                       else self.service.generate)
+                run = service.finish if isinstance(job.request, FinishRequest) else service.generate
                 job.result = run(job.request, job.events.put, job.cancel_flag.is_set)
             except GenerationCancelled as exc:
                 stopping = self._stopping
@@ -166,10 +191,53 @@ class JobQueue:
             finally:
                 job.done.set()
                 job.events.put(_END)
-                with self._lock:
+                available = self._available(lane) if len(self.lanes) > 1 else None
+                with self._wake:
+                    self._busy[lane] = False
+                    self._idle_available[lane] = available
                     # Keep finished jobs briefly for late followers; drop old ones.
                     for old in [k for k, j in self._jobs.items() if j.done.is_set()][:-50]:
                         del self._jobs[old]
+                    self._wake.notify_all()
+
+    def _next_for(self, lane: int) -> Job | None:
+        """The oldest waiting job that should run on `lane` now (under the lock)."""
+        self._waiting = [j for j in self._waiting if not j.done.is_set()]  # withdrawn ones go
+        if self._busy[lane]:
+            return None
+        for job in self._waiting:
+            if self.choose_lane(job) == lane:
+                return job
+        return None
+
+    def choose_lane(self, job: Job) -> int | None:
+        """The lane `job` should run on now, or None to wait (under the lock). One lane: it, when
+        free. Several: among the free lanes, those whose GPU fits the requested preset (the
+        planner's forecast with the lane's own measurements), the one with the most memory
+        available; if none fits but a busy lane's GPU would, wait for it; else the free lane with
+        the most memory (the run will step down there)."""
+        idle = [i for i, busy in enumerate(self._busy) if not busy]
+        if len(self.lanes) == 1 or not idle or isinstance(job.request, FinishRequest):
+            return idle[0] if idle else None
+        preset = job.request.preset
+        available = {i: self._available(i) for i in idle}
+        fitting = [i for i in idle if self._fits(i, preset, available[i])]
+        if fitting:
+            return max(fitting, key=lambda i: (available[i] if available[i] is not None else -1.0, -i))
+        busy = [i for i, b in enumerate(self._busy) if b]
+        if any(self._fits(i, preset, self._idle_available[i]) for i in busy):
+            return None
+        return max(idle, key=lambda i: (available[i] if available[i] is not None else -1.0, -i))
+
+    def _available(self, lane: int) -> float | None:
+        return self.lanes[lane].available_gib()[1]
+
+    def _fits(self, lane: int, preset: str, available: float | None) -> bool:
+        service = self.lanes[lane]
+        gpu_name = service.available_gib()[0]
+        measured = service.history.measured_peaks(gpu_name) if gpu_name else {}
+        forecast = service.planner.forecast(preset, available, measured)
+        return forecast.fit in (Fit.FITS, Fit.TIGHT, Fit.UNKNOWN)
 
     def stop_all(self, reason: str) -> int:
         """The app is closing: stop every unfinished job (a running one at its next step boundary);
@@ -189,4 +257,6 @@ class JobQueue:
         return all(j.done.wait(max(0.0, deadline - time.monotonic())) for j in unfinished)
 
     def shutdown(self) -> None:
-        self._queue.put(None)
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()

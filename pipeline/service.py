@@ -214,12 +214,15 @@ class VideoService:
                  history: History, monitor: gpu.GpuMonitor, planner: Planner | None = None,
                  vram_cap_gib: float | None = None, preview: str = "auto",
                  command_line: list[str] | None = None,
-                 ram_reader: Callable[[], float | None] | None = None):
+                 ram_reader: Callable[[], float | None] | None = None,
+                 placement: Callable[[], dict[str, Any]] | None = None):
         """`preview`: one of PREVIEW_MODES, the picture sent after every denoising step.
         `command_line`: how the app was started, as the records state it (no password).
         `ram_reader`: GiB of system RAM a run may use. Default: the backend's own reading when it
         has one (the fake backend reports a configured figure), else free RAM plus what this process
-        already holds (`hostmem`)."""
+        already holds (`hostmem`).
+        `placement`: where the GPU work runs, for the record (the GPU worker group: mode, GPU
+        indices, each card's peak); None on the one-GPU path in this process."""
         if preview not in PREVIEW_MODES:
             raise ValueError(f"preview must be one of {PREVIEW_MODES}, got {preview!r}")
         self.preview = preview
@@ -236,6 +239,7 @@ class VideoService:
         self.monitor = monitor
         self.planner = planner or Planner(presets)
         self.vram_cap_gib = vram_cap_gib
+        self.placement = placement
 
     # -- planning, for the UI before Generate -------------------------------------------------
     def available_gib(self) -> tuple[str | None, float | None]:
@@ -701,6 +705,7 @@ class VideoService:
                      **vram},
             "versions": package_versions(), "platform": platform.platform(),
             "argv": self.command_line,
+            **({"gpus": self.placement()} if self.placement is not None else {}),
         }
 
 

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import re
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import gradio as gr
 
 from pipeline.errors import (AppStopped, BackendUnavailable, GenerationCancelled, InvalidRequest, LaneFull,
                              LatentsError, ModelLoadError, NoGPUError, OutOfVRAM, OutputError, OutputsInUse,
-                             StudioError, WeightsError)
+                             StudioError, WeightsError, WorkerDied)
 from pipeline.machine.gpu import GpuMonitor
 from pipeline.store.history import History, HistoryEntry
 from pipeline.jobs import Job, JobQueue
@@ -42,6 +42,9 @@ class UiContext:
     presets: PresetBook
     monitor: GpuMonitor
     history: History
+    # Several GPUs (--gpus): one service per worker group (a GPU lane, or one sequence-parallel
+    # group); empty on the one-GPU path.
+    lanes: list[VideoService] = field(default_factory=list)
 
 
 # Titles for the alert box, in words rather than class names: each says which kind of trouble it
@@ -58,6 +61,7 @@ _TITLES: tuple[tuple[type[StudioError], str], ...] = (
     (OutputsInUse, "Outputs folder in use"),
     (LatentsError, "The clip's kept latents"),
     (AppStopped, "The app was stopped"),
+    (WorkerDied, "A GPU worker stopped"),
 )
 
 
@@ -288,13 +292,36 @@ def restored_status(entry: HistoryEntry) -> str:
 
 def panel_text(ctx: UiContext) -> str:
     last = ctx.history.recent(1)
-    return format_memory(ctx.monitor.read(), last[0].peak_gib if last else None,
-                         backend=ctx.service.cache.backend.name)
+    peak = last[0].peak_gib if last else None
+    backend = ctx.service.cache.backend.name
+    if not ctx.lanes:
+        return format_memory(ctx.monitor.read(), peak, backend=backend)
+    # One panel per GPU, each read by its own index (a lane's or a sequence-parallel group's card).
+    panels = []
+    for lane in ctx.lanes:
+        per_gpu = getattr(lane.monitor, "per_gpu", None)
+        for index, snapshot in (per_gpu() if per_gpu is not None else [(None, lane.monitor.read())]):
+            panels.append(f"**GPU {index}** · " + format_memory(snapshot, None, backend=backend))
+    return "\n\n".join(panels) + ("" if peak is None else f"\n\nPeak of last run: **{peak:.2f} GiB** (per GPU)")
 
 
 def forecast_text(ctx: UiContext) -> str:
     labels = {name: p.label for name, p in ctx.presets.items()}
-    return format_forecasts(ctx.service.forecasts(), labels)
+    if len(ctx.lanes) <= 1:
+        text = format_forecasts(ctx.service.forecasts(), labels)
+        placement = ctx.service.placement() if ctx.service.placement is not None else None
+        if placement and placement.get("mode") == "seq":
+            gpus = ",".join(map(str, placement["gpu_indices"]))
+            text = (f"Each clip runs over GPUs {gpus} (sequence parallel); the figures are per GPU, "
+                    f"for the card with the least memory free.\n\n{text}")
+        return text
+    # Lanes: each GPU's own forecast; a job goes to a free GPU whose memory fits it.
+    parts = []
+    for lane in ctx.lanes:
+        placement = lane.placement() if lane.placement is not None else {}
+        parts.append(f"**GPU {','.join(map(str, placement.get('gpu_indices', [])))}**\n\n"
+                     + format_forecasts(lane.forecasts(), labels))
+    return "A job runs on a free GPU whose memory fits it.\n\n" + "\n\n".join(parts)
 
 
 def timeline_note_text(ctx: UiContext) -> str:
@@ -332,6 +359,11 @@ def draft_mark(entry: HistoryEntry) -> str:
 def run_notes(record: dict[str, Any]) -> str:
     """What the result summary adds about draft decodes, finishes and weight reloads."""
     notes = []
+    gpus = record.get("gpus")
+    if isinstance(gpus, dict) and gpus.get("gpu_indices"):
+        where = ",".join(map(str, gpus["gpu_indices"]))
+        notes.append(f"Ran over GPUs {where} (sequence parallel)." if gpus.get("mode") == "seq"
+                     else f"Ran on GPU {where}.")
     if record.get("draft"):
         notes.append("**Draft** (tiny VAE): select it in the history and click *Finish at full "
                      "quality* to decode the same latents with the full VAE — no step runs again.")

@@ -152,7 +152,7 @@ class LightX2VBackend:
     def __init__(self, weights_dir: Path | str, quant_scheme: str = "auto", attn_mode: str = "auto",
                  vram_cap_gib: float | None = None, *, compat_skip: frozenset[str] | set[str] = frozenset(),
                  ffn_chunk_tokens: int = FFN_CHUNK_TOKENS, resident: bool = False, attention: str = "auto",
-                 kernel_store: Any = None):
+                 kernel_store: Any = None, seq_parallel: int = 1):
         """`vram_cap_gib`: limit this process's PyTorch allocations to that many GiB (emulates a
         smaller card; leaves VRAM to other programs). `compat_skip`: compat fixes NOT to apply, for
         the GPU tests that prove each fix is needed. Never set it in the app. `ffn_chunk_tokens`:
@@ -160,7 +160,11 @@ class LightX2VBackend:
         lightx2v_compat.ffn_chunked_over_tokens). `resident`: no offload at all (DiT, T5 and VAE on
         the GPU, ~30 GB): only the benchmark's reference for step times. `attention`: "auto" measures
         the self-attention kernels per GPU (pipeline/backends/kernels.py), a backend name forces one
-        (bench, bisecting); `kernel_store`: where measured choices persist (the history database)."""
+        (bench, bisecting); `kernel_store`: where measured choices persist (the history database).
+        `seq_parallel`: N > 1 builds LightX2V's Ulysses sequence parallelism over N GPUs; only a GPU
+        worker of a sequence-parallel group (pipeline/workers), which has joined its
+        torch.distributed group, can load such a build. "auto" attention then keeps LightX2V's
+        kernel: each rank measuring on its own could pick different kernels for its heads."""
         if quant_scheme != "auto" and quant_scheme not in QUANT_SCHEMES:
             raise ValueError(f"quant_scheme must be 'auto' or one of {sorted(QUANT_SCHEMES)}, got {quant_scheme!r}")
         if attn_mode != "auto" and attn_mode not in ATTN_MODES:
@@ -178,6 +182,11 @@ class LightX2VBackend:
 
         if attention != "auto" and attention not in kernels.ALL_ATTENTION:
             raise ValueError(f"attention must be 'auto' or one of {list(kernels.ALL_ATTENTION)}, got {attention!r}")
+        if int(seq_parallel) < 1:
+            raise ValueError(f"seq_parallel must be at least 1, got {seq_parallel}")
+        self.seq_parallel = int(seq_parallel)
+        if self.seq_parallel > 1 and attention == "auto":
+            self.compat_skip = self.compat_skip | {"attention_chosen_by_measurement"}
         self.attention = attention
         self.kernel_store = kernel_store
         self._selector: Any = None
@@ -246,6 +255,8 @@ class LightX2VBackend:
         }
         if self.resident:
             build["resident"] = True
+        if self.seq_parallel > 1:
+            build["seq_p_size"] = self.seq_parallel
         if memory.get("dit_from_disk"):
             build["dit_from_disk"] = True  # a lazy_load build (the low-RAM rung)
         return LoadKey(backend=self.name, weights_dir=str(self.weights_dir.resolve()),
@@ -323,6 +334,8 @@ class LightX2VBackend:
             "quant_scheme": self.quant_scheme,
             "attn_mode": self.attn_mode,
             "vram_cap_gib": self.vram_cap_gib,
+            **({"seq_parallel": {"seq_p_size": self.seq_parallel, "seq_p_attn_type": "ulysses"}}
+               if self.seq_parallel > 1 else {}),
             "compat_fixes": list(self._last_fixes),
             "kernels": {"attention_requested": self.attention,
                         "attention": self._selector.summary() if self._selector is not None else [],
@@ -446,6 +459,8 @@ def _build_pipeline(lx: _LightX2VModules, fixes: Any, files: WeightsLayout, buil
     pipe.t5_tokenizer_path = str(files.tokenizer)
     if build.get("dit_from_disk"):
         pipe.lazy_load = True  # copied into the config by create_generator (set_args2config)
+    if build.get("seq_p_size", 1) > 1:
+        _enable_sequence_parallel(lx, fixes, pipe, int(build["seq_p_size"]))
     compat.t2v_without_image_encoder(fixes, pipe, lx.pre_infer_cls)
     if t5_offload:
         compat.t5_offload_linear_bias_default(fixes, lx.mm_weight_register, pipe.t5_quant_scheme)
@@ -466,6 +481,22 @@ def _build_pipeline(lx: _LightX2VModules, fixes: Any, files: WeightsLayout, buil
         compat.streamed_biases_match_resident(fixes, lx.mm_weight_register[scheme],
                                               pipe.runner.model.transformer_weights)
     return pipe
+
+
+def _enable_sequence_parallel(lx: _LightX2VModules, fixes: Any, pipe: Any, size: int) -> None:
+    """Ulysses over `size` ranks. The VAE decode stays whole on every rank (vae_parallel off):
+    LightX2V's split decode ignores the tiling rungs (vae.py:1566-1590), so the memory ladder's
+    decode settings would not apply, and its seams would change the frames against one GPU."""
+    import torch.distributed as dist
+    from lightx2v_platform.registry_factory import PLATFORM_DEVICE_REGISTER
+
+    if not dist.is_initialized() or dist.get_world_size() != size:
+        raise BackendUnavailable(f"A sequence-parallel build over {size} GPUs loads only inside a GPU worker of "
+                                 f"such a group (python app.py --gpus ... --multi-gpu seq).")
+    lx.compat.parallel_env_initialised_once(fixes, PLATFORM_DEVICE_REGISTER, dist,
+                                            os.environ.get("PLATFORM", "cuda"))
+    pipe.enable_parallel(seq_p_size=size, seq_p_attn_type="ulysses")
+    pipe.parallel["vae_parallel"] = False
 
 
 # ------------------------------------------------------------------------------------------------

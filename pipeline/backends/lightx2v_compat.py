@@ -40,6 +40,9 @@ Host-memory measures (issue 15), applied the same way and recorded with the fixe
 | checkpoints_memory_mapped       | torch.load of the .pth T5/VAE into anonymous memory (6.7 GB)  |
 | dit_streamed_and_kept           | lazy_load rebuilds the DiT, T5 and VAE for every request      |
 | streamed_biases_match_resident  | lazy_load keeps fp32 biases the resident load rounds to bf16  |
+
+Several GPUs (issue 14): parallel_env_initialised_once lets a GPU worker that already joined its
+torch.distributed group build (and rebuild) a sequence-parallel pipeline.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ OPTIMIZATION_NAMES = ("ffn_chunked_over_tokens", "non_block_weights_kept_for_the
                       "pinned_weights_packed", "checkpoints_memory_mapped", "dit_streamed_and_kept",
                       "streamed_biases_match_resident", *FUSION_NAMES)
 # Not bugs: what the app needs that LightX2V has no hook for (also recorded).
-FEATURE_NAMES = ("clean_latents_estimate_after_each_step",)
+FEATURE_NAMES = ("clean_latents_estimate_after_each_step", "parallel_env_initialised_once")
 
 
 # Fixes that patch process-wide LightX2V state (a module-level set, a class attribute) stay in effect
@@ -1315,3 +1318,36 @@ def gate_residual_fused(fixes: CompatFixes, transformer_infer: Any) -> None:
 
     fixes.record(name, "x += y * gate: fused_kernels._gate_residual_kernel in "
                  + ", ".join(f"{cls.__name__}.{m}" for m in methods), undo=undo, redo=redo)
+
+
+# -- several GPUs ----------------------------------------------------------------------------------
+
+
+def parallel_env_initialised_once(fixes: CompatFixes, platform_registry: Any, dist: Any, platform: str = "cuda") -> None:
+    """create_generator calls the platform's init_parallel_env on every build with a `parallel`
+    config (pipeline.py:219-223), which calls dist.init_process_group (a second build, after a
+    rung's reload, raises "trying to initialize the default process group twice") and then
+    torch.cuda.set_device(rank) (lightx2v_platform/base/nvidia.py:33-40: rank 1 has no cuda:1 in a
+    worker that sees only its own card). Our GPU workers join their group before any build, so
+    the call is skipped whenever the default group exists already."""
+    name = "parallel_env_initialised_once"
+    if not fixes.wanted(name):
+        return
+    device_cls = platform_registry.get(platform, None)
+    if device_cls is None or not hasattr(device_cls, "init_parallel_env"):
+        return
+    current = device_cls.init_parallel_env
+    original = getattr(current, "__wrapped__", current)
+
+    def init_parallel_env():
+        if dist.is_initialized():
+            return None
+        return original()
+
+    init_parallel_env.__wrapped__ = original
+    device_cls.init_parallel_env = staticmethod(init_parallel_env)
+    _PROCESS_WIDE.add(name)
+    fixes.record(name, f"{getattr(device_cls, '__name__', platform)}.init_parallel_env skipped once the "
+                       f"worker joined its group",
+                 undo=lambda: setattr(device_cls, "init_parallel_env", staticmethod(original)),
+                 redo=lambda: setattr(device_cls, "init_parallel_env", staticmethod(init_parallel_env)))

@@ -176,6 +176,20 @@ class GpuMonitor:
             return out
 
 
+def device_count(nvml: Any = None) -> int | None:
+    """How many NVIDIA GPUs the driver reports (NVML indices, CUDA_VISIBLE_DEVICES ignored), or
+    None without a driver or nvidia-ml-py."""
+    try:
+        if nvml is None:
+            import pynvml  # nvidia-ml-py
+
+            nvml = pynvml
+        nvml.nvmlInit()
+        return int(nvml.nvmlDeviceGetCount())
+    except Exception:  # noqa: BLE001 - ImportError, NVMLError_LibraryNotFound, DriverNotLoaded...
+        return None
+
+
 @dataclass
 class VramTimeline:
     """Samples of device memory in use during one job: (seconds since start, used bytes, phase)."""

@@ -1,0 +1,276 @@
+"""Several GPUs on the CPU: the lanes' dispatch and lane choice by free memory, real worker
+processes running the fake backend (killed, cancelled), and a sequence-parallel group of two fake
+ranks that are real processes joined by torch.distributed's gloo backend."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.backend import RunHooks
+from pipeline.backends.fake import FakeBackend
+from pipeline.cache import PipelineCache
+from pipeline.errors import GenerationCancelled, WorkerDied
+from pipeline.machine.gpu import NO_TORCH, GpuMonitor
+from pipeline.store.history import History
+from pipeline.jobs import JobQueue
+from pipeline.store.outputs import OutputStore
+from pipeline.service import VideoService
+from pipeline.types import GenerationRequest, Phase, RunSpec
+from pipeline.workers import group as workers
+from pipeline.workers import protocol as p
+from pipeline.workers.setup import multi_gpu_services
+from tests.conftest import FakeNvml
+
+REQUEST = dict(prompt="a lighthouse in a storm", negative_prompt="")
+
+
+@pytest.fixture
+def store(tmp_path):
+    outputs = OutputStore(tmp_path / "outputs")
+    outputs.ensure()
+    return outputs, History(tmp_path / "outputs" / "history.sqlite3")
+
+
+def _wait(job, timeout=60.0):
+    assert job.done.wait(timeout), f"job {job.id} did not finish"
+    return job
+
+
+# -- flags ------------------------------------------------------------------------------------
+
+
+def test_gpus_flag_and_modes():
+    assert workers.parse_gpus("all", 4) == (0, 1, 2, 3)
+    assert workers.parse_gpus("1,0", 2) == (1, 0)
+    for bad in ("", "0,0", "a", "-1"):
+        with pytest.raises(ValueError):
+            workers.parse_gpus(bad, 2)
+    with pytest.raises(ValueError, match="indices 0 to 1"):
+        workers.parse_gpus("0,2", 2)
+    with pytest.raises(ValueError, match="no NVIDIA GPU"):
+        workers.parse_gpus("all", None)
+    workers.check_mode("seq", (0, 1, 2, 3))
+    with pytest.raises(ValueError, match="40 attention heads"):
+        workers.check_mode("seq", (0, 1, 2))
+    workers.check_mode("lanes", (0, 1, 2))
+
+
+def test_worker_environment_keeps_what_the_user_set():
+    env = workers.worker_env((3, 5), 1, seq=True, base={"NCCL_NVLS_ENABLE": "1"})
+    assert env["CUDA_VISIBLE_DEVICES"] == "5"
+    assert "NCCL_NVLS_ENABLE" not in env  # the user's own setting stays
+    assert env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1" and env["NVSHMEM_DISABLE_NVLS"] == "1"
+    assert env["WAN_STUDIO_SEQ_PARALLEL"] == "2"
+
+
+# -- lane choice (in-process services, each with its own fake GPU) -------------------------------
+
+
+def _lanes(presets, store, totals_gib, step_seconds=0.0):
+    outputs, history = store
+    lanes = []
+    for index, total in enumerate(totals_gib):
+        nvml = FakeNvml(total_gib=total, used_gib=0.5, name="NVIDIA Test GPU")
+        monitor = GpuMonitor(nvml=nvml, device_index=index, torch=NO_TORCH)
+        lanes.append(VideoService(presets=presets, cache=PipelineCache(FakeBackend(step_seconds=step_seconds)),
+                                  outputs=outputs, history=history, monitor=monitor))
+    return lanes
+
+
+def test_a_job_goes_to_the_free_gpu_whose_memory_fits(presets, store):
+    small, big = _lanes(presets, store, totals_gib=[4.0, 24.0])
+    queue = JobQueue(small, lanes=[small, big])
+    try:
+        job = _wait(queue.submit(GenerationRequest(preset="720x1280x81", seed=1, **REQUEST)))
+        assert job.error is None and job.lane == 1  # only the 24 GiB card fits 720p
+        assert job.result.preset_used == "720x1280x81"
+        small_job = _wait(queue.submit(GenerationRequest(preset="480x832x49", seed=2, **REQUEST)))
+        assert small_job.lane == 1  # both fit: the one with more memory available
+    finally:
+        queue.shutdown()
+
+
+def test_a_job_waits_for_the_busy_gpu_that_fits_it_and_a_small_one_goes_ahead(presets, store):
+    small, big = _lanes(presets, store, totals_gib=[4.0, 24.0], step_seconds=0.3)
+    queue = JobQueue(small, lanes=[small, big])
+    try:
+        first, big_job, small_job = queue.submit_all([
+            GenerationRequest(preset="720x1280x81", seed=1, **REQUEST),
+            GenerationRequest(preset="720x1280x81", seed=2, **REQUEST),
+            GenerationRequest(preset="480x832x49", seed=3, **REQUEST)])
+        for job in (first, big_job, small_job):
+            _wait(job)
+            assert job.error is None
+        assert (first.lane, big_job.lane) == (1, 1)  # the second 720p waited for the big card
+        assert big_job.result.preset_used == "720x1280x81"  # ... and did not step down on the small one
+        assert small_job.lane == 0  # the small clip went ahead on the free small card
+        assert small_job.done.is_set() and small_job.result.record["created_at"] <= big_job.result.record["created_at"]
+    finally:
+        queue.shutdown()
+
+
+# -- real worker processes (lanes) --------------------------------------------------------------
+
+
+@pytest.fixture
+def lane_workers(presets, store):
+    outputs, history = store
+    services, groups = multi_gpu_services(mode="lanes", gpus=(0, 1), presets=presets, outputs=outputs,
+                                          history=history, backend_spec=p.BackendSpec("fake", {"step_seconds": 0.4}))
+    for g in groups:
+        g.wait_ready(120)
+    queue = JobQueue(services[0], lanes=services)
+    yield services, groups, queue, history
+    queue.shutdown()
+    for g in groups:
+        g.close()
+
+
+def test_two_lanes_run_two_clips_at_once_and_the_record_names_the_gpu(lane_workers):
+    services, groups, queue, history = lane_workers
+    started = time.monotonic()
+    jobs = queue.submit_all([GenerationRequest(preset="480x832x49", seed=s, **REQUEST) for s in (1, 2)])
+    for job in jobs:
+        _wait(job)
+        assert job.error is None, job.error
+    took = time.monotonic() - started
+    assert sorted(j.lane for j in jobs) == [0, 1]
+    # One clip is 4 steps of 0.4 s: two at once take about one clip's time, not two.
+    assert took < 2 * 4 * 0.4
+    for job in jobs:
+        gpus = job.result.record["gpus"]
+        assert gpus["mode"] == "lanes" and gpus["gpu_indices"] == [job.lane]
+        assert gpus["worker_pids"] == groups[job.lane].pids() and os.getpid() not in gpus["worker_pids"]
+        assert job.result.video_path.is_file()
+        assert history.get(job.result.record["job_id"]).status == "done"
+
+
+def test_a_killed_worker_fails_its_job_is_restarted_and_the_queue_goes_on(lane_workers):
+    services, groups, queue, history = lane_workers
+    done = _wait(queue.submit(GenerationRequest(preset="480x832x49", seed=1, **REQUEST)))
+    assert done.error is None
+    lane = groups[done.lane]
+    victim = _wait_running(queue, GenerationRequest(preset="480x832x49", seed=2, **REQUEST), lane=done.lane)
+    old_pid = lane.pids()[0]
+    os.kill(old_pid, signal.SIGKILL)
+    _wait(victim)
+    assert isinstance(victim.error, WorkerDied)
+    assert "restarted" in str(victim.error) and "SIGKILL" in str(victim.error)
+    assert lane.restarts == 1 and lane.pids()[0] != old_pid
+    # The queue goes on, on the restarted worker, and the history keeps every job.
+    after = _wait(queue.submit(GenerationRequest(preset="480x832x49", seed=3, **REQUEST)))
+    assert after.error is None
+    rows = {e.id: e for e in history.recent(10, status=None)}
+    assert rows[done.result.record["job_id"]].status == "done"
+    assert rows[after.result.record["job_id"]].status == "done"
+    failed = [e for e in rows.values() if e.status == "failed"]
+    assert len(failed) == 1 and "stopped while running this job" in (failed[0].error or "")
+
+
+def test_cancel_reaches_the_worker_at_a_step_boundary(lane_workers):
+    services, groups, queue, history = lane_workers
+    job = _wait_running(queue, GenerationRequest(preset="480x832x49", seed=4, **REQUEST), step=1)
+    pid = groups[job.lane].pids()[0]
+    queue.cancel(job.id)
+    _wait(job, timeout=10)
+    assert isinstance(job.error, GenerationCancelled)
+    assert groups[job.lane].pids()[0] == pid and groups[job.lane].restarts == 0  # stopped, not killed
+    assert any(e.status == "cancelled" for e in history.recent(5, status=None))
+    again = _wait(queue.submit(GenerationRequest(preset="480x832x49", seed=4, **REQUEST)))
+    assert again.error is None
+
+
+def _wait_running(queue, request, step=0, lane=None, timeout=30.0):
+    """Submit and return the job once it runs (and has reached denoising `step`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = queue.submit(request)
+        seen = []
+        while time.monotonic() < deadline and not job.done.is_set():
+            events, _ = job.pending_events()
+            seen += events
+            if any(e.phase is Phase.DENOISING and e.step >= step for e in seen if e.preview is None):
+                if lane is None or job.lane == lane:
+                    return job
+                break
+            time.sleep(0.02)
+        assert time.monotonic() < deadline, "the job never ran"
+        _wait(job)
+
+
+# -- a sequence-parallel group of two fake ranks --------------------------------------------------
+
+
+def _spec(preset="480x832x49", seed=7, rung="fast"):
+    return RunSpec(preset=preset, rung=rung, prompt=REQUEST["prompt"], negative_prompt="", seed=seed,
+                   height=480, width=832, frames=49, steps=4, shift=5.0, guidance=1.0,
+                   memory={"offload_granularity": "block", "text_encoder": "offload"})
+
+
+def _hooks(steps, stop=lambda: False):
+    return RunHooks(on_phase=lambda ph: steps.append(ph), on_step=lambda i, n: steps.append((i, n)),
+                    should_stop=stop)
+
+
+def test_seq_group_gives_one_gpus_frames_and_only_rank0_reports(presets):
+    group = workers.WorkerGroup(p.BackendSpec("fake", {}), (0, 1), seq=True)
+    group.start()
+    try:
+        group.wait_ready(120)
+        local = FakeBackend()
+        backend = workers.RemoteBackend(group, local)
+        key = backend.load_key(_spec().memory)
+        model = backend.load(key, lambda ph: None)
+        events: list = []
+        frames = model.generate(_spec(), _hooks(events))
+        one_gpu = local.load(key, lambda ph: None).generate(_spec(), _hooks([]))
+        assert np.array_equal(frames, one_gpu)
+        assert [e for e in events if isinstance(e, tuple)] == [(1, 4), (2, 4), (3, 4), (4, 4)]  # rank 0's only
+        assert len(set(group.pids())) == 2
+    finally:
+        group.close()
+
+
+def test_seq_cancel_is_agreed_by_every_rank(presets):
+    group = workers.WorkerGroup(p.BackendSpec("fake", {"step_seconds": 0.3}), (0, 1), seq=True)
+    group.start()
+    try:
+        group.wait_ready(120)
+        backend = workers.RemoteBackend(group, FakeBackend())
+        model = backend.load(backend.load_key(_spec().memory), lambda ph: None)
+        events: list = []
+        with pytest.raises(GenerationCancelled):
+            model.generate(_spec(), _hooks(events, stop=lambda: any(isinstance(e, tuple) for e in events)))
+        assert group.restarts == 0  # both ranks stopped at the same step: nothing stuck
+        model.recover()
+        assert model.generate(_spec(seed=8), _hooks([])).dtype == np.uint8
+    finally:
+        group.close()
+
+
+def test_seq_oom_on_one_rank_is_the_jobs_oom_every_rank_recovers(presets, store):
+    outputs, history = store
+    spec = p.BackendSpec("fake", {}, per_rank={1: {"oom_at": {("720x1280x81", "*", Phase.DENOISING)}}})
+    services, groups = multi_gpu_services(mode="seq", gpus=(0, 1), presets=presets, outputs=outputs,
+                                          history=history, backend_spec=spec,
+                                          group_kwargs={"failure_grace_s": 1.0})
+    service, group = services[0], groups[0]
+    try:
+        group.wait_ready(120)
+        pids = group.pids()
+        result = service.generate(GenerationRequest(preset="720x1280x81", seed=5, **REQUEST))
+        # Rank 1 ran out of memory while rank 0 waited for it in the step's collective: the
+        # attempt is an OOM, the group was restarted (fresh processes: every card's memory back),
+        # and the ladder went on to a clip that fits.
+        assert [a.outcome for a in result.attempts][0] == "out of memory"
+        assert "rank 1 of 2" in result.attempts[0].detail
+        assert result.attempts[-1].outcome == "ok" and result.preset_used != "720x1280x81"
+        assert group.restarts >= 1 and set(group.pids()).isdisjoint(pids)
+        assert result.record["gpus"]["mode"] == "seq" and result.record["gpus"]["gpu_indices"] == [0, 1]
+    finally:
+        group.close()
