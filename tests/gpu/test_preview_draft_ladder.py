@@ -161,7 +161,12 @@ def test_finish_through_the_service_gives_the_same_clip(tiny_service):
     finished = tiny_service.finish(FinishRequest(result.record["job_id"]))
     assert tiny_service.cache.loads == loads  # the loaded model decoded: no reload
     assert finished.record["finished_from_job"] == result.record["job_id"]
-    assert np.array_equal(read_frames(result.video_path), read_frames(finished.video_path))
+    first, again = read_frames(result.video_path), read_frames(finished.video_path)
+    differ = first != again
+    assert not differ.any(), (f"{differ.mean():.2%} of the values differ, by up to "
+                              f"{np.abs(first.astype(int) - again.astype(int)).max()}; "
+                              f"rungs {result.record.get('rung_used')} / {finished.record.get('rung_used')}, "
+                              f"attempts {[(a.rung, a.outcome) for a in finished.attempts]}")
 
 
 def _squeezed_walk(ckpt, root, preset, torch_gib, gpu_report, name):
