@@ -43,7 +43,11 @@ class _Collect:
 
 
 def _run(ckpt, gpus, seq):
-    spec = BackendSpec("lightx2v", {"weights_dir": str(ckpt), "vram_cap_gib": CAP_GIB, "attention": "torch_sdpa",
+    # One kernel forced in both runs (so the comparison is of the split, not of two measurements).
+    # FlashAttention through SDPA: offered on every card the app runs on (sm_80 and newer) whatever
+    # LightX2V's own kernel is; torch_sdpa is offered only where SageAttention is missing (measured on
+    # 2x H200, 2026-11-30: "attention backend 'torch_sdpa' cannot run on this GPU").
+    spec = BackendSpec("lightx2v", {"weights_dir": str(ckpt), "vram_cap_gib": CAP_GIB, "attention": "sdpa_flash",
                                     "seq_parallel": len(gpus) if seq else 1})
     group = WorkerGroup(spec, gpus, seq=seq)
     group.start()
