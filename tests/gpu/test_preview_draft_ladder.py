@@ -137,6 +137,20 @@ def test_the_tiny_vae_loads_decodes_drafts_and_previews(tae_service, gpu_report)
     assert tiny_dec_s < full_dec_s
 
 
+def test_tiny_vae_previews_change_nothing_in_the_clip(tae_service):
+    # The full VAE decodes after four tiny-VAE previews (the app's "auto" preview where the tiny VAE
+    # is installed): the clip must be the one a run without previews gives.
+    from pipeline.types import PreviewKind
+
+    model = loaded_model(tae_service)
+    base = spec(480, 832, 49, seed=16)
+    plain = model.generate(_with(base, preview=None), Recorder().hooks())
+    seen = PreviewRecorder()
+    with_previews = model.generate(_with(base, preview=PreviewKind.TINY_VAE), seen.hooks())
+    assert [p.kind for p in seen.previews] == [PreviewKind.TINY_VAE] * 4
+    assert np.array_equal(plain, with_previews)
+
+
 def test_finish_at_full_quality_equals_the_normal_decode_bit_for_bit(tiny_service, tmp_path):
     from pipeline.store.outputs import read_latents, write_latents
 
