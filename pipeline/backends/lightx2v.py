@@ -743,6 +743,8 @@ class LightX2VModel:
         if self.host_embedding is not None:
             self.host_embedding.drop_device_copy()
         self.host_embedding = None
+        # The embedding fix's undo/redo hold the encoder: without this its blocks stay pinned.
+        self.compat.forget("t5_token_embedding_on_host")
         self._runner.text_encoders = None
         gc.collect()
         self._compat.release_cached_pinned_memory(self._torch)

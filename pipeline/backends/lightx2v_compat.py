@@ -126,11 +126,13 @@ class CompatFixes:
         self.applied = [fix for fix in self.applied if fix.name != name]
         self.applied.append(AppliedFix(name, detail, undo, redo, runtime))
 
-    def forget(self) -> None:
-        """Drop every undo/redo (the names stay, for the records). Their closures hold the parts
-        they patched: the DiT, its pinned weights, the text encoder. Measured on an H200: a released
-        model still referenced by a caller kept 20 GiB of host memory through them."""
-        self.applied = [AppliedFix(fix.name, fix.detail, runtime=fix.runtime) for fix in self.applied]
+    def forget(self, *names: str) -> None:
+        """Drop the undo/redo of the named fixes (all when none is named); the names stay, for the
+        records. Their closures hold the parts they patched: the DiT, its pinned weights, the text
+        encoder. Measured on an H200: a released model still referenced by a caller kept 20 GiB of
+        host memory through them, and a released text encoder kept its 4.4 GB of pinned blocks."""
+        self.applied = [AppliedFix(fix.name, fix.detail, runtime=fix.runtime) if not names or fix.name in names
+                        else fix for fix in self.applied]
 
     @contextlib.contextmanager
     def disabled(self, name: str):
