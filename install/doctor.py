@@ -34,8 +34,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OUTPUTS_DIR = Path("outputs")
 
-# LightX2V keeps the DiT blocks (~14.5 GB) and T5 blocks (~4.6 GB) pinned in host RAM (docs/lightx2v.md §2).
+# LightX2V keeps the DiT blocks (~14.5 GB) and T5 blocks (~4.6 GB) pinned in host RAM (docs/lightx2v.md §2):
+# measured 18.75 GiB pinned, 21.6 GiB must-hold for the whole process on the fast rungs
+# (docs/host-memory.md).
 PINNED_HOST_GIB = 19
+APP_FAST_HOST_GIB = 22
 # A "32 GB" machine reports ~31 GiB (firmware and kernel reservations), so the line sits a little below 32.
 RAM_RECOMMENDED_GIB = 30
 # What the desktop, a browser and the kernel keep for themselves when judging which rungs fit.
@@ -342,7 +345,7 @@ def _check_ram(probes: SystemProbes, presets: PresetBook | None = None) -> Findi
                 + (f" ({mem.swap_free_bytes / GIB:.1f} GB free)" if mem.swap_free_bytes is not None else "")
                 if mem.swap_total_bytes else "; no swap")
     detail = (f"{total:.1f} GB installed{avail}{swap}. LightX2V keeps about {PINNED_HOST_GIB} GB of weights "
-              f"pinned in RAM on the fast settings.")
+              f"pinned in RAM on the fast settings (about {APP_FAST_HOST_GIB} GB for the app in all).")
     if presets is None:
         try:
             presets = load_presets()
