@@ -140,3 +140,23 @@ def test_preview_bench_report_has_a_row_per_preset_and_the_targets():
     text = preview_markdown(meta, [row])
     assert "| 480x832x81 | fast | 3.175 | 2.2 | 0.07 % | 0.004 | 40.0 | 1.26 % | 0.200 | 2.90 / 8.20 | 0.40 / 0.60 | 7.25× |" in text
     assert "≤ 1 % of a step" in text and "Test GPU (2026-11-30)" in text
+
+
+def test_host_memory_bench_keeps_each_parts_peak_per_phase():
+    import numpy as np
+
+    from bench.host_memory import GIB, PhasePeaks
+
+    peaks = PhasePeaks(interval_s=60)  # sampled by hand below, not by its thread
+    peaks.phase = "quiet"
+    peaks.sample()
+    peaks.phase = "holding"
+    held = np.ones(256 * 2**20 // 8)  # 256 MiB of anonymous memory, touched
+    peaks.sample()
+    del held
+    by_phase = peaks.as_gib()
+    assert set(by_phase) == {"quiet", "holding"}
+    assert {"RssAnon", "RssShmem", "RssFile", "pinned", "must_hold", "file_backed"} <= set(by_phase["holding"])
+    grown = peaks.peaks["holding"]["RssAnon"] - peaks.peaks["quiet"]["RssAnon"]
+    assert grown >= 0.9 * 256 * 2**20 and by_phase["holding"]["must_hold"] >= by_phase["quiet"]["must_hold"] + 0.2
+    assert GIB == 2**30
