@@ -9,10 +9,8 @@ of re-running the steps. Every rung tried is in the result, the record and the h
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -27,36 +25,17 @@ from pipeline.cache import PipelineCache
 from pipeline.errors import GenerationCancelled, InvalidRequest, LatentsError, OutOfVRAM, StudioError
 from pipeline.store.history import History, HistoryEntry
 from pipeline.store.outputs import OutputStore, read_record
+from pipeline.store.records import job_record, preview_record
 from pipeline.planner import RAM_ONLY_SETTINGS, Planner, PresetForecast, Rung, oom_bound_gib, replan
 from pipeline.types import (LEAN_DECODE_SUFFIX, Attempt, FinishRequest, GenerationRequest,
-                            GenerationResult, Phase, Preview, PreviewKind, ProgressEvent, RunSpec,
-                            prompt_token_estimate, TEXT_ENCODER_MAX_TOKENS)
+                            GenerationResult, Phase, Preview, PreviewKind, ProgressEvent, RunSpec)
 from presets import PresetBook
 
 log = logging.getLogger(__name__)
 
-APP_NAME = "Wan T2V Studio"
-APP_VERSION = "0.1.0"
-_VERSIONED_PACKAGES = ("torch", "triton", "lightx2v", "sageattention", "numpy", "imageio",
-                       "imageio-ffmpeg", "av", "nvidia-ml-py", "gradio")
-
 EventSink = Callable[[ProgressEvent], None]
 
 PREVIEW_MODES = ("auto", "linear", "tiny-vae", "off")
-PREVIEW_SOURCES = {
-    PreviewKind.LINEAR.value: "linear latent-to-RGB factors of the Wan 2.1 VAE (no weights)",
-    PreviewKind.TINY_VAE.value: "tiny VAE decode of the step's clean-latent estimate",
-}
-
-
-def package_versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in _VERSIONED_PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 @dataclass
@@ -471,19 +450,8 @@ class VideoService:
 
     def _extras(self, draft: bool, kept: "_Kept", loads: "_Loads") -> dict[str, Any]:
         tiny = self.cache.backend.tiny_vae()
-        kinds = list(dict.fromkeys(kind.value for kind, _ in kept.previews))
-        costs = [c for _, c in kept.previews if c is not None]
-        return {
-            "draft": draft,
-            "decode": f"draft: tiny VAE ({tiny})" if draft else "full VAE",
-            "preview": None if not kinds else {
-                "kind": kinds[-1] if len(kinds) == 1 else kinds,
-                "source": PREVIEW_SOURCES.get(kinds[-1], kinds[-1]) if len(kinds) == 1 else
-                [PREVIEW_SOURCES.get(k, k) for k in kinds],
-                "count": len(kept.previews),
-                "cost_ms_max": round(max(costs), 3) if costs else None},
-            "loads": loads.records,
-        }
+        return {"draft": draft, "decode": f"draft: tiny VAE ({tiny})" if draft else "full VAE",
+                "preview": preview_record(kept.previews), "loads": loads.records}
 
     # -- finish at full quality ----------------------------------------------------------------
     def _finishable(self, request: FinishRequest) -> tuple[HistoryEntry, dict[str, Any]]:
@@ -679,34 +647,13 @@ class VideoService:
                 memory: dict[str, Any], attempts: list[Attempt], available: float | None,
                 gpu_name: str | None, loads_before: int, vram: dict[str, Any],
                 frames_shape: tuple[int, ...]) -> dict[str, Any]:
-        p = chosen.preset
-        frames, height, width = frames_shape[:3]
-        # The size of the file as written: the fake backend writes a reduced size, and the record
-        # must not claim the preset's.
-        size = {"height": height, "width": width, "frames": frames}
-        if (height, width, frames) != (p.height, p.width, p.frames):
-            size["preset_size"] = {"height": p.height, "width": p.width, "frames": p.frames}
-        return {
-            "app": APP_NAME, "app_version": APP_VERSION, "job_id": job_id,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "prompt": request.prompt, "negative_prompt": request.negative_prompt,
-            "prompt_truncated": prompt_token_estimate(request.prompt) > TEXT_ENCODER_MAX_TOKENS,
-            "seed": request.seed,
-            "preset_requested": request.preset, "preset_used": p.name, "rung_used": rung_label,
-            **size, "fps": p.fps,
-            "steps": p.steps, "shift": p.shift, "guidance": p.guidance,
-            "memory_settings": memory,
-            "attempts": [asdict(a) for a in attempts],
-            "model": self.cache.backend.describe(),
-            "weights_loaded_this_job": self.cache.loads > loads_before,
-            "load_seconds": _round(self.cache.last_load_seconds),
-            "vram": {"gpu": gpu_name, "available_at_start_gib": _round(available),
-                     "cap_gib": self.vram_cap_gib, "predicted_peak_gib": chosen.predicted_gib,
-                     **vram},
-            "versions": package_versions(), "platform": platform.platform(),
-            "argv": self.command_line,
-            **({"gpus": self.placement()} if self.placement is not None else {}),
-        }
+        return job_record(
+            job_id=job_id, request=request, preset=chosen.preset, rung_label=rung_label, memory=memory,
+            attempts=attempts, frames_shape=frames_shape, model=self.cache.backend.describe(),
+            weights_loaded=self.cache.loads > loads_before, load_seconds=self.cache.last_load_seconds,
+            vram={"gpu": gpu_name, "available_at_start_gib": _round(available), "cap_gib": self.vram_cap_gib,
+                  "predicted_peak_gib": chosen.predicted_gib, **vram},
+            argv=self.command_line, placement=self.placement() if self.placement is not None else None)
 
 
 # Attempt.outcome of a rung whose host allocation (pageable or pinned) failed.

@@ -1,0 +1,84 @@
+"""What a clip's record holds: the JSON written beside every video (and embedded in it).
+
+The service gathers the facts of a job; this module puts them into the record's shape, so that the
+shape lives beside the code that writes and reads records (outputs.py)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import time
+from dataclasses import asdict
+from typing import Any, Iterable
+
+from pipeline.types import Attempt, GenerationRequest, PreviewKind, TEXT_ENCODER_MAX_TOKENS, prompt_token_estimate
+
+APP_NAME = "Wan T2V Studio"
+APP_VERSION = "0.1.0"
+
+_VERSIONED_PACKAGES = ("torch", "triton", "lightx2v", "sageattention", "numpy", "imageio",
+                       "imageio-ffmpeg", "av", "nvidia-ml-py", "gradio")
+
+PREVIEW_SOURCES = {
+    PreviewKind.LINEAR.value: "linear latent-to-RGB factors of the Wan 2.1 VAE (no weights)",
+    PreviewKind.TINY_VAE.value: "tiny VAE decode of the step's clean-latent estimate",
+}
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _VERSIONED_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def job_record(*, job_id: int, request: GenerationRequest, preset: Any, rung_label: str, memory: dict[str, Any],
+               attempts: Iterable[Attempt], frames_shape: tuple[int, ...], model: dict[str, Any],
+               weights_loaded: bool, load_seconds: float | None, vram: dict[str, Any], argv: list[str],
+               placement: dict[str, Any] | None) -> dict[str, Any]:
+    """`preset`: the presets.Preset used; `vram`: the GPU facts and the sampler's timeline."""
+    frames, height, width = frames_shape[:3]
+    # The size of the file as written: the fake backend writes a reduced size, and the record must
+    # not claim the preset's.
+    size: dict[str, Any] = {"height": height, "width": width, "frames": frames}
+    if (height, width, frames) != (preset.height, preset.width, preset.frames):
+        size["preset_size"] = {"height": preset.height, "width": preset.width, "frames": preset.frames}
+    return {
+        "app": APP_NAME, "app_version": APP_VERSION, "job_id": job_id,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "prompt": request.prompt, "negative_prompt": request.negative_prompt,
+        "prompt_truncated": prompt_token_estimate(request.prompt) > TEXT_ENCODER_MAX_TOKENS,
+        "seed": request.seed,
+        "preset_requested": request.preset, "preset_used": preset.name, "rung_used": rung_label,
+        **size, "fps": preset.fps,
+        "steps": preset.steps, "shift": preset.shift, "guidance": preset.guidance,
+        "memory_settings": memory,
+        "attempts": [asdict(a) for a in attempts],
+        "model": model,
+        "weights_loaded_this_job": weights_loaded,
+        "load_seconds": _round(load_seconds),
+        "vram": vram,
+        "versions": package_versions(), "platform": platform.platform(),
+        "argv": argv,
+        **({"gpus": placement} if placement is not None else {}),
+    }
+
+
+def preview_record(previews: list[tuple[PreviewKind, float | None]]) -> dict[str, Any] | None:
+    """Which preview the job showed (the kinds in order, once each), how many and their worst cost."""
+    kinds = list(dict.fromkeys(kind.value for kind, _ in previews))
+    if not kinds:
+        return None
+    costs = [c for _, c in previews if c is not None]
+    one = len(kinds) == 1
+    return {"kind": kinds[-1] if one else kinds,
+            "source": PREVIEW_SOURCES.get(kinds[-1], kinds[-1]) if one else [PREVIEW_SOURCES.get(k, k) for k in kinds],
+            "count": len(previews),
+            "cost_ms_max": round(max(costs), 3) if costs else None}
