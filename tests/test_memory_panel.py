@@ -71,10 +71,13 @@ def test_forecast_table_wont_fit_and_ram_column():
     row = next(line for line in text.splitlines() if line.startswith("| 480"))
     assert "won't fit" in row and "close programs that use the GPU" in row and "smaller preset" in row
     assert "will step down" not in row
-    # The predicted-peak figure names the preset/rung it belongs to.
-    assert "2.9 GiB (480x832x49/lean)" in row and "~22 GiB (fits)" in row
+    # The predicted-peak figure names the rung it belongs to (the row names the preset).
+    assert "2.9 GiB (lean)" in row and "~22 GiB (fits)" in row
     low_ram = format_forecasts([planner.forecast("720x1280x81", 11.0, ram_gib=13.0)], labels)
-    assert "(720x1280x81/low-ram)" in low_ram and "~10 GiB (fits)" in low_ram
+    assert "(low-ram)" in low_ram and "~10 GiB (fits)" in low_ram
+    # A run that would start on another preset says which.
+    steps_down = format_forecasts([planner.forecast("720x1280x81", 5.0, ram_gib=40.0)], labels)
+    assert "GiB (480x832x" in steps_down, steps_down
     assert "13.0 GiB system RAM" in low_ram
     short = format_forecasts([planner.forecast("720x1280x81", 11.0, ram_gib=6.0)], labels)
     assert "GiB short" in short and "more system RAM" in short

@@ -32,6 +32,10 @@ CSS = """
                           grid-auto-rows: auto !important; grid-template-rows: none !important;}
 #history .thumbnail-item {aspect-ratio: 16 / 10; height: auto;}
 #history .grid-wrap {min-height: 0 !important; max-height: 420px;}
+/* The forecast table: headers and short cells whole (Gradio's tables break words anywhere), the
+   long verdict wraps between words. */
+#forecast th, #forecast td {word-break: normal !important; overflow-wrap: normal !important;}
+#forecast th, #forecast td:last-child {white-space: nowrap;}
 """
 
 

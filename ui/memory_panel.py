@@ -61,13 +61,16 @@ def _ram_cell(f: PresetForecast) -> str:
 
 
 def format_forecasts(forecasts: list[PresetForecast], labels: dict[str, str]) -> str:
-    rows = ["| preset | predicted GPU peak | system RAM | verdict | time here |", "|---|---|---|---|---|"]
+    # Short headers: the verdict column takes the width, and long headers broke mid-word there.
+    rows = ["| preset | GPU peak | RAM | will it run? | time |", "|---|---|---|---|---|"]
     for f in forecasts:
         # The figure belongs to the rung the run would start on (or, for "won't fit", the leanest).
         pred = "—" if f.start.predicted_gib is None else f"{f.start.predicted_gib:.1f} GiB"
         if f.start.measured_here:
             pred += " measured here"
-        pred += f" ({f.start.preset.name}/{f.start.memory.name})"
+        # The row names the preset; the rung alone unless the run would start on another preset.
+        same = f.start.preset.name == f.preset
+        pred += f" ({f.start.memory.name})" if same else f" ({f.start.preset.name}/{f.start.memory.name})"
         verdict = _FIT_BADGE[f.fit]
         if f.fit is Fit.STEPS_DOWN:
             verdict += f" to {f.start.preset.name}/{f.start.memory.name}"
