@@ -182,6 +182,21 @@ def _lean_decode_settings(memory: dict[str, Any]) -> dict[str, Any]:
     return dict(memory, vae_tiling=True, vae_offload=True, clean_cuda_cache=True)
 
 
+def _finish_decodes(rung: Rung, source: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The decodes a finish tries, in order, as (rung label, memory settings): first the VAE
+    settings the source clip was really decoded with (its record's memory_settings: after a decode
+    OOM those are the leanest, not its rung's, and tiling changes the frames), then the leanest."""
+    memory = rung.memory.settings()
+    recorded = source.get("memory_settings")
+    if isinstance(recorded, dict):
+        memory.update({k: recorded[k] for k in _DECODE_SETTINGS if k in recorded})
+    lean = _lean_decode_settings(rung.memory.settings())
+    name = f"{rung.memory.name}+finish"
+    if memory == lean:
+        return [(f"{name}{LEAN_DECODE_SUFFIX}", lean)]
+    return [(name, memory), (f"{name}{LEAN_DECODE_SUFFIX}", lean)]
+
+
 def _dit_settings(memory: dict[str, Any]) -> tuple:
     # Settings that only save host memory (planner.RAM_ONLY_SETTINGS) leave the GPU work unchanged.
     return tuple(sorted((k, v) for k, v in memory.items()
@@ -479,15 +494,21 @@ class VideoService:
                                     negative_prompt=entry.negative_prompt)
         gpu_name, available = self.available_gib()
         measured = self.history.measured_peaks(gpu_name) if gpu_name else {}
-        # The source clip's own rung first: the same VAE settings decode the same latents into the
-        # same frames a full-quality run would have given (tiling changes the frames). The preset's
-        # plan otherwise; never a smaller preset (the latents fix the size).
+        # The source clip's own rung and the VAE settings its decode really used first (a decode
+        # OOM moves a clip to the leanest ones): the same settings decode the same latents into the
+        # same frames (tiling changes the frames). The preset's plan otherwise; never a smaller
+        # preset (the latents fix the size).
         own = [r for r in self.planner.ladder(request.preset, measured)
                if r.preset.name == request.preset]
         source_rung = str(source.get("rung_used") or "").split("+")[0]
-        rung = next((r for r in own if r.memory.name == source_rung), None) or next(
-            (r for r in self.planner.plan(request.preset, available, measured, ram_gib=self.ram_reader())
-             if r.preset.name == request.preset), own[-1])
+        rung = next((r for r in own if r.memory.name == source_rung), None)
+        # The clip's recorded VAE settings go with its own rung only.
+        decodes_from = source if rung is not None else {}
+        if rung is None:
+            rung = next((r for r in self.planner.plan(request.preset, available, measured,
+                                                      ram_gib=self.ram_reader())
+                         if r.preset.name == request.preset), own[-1])
+        decodes = _finish_decodes(rung, decodes_from)
         loads = _Loads(self.cache)
         kept = _Kept(latents=latents)
         with gpu.VramSampler(self.monitor) as sampler:
@@ -496,9 +517,7 @@ class VideoService:
             # Any loaded model decodes: keep it instead of loading the weights for its key.
             key = self.cache.key if self.cache.is_loaded else self._key(rung)
             outcome = _Outcome(failure=None)
-            for label, memory in ((f"{rung.memory.name}+finish", rung.memory.settings()),
-                                  (f"{rung.memory.name}+finish{LEAN_DECODE_SUFFIX}",
-                                   _lean_decode_settings(rung.memory.settings()))):
+            for label, memory in decodes:
                 if should_stop():
                     raise GenerationCancelled("Cancelled before the decode started.")
                 if attempts:

@@ -339,3 +339,48 @@ def test_records_in_the_sidecar_match_what_was_saved(make_service):
     sidecar = json.loads(result.record_path.read_text())
     assert sidecar["latents"].endswith(LATENTS_SUFFIX) and sidecar["draft"] is False
     assert sidecar["loads"] and sidecar["loads"][0]["reason"] == "first load"
+
+
+def test_finish_of_a_clip_decoded_on_the_lean_settings_decodes_on_them_again(make_service):
+    # The clip's own decode ran out of memory untiled and was decoded again on the leanest VAE
+    # settings (rung "fast+lean-decode"). When it is finished later, memory is freer and the untiled
+    # decode would fit, but it gives other frames than the tiled one: the finish must decode with
+    # the settings the clip was really decoded with (its record's memory_settings), not its rung's.
+    backend = FakeBackend()
+    squeezed = [True]
+    plain_oom = backend._maybe_oom
+    backend._maybe_oom = lambda spec, phase: (squeezed[0] and phase is Phase.DECODING
+                                             and not spec.memory["vae_tiling"]) or plain_oom(spec, phase)
+    service = make_service(backend)
+    clip = service.generate(request())
+    assert clip.record["rung_used"] == "fast+lean-decode"
+    assert clip.record["memory_settings"]["vae_tiling"] is True
+    squeezed[0] = False
+    finished = service.finish(FinishRequest(clip.record["job_id"]))
+    assert [spec.memory["vae_tiling"] for spec in backend.decoded] == [True, True]  # retry, finish
+    assert finished.record["memory_settings"] == clip.record["memory_settings"]
+    assert finished.record["rung_used"] == "fast+finish+lean-decode"
+    assert len(finished.attempts) == 1
+    assert np.array_equal(read_frames(finished.video_path), read_frames(clip.video_path))
+
+
+def test_a_tiled_decode_gives_other_frames_than_an_untiled_one_in_the_fake_too():
+    # What makes the test above able to fail: as LightX2V's tiled decode, the fake's differs.
+    from pipeline.backend import RunHooks
+    from pipeline.types import RunSpec
+
+    backend = FakeBackend()
+    model = backend.load(backend.load_key({"offload_granularity": "block", "text_encoder": "offload"}),
+                         lambda phase: None)
+
+    def spec(tiling):
+        return RunSpec(preset="480x832x49", rung="fast", prompt="a", negative_prompt="", seed=1,
+                       height=480, width=832, frames=49, steps=4, shift=5.0, guidance=1.0,
+                       memory={"vae_tiling": tiling}, preview=None)
+
+    hooks = RunHooks(on_phase=lambda p: None, on_step=lambda i, n: None, should_stop=lambda: False)
+    latents = np.random.default_rng(3).standard_normal((16, 13, 6, 13)).astype(np.float32)
+    untiled, tiled = model.decode(latents, spec(False), hooks), model.decode(latents, spec(True), hooks)
+    assert untiled.shape == tiled.shape and not np.array_equal(untiled, tiled)
+    assert np.array_equal(untiled, model.decode(latents, spec(False), hooks))
+    assert np.array_equal(tiled, model.decode(latents, spec(True), hooks))

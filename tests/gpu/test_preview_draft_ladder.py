@@ -51,6 +51,36 @@ def _with(spec_, **changes):
     return replace(spec_, **changes)
 
 
+def _diff(a: np.ndarray, b: np.ndarray) -> dict:
+    """How two clips differ, for the report and the failure message."""
+    if a.shape != b.shape:
+        return {"shapes": [list(a.shape), list(b.shape)]}
+    differ = a != b
+    where = np.argwhere(differ.any(axis=-1))
+    return {"share": round(float(differ.mean()), 6), "values": int(differ.sum()),
+            "max": int(np.abs(a.astype(int) - b.astype(int)).max()),
+            "frames": sorted({int(t) for t in where[:, 0]})[:20] if len(where) else []}
+
+
+class _FramesWritten:
+    """The uint8 frames the service hands its mp4 writer, in order: the clips before the encode."""
+
+    def __init__(self, outputs):
+        self.outputs, self.frames = outputs, []
+        self._writer = outputs.writer
+
+    def __enter__(self) -> "_FramesWritten":
+        def write(frames, fps, path, comment):
+            self.frames.append(frames.copy())
+            self._writer(frames, fps, path, comment)
+
+        self.outputs.writer = write
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.outputs.writer = self._writer
+
+
 @pytest.fixture(scope="module")
 def tae_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
     from tools.synthetic_checkpoint import DIT_DIR, TINY_VAE_FILE, _link, write_tiny_vae
@@ -151,6 +181,28 @@ def test_tiny_vae_previews_change_nothing_in_the_clip(tae_service):
     assert np.array_equal(plain, with_previews)
 
 
+def test_finish_after_tiny_vae_previews_equals_the_clip_bit_for_bit(tae_service, tmp_path, gpu_report):
+    # The service's "auto" preview where the tiny VAE is installed: four tiny-VAE previews run
+    # during the steps, then the full VAE decodes. Decoding the kept latents again (twice: the
+    # decode alone must be repeatable) must give that clip.
+    from pipeline.store.outputs import read_latents, write_latents
+    from pipeline.types import PreviewKind
+
+    model = loaded_model(tae_service)
+    base = _with(spec(480, 832, 49, seed=14), preview=PreviewKind.TINY_VAE)
+    rec = PreviewRecorder()
+    frames = model.generate(base, rec.hooks())
+    assert [p.kind for p in rec.previews] == [PreviewKind.TINY_VAE] * 4
+    path = tmp_path / "x.latents.safetensors"
+    write_latents(rec.latents, path, {"job_id": "1"})
+    again = model.decode(read_latents(path), _with(base, preview=None), Recorder().hooks())
+    twice = model.decode(read_latents(path), _with(base, preview=None), Recorder().hooks())
+    gpu_report("finish_after_tiny_vae_previews", latents_dtype=str(rec.latents.dtype),
+               decode_vs_decode=_diff(again, twice), clip_vs_decode=_diff(frames, again))
+    assert np.array_equal(again, twice), f"the decode alone is not repeatable: {_diff(again, twice)}"
+    assert np.array_equal(frames, again), f"the clip differs from its kept latents' decode: {_diff(frames, again)}"
+
+
 def test_finish_at_full_quality_equals_the_normal_decode_bit_for_bit(tiny_service, tmp_path):
     from pipeline.store.outputs import read_latents, write_latents
 
@@ -166,21 +218,52 @@ def test_finish_at_full_quality_equals_the_normal_decode_bit_for_bit(tiny_servic
     assert np.array_equal(frames, again)
 
 
-def test_finish_through_the_service_gives_the_same_clip(tiny_service):
+@pytest.mark.parametrize("preview", ["off", "auto"])
+def test_finish_through_the_service_gives_the_same_clip(tiny_service, preview, tmp_path, gpu_report):
+    # One run tells the candidates apart: "off" against "auto" (tiny-VAE previews where the tiny VAE
+    # is installed), the frames handed to the mp4 writer against the mp4s read back (the decode or
+    # the encode), the rungs and VAE settings of both records (a decode OOM moves the clip to the
+    # lean, tiled decode), and a second encode of the same frames (is the encoder repeatable).
+    import torch
+
+    from pipeline.service import _DECODE_SETTINGS
+    from pipeline.store.outputs import read_latents
     from pipeline.types import FinishRequest, GenerationRequest
     from tests.test_service import read_frames
 
-    result = tiny_service.generate(GenerationRequest(prompt=PROMPT, preset="480x832x49", seed=14))
-    loads = tiny_service.cache.loads
-    finished = tiny_service.finish(FinishRequest(result.record["job_id"]))
-    assert tiny_service.cache.loads == loads  # the loaded model decoded: no reload
-    assert finished.record["finished_from_job"] == result.record["job_id"]
+    tiny_service.preview = preview
+    try:
+        with _FramesWritten(tiny_service.outputs) as written:
+            result = tiny_service.generate(GenerationRequest(prompt=PROMPT, preset="480x832x49", seed=14))
+            loads = tiny_service.cache.loads
+            finished = tiny_service.finish(FinishRequest(result.record["job_id"]))
+    finally:
+        tiny_service.preview = "auto"
+    raw_first, raw_again = written.frames
     first, again = read_frames(result.video_path), read_frames(finished.video_path)
-    differ = first != again
-    assert not differ.any(), (f"{differ.mean():.2%} of the values differ, by up to "
-                              f"{np.abs(first.astype(int) - again.astype(int)).max()}; "
-                              f"rungs {result.record.get('rung_used')} / {finished.record.get('rung_used')}, "
-                              f"attempts {[(a.rung, a.outcome) for a in finished.attempts]}")
+    rewritten = tmp_path / "again.mp4"
+    tiny_service.outputs.writer(raw_first, 16, rewritten, "")
+    source, done = result.record, finished.record
+    # The kept latents decoded by the model directly (no service in between), on the clip's settings.
+    direct = tiny_service.cache.get(tiny_service.cache.key).decode(
+        read_latents(tiny_service.outputs.latents_of(result.video_path)),
+        spec(480, 832, 49, seed=14, memory=source["memory_settings"]), Recorder().hooks())
+    report = dict(preview=preview, preview_record=source.get("preview"),
+                  rungs=[source.get("rung_used"), done.get("rung_used")],
+                  attempts=[[(a.rung, a.outcome, a.phase) for a in r.attempts] for r in (result, finished)],
+                  vae=[{k: rec["memory_settings"].get(k) for k in _DECODE_SETTINGS} for rec in (source, done)],
+                  raw=_diff(raw_first, raw_again), mp4=_diff(first, again),
+                  direct_vs_clip=_diff(direct, raw_first), direct_vs_finish=_diff(direct, raw_again),
+                  encoder_repeat=_diff(read_frames(rewritten), first),
+                  raw_vs_own_mp4=_diff(raw_first, first),
+                  cudnn={"deterministic": torch.backends.cudnn.deterministic,
+                         "benchmark": torch.backends.cudnn.benchmark})
+    gpu_report("finish_through_service", **report)
+    assert tiny_service.cache.loads == loads  # the loaded model decoded: no reload
+    assert done["finished_from_job"] == source["job_id"]
+    assert report["vae"][0] == report["vae"][1], report
+    assert np.array_equal(raw_first, raw_again), f"the decoded frames differ: {report}"
+    assert np.array_equal(first, again), f"the same frames, other mp4s: {report}"
 
 
 def _squeezed_walk(ckpt, root, preset, torch_gib, gpu_report, name):
