@@ -22,8 +22,12 @@ log = logging.getLogger(__name__)
 
 
 class PipelineCache:
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, *, rollback: bool = True):
+        """`rollback`: after a failed load, load the previous settings again. Off in a rank of a
+        sequence-parallel group, where a build is collective: one rank rebuilding alone would wait
+        for the others forever (pipeline/workers/child.py agrees on every load instead)."""
         self.backend = backend
+        self.rollback = rollback
         self._lock = threading.RLock()
         self._model: LoadedModel | None = None
         self._key: LoadKey | None = None
@@ -58,7 +62,7 @@ class PipelineCache:
             # Rollback happens outside the except block so the failed load's frames are gone;
             # whatever that load left on the GPU or in pinned memory is collected first.
             gpu.free_gpu_memory()
-            if previous is not None:
+            if previous is not None and self.rollback:
                 try:
                     self._model, self._key = self._load(previous, on_phase), previous
                     log.warning("rolled back to the previously loaded settings %s", previous)

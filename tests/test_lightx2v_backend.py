@@ -660,3 +660,100 @@ def test_a_released_text_encoder_is_not_kept_alive_by_its_embedding_fix():
     # Only that fix forgot its closures; the others can still be undone (tests, bisecting).
     assert {f.name: f.undo is not None for f in model.compat.applied} == {
         "t5_token_embedding_on_host": False, "non_block_weights_kept_for_the_run": True}
+
+
+# -- several GPUs: the worker joined its group before LightX2V builds ------------------------------
+
+
+class _FakeDist:
+    def __init__(self, initialized: bool, world: int = 2):
+        self.initialized, self.world = initialized, world
+
+    def is_initialized(self) -> bool:
+        return self.initialized
+
+    def get_world_size(self) -> int:
+        return self.world
+
+
+def _cuda_device_class(calls: list):
+    class CudaDevice:  # lightx2v_platform/base/nvidia.py: init_group, then set_device(rank)
+        @staticmethod
+        def init_parallel_env():
+            calls.append("init_process_group + set_device(rank)")
+
+    return CudaDevice
+
+
+def test_lightx2vs_parallel_init_is_skipped_once_the_worker_joined_its_group():
+    calls: list = []
+    device = _cuda_device_class(calls)
+    registry, dist = {"cuda": device}, _FakeDist(initialized=True)
+    fixes = compat.CompatFixes()
+    compat.parallel_env_initialised_once(fixes, registry, dist)
+    # What create_generator does on every build with a `parallel` config (pipeline.py:219-223).
+    registry.get("cuda").init_parallel_env()
+    assert calls == [] and fixes.names == ["parallel_env_initialised_once"]
+    # A second build (a rung's reload) wraps the original again, not the wrapper.
+    compat.parallel_env_initialised_once(compat.CompatFixes(), registry, dist)
+    dist.initialized = False  # outside a worker's group, upstream's own init runs, once
+    device.init_parallel_env()
+    assert calls == ["init_process_group + set_device(rank)"]
+    dist.initialized = True
+    with fixes.disabled("parallel_env_initialised_once"):
+        device.init_parallel_env()  # upstream again: a second init_process_group, set_device(1)
+    assert len(calls) == 2
+    device.init_parallel_env()
+    assert len(calls) == 2
+
+
+def test_lightx2vs_parallel_init_left_alone_where_the_platform_has_none():
+    fixes = compat.CompatFixes()
+    compat.parallel_env_initialised_once(fixes, {"cuda": type("Other", (), {})}, _FakeDist(True))
+    compat.parallel_env_initialised_once(fixes, {}, _FakeDist(True))
+    assert fixes.names == []
+
+
+def test_a_sequence_parallel_build_is_ulysses_over_the_group_with_a_whole_vae_decode(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from pipeline.backends import lightx2v as backend_module
+    from pipeline.errors import BackendUnavailable
+
+    calls: list = []
+    platform = types.ModuleType("lightx2v_platform.registry_factory")
+    platform.PLATFORM_DEVICE_REGISTER = {"cuda": _cuda_device_class(calls)}
+    monkeypatch.setitem(sys.modules, "lightx2v_platform", types.ModuleType("lightx2v_platform"))
+    monkeypatch.setitem(sys.modules, "lightx2v_platform.registry_factory", platform)
+
+    class Pipe:  # LightX2VPipeline.enable_parallel (pipeline.py:440-445)
+        def enable_parallel(self, cfg_p_size=1, seq_p_size=1, seq_p_attn_type="ulysses"):
+            self.parallel = {"cfg_p_size": cfg_p_size, "seq_p_size": seq_p_size, "seq_p_attn_type": seq_p_attn_type}
+
+    lx = types.SimpleNamespace(compat=compat)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    with pytest.raises(BackendUnavailable, match="--multi-gpu seq"):
+        backend_module._enable_sequence_parallel(lx, compat.CompatFixes(), Pipe(), 2)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 4)
+    with pytest.raises(BackendUnavailable):
+        backend_module._enable_sequence_parallel(lx, compat.CompatFixes(), Pipe(), 2)  # another group's size
+    pipe, fixes = Pipe(), compat.CompatFixes()
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    backend_module._enable_sequence_parallel(lx, fixes, pipe, 2)
+    # vae_parallel off: WanRunner.get_vae_parallel defaults it to on for a dict config (wan_runner.py:327-334).
+    assert pipe.parallel == {"cfg_p_size": 1, "seq_p_size": 2, "seq_p_attn_type": "ulysses", "vae_parallel": False}
+    platform.PLATFORM_DEVICE_REGISTER["cuda"].init_parallel_env()
+    assert calls == [] and "parallel_env_initialised_once" in fixes.names
+
+
+def test_seq_parallel_backend_key_and_attention(tmp_path):
+    backend = LightX2VBackend(tmp_path, attn_mode="torch_sdpa", seq_parallel=2)
+    key = backend.load_key({"offload_granularity": "block", "text_encoder": "offload"})
+    assert dict(key.build_settings)["seq_p_size"] == 2
+    # "auto" keeps LightX2V's kernel on every rank; a forced one stays forced.
+    assert "attention_chosen_by_measurement" in backend.compat_skip
+    assert "attention_chosen_by_measurement" not in LightX2VBackend(tmp_path, seq_parallel=2,
+                                                                    attention="sdpa_flash").compat_skip
+    assert "seq_p_size" not in dict(LightX2VBackend(tmp_path).load_key({}).build_settings)
+    with pytest.raises(ValueError):
+        LightX2VBackend(tmp_path, seq_parallel=0)

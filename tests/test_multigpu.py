@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -66,6 +67,9 @@ def test_worker_environment_keeps_what_the_user_set():
     assert "NCCL_NVLS_ENABLE" not in env  # the user's own setting stays
     assert env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1" and env["NVSHMEM_DISABLE_NVLS"] == "1"
     assert env["WAN_STUDIO_SEQ_PARALLEL"] == "2"
+    # CUDA_VISIBLE_DEVICES names the card by the index NVML (and --gpus) gives it.
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert "CUDA_DEVICE_ORDER" not in workers.worker_env((0,), 0, seq=False, base={"CUDA_DEVICE_ORDER": "FASTEST_FIRST"})
 
 
 # -- lane choice (in-process services, each with its own fake GPU) -------------------------------
@@ -272,5 +276,61 @@ def test_seq_oom_on_one_rank_is_the_jobs_oom_every_rank_recovers(presets, store)
         assert result.attempts[-1].outcome == "ok" and result.preset_used != "720x1280x81"
         assert group.restarts >= 1 and set(group.pids()).isdisjoint(pids)
         assert result.record["gpus"]["mode"] == "seq" and result.record["gpus"]["gpu_indices"] == [0, 1]
+    finally:
+        group.close()
+
+
+def _bounded(group, seconds, work):
+    """work()'s result or exception; a group still stuck after `seconds` has its workers killed
+    (which ends the call) and fails the test."""
+    import threading
+
+    box: list = []
+
+    def run():
+        try:
+            box.append(work())
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            box.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        for pid in group.pids():
+            os.kill(pid, signal.SIGKILL)
+        thread.join(30)
+        pytest.fail(f"the group was still stuck after {seconds} s")
+    return box[0]
+
+
+def test_seq_load_that_fails_on_one_rank_is_undone_on_every_rank(presets):
+    # Host memory shared by the loading ranks runs out on some of them. A build is collective
+    # (LightX2V makes its device mesh and runs an all-reduce in every build; the fake runs one
+    # collective per load), so a rank that kept its model would skip the next build the others
+    # run and wait for them in another collective for good.
+    spec = p.BackendSpec("fake", {}, per_rank={1: {"host_oom_loads": True}})
+    group = workers.WorkerGroup(spec, (0, 1), seq=True, failure_grace_s=5.0)
+    group.start()
+    try:
+        group.wait_ready(120)
+        backend = workers.RemoteBackend(group, FakeBackend())
+        key = backend.load_key(_spec().memory)
+        with pytest.raises(Exception) as failed:
+            backend.load(key, lambda ph: None)
+        # The job's error is rank 1's own (the ladder steps down by RAM), not rank 0's giving up.
+        assert "host memory" in str(failed.value).lower() or "can't allocate" in str(failed.value), failed.value
+        assert "GPU 1" in str(failed.value)
+        assert group.restarts == 0  # nobody was left waiting in a collective
+        # Rank 0 gave its copy up: the same load again is a build on both ranks (it fails again on
+        # rank 1, in time, instead of rank 0 skipping it and waiting for rank 1 forever).
+        outcome = _bounded(group, 20.0, lambda: backend.load(key, lambda ph: None))
+        assert isinstance(outcome, Exception) and "GPU 1" in str(outcome), outcome
+        assert group.restarts == 0
+        # A build that needs no pinned DiT (the low-RAM rung) loads on both and runs.
+        low = dict(_spec().memory, dit_from_disk=True)
+        model = backend.load(backend.load_key(low), lambda ph: None)
+        assert model.generate(replace(_spec(), memory=low), _hooks([])).dtype == np.uint8
+        assert group.restarts == 0
     finally:
         group.close()

@@ -85,6 +85,7 @@ class FakeBackend:
     generated: list[RunSpec] = field(default_factory=list)
     decoded: list[RunSpec] = field(default_factory=list)  # decode() calls (retries, finishes)
     on_step_hook: Callable[[RunSpec, int], None] | None = None
+    on_load_hook: Callable[[LoadKey], None] | None = None  # runs in every load, before it can fail
     # Whether a tiny VAE "is installed": draft decodes and tiny-VAE previews need one.
     tiny_vae_installed: bool = False
     # Host memory: (preset, rung or "*", phase) triples that run out of (pinned) host memory, loads
@@ -112,6 +113,8 @@ class FakeBackend:
 
     def load(self, key: LoadKey, on_phase: Callable[[Phase], None]) -> "FakeModel":
         on_phase(Phase.LOADING)
+        if self.on_load_hook:
+            self.on_load_hook(key)
         if key in self.fail_loads:
             raise RuntimeError(f"simulated load failure for {dict(key.build_settings)}")
         if self.host_oom_loads and not dict(key.build_settings).get("dit_from_disk"):

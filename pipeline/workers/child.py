@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 COLLECTIVE_TIMEOUT_S = 600
 
 
+class PeerFailed(RuntimeError):
+    """This rank's part went well, but another rank of the group failed (it speaks for the job)."""
+
+
 def main(rank: int, world: int, conn: Any, cancel: Any, backend_spec: p.BackendSpec, env: dict[str, str],
          rendezvous: str | None) -> None:
     """The worker's entry point (multiprocessing 'spawn' target)."""
@@ -72,8 +76,12 @@ class _Worker:
         if world > 1 and backend_spec.kind == "fake":
             # The fake stands for a model whose every step needs all ranks (Ulysses' all-to-all):
             # one collective per step, so a rank that fails leaves the others waiting, as on GPUs.
+            # Its build needs all ranks too (LightX2V's create_generator makes the device mesh and
+            # runs an all-reduce on every rank).
             backend.on_step_hook = self._fake_collective
-        self.cache = PipelineCache(backend)
+            backend.on_load_hook = self._fake_load_collective
+        # A rank rolling back alone after a failed load would build alone: see _get_model.
+        self.cache = PipelineCache(backend, rollback=world == 1)
 
     # -- distributed -----------------------------------------------------------------------------
 
@@ -106,6 +114,31 @@ class _Worker:
 
     def _fake_collective(self, spec: Any, step: int) -> None:
         self._agree(False)
+
+    def _fake_load_collective(self, key: Any) -> None:
+        self._agree(False)
+
+    def _get_model(self, key: Any) -> Any:
+        """The loaded model of `key`. In a sequence-parallel group every rank learns whether the
+        load went well on every rank: a build is collective (the device mesh, an all-reduce), so a
+        rank that kept a model the others lack would skip the next build the others run and wait
+        for them in another collective, for good. Host memory shared by N loading ranks runs out on
+        some of them, not all. When any rank failed, every rank gives its model up."""
+        if self.consensus is None:
+            return self.cache.get(key, self._on_phase)
+        model, failure = None, None
+        try:
+            model = self.cache.get(key, self._on_phase)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank knows
+            failure = exc
+        if not self._agree(failure is not None):
+            return model
+        model = None
+        self.cache.release()
+        if failure is not None:
+            raise failure
+        raise PeerFailed("another GPU of this sequence-parallel group failed to load the model; "
+                         "this one gave its copy up so that every GPU holds the same")
 
     # -- the request loop -------------------------------------------------------------------------
 
@@ -143,13 +176,13 @@ class _Worker:
         from pipeline.backend import RunHooks
 
         if isinstance(request, p.Load):
-            self.cache.get(request.key, self._on_phase)
+            self._get_model(request.key)
             return None
         if isinstance(request, (p.Generate, p.Decode)):
             self.cancel_seen = False
             hooks = RunHooks(on_phase=self._on_phase, on_step=self._on_step, should_stop=self._should_stop,
                              on_preview=self._on_preview, on_latents=self._on_latents)
-            model = self.cache.get(request.key, self._on_phase)
+            model = self._get_model(request.key)
             if isinstance(request, p.Generate):
                 return model.generate(request.spec, hooks)
             return model.decode(request.latents, request.spec, hooks)
@@ -200,6 +233,8 @@ class _Worker:
         readings = self._readings()
         if isinstance(exc, GenerationCancelled):
             return p.Failure(self.rank, p.CANCEL, str(exc), readings, type(exc).__name__)
+        if isinstance(exc, PeerFailed):
+            return p.Failure(self.rank, p.PEER, str(exc), readings, type(exc).__name__)
         if isinstance(exc, DecodeOutOfMemory):
             return p.Failure(self.rank, p.DECODE_OOM, exc.cause, readings, type(exc).__name__,
                              latents=exc.latents if self.rank == 0 else None)

@@ -249,7 +249,7 @@ class WorkerGroup:
                     failed_at = time.monotonic()
                 if failed_at is not None and len(replies) < self.size and \
                         time.monotonic() - failed_at > self.failure_grace_s:
-                    failure = next(r for r in replies.values() if isinstance(r, p.Failure))
+                    failure = _worst([r for r in replies.values() if isinstance(r, p.Failure)])
                     stuck = [self.gpus[i] for i in range(self.size) if i not in replies]
                     # The other ranks wait in a collective for the one that failed; only new
                     # processes get every card back to its level.
@@ -369,9 +369,10 @@ class WorkerGroup:
 
 
 def _worst(failures: list[p.Failure]) -> p.Failure:
-    """The failure that speaks for the job: an error over running out of memory over a cancel;
-    rank 0's among equals (it holds the latents of a decode that ran out of memory)."""
-    order = {p.ERROR: 0, p.HOST_OOM: 1, p.OOM: 2, p.DECODE_OOM: 3, p.CANCEL: 4}
+    """The failure that speaks for the job: an error over running out of memory over a cancel
+    over a rank that gave up only because another failed; rank 0's among equals (it holds the
+    latents of a decode that ran out of memory)."""
+    order = {p.ERROR: 0, p.HOST_OOM: 1, p.OOM: 2, p.DECODE_OOM: 3, p.CANCEL: 4, p.PEER: 5}
     return min(failures, key=lambda f: (order.get(f.kind, 0), f.rank))
 
 

@@ -12,8 +12,12 @@ from pipeline.types import Phase, Preview, RunSpec
 # Environment every worker gets unless the user set the variable: NVLink SHARP (NVLS) multicast
 # and symmetric-memory multicast hang or fail on machines whose fabric manager does not grant
 # multicast objects, and sequence parallelism needs neither.
+# CUDA_DEVICE_ORDER: `--gpus` names cards by NVML's index (nvidia-smi's, PCI bus order), and a
+# worker's CUDA_VISIBLE_DEVICES must name the same card; CUDA's default order (fastest first) may
+# differ on a machine of mixed cards, and the VRAM panel would then read another card than the one
+# the worker runs on.
 WORKER_ENV_DEFAULTS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                       "NVSHMEM_DISABLE_NVLS": "1"}
+                       "NVSHMEM_DISABLE_NVLS": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 
 
 @dataclass(frozen=True)
@@ -116,8 +120,9 @@ class Done:
     describe: dict[str, Any] | None = None
 
 
-# Failure.kind
-CANCEL, DECODE_OOM, OOM, HOST_OOM, ERROR = "cancel", "decode_oom", "oom", "host_oom", "error"
+# Failure.kind. PEER: a rank of a sequence-parallel group whose own part went well gave up because
+# another rank failed (a load that failed on one rank is undone on all); never the job's error.
+CANCEL, DECODE_OOM, OOM, HOST_OOM, ERROR, PEER = "cancel", "decode_oom", "oom", "host_oom", "error", "peer"
 
 
 @dataclass(frozen=True)
