@@ -1126,6 +1126,10 @@ class _Switch:
     def __init__(self) -> None:
         self.on = True
 
+    def record(self, fixes: CompatFixes, name: str, detail: str) -> None:
+        """Record the fusion with undo/redo that flip this switch."""
+        fixes.record(name, detail, undo=lambda: setattr(self, "on", False), redo=lambda: setattr(self, "on", True))
+
 
 def rope_fused(fixes: CompatFixes, transformer_weights: Any, rope_cls: Any, device: str = "cuda") -> None:
     """Not a bug: TorchComplexRope (common/ops/rope/torch_rope.py:59-79, the rope_type LightX2VPipeline
@@ -1182,14 +1186,8 @@ def rope_fused(fixes: CompatFixes, transformer_weights: Any, rope_cls: Any, devi
     for module in modules.values():
         module.apply = fused(module)
 
-    def undo() -> None:
-        switch.on = False
-
-    def redo() -> None:
-        switch.on = True
-
-    fixes.record(name, f"RoPE of q and k: fused_kernels._rope_kernel (complex product form {form}) on "
-                 f"{len(modules)} modules", undo=undo, redo=redo)
+    switch.record(fixes, name, f"RoPE of q and k: fused_kernels._rope_kernel (complex product form {form}) on "
+                  f"{len(modules)} modules")
 
 
 def qk_rms_norm_fused(fixes: CompatFixes, transformer_weights: Any, rms_module: Any) -> None:
@@ -1239,14 +1237,7 @@ def qk_rms_norm_fused(fixes: CompatFixes, transformer_weights: Any, rms_module: 
     for module in modules.values():
         module.apply = fused(module)
 
-    def undo() -> None:
-        switch.on = False
-
-    def redo() -> None:
-        switch.on = True
-
-    fixes.record(name, f"q/k RMSNorm: fused_kernels._rms_norm_kernel on {len(modules)} modules",
-                 undo=undo, redo=redo)
+    switch.record(fixes, name, f"q/k RMSNorm: fused_kernels._rms_norm_kernel on {len(modules)} modules")
 
 
 def method_rewritten(cls: Any, name: str, replacements: tuple[tuple[str, str], ...],
@@ -1312,14 +1303,8 @@ def gate_residual_fused(fixes: CompatFixes, transformer_infer: Any) -> None:
     for method, bound in methods.items():
         setattr(transformer_infer, method, bound)
 
-    def undo() -> None:
-        switch.on = False
-
-    def redo() -> None:
-        switch.on = True
-
-    fixes.record(name, "x += y * gate: fused_kernels._gate_residual_kernel in "
-                 + ", ".join(f"{cls.__name__}.{m}" for m in methods), undo=undo, redo=redo)
+    switch.record(fixes, name, "x += y * gate: fused_kernels._gate_residual_kernel in "
+                 + ", ".join(f"{cls.__name__}.{m}" for m in methods))
 
 
 # -- several GPUs ----------------------------------------------------------------------------------
