@@ -27,19 +27,6 @@ log = logging.getLogger("bench.host_memory")
 GIB = 1024**3
 PROMPT = "A red fox runs through fresh snow at dawn."
 SEED = 3
-_STATUS_FIELDS = ("RssAnon", "RssShmem", "RssFile")
-
-
-def read_status() -> dict[str, int]:
-    out: dict[str, int] = {}
-    with open("/proc/self/status", encoding="ascii", errors="replace") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in _STATUS_FIELDS:
-                out[key] = int(rest.split()[0]) * 1024
-    return out
-
-
 class PhasePeaks:
     """Peaks of every part per phase, sampled on a thread until `stop()`."""
 
@@ -61,13 +48,12 @@ class PhasePeaks:
     def sample(self) -> None:
         from pipeline.machine import hostmem
 
-        reading = read_status()
-        mapped = hostmem.device_mapped_bytes()
-        process = hostmem.read_process(mapped)
-        reading["pinned"] = hostmem.pinned_bytes() or 0
-        if process is not None:
-            reading["must_hold"] = process.must_hold_bytes
-            reading["file_backed"] = process.reclaimable_bytes
+        process = hostmem.read_process(hostmem.device_mapped_bytes())
+        if process is None:
+            return
+        reading = {"RssAnon": process.anon_bytes, "RssShmem": process.shmem_bytes, "RssFile": process.file_bytes,
+                   "pinned": process.pinned_bytes or 0, "must_hold": process.must_hold_bytes,
+                   "file_backed": process.reclaimable_bytes}
         slot = self.peaks.setdefault(self.phase, {})
         for key, value in reading.items():
             slot[key] = max(slot.get(key, 0), value)
