@@ -15,7 +15,6 @@ tries that leanest rung (predictions can be pessimistic), and the ladder reports
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
 from typing import Callable, Hashable, Mapping
 
@@ -71,39 +70,11 @@ class PresetForecast:
             return None
         return self.ram_available_gib - self.start.predicted_host_gib
 
-    def what_to_free(self) -> str:
-        """For WONT_FIT: what is short, by how much, and what to do about it."""
-        parts, advice = [], []
-        if "GPU memory" in self.short_of and self.start.predicted_gib is not None and self.available_gib is not None:
-            parts.append(f"{self.start.predicted_gib - self.available_gib:.1f} GiB more GPU memory")
-            advice.append("close programs that use the GPU (browsers with hardware acceleration, games)")
-        if "system RAM" in self.short_of and self.start.predicted_host_gib is not None \
-                and self.ram_available_gib is not None:
-            parts.append(f"{self.start.predicted_host_gib - self.ram_available_gib:.1f} GiB more system RAM")
-            advice.append("close large programs to free RAM")
-        need = " and ".join(parts) or "more memory"
-        return (f"even {self.start.label}, the leanest settings, needs {need}: "
-                f"{' or '.join(advice) or 'free memory'}, or pick a smaller preset")
-
     @property
     def margin_gib(self) -> float | None:
         if self.available_gib is None or self.start.predicted_gib is None:
             return None
         return self.available_gib - self.start.predicted_gib
-
-    def describe(self) -> str:
-        p = self.start.predicted_gib
-        pred = "no prediction" if p is None else f"~{p:.1f} GiB" + (
-            " (measured here)" if self.start.measured_here else "")
-        if self.fit is Fit.UNKNOWN:
-            return f"{self.preset}: {pred}; no GPU reading"
-        if self.fit is Fit.WONT_FIT:
-            return f"{self.preset}: won't fit; {self.what_to_free()}"
-        avail = f"{self.available_gib:.1f} GiB available"
-        if self.fit is Fit.STEPS_DOWN:
-            return (f"{self.preset}: {avail}; will start on {self.start.preset.name}/"
-                    f"{self.start.memory.name} ({pred})")
-        return f"{self.preset}: {self.fit.value}, {pred} of {avail}, '{self.start.memory.name}' settings"
 
 
 def fits(rung: Rung, available_gib: float | None, ram_gib: float | None,
@@ -226,21 +197,6 @@ class Planner:
             fit = Fit.TIGHT
         return PresetForecast(preset_name, fit, start, available_gib,
                               seconds.get((start.preset.name, start.memory.name)), ram_available_gib=ram_gib)
-
-
-def oom_bound_gib(peak_gib: float | None, detail: str) -> float | None:
-    """An upper bound on the memory this process could really use, learnt from an OOM: the peak
-    it reached plus the allocation that did not fit ("Tried to allocate 740.00 MiB"). None when
-    the failure carries no peak (no CUDA reading)."""
-    if peak_gib is None:
-        return None
-    match = _TRIED.search(detail or "")
-    tried = float(match.group(1)) * _UNITS[match.group(2)] if match else 0.0
-    return peak_gib + tried
-
-
-_TRIED = re.compile(r"Tried to allocate ([\d.]+) ?(GiB|MiB|KiB|B)\b")
-_UNITS = {"GiB": 1.0, "MiB": 1 / 1024, "KiB": 1 / 1024**2, "B": 1 / 1024**3}
 
 
 def replan(ladder: list[Rung], failed: Rung, tried: set[tuple[str, str]],

@@ -26,7 +26,7 @@ from pipeline.errors import GenerationCancelled, InvalidRequest, LatentsError, O
 from pipeline.store.history import History, HistoryEntry
 from pipeline.store.outputs import OutputStore, read_record
 from pipeline.store.records import job_record, preview_record
-from pipeline.planner import RAM_ONLY_SETTINGS, Planner, PresetForecast, Rung, oom_bound_gib, replan
+from pipeline.planner import RAM_ONLY_SETTINGS, Planner, PresetForecast, Rung, replan
 from pipeline.types import (LEAN_DECODE_SUFFIX, Attempt, FinishRequest, GenerationRequest,
                             GenerationResult, Phase, Preview, PreviewKind, ProgressEvent, RunSpec)
 from presets import PresetBook
@@ -412,7 +412,7 @@ class VideoService:
                 # reading, and what a GPU OOM itself proved (its peak plus the allocation that
                 # failed; a host failure's GPU peak bounds nothing); system RAM read again too.
                 reading = self.available_gib()[1]
-                learnt = None if host else oom_bound_gib(outcome.failure.peak_gib, outcome.failure.detail)
+                learnt = None if host else gpu.oom_bound_gib(outcome.failure.peak_gib, outcome.failure.detail)
                 free_bound = _min_known(free_bound, reading, learnt)
                 ram_bound = _min_known(ram_bound, self.ram_reader())
                 queue = replan(ladder, rung, tried, free_bound, self._key, loads.current,

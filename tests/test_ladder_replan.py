@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline.backends.fake import FakeBackend
-from pipeline.planner import Planner, oom_bound_gib, replan
+from pipeline.machine.gpu import oom_bound_gib
+from pipeline.planner import Planner, replan
 from pipeline.types import GenerationRequest, Phase
 from tests.conftest import FakeNvml
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pipeline.planner import Fit, Planner
 from presets import load_presets
+from ui.memory_panel import what_to_free
 
 
 def planner():
@@ -52,7 +53,6 @@ def test_forecast_verdicts():
     assert round(tight.margin_gib, 2) == 0.2
     down = p.forecast("720x1280x81", lean - 0.1)
     assert down.fit is Fit.STEPS_DOWN and down.start.preset.name == "480x832x81"
-    assert f"will start on 480x832x81/{down.start.memory.name}" in down.describe()
     assert p.forecast("720x1280x81", None).fit is Fit.UNKNOWN
 
 
@@ -93,15 +93,15 @@ def test_wont_fit_names_the_leanest_rung_and_what_to_free():
     low = p.forecast("480x832x49", 2.0)
     assert low.fit is Fit.WONT_FIT and low.short_of == ("GPU memory",)
     assert low.start.label == "480x832x49/lean"  # the leanest GPU settings that keep RAM use low
-    text = low.describe()
-    assert "won't fit" in text and "0.9 GiB more GPU memory" in text
+    text = what_to_free(low)
+    assert "0.9 GiB more GPU memory" in text
     assert "close programs that use the GPU" in text and "smaller preset" in text
     assert "step down" not in text
     assert p.plan("480x832x49", 2.0) and names(p.plan("480x832x49", 2.0)) == ["480x832x49/lean"]
     # Not enough RAM even for the low-RAM rung.
     ram = p.forecast("720x1280x81", 11.0, ram_gib=6.0)
     assert ram.fit is Fit.WONT_FIT and ram.short_of == ("system RAM",)
-    assert ram.start.label == "480x832x49/low-ram" and "3.5 GiB more system RAM" in ram.describe()
+    assert ram.start.label == "480x832x49/low-ram" and "3.5 GiB more system RAM" in what_to_free(ram)
     both = p.forecast("480x832x49", 1.0, ram_gib=6.0)
     assert both.short_of == ("GPU memory", "system RAM")
 
@@ -125,4 +125,4 @@ def test_without_a_gpu_reading_ram_alone_can_say_wont_fit():
     # ...but 6 GiB of RAM is too little even for the low-RAM rung, and the forecast says so.
     ram = p.forecast("720x1280x81", None, ram_gib=6.0)
     assert ram.fit is Fit.WONT_FIT and ram.short_of == ("system RAM",)
-    assert ram.start.label == "480x832x49/low-ram" and "more system RAM" in ram.describe()
+    assert ram.start.label == "480x832x49/low-ram" and "more system RAM" in what_to_free(ram)

@@ -60,6 +60,21 @@ def _ram_cell(f: PresetForecast) -> str:
     return text
 
 
+def what_to_free(f: PresetForecast) -> str:
+    """For WONT_FIT: what is short, by how much, and what to do about it."""
+    parts, advice = [], []
+    if "GPU memory" in f.short_of and f.start.predicted_gib is not None and f.available_gib is not None:
+        parts.append(f"{f.start.predicted_gib - f.available_gib:.1f} GiB more GPU memory")
+        advice.append("close programs that use the GPU (browsers with hardware acceleration, games)")
+    if "system RAM" in f.short_of and f.start.predicted_host_gib is not None \
+            and f.ram_available_gib is not None:
+        parts.append(f"{f.start.predicted_host_gib - f.ram_available_gib:.1f} GiB more system RAM")
+        advice.append("close large programs to free RAM")
+    need = " and ".join(parts) or "more memory"
+    return (f"even {f.start.label}, the leanest settings, needs {need}: "
+            f"{' or '.join(advice) or 'free memory'}, or pick a smaller preset")
+
+
 def format_forecasts(forecasts: list[PresetForecast], labels: dict[str, str]) -> str:
     # Short headers: the verdict column takes the width, and long headers broke mid-word there.
     rows = ["| preset | GPU peak | RAM | will it run? | time |", "|---|---|---|---|---|"]
@@ -75,7 +90,7 @@ def format_forecasts(forecasts: list[PresetForecast], labels: dict[str, str]) ->
         if f.fit is Fit.STEPS_DOWN:
             verdict += f" to {f.start.preset.name}/{f.start.memory.name}"
         elif f.fit is Fit.WONT_FIT:
-            verdict += f": {f.what_to_free()}"
+            verdict += f": {what_to_free(f)}"
         elif f.fit is not Fit.UNKNOWN:
             verdict += f" ('{f.start.memory.name}', margin {f.margin_gib:+.1f} GiB)"
         rows.append(f"| {labels.get(f.preset, f.preset)} | {pred} | {_ram_cell(f)} | {verdict} | "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import sys
 import threading
 import time
@@ -54,6 +55,21 @@ def is_oom(exc: BaseException) -> bool:
                 marker in str(current).lower() for marker in _OOM_MARKERS):
             return True
     return False
+
+
+def oom_bound_gib(peak_gib: float | None, detail: str) -> float | None:
+    """An upper bound on the memory this process could really use, learnt from an OOM: the peak
+    it reached plus the allocation that did not fit ("Tried to allocate 740.00 MiB"). None when
+    the failure carries no peak (no CUDA reading)."""
+    if peak_gib is None:
+        return None
+    match = _TRIED.search(detail or "")
+    tried = float(match.group(1)) * _UNITS[match.group(2)] if match else 0.0
+    return peak_gib + tried
+
+
+_TRIED = re.compile(r"Tried to allocate ([\d.]+) ?(GiB|MiB|KiB|B)\b")
+_UNITS = {"GiB": 1.0, "MiB": 1 / 1024, "KiB": 1 / 1024**2, "B": 1 / 1024**3}
 
 
 def drop_frame_locals(exc: BaseException) -> BaseException:
