@@ -27,7 +27,7 @@ from pipeline.store.history import History, HistoryEntry
 from pipeline.store.outputs import OutputStore, read_record
 from pipeline.store.records import job_record, preview_record
 from pipeline.planner import RAM_ONLY_SETTINGS, Planner, PresetForecast, Rung, replan
-from pipeline.types import (LEAN_DECODE_SUFFIX, Attempt, FinishRequest, GenerationRequest,
+from pipeline.types import (HOST_OOM, LEAN_DECODE_SUFFIX, Attempt, FinishRequest, GenerationRequest,
                             GenerationResult, Phase, Preview, PreviewKind, ProgressEvent, RunSpec)
 from presets import PresetBook
 
@@ -140,9 +140,7 @@ class _Loads:
             return "first load" if self.cache.key is None else "these settings need another build"
         changed = _changed_settings(self.current, key)
         failed = next((a for a in reversed(attempts) if a.outcome != "ok"), None)
-        why = (f"{failed.preset}/{failed.rung} ran out of "
-               f"{'system RAM' if failed.outcome == HOST_OOM else 'GPU memory'}"
-               f"{' in ' + failed.phase if failed.phase else ''}" if failed else "the last rung failed")
+        why = failed.shortfall() if failed else "the last rung failed"
         free = f", about {free_gib:.1f} GiB is really free" if free_gib is not None else ""
         return (f"reloading the weights with {changed} for {rung.preset.name}/{rung.memory.name} "
                 f"({why}{free})")
@@ -673,10 +671,6 @@ class VideoService:
             vram={"gpu": gpu_name, "available_at_start_gib": _round(available), "cap_gib": self.vram_cap_gib,
                   "predicted_peak_gib": chosen.predicted_gib, **vram},
             argv=self.command_line, placement=self.placement() if self.placement is not None else None)
-
-
-# Attempt.outcome of a rung whose host allocation (pageable or pinned) failed.
-HOST_OOM = "out of host memory"
 
 
 def _ram_available_gib() -> float | None:

@@ -122,17 +122,6 @@ class ProgressEvent:
     message: str = ""
     preview: Preview | None = field(default=None, compare=False)
 
-    @property
-    def fraction(self) -> float:
-        """Overall progress 0..1, weighting the phases roughly by their share of a 480p run."""
-        weights = {Phase.QUEUED: 0.0, Phase.LOADING: 0.0, Phase.TEXT_ENCODING: 0.02,
-                   Phase.DENOISING: 0.05, Phase.DECODING: 0.85, Phase.ENCODING: 0.95,
-                   Phase.DONE: 1.0}
-        base = weights[self.phase]
-        if self.phase is Phase.DENOISING and self.total:
-            return base + 0.78 * self.step / self.total
-        return base
-
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -154,16 +143,25 @@ class RunSpec:
     draft: bool = False  # decode with the tiny VAE
 
 
+# Attempt.outcome of a rung whose host allocation (pageable or pinned) failed.
+HOST_OOM = "out of host memory"
+
+
 @dataclass(frozen=True)
 class Attempt:
     """One rung tried by the OOM ladder, as recorded and shown to the user."""
 
     preset: str
     rung: str
-    outcome: str  # "ok" | "out of memory" (GPU) | "out of host memory" (system RAM, pinned memory)
+    outcome: str  # "ok" | "out of memory" (GPU) | HOST_OOM (system RAM, pinned memory)
     phase: str = ""
     detail: str = ""
     peak_gib: float | None = None
+
+    def shortfall(self) -> str:
+        """What ran out where, for messages: "<preset>/<rung> ran out of GPU memory in <phase>"."""
+        what = "system RAM" if self.outcome == HOST_OOM else "GPU memory"
+        return f"{self.preset}/{self.rung} ran out of {what}{' in ' + self.phase if self.phase else ''}"
 
 
 @dataclass(frozen=True)
@@ -180,17 +178,3 @@ class GenerationResult:
     @property
     def fell_back(self) -> bool:
         return len(self.attempts) > 1
-
-    def fallback_summary(self) -> str:
-        """One sentence for the UI: what failed and what ran instead; empty when nothing failed."""
-        failed = [a for a in self.attempts if a.outcome != "ok"]
-        if not failed:
-            return ""
-        tried = "; ".join(f"{a.preset}/{a.rung} ran out of "
-                          f"{'system RAM' if a.outcome == 'out of host memory' else 'GPU memory'}"
-                          f"{' in ' + a.phase if a.phase else ''}" for a in failed)
-        ok = self.attempts[-1]
-        if ok.rung.endswith(LEAN_DECODE_SUFFIX) and ok.preset == failed[-1].preset:
-            return (f"{tried}. The denoising steps had finished, so only the decode ran again, "
-                    f"on the leanest VAE settings (tiled, offloaded): same clip, no steps re-run.")
-        return f"{tried}. Ran {ok.preset} on the '{ok.rung}' memory settings instead."

@@ -9,6 +9,7 @@ from pipeline.errors import OutOfVRAM
 from pipeline.planner import Fit
 from pipeline.types import GenerationRequest, Phase
 from tests.conftest import FakeNvml
+from ui.handlers import fallback_summary
 
 
 def request(preset="480x832x49", seed=7):
@@ -23,7 +24,7 @@ def test_load_running_out_of_ram_steps_down_to_the_low_ram_rung(make_service):
     # fast fails its load on host memory; tiled-vae and lean need as much RAM and are skipped.
     assert tried == [("fast", "out of host memory"), ("low-ram", "ok")]
     assert result.record["rung_used"] == "low-ram" and result.record["memory_settings"]["dit_from_disk"]
-    assert "ran out of system RAM" in result.fallback_summary()
+    assert "ran out of system RAM" in fallback_summary(result)
     assert result.video_path.exists()
 
 

@@ -11,6 +11,7 @@ from pipeline.machine.gpu import oom_bound_gib
 from pipeline.planner import Planner, replan
 from pipeline.types import GenerationRequest, Phase
 from tests.conftest import FakeNvml
+from ui.handlers import fallback_summary
 
 GIB = 1024**3
 
@@ -165,7 +166,7 @@ def test_memory_that_vanishes_mid_click_is_read_again_and_rungs_that_cannot_fit_
     assert key_runs(backend.loads) == ["block", "phase"]
     reason = result.record["loads"][1]["reason"]
     assert "offload_granularity=phase" in reason and "about 4.5 GiB is really free" in reason
-    assert "reloading the weights" in result.fallback_summary() or result.fell_back
+    assert "reloading the weights" in fallback_summary(result) or result.fell_back
 
 
 def test_the_status_line_says_when_and_why_the_weights_reload(make_service):

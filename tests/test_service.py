@@ -13,6 +13,7 @@ from pipeline.backends.fake import FakeBackend
 from pipeline.store.outputs import read_mp4_record
 from pipeline.types import GenerationRequest, Phase
 from tests.conftest import FakeNvml
+from ui.handlers import fallback_summary, progress_fraction
 
 
 def request(preset="480x832x49", seed=42, prompt="A man plays a red electric guitar."):
@@ -61,7 +62,7 @@ def test_success_writes_video_record_and_history(make_service):
     assert sidecar["preview"]["kind"] == "linear" and sidecar["preview"]["count"] == 4
     assert sidecar["draft"] is False and sidecar["decode"] == "full VAE"
     assert sidecar["latents"] and (result.video_path.parent / sidecar["latents"]).is_file()
-    fractions = [e.fraction for e in events]
+    fractions = [progress_fraction(e) for e in events]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
 
 
@@ -79,7 +80,7 @@ def test_oom_steps_down_the_explicit_ladder_and_records_every_rung(make_service)
         ("480x832x81", "lean", "ok", ""),
     ]
     assert result.preset_used == "480x832x81" and result.fell_back
-    summary = result.fallback_summary()
+    summary = fallback_summary(result)
     assert "720x1280x81/chunked-rope ran out of GPU memory in denoising" in summary
     assert summary.endswith("Ran 480x832x81 on the 'lean' memory settings instead.")
     record = json.loads(result.record_path.read_text())
@@ -130,8 +131,8 @@ def test_decode_oom_keeps_latents_and_retries_decode_only(make_service):
     assert result.record["rung_used"] == "fast+lean-decode"
     assert {k: result.record["memory_settings"][k] for k in ("vae_tiling", "vae_offload")} == {
         "vae_tiling": True, "vae_offload": True}
-    assert "only the decode ran again" in result.fallback_summary()
-    assert "Ran 480x832x49 on" not in result.fallback_summary()
+    assert "only the decode ran again" in fallback_summary(result)
+    assert "Ran 480x832x49 on" not in fallback_summary(result)
 
 
 def test_decode_that_fails_even_lean_skips_rungs_that_differ_only_in_vae(make_service):

@@ -24,9 +24,9 @@ from pipeline.store.history import History, HistoryEntry
 from pipeline.jobs import Job, JobQueue
 from pipeline.store.outputs import OutputStore, read_record
 from pipeline.service import VideoService
-from pipeline.types import (MAX_PROMPT_CHARS, MAX_SEED, TEXT_ENCODER_MAX_TOKENS, FinishRequest,
-                            GenerationRequest, GenerationResult, Phase, Preview, PreviewKind,
-                            ProgressEvent, prompt_token_estimate)
+from pipeline.types import (LEAN_DECODE_SUFFIX, MAX_PROMPT_CHARS, MAX_SEED, TEXT_ENCODER_MAX_TOKENS,
+                            FinishRequest, GenerationRequest, GenerationResult, Phase, Preview,
+                            PreviewKind, ProgressEvent, prompt_token_estimate)
 from presets import PresetBook
 from ui.memory_panel import format_forecasts, format_memory, timeline_note, timeline_rows
 
@@ -96,7 +96,7 @@ def as_alert(exc: BaseException) -> Exception:
 def warn_if_fell_back(result: GenerationResult) -> None:
     """A run that stepped down the OOM ladder says so: what failed and what ran instead."""
     if result.fell_back:
-        gr.Warning(result.fallback_summary(), duration=None, title="Ran a smaller setting")
+        gr.Warning(fallback_summary(result), duration=None, title="Ran a smaller setting")
 
 
 def failure_status(exc: BaseException, alert: Exception) -> str:
@@ -194,6 +194,30 @@ def prompt_hint(prompt: Any) -> str:
         return (f"⚠️ {chars}, about {tokens} tokens: the text encoder reads only the first "
                 f"{TEXT_ENCODER_MAX_TOKENS}; the rest is ignored.")
     return chars
+
+
+def progress_fraction(event: ProgressEvent) -> float:
+    """Overall progress 0..1, weighting the phases roughly by their share of a 480p run."""
+    weights = {Phase.QUEUED: 0.0, Phase.LOADING: 0.0, Phase.TEXT_ENCODING: 0.02,
+               Phase.DENOISING: 0.05, Phase.DECODING: 0.85, Phase.ENCODING: 0.95,
+               Phase.DONE: 1.0}
+    base = weights[event.phase]
+    if event.phase is Phase.DENOISING and event.total:
+        return base + 0.78 * event.step / event.total
+    return base
+
+
+def fallback_summary(result: GenerationResult) -> str:
+    """One sentence: what failed and what ran instead; empty when nothing failed."""
+    failed = [a for a in result.attempts if a.outcome != "ok"]
+    if not failed:
+        return ""
+    tried = "; ".join(a.shortfall() for a in failed)
+    ok = result.attempts[-1]
+    if ok.rung.endswith(LEAN_DECODE_SUFFIX) and ok.preset == failed[-1].preset:
+        return (f"{tried}. The denoising steps had finished, so only the decode ran again, "
+                f"on the leanest VAE settings (tiled, offloaded): same clip, no steps re-run.")
+    return f"{tried}. Ran {ok.preset} on the '{ok.rung}' memory settings instead."
 
 
 def describe_event(event: ProgressEvent) -> str:

@@ -132,7 +132,7 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
                     prefix = f"Clip {number} of {len(jobs)} (seed {job.request.seed}). " if len(jobs) > 1 else ""
                     last_preview = None
                     async for event in h.follow_job(ctx, job):
-                        progress(event.fraction, desc=h.describe_event(event))
+                        progress(h.progress_fraction(event), desc=h.describe_event(event))
                         update = {status: prefix + h.describe_event(event), seed: job.request.seed}
                         if event.preview is not None:
                             # Written off the event loop: an image encode per step.
@@ -149,7 +149,7 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
                     items = await asyncio.to_thread(h.gallery_items, ctx.history, ctx.service.outputs)
                     yield {seed: job.request.seed, video: str(result.video_path),
                            status: prefix + h.result_summary(result.record) + (
-                               "\n\n⚠️ " + result.fallback_summary() if result.fell_back else ""),
+                               "\n\n⚠️ " + h.fallback_summary(result) if result.fell_back else ""),
                            record_view: json.dumps(result.record, indent=2, default=str),
                            gallery: items,
                            plot: _timeline_frame(rows), plot_note: h.timeline_note(True, rows),
@@ -238,7 +238,7 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
                 job = ctx.jobs.submit(finish_request, owner=request.session_hash)
                 prefix = f"Finishing #{finish_request.job_id} at full quality. "
                 async for event in h.follow_job(ctx, job):
-                    progress(event.fraction, desc=h.describe_event(event))
+                    progress(h.progress_fraction(event), desc=h.describe_event(event))
                     yield {status: prefix + h.describe_event(event)}
                 if job.error is not None:
                     raise job.error
