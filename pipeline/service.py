@@ -25,7 +25,7 @@ from pipeline.cache import PipelineCache
 from pipeline.errors import GenerationCancelled, InvalidRequest, LatentsError, OutOfVRAM, StudioError
 from pipeline.store.history import History, HistoryEntry
 from pipeline.store.outputs import OutputStore, read_record
-from pipeline.store.records import job_record, preview_record
+from pipeline.store.records import job_record
 from pipeline.planner import RAM_ONLY_SETTINGS, Planner, PresetForecast, Rung, replan
 from pipeline.types import (HOST_OOM, LEAN_DECODE_SUFFIX, Attempt, FinishRequest, GenerationRequest,
                             GenerationResult, Phase, Preview, PreviewKind, ProgressEvent, RunSpec)
@@ -423,25 +423,12 @@ class VideoService:
                 raise OutOfVRAM(self._exhausted_message(request.preset, attempts), tuple(attempts))
             peak = self.monitor.torch.peak_reserved_gib()
             clock.phase(Phase.ENCODING)
-        rung_label = success.label or chosen.memory.name
-        memory = success.memory or chosen.memory.settings()
-        # The sampler has stopped: the timeline covers the GPU work, and the record can carry it.
-        record = self._record(job_id, request, chosen, rung_label, memory, attempts, available,
-                              gpu_name, loads.before, sampler.timeline.as_record(),
-                              success.frames.shape)
-        record["host_memory"] = {"available_at_start_gib": _round(ram),
-                                 "predicted_must_hold_gib": chosen.predicted_host_gib,
-                                 **sampler.timeline.host.as_record()}
-        record.update(self._extras(request.draft, kept, loads))
-        # Up to the mp4 encode, which the record precedes (the sidecar adds the encode time).
-        record["timings_s"] = clock.snapshot(include_current=False)
-        stem = self.outputs.new_stem(job_id, chosen.preset.name, request.seed)
-        video, sidecar = self.outputs.save(stem, success.frames, chosen.preset.fps, record,
-                                           latents=success.latents if success.latents is not None
-                                           else kept.latents)
-        # What the user is shown is exactly what was saved (the sidecar adds the mp4 encode time).
-        record = json.loads(sidecar.read_text(encoding="utf-8"))
-        timings = clock.finish()
+        host_memory = {"available_at_start_gib": _round(ram), "predicted_must_hold_gib": chosen.predicted_host_gib,
+                       **sampler.timeline.host.as_record()}
+        result, timings = self._save(job_id, request, chosen, success, attempts, peak=peak, clock=clock,
+                                     sampler=sampler, loads=loads, kept=kept, gpu_name=gpu_name,
+                                     available=available, host_memory=host_memory,
+                                     latents=success.latents if success.latents is not None else kept.latents)
         if success.label is None and not request.draft:
             # The time estimate excludes the one-off weight load and counts only clean runs (a
             # draft decode is quicker and leaner than the clip's full decode). Without a GPU peak
@@ -452,19 +439,42 @@ class VideoService:
                 self._measure(gpu_name, chosen, peak, seconds)
             else:
                 self._measure(self._no_gpu_key(), chosen, None, seconds)
-        self.history.finish_job(job_id, preset_used=chosen.preset.name, rung_used=rung_label,
+        return result
+
+    def _save(self, job_id: int, request: GenerationRequest, rung: Rung, outcome: _Outcome,
+              attempts: list[Attempt], *, peak: float | None, clock: _PhaseClock, sampler: gpu.VramSampler,
+              loads: _Loads, kept: _Kept, gpu_name: str | None, available: float | None,
+              host_memory: dict[str, Any] | None, latents: Any,
+              **source: Any) -> tuple[GenerationResult, dict[str, Any]]:
+        """Write the clip, its record (`source`: what a finish carries over from its source clip)
+        and latents, and finish the job in the history. Returns the result and the timings."""
+        label = outcome.label or rung.memory.name
+        # The sampler has stopped: the timeline covers the GPU work, and the record can carry it.
+        record = job_record(
+            job_id=job_id, request=request, preset=rung.preset, rung_label=label,
+            memory=outcome.memory or rung.memory.settings(), attempts=attempts,
+            frames_shape=outcome.frames.shape, model=self.cache.backend.describe(),
+            weights_loaded=self.cache.loads > loads.before, load_seconds=self.cache.last_load_seconds,
+            vram={"gpu": gpu_name, "available_at_start_gib": _round(available), "cap_gib": self.vram_cap_gib,
+                  "predicted_peak_gib": rung.predicted_gib, **sampler.timeline.as_record()},
+            host_memory=host_memory, argv=self.command_line,
+            placement=self.placement() if self.placement is not None else None,
+            tiny_vae=self.cache.backend.tiny_vae(), previews=kept.previews, loads=loads.records,
+            timings=clock.snapshot(include_current=False))
+        record.update(source)
+        stem = self.outputs.new_stem(job_id, rung.preset.name, request.seed)
+        video, sidecar = self.outputs.save(stem, outcome.frames, rung.preset.fps, record, latents=latents)
+        # What the user is shown is exactly what was saved (the sidecar adds the mp4 encode time).
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+        timings = clock.finish()
+        self.history.finish_job(job_id, preset_used=rung.preset.name, rung_used=label,
                                 video_path=video, record_path=sidecar, peak_gib=_round(peak),
                                 seconds=timings["total"], attempts=[asdict(a) for a in attempts])
         return GenerationResult(video_path=video, record_path=sidecar, record=record,
-                                attempts=tuple(attempts))
+                                attempts=tuple(attempts)), timings
 
     def _key(self, rung: Rung) -> LoadKey:
         return self.cache.backend.load_key(rung.memory.settings())
-
-    def _extras(self, draft: bool, kept: "_Kept", loads: "_Loads") -> dict[str, Any]:
-        tiny = self.cache.backend.tiny_vae()
-        return {"draft": draft, "decode": f"draft: tiny VAE ({tiny})" if draft else "full VAE",
-                "preview": preview_record(kept.previews), "loads": loads.records}
 
     # -- finish at full quality ----------------------------------------------------------------
     def _finishable(self, request: FinishRequest) -> tuple[HistoryEntry, dict[str, Any]]:
@@ -534,22 +544,11 @@ class VideoService:
                                 f"try again; the draft clip is untouched.", tuple(attempts))
             peak = self.monitor.torch.peak_reserved_gib()
             clock.phase(Phase.ENCODING)
-        record = self._record(job_id, request, rung, outcome.label or rung.memory.name,
-                              outcome.memory or rung.memory.settings(), attempts, available, gpu_name,
-                              loads.before, sampler.timeline.as_record(), outcome.frames.shape)
-        record.update(self._extras(False, kept, loads), finished_from_job=entry.id,
-                      preset_requested=source.get("preset_requested", request.preset),
-                      prompt_truncated=source.get("prompt_truncated", record["prompt_truncated"]))
-        record["timings_s"] = clock.snapshot(include_current=False)
-        stem = self.outputs.new_stem(job_id, rung.preset.name, entry.seed)
-        video, sidecar = self.outputs.save(stem, outcome.frames, rung.preset.fps, record, latents=latents)
-        record = json.loads(sidecar.read_text(encoding="utf-8"))
-        timings = clock.finish()
-        self.history.finish_job(job_id, preset_used=rung.preset.name, rung_used=record["rung_used"],
-                                video_path=video, record_path=sidecar, peak_gib=_round(peak),
-                                seconds=timings["total"], attempts=[asdict(a) for a in attempts])
-        return GenerationResult(video_path=video, record_path=sidecar, record=record,
-                                attempts=tuple(attempts))
+        result, _ = self._save(job_id, request, rung, outcome, attempts, peak=peak, clock=clock,
+                               sampler=sampler, loads=loads, kept=kept, gpu_name=gpu_name, available=available,
+                               host_memory=None, latents=latents, finished_from_job=entry.id,
+                               **{k: source[k] for k in ("preset_requested", "prompt_truncated") if k in source})
+        return result
 
     def _no_gpu_key(self) -> str:
         """What the times of runs without a GPU reading are kept under, in place of a GPU name."""
@@ -573,34 +572,13 @@ class VideoService:
         spec = self._spec(request, rung)
         key = self.cache.backend.load_key(spec.memory)
         self.monitor.torch.reset_peak()
-        model: LoadedModel | None = None
-        failure: Attempt | None = None
-        error: BaseException | None = None
-        latents = None
-        phase = Phase.LOADING
-        try:
-            model = self.cache.get(key, hooks.on_phase)
+
+        def run(model: LoadedModel) -> _Outcome:
             if hooks.should_stop():
                 raise GenerationCancelled("Cancelled while the model loaded; nothing ran.")
-            phase = Phase.TEXT_ENCODING
             return _Outcome(frames=model.generate(spec, hooks))
-        except DecodeOutOfMemory as exc:
-            latents = exc.latents
-            failure = Attempt(rung.preset.name, rung.memory.name, "out of memory",
-                              Phase.DECODING.value, exc.cause, _round(self.monitor.torch.peak_reserved_gib()))
-        except BaseException as exc:
-            if gpu.is_oom(exc):
-                failure = Attempt(rung.preset.name, rung.memory.name,
-                                  HOST_OOM if hostmem.is_host_oom(exc) else "out of memory",
-                                  _current_phase(hooks) or phase.value, _short(exc),
-                                  _round(self.monitor.torch.peak_reserved_gib()))
-            else:
-                error = gpu.drop_frame_locals(exc)
-        # Recovery runs here, outside the except block, once the failed run's frames are gone.
-        self._recover(model)
-        if error is not None:
-            raise error
-        return _Outcome(failure=failure, latents=latents)
+
+        return self._guarded(rung, rung.memory.name, key, hooks, run)
 
     def _retry_decode(self, request: GenerationRequest, rung: Rung, memory: dict[str, Any],
                       hooks: RunHooks, latents: Any) -> _Outcome:
@@ -615,25 +593,41 @@ class VideoService:
                      hooks: RunHooks, latents: Any, label: str, key: LoadKey, draft: bool,
                      reset_peak: bool = False) -> _Outcome:
         spec = replace(self._spec(request, rung), memory=memory, draft=draft, preview=None)
-        model: LoadedModel | None = None
-        failure: Attempt | None = None
-        error: BaseException | None = None
         if reset_peak:
             self.monitor.torch.reset_peak()  # a finish is its own job; a retry's peak includes its steps
+        return self._guarded(rung, label, key, hooks, lambda model: _Outcome(
+            frames=model.decode(latents, spec, hooks), memory=memory, label=label), decode_only=True)
+
+    def _guarded(self, rung: Rung, label: str, key: LoadKey, hooks: RunHooks,
+                 work: Callable[[LoadedModel], _Outcome], decode_only: bool = False) -> _Outcome:
+        """`work` on the model for `key`. Running out of memory becomes the failed attempt (the
+        final latents kept when only the decode ran out); any other error is raised. `decode_only`:
+        whatever ran out, it is recorded as the decode's GPU memory."""
+        model: LoadedModel | None = None
+        outcome = _Outcome()
+        error: BaseException | None = None
         try:
             model = self.cache.get(key, hooks.on_phase)
-            return _Outcome(frames=model.decode(latents, spec, hooks), memory=memory, label=label)
+            return work(model)
         except BaseException as exc:
-            if isinstance(exc, DecodeOutOfMemory) or gpu.is_oom(exc):
-                failure = Attempt(rung.preset.name, label, "out of memory", Phase.DECODING.value,
-                                  exc.cause if isinstance(exc, DecodeOutOfMemory) else _short(exc),
-                                  _round(self.monitor.torch.peak_reserved_gib()))
+            peak = _round(self.monitor.torch.peak_reserved_gib())
+            if isinstance(exc, DecodeOutOfMemory):
+                outcome.latents = exc.latents
+                outcome.failure = Attempt(rung.preset.name, label, "out of memory", Phase.DECODING.value,
+                                          exc.cause, peak)
+            elif gpu.is_oom(exc):
+                host = hostmem.is_host_oom(exc) and not decode_only
+                phase = Phase.DECODING.value if decode_only else _current_phase(hooks) or (
+                    Phase.LOADING if model is None else Phase.TEXT_ENCODING).value
+                outcome.failure = Attempt(rung.preset.name, label, HOST_OOM if host else "out of memory",
+                                          phase, _short(exc), peak)
             else:
                 error = gpu.drop_frame_locals(exc)
+        # Recovery runs here, outside the except block, once the failed run's frames are gone.
         self._recover(model)
         if error is not None:
             raise error
-        return _Outcome(failure=failure)
+        return outcome
 
     def _recover(self, model: LoadedModel | None) -> None:
         if model is not None:
@@ -659,18 +653,6 @@ class VideoService:
     def _low_ram_need(self, preset: str) -> str:
         needs = [r.predicted_host_gib for r in self.planner.ladder(preset) if r.predicted_host_gib is not None]
         return f"{min(needs):.0f} GiB" if needs else "10 GiB"
-
-    def _record(self, job_id: int, request: GenerationRequest, chosen: Rung, rung_label: str,
-                memory: dict[str, Any], attempts: list[Attempt], available: float | None,
-                gpu_name: str | None, loads_before: int, vram: dict[str, Any],
-                frames_shape: tuple[int, ...]) -> dict[str, Any]:
-        return job_record(
-            job_id=job_id, request=request, preset=chosen.preset, rung_label=rung_label, memory=memory,
-            attempts=attempts, frames_shape=frames_shape, model=self.cache.backend.describe(),
-            weights_loaded=self.cache.loads > loads_before, load_seconds=self.cache.last_load_seconds,
-            vram={"gpu": gpu_name, "available_at_start_gib": _round(available), "cap_gib": self.vram_cap_gib,
-                  "predicted_peak_gib": chosen.predicted_gib, **vram},
-            argv=self.command_line, placement=self.placement() if self.placement is not None else None)
 
 
 def _ram_available_gib() -> float | None:

@@ -41,9 +41,13 @@ def _round(value: float | None) -> float | None:
 
 def job_record(*, job_id: int, request: GenerationRequest, preset: Any, rung_label: str, memory: dict[str, Any],
                attempts: Iterable[Attempt], frames_shape: tuple[int, ...], model: dict[str, Any],
-               weights_loaded: bool, load_seconds: float | None, vram: dict[str, Any], argv: list[str],
-               placement: dict[str, Any] | None) -> dict[str, Any]:
-    """`preset`: the presets.Preset used; `vram`: the GPU facts and the sampler's timeline."""
+               weights_loaded: bool, load_seconds: float | None, vram: dict[str, Any],
+               host_memory: dict[str, Any] | None, argv: list[str], placement: dict[str, Any] | None,
+               tiny_vae: str | None, previews: list[tuple[PreviewKind, float | None]],
+               loads: list[dict[str, Any]], timings: dict[str, Any]) -> dict[str, Any]:
+    """`preset`: the presets.Preset used; `vram`: the GPU facts and the sampler's timeline;
+    `host_memory`: likewise for system RAM, None where it was not read (a finish);
+    `tiny_vae`: the tiny VAE a draft decoded with; `loads`: the weight loads of the job."""
     frames, height, width = frames_shape[:3]
     # The size of the file as written: the fake backend writes a reduced size, and the record must
     # not claim the preset's.
@@ -65,9 +69,16 @@ def job_record(*, job_id: int, request: GenerationRequest, preset: Any, rung_lab
         "weights_loaded_this_job": weights_loaded,
         "load_seconds": _round(load_seconds),
         "vram": vram,
+        **({"host_memory": host_memory} if host_memory is not None else {}),
         "versions": package_versions(), "platform": platform.platform(),
         "argv": argv,
         **({"gpus": placement} if placement is not None else {}),
+        "draft": request.draft,
+        "decode": f"draft: tiny VAE ({tiny_vae})" if request.draft else "full VAE",
+        "preview": preview_record(previews),
+        "loads": loads,
+        # Up to the mp4 encode, which the record precedes (the sidecar adds the encode time).
+        "timings_s": timings,
     }
 
 
