@@ -125,10 +125,6 @@ class JobQueue:
         with self._lock:
             return sum(1 for j in self._jobs.values() if j.id < job.id and not j.done.is_set())
 
-    def get(self, job_id: int) -> Job | None:
-        with self._lock:
-            return self._jobs.get(job_id)
-
     def cancel(self, job_id: int, owner: str | None = None) -> bool:
         """Cancel one job (of `owner`, when given): a waiting job leaves the queue at once and never
         reaches the GPU; a running one stops at its next step boundary."""

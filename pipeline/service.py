@@ -14,7 +14,6 @@ import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -22,9 +21,9 @@ import numpy as np
 from pipeline.machine import gpu, hostmem
 from pipeline.backend import DecodeOutOfMemory, LoadedModel, LoadKey, RunHooks
 from pipeline.cache import PipelineCache
-from pipeline.errors import GenerationCancelled, InvalidRequest, LatentsError, OutOfVRAM, StudioError
+from pipeline.errors import GenerationCancelled, InvalidRequest, OutOfVRAM, StudioError
 from pipeline.store.history import History, HistoryEntry
-from pipeline.store.outputs import OutputStore, read_record
+from pipeline.store.outputs import OutputStore
 from pipeline.store.records import job_record
 from pipeline.planner import RAM_ONLY_SETTINGS, Planner, PresetForecast, Rung, replan
 from pipeline.types import (HOST_OOM, LEAN_DECODE_SUFFIX, Attempt, FinishRequest, GenerationRequest,
@@ -257,11 +256,6 @@ class VideoService:
         """Whether the tiny VAE is there: 'Draft decode' needs it (checked at the border)."""
         return bool(self.cache.backend.tiny_vae())
 
-    def check_finish(self, request: FinishRequest) -> None:
-        """Refuse a finish of a clip that cannot be finished, before it takes a place in the lane
-        (the border's check; `finish` reads the same state again when the job runs)."""
-        self._finishable(request)
-
     def generate(self, request: GenerationRequest, on_event: EventSink = lambda e: None,
                  should_stop: Callable[[], bool] = lambda: False) -> GenerationResult:
         """Run a request checked at the border (GenerationRequest, a preset from the book)."""
@@ -276,7 +270,7 @@ class VideoService:
                should_stop: Callable[[], bool] = lambda: False) -> GenerationResult:
         """Decode the latents a finished job kept with the full VAE: a new clip and history entry,
         no denoising step. The source clip stays as it is."""
-        entry, record = self._finishable(request)
+        entry, record = self.check_finish(request)
         self.cache.backend.check_available()
         # Read before a history row exists: a missing or damaged file is a clear error, no job.
         latents = self.outputs.load_latents(entry.video_path, entry.id)
@@ -477,22 +471,16 @@ class VideoService:
         return self.cache.backend.load_key(rung.memory.settings())
 
     # -- finish at full quality ----------------------------------------------------------------
-    def _finishable(self, request: FinishRequest) -> tuple[HistoryEntry, dict[str, Any]]:
+    def check_finish(self, request: FinishRequest) -> tuple[HistoryEntry, dict[str, Any]]:
+        """The clip to finish and its record. The border calls it to refuse a clip that cannot be
+        finished before it takes a place in the lane; `finish` reads the same state again."""
         entry = self.history.get(request.job_id)
         if entry is None or entry.status != "done" or not entry.video_path:
             raise InvalidRequest(f"There is no finished clip #{request.job_id} to finish.")
-        if not Path(entry.video_path).exists():
-            raise InvalidRequest(f"Clip #{entry.id} is no longer on disk.")
-        record = read_record(entry.record_path)
-        if record is None:
-            raise LatentsError(f"The record of clip #{entry.id} cannot be read, so the settings "
-                               f"to decode it with are unknown; nothing was changed.")
+        record = self.outputs.finishable_record(entry.id, entry.video_path, entry.record_path)
         if record.get("preset_used") not in self.presets:
             raise InvalidRequest(f"Clip #{entry.id} was made with the preset "
                                  f"{str(record.get('preset_used'))[:60]!r}, which no longer exists.")
-        if not self.outputs.latents_of(entry.video_path).is_file():
-            # load_latents words it; here only so that submit refuses before queueing.
-            self.outputs.load_latents(entry.video_path, entry.id)
         return entry, record
 
     def _finish(self, job_id: int, entry: HistoryEntry, source: dict[str, Any], latents: Any,

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.errors import LatentsError, OutputError, OutputsInUse
+from pipeline.errors import InvalidRequest, LatentsError, OutputError, OutputsInUse
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +321,19 @@ class OutputStore:
     def latents_of(video: Path | str) -> Path:
         video = Path(video)
         return video.with_name(video.stem + LATENTS_SUFFIX)
+
+    def finishable_record(self, job_id: int, video: str, record_path: str | None) -> dict[str, Any]:
+        """The record of finished clip #`job_id` when the clip, its record and its latents are all on
+        disk (what "Finish at full quality" needs), else InvalidRequest / LatentsError saying which."""
+        if not Path(video).exists():
+            raise InvalidRequest(f"Clip #{job_id} is no longer on disk.")
+        record = read_record(record_path)
+        if record is None:
+            raise LatentsError(f"The record of clip #{job_id} cannot be read, so the settings "
+                               f"to decode it with are unknown; nothing was changed.")
+        if not self.latents_of(video).is_file():
+            self.load_latents(video, job_id)  # it words the missing file
+        return record
 
     def load_latents(self, video: Path | str, job_id: int | None = None) -> Any:
         """The final latents kept beside `video`. Raises LatentsError (missing, unreadable,
