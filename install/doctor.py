@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.backend import module_present
+from pipeline.machine.software import module_present
 from pipeline.machine import hostmem
 from pipeline.backends import weights_layout
 from pipeline.machine.gpu import GIB, GpuMonitor

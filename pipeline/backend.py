@@ -99,14 +99,3 @@ class Backend(Protocol):
     def describe(self) -> dict[str, Any]:
         """Model id, library versions and kernels, for reproducibility records."""
         ...
-
-
-def module_present(name: str) -> bool:
-    """Whether a module can be imported, without importing it (find_spec). The backends and the
-    doctor ask the same question; it lives here so that neither depends on the other importing."""
-    from importlib.util import find_spec
-
-    try:
-        return find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False

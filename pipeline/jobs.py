@@ -231,7 +231,7 @@ class JobQueue:
     def _fits(self, lane: int, preset: str, available: float | None) -> bool:
         service = self.lanes[lane]
         gpu_name = service.available_gib()[0]
-        measured = service.history.measured_peaks(gpu_name) if gpu_name else {}
+        measured = service.history.measured_peaks(gpu_name)
         forecast = service.planner.forecast(preset, available, measured)
         return forecast.fit in (Fit.FITS, Fit.TIGHT, Fit.UNKNOWN)
 

@@ -99,7 +99,7 @@ class _PhaseClock:
 class _Outcome:
     frames: np.ndarray | None = None
     failure: Attempt | None = None
-    latents: Any = None  # kept when only the decode failed
+    latents: Any = None  # the final latents: kept when only the decode failed, or the ones a decode decoded
     memory: dict[str, Any] | None = None  # settings applied, when they differ from the rung's
     label: str | None = None  # rung name as recorded, when it differs from the rung's
 
@@ -244,10 +244,9 @@ class VideoService:
 
     def forecasts(self) -> list[PresetForecast]:
         gpu_name, available = self.available_gib()
-        measured = self.history.measured_peaks(gpu_name) if gpu_name else {}
+        measured = self.history.measured_peaks(gpu_name)
         # Times of runs without a GPU reading (the fake backend) fill in where the GPU has none.
-        seconds = {**self.history.measured_seconds(self._no_gpu_key()),
-                   **(self.history.measured_seconds(gpu_name) if gpu_name else {})}
+        seconds = {**self.history.measured_seconds(self._no_gpu_key()), **self.history.measured_seconds(gpu_name)}
         ram = self.ram_reader()
         return [self.planner.forecast(name, available, measured, seconds, ram_gib=ram) for name in self.presets]
 
@@ -336,7 +335,7 @@ class VideoService:
     def _run(self, job_id: int, request: GenerationRequest, on_event: EventSink,
              should_stop: Callable[[], bool], attempts: list[Attempt]) -> GenerationResult:
         gpu_name, available = self.available_gib()
-        measured = self.history.measured_peaks(gpu_name) if gpu_name else {}
+        measured = self.history.measured_peaks(gpu_name)
         ram = self.ram_reader()
         ladder = self.planner.ladder(request.preset, measured)
         queue = self.planner.plan(request.preset, available, measured, ram_gib=ram)
@@ -373,16 +372,18 @@ class VideoService:
                 kept.latents = None  # only the latents of the attempt that succeeds are kept
                 outcome = loads.track(key, reason, lambda: self._attempt(request, rung, hooks))
                 tried.add((rung.preset.name, rung.memory.name))
-                recorded = False
+                if outcome.failure is not None:
+                    attempts.append(outcome.failure)
+                    if outcome.failure.outcome != HOST_OOM:  # a host failure says nothing about the GPU memory
+                        self._learn_from_oom(gpu_name, available, rung)
                 if outcome.failure is not None and outcome.latents is not None:
                     # The steps finished and only the decode ran out of memory: decode the kept
                     # latents again on the leanest VAE settings instead of re-running the steps.
-                    attempts.append(outcome.failure)
-                    recorded = True
-                    self._learn_from_oom(gpu_name, available, rung)
                     lean = _lean_decode_settings(rung.memory.settings())
                     if lean != rung.memory.settings():
-                        outcome = self._retry_decode(request, rung, lean, hooks, outcome.latents)
+                        outcome = self._decode_only(request, rung, lean, hooks, outcome.latents,
+                                                    f"{rung.memory.name}{LEAN_DECODE_SUFFIX}",
+                                                    self.cache.backend.load_key(lean), draft=request.draft)
                         if outcome.failure is not None:
                             attempts.append(outcome.failure)
                     if outcome.failure is not None:
@@ -392,12 +393,8 @@ class VideoService:
                     attempts.append(Attempt(rung.preset.name, outcome.label or rung.memory.name, "ok",
                                             peak_gib=_round(self.monitor.torch.peak_reserved_gib())))
                     break
-                if not recorded:
-                    attempts.append(outcome.failure)
                 host = outcome.failure.outcome == HOST_OOM
                 failures.append((rung, host))
-                if not host and not recorded:  # a host failure says nothing about the GPU memory
-                    self._learn_from_oom(gpu_name, available, rung)
                 log.warning("%s on %s/%s (%s); re-planning", outcome.failure.outcome, rung.preset.name,
                             rung.memory.name, outcome.failure.phase)
                 # What is really free now, after the failed run's memory went back: the device's
@@ -489,7 +486,7 @@ class VideoService:
         request = GenerationRequest(prompt=entry.prompt, preset=source["preset_used"], seed=entry.seed,
                                     negative_prompt=entry.negative_prompt)
         gpu_name, available = self.available_gib()
-        measured = self.history.measured_peaks(gpu_name) if gpu_name else {}
+        measured = self.history.measured_peaks(gpu_name)
         # The source clip's own rung and the VAE settings its decode really used first (a decode
         # OOM moves a clip to the leanest ones): the same settings decode the same latents into the
         # same frames (tiling changes the frames). The preset's plan otherwise; never a smaller
@@ -568,15 +565,6 @@ class VideoService:
 
         return self._guarded(rung, rung.memory.name, key, hooks, run)
 
-    def _retry_decode(self, request: GenerationRequest, rung: Rung, memory: dict[str, Any],
-                      hooks: RunHooks, latents: Any) -> _Outcome:
-        """Decode kept latents with `memory`'s (leaner) VAE settings; no step is run again."""
-        outcome = self._decode_only(request, rung, memory, hooks, latents,
-                                    f"{rung.memory.name}{LEAN_DECODE_SUFFIX}",
-                                    self.cache.backend.load_key(memory), draft=request.draft)
-        outcome.latents = latents
-        return outcome
-
     def _decode_only(self, request: GenerationRequest, rung: Rung, memory: dict[str, Any],
                      hooks: RunHooks, latents: Any, label: str, key: LoadKey, draft: bool,
                      reset_peak: bool = False) -> _Outcome:
@@ -584,7 +572,8 @@ class VideoService:
         if reset_peak:
             self.monitor.torch.reset_peak()  # a finish is its own job; a retry's peak includes its steps
         return self._guarded(rung, label, key, hooks, lambda model: _Outcome(
-            frames=model.decode(latents, spec, hooks), memory=memory, label=label), decode_only=True)
+            frames=model.decode(latents, spec, hooks), latents=latents, memory=memory, label=label),
+            decode_only=True)
 
     def _guarded(self, rung: Rung, label: str, key: LoadKey, hooks: RunHooks,
                  work: Callable[[LoadedModel], _Outcome], decode_only: bool = False) -> _Outcome:

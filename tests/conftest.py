@@ -22,7 +22,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def gpu_skip_reason() -> str | None:
     """Why the GPU tests cannot run here, or None. Checked before any test writes a checkpoint:
     a CUDA machine without LightX2V skips them instead of failing each after a 7 GB write."""
-    from pipeline.backend import module_present
+    from pipeline.machine.software import module_present
 
     if not module_present("torch"):
         return "needs a CUDA GPU (PyTorch is not installed)"

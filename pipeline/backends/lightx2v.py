@@ -68,10 +68,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.backend import DecodeOutOfMemory, LoadKey, RunHooks, module_present
+from pipeline.backend import DecodeOutOfMemory, LoadKey, RunHooks
 from pipeline.errors import BackendUnavailable, GenerationCancelled, NoGPUError, WeightsError
 from pipeline.machine import hostmem
 from pipeline.machine.gpu import GIB, GpuMonitor, is_oom
+from pipeline.machine.software import module_present
 from pipeline.backends.latent_preview import latents_to_rgb, preview_fps, stride_for
 from pipeline.backends.weights_layout import DIT_DIR, TINY_VAE_NAMES, WeightsLayout, locate
 from pipeline.types import Phase, Preview, PreviewKind, RunSpec

@@ -174,7 +174,9 @@ class History:
                     " VALUES (?, ?, ?, ?, ?, ?)", (gpu_name, preset, rung, peak_gib or 0.0, seconds,
                                                    time.time()))
 
-    def _recent_measurements(self, gpu_name: str) -> dict[tuple[str, str], list[tuple[float, float | None]]]:
+    def _recent_measurements(self, gpu_name: str | None) -> dict[tuple[str, str], list[tuple[float, float | None]]]:
+        if not gpu_name:
+            return {}  # no GPU reading: nothing was measured on it
         with self._lock:
             # The panel asks once a second: read only the window, not every run ever measured.
             rows = self._conn.execute(
@@ -188,14 +190,14 @@ class History:
             out.setdefault((preset, rung), []).append((peak, seconds))
         return out
 
-    def measured_peaks(self, gpu_name: str) -> dict[tuple[str, str], float]:
+    def measured_peaks(self, gpu_name: str | None) -> dict[tuple[str, str], float]:
         """The highest peak of the last few runs per preset and rung on this GPU: a first run that
         also loaded the weights peaks higher than a warm one, and the prediction must cover both."""
         peaks = {key: max(peak for peak, _ in runs)
                  for key, runs in self._recent_measurements(gpu_name).items()}
         return {key: peak for key, peak in peaks.items() if peak > 0}
 
-    def measured_seconds(self, gpu_name: str) -> dict[tuple[str, str], float]:
+    def measured_seconds(self, gpu_name: str | None) -> dict[tuple[str, str], float]:
         """The median wall time of the last few runs per preset and rung on this GPU."""
         out = {}
         for key, runs in self._recent_measurements(gpu_name).items():
