@@ -4,8 +4,10 @@ ranks that are real processes joined by torch.distributed's gloo backend."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import socket
 import time
 from dataclasses import replace
 
@@ -333,4 +335,62 @@ def test_seq_load_that_fails_on_one_rank_is_undone_on_every_rank(presets):
         assert model.generate(replace(_spec(), memory=low), _hooks([])).dtype == np.uint8
         assert group.restarts == 0
     finally:
+        group.close()
+
+
+# -- the rendezvous of a sequence-parallel group ------------------------------------------------
+
+
+def test_seq_group_holds_its_rendezvous_port_from_start_to_the_end():
+    # The ranks take seconds to import torch before they meet. A port probed free, closed and bound
+    # later by rank 0 could be taken in that window (rank 0 then failed with EADDRINUSE): the app's
+    # own store holds it from start() on, and the ranks join it as clients.
+    group = workers.WorkerGroup(p.BackendSpec("fake", {}), (0, 1), seq=True)
+    group.start()
+    try:
+        port = group.store.port
+        with socket.socket() as thief, pytest.raises(OSError) as taken:
+            thief.bind(("127.0.0.1", port))
+            thief.listen()
+        assert taken.value.errno == errno.EADDRINUSE
+        group.wait_ready(120)
+        backend = workers.RemoteBackend(group, FakeBackend())
+        model = backend.load(backend.load_key(_spec().memory), lambda ph: None)
+        assert model.generate(_spec(), _hooks([])).dtype == np.uint8
+        # A restart meets at a new store (nothing of the old group's keys); the old port is let go.
+        group.restart("test")
+        assert group.store.port != port
+        group.wait_ready(120)
+        assert backend.load(backend.load_key(_spec().memory), lambda ph: None).generate(_spec(), _hooks([])).dtype == np.uint8
+    finally:
+        group.close()
+    assert group.store is None
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # closed: the port is free for others
+
+
+def test_a_killed_seq_rank_fails_the_job_clearly_and_the_group_starts_again(presets, store):
+    outputs, history = store
+    services, groups = multi_gpu_services(mode="seq", gpus=(0, 1), presets=presets, outputs=outputs,
+                                          history=history, backend_spec=p.BackendSpec("fake", {"step_seconds": 0.4}))
+    queue = JobQueue(services[0], lanes=services)
+    group = groups[0]
+    try:
+        group.wait_ready(120)
+        first_port = group.store.port
+        victim = _wait_running(queue, GenerationRequest(preset="480x832x49", seed=2, **REQUEST), step=1)
+        old = group.pids()
+        os.kill(old[1], signal.SIGKILL)
+        _wait(victim)
+        assert isinstance(victim.error, WorkerDied)
+        assert "GPU 1" in str(victim.error) and "SIGKILL" in str(victim.error) and "restarted" in str(victim.error)
+        assert group.restarts == 1 and set(group.pids()).isdisjoint(old) and group.store.port != first_port
+        after = _wait(queue.submit(GenerationRequest(preset="480x832x49", seed=3, **REQUEST)))
+        assert after.error is None, after.error
+        rows = {e.id: e for e in history.recent(10, status=None)}
+        assert rows[after.result.record["job_id"]].status == "done"
+        failed = [e for e in rows.values() if e.status == "failed"]
+        assert len(failed) == 1 and "stopped while running this job" in (failed[0].error or "")
+    finally:
+        queue.shutdown()
         group.close()
