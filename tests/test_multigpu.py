@@ -233,7 +233,11 @@ def test_seq_group_gives_one_gpus_frames_and_only_rank0_reports(presets):
         key = backend.load_key(_spec().memory)
         model = backend.load(key, lambda ph: None)
         events: list = []
+        group.last_describe = None
         frames = model.generate(_spec(), _hooks(events))
+        # A run's reply describes the backend after it (what it chose at its first calls: the
+        # attention kernel per shape), for the record; not only a load's.
+        assert group.last_describe is not None and group.last_describe["backend"] == "fake"
         one_gpu = local.load(key, lambda ph: None).generate(_spec(), _hooks([]))
         assert np.array_equal(frames, one_gpu)
         assert [e for e in events if isinstance(e, tuple)] == [(1, 4), (2, 4), (3, 4), (4, 4)]  # rank 0's only
@@ -394,3 +398,119 @@ def test_a_killed_seq_rank_fails_the_job_clearly_and_the_group_starts_again(pres
     finally:
         queue.shutdown()
         group.close()
+
+
+# -- two real ranks joined as a seq group's workers join (gloo), running one function each ----------
+
+
+def _rank_main(rank, world, rendezvous, task, results):
+    import torch.distributed as dist
+
+    from pipeline.workers.child import join_group
+
+    consensus = join_group(rank, world, rendezvous)
+    try:
+        results.put((rank, task(rank, consensus)))
+    except Exception as exc:  # noqa: BLE001 - handed to the test
+        results.put((rank, repr(exc)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_ranks(task, timeout=120.0):
+    """task(rank, consensus group) on two processes that joined like a seq group's workers; the
+    results in rank order."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    store = workers.rendezvous_store()
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, (store.host, store.port), task, results), daemon=True)
+             for r in range(2)]
+    for proc in procs:
+        proc.start()
+    try:
+        got = dict(results.get(timeout=timeout) for _ in procs)
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    return [got[0], got[1]]
+
+
+def _two_builds_mesh_groups(rank, consensus):
+    """Two sequence-parallel builds as the backend makes them, each followed by the device mesh
+    LightX2V's set_parallel_config makes (utils/set_config.py:453) with torch's init_device_mesh."""
+    import sys
+    import types
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from pipeline.backends import lightx2v as backend_module
+    from pipeline.backends import lightx2v_compat as compat
+
+    set_config = types.ModuleType("lightx2v.utils.set_config")
+    set_config.init_device_mesh = init_device_mesh
+    platform = types.ModuleType("lightx2v_platform.registry_factory")
+    platform.PLATFORM_DEVICE_REGISTER = {}
+    sys.modules.update({"lightx2v": types.ModuleType("lightx2v"), "lightx2v.utils": types.ModuleType("lightx2v.utils"),
+                        "lightx2v.utils.set_config": set_config, "lightx2v_platform": types.ModuleType("lightx2v_platform"),
+                        "lightx2v_platform.registry_factory": platform})
+
+    class Pipe:
+        def enable_parallel(self, cfg_p_size=1, seq_p_size=1, seq_p_attn_type="ulysses"):
+            self.parallel = {}
+
+    names = []
+    for _ in range(2):
+        backend_module._enable_sequence_parallel(types.SimpleNamespace(compat=compat), compat.CompatFixes(), Pipe(), 2)
+        mesh = set_config.init_device_mesh("cpu", (1, 2), mesh_dim_names=("cfg_p", "seq_p"))
+        names.append((mesh.get_group("cfg_p").group_name, mesh.get_group("seq_p").group_name))
+        dist.barrier()
+    return names
+
+
+def test_a_seq_rebuild_makes_no_new_process_groups():
+    # LightX2V made a new device mesh in every build; its cfg_p dimension split new process groups
+    # (an NCCL communicator each on GPUs) off the default one, never destroyed: a leak per rebuild.
+    for names in _two_ranks(_two_builds_mesh_groups):
+        assert isinstance(names, list), names
+        assert names[0] == names[1]
+
+
+def _choose_attention(rank, consensus):
+    """An attention selector per rank over two CPU kernels, each rank timing a different one as
+    the fastest (its own head shard): the kernel each rank ran, and how it came to it."""
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.backends import kernels
+
+    def exact(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1)
+
+    timed: list[str] = []
+    fastest = "sdpa_cudnn" if rank == 0 else "sdpa_flash"
+
+    def clock(name, call):
+        timed.append(name)
+        call()
+        return 0.01 if name == fastest else 0.05
+
+    selector = kernels.AttentionSelector(
+        torch=torch, fns={"sage_attn2": exact, "sdpa_cudnn": exact, "sdpa_flash": exact},
+        offered=["sage_attn2", "sdpa_cudnn", "sdpa_flash"], baseline="sage_attn2", gpu_name=f"Fake GPU {rank}",
+        versions="t", clock=clock, store=kernels.MemoryStore(), ranks=kernels.rank_group(dist, consensus))
+    q, k, v = (torch.randn(128, 2, 8, generator=torch.Generator().manual_seed(10 * rank + i)) for i in range(3))
+    selector(q, k, v)
+    choice = next(iter(selector.choices.values()))
+    return choice.backend, choice.source, choice.ranks, choice.gpu, bool(timed)
+
+
+def test_seq_ranks_run_the_attention_kernel_rank_0_chose():
+    zero, one = _two_ranks(_choose_attention)
+    assert zero == ("sdpa_cudnn", "measured", 2, "Fake GPU 0", True)
+    assert one == ("sdpa_cudnn", "measured on rank 0", 2, "Fake GPU 0", False)  # rank 1 measured nothing

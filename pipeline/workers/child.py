@@ -97,6 +97,12 @@ class _Worker:
         if world > 1:
             self._init_distributed(rendezvous)
         backend = build_backend(backend_spec, rank)
+        if world > 1 and backend_spec.kind == "lightx2v":
+            import torch.distributed as dist
+            from pipeline.backends import kernels
+
+            # Rank 0 chooses the attention kernel for every rank, over the CPU group.
+            backend.ranks = kernels.rank_group(dist, self.consensus)
         if world > 1 and backend_spec.kind == "fake":
             # The fake stands for a model whose every step needs all ranks (Ulysses' all-to-all):
             # one collective per step, so a rank that fails leaves the others waiting, as on GPUs.
@@ -181,7 +187,14 @@ class _Worker:
             return
         self._send(p.Done(self.rank, value if self.rank == 0 else None, self._readings(),
                           loads=self.cache.loads, load_seconds=self.cache.last_load_seconds,
-                          describe=self.cache.backend.describe() if isinstance(request, p.Load) else None))
+                          describe=self._describe(request)))
+
+    def _describe(self, request: Any) -> dict[str, Any] | None:
+        """Rank 0's backend description after a load or a run: a run adds what it chose at its
+        first calls (the attention kernel per shape), which the record must show."""
+        if self.rank != 0 or not isinstance(request, (p.Load, p.Generate, p.Decode)):
+            return None
+        return self.cache.backend.describe()
 
     def _handle(self, request: Any) -> Any:
         from pipeline.backend import RunHooks
