@@ -161,6 +161,79 @@ def test_a_cached_choice_this_process_cannot_run_is_measured_again():
     assert list(sel.choices.values())[0].source == "measured"
 
 
+# -- a sequence-parallel group runs one kernel ----------------------------------------------------
+
+
+class _Peers:
+    """A RankGroup as rank `rank` of two sees it: rank 0's broadcast is whatever `from_rank0` holds."""
+
+    def __init__(self, rank, from_rank0=None, others_offer=None):
+        self.sent: list = []
+        self.group = kernels.RankGroup(rank, 2, broadcast=self._broadcast,
+                                       all_gather=lambda offered: [offered, others_offer or offered])
+        self.from_rank0 = from_rank0
+
+    def _broadcast(self, obj):
+        self.sent.append(obj)
+        return obj if self.group.rank == 0 else self.from_rank0
+
+
+def test_rank_0_chooses_the_kernel_and_every_rank_runs_it():
+    torch = pytest.importorskip("torch")
+    q, k, v = (torch.randn(96, 2, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    rank0 = _Peers(0)
+    sel0 = _selector(torch, kernels.MemoryStore(), {"sage_attn2": 0.05, "sdpa_cudnn": 0.04}, [])
+    sel0.ranks = rank0.group
+    sel0(q, k, v)
+    mine = sel0.choices[next(iter(sel0.choices))]
+    assert mine.backend == "sdpa_cudnn" and mine.source == "measured" and mine.ranks == 2
+    assert kernels.AttentionChoice.from_json(rank0.sent[0]).backend == "sdpa_cudnn"
+    # Rank 1 would measure sage_attn2 faster on its own head shard: it measures nothing and runs rank 0's.
+    calls: list[str] = []
+    rank1 = _Peers(1, from_rank0=rank0.sent[0])
+    sel1 = _selector(torch, None, {"sage_attn2": 0.01, "sdpa_cudnn": 0.04}, calls)
+    sel1.ranks = rank1.group
+    out = sel1(q, k, v)
+    theirs = sel1.choices[next(iter(sel1.choices))]
+    assert (theirs.backend, theirs.source, theirs.ranks) == ("sdpa_cudnn", "measured on rank 0", 2)
+    assert calls == ["exact"] and rank1.sent == [None] and out.shape == (96, 16)
+    # The record says so.
+    assert theirs.summary()["ranks"] == 2 and "ranks" not in kernels.AttentionChoice("a", "a", "s", "g").summary()
+    # The next call of the shape asks nobody.
+    sel1(q, k, v)
+    assert rank1.sent == [None]
+
+
+def test_a_failed_choice_on_rank_0_reaches_every_rank_instead_of_a_hang():
+    torch = pytest.importorskip("torch")
+    q, k, v = (torch.randn(64, 2, 8) for _ in range(3))
+    class Broken:  # the history database cannot be read
+        def kernel_choice(self, gpu_name, key):
+            raise RuntimeError("database disk image is malformed")
+
+    rank0 = _Peers(0)
+    sel0 = _selector(torch, Broken(), {"sage_attn2": 0.01, "sdpa_cudnn": 0.04}, [])
+    sel0.ranks = rank0.group
+    with pytest.raises(RuntimeError, match="malformed"):
+        sel0(q, k, v)
+    assert rank0.sent == [None]  # told the others before raising
+    sel1 = _selector(torch, None, {"sage_attn2": 0.01, "sdpa_cudnn": 0.04}, [])
+    sel1.ranks = _Peers(1, from_rank0=None).group
+    with pytest.raises(RuntimeError, match="rank 0"):
+        sel1(q, k, v)
+
+
+def test_a_group_is_offered_only_the_kernels_every_rank_can_run():
+    pytest.importorskip("torch")
+    torch = _fake_torch((8, 9), "NVIDIA GeForce RTX 4090")
+    alone = kernels.build_selector(torch, lambda *a, **k: None, SAGE_106)
+    assert kernels.SDPA_CUDNN in alone.offered
+    elsewhere = [n for n in alone.offered if n != kernels.SDPA_CUDNN]  # a peer whose PyTorch has no cuDNN SDPA
+    grouped = kernels.build_selector(torch, lambda *a, **k: None, SAGE_106,
+                                     ranks=_Peers(0, others_offer=elsewhere).group)
+    assert grouped.offered == elsewhere and grouped.baseline == alone.baseline == kernels.SAGE
+
+
 # -- INT8 GEMM shared memory ----------------------------------------------------------------------
 
 

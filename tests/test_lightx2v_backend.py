@@ -3,6 +3,7 @@ key, the availability check and each compat fix's detection. Running it on a GPU
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import types
@@ -685,6 +686,40 @@ def _cuda_device_class(calls: list):
     return CudaDevice
 
 
+def _set_config_module(meshes: list):
+    """lightx2v.utils.set_config as far as the device mesh goes: its init_device_mesh (torch's)
+    makes a new mesh, with new process groups split off the default one, at every call."""
+    module = types.ModuleType("lightx2v.utils.set_config")
+
+    def init_device_mesh(device_type, mesh_shape, *, mesh_dim_names=None):
+        meshes.append((device_type, tuple(mesh_shape), mesh_dim_names))
+        return object()
+
+    module.init_device_mesh = init_device_mesh
+    return module
+
+
+def test_a_rebuild_reuses_the_device_mesh_of_the_first_build(monkeypatch):
+    monkeypatch.setattr(compat, "_DEVICE_MESHES", {})
+    meshes: list = []
+    set_config = _set_config_module(meshes)
+    fixes = compat.CompatFixes()
+    compat.parallel_env_initialised_once(fixes, {}, _FakeDist(True), set_config=set_config)
+    assert fixes.names == ["parallel_env_initialised_once"] and "device mesh" in fixes.applied[0].detail
+    builds = [set_config.init_device_mesh("cuda", (1, 2), mesh_dim_names=("cfg_p", "seq_p")) for _ in range(3)]
+    assert builds[0] is builds[1] is builds[2] and len(meshes) == 1
+    # Each build applies the fix again: it wraps upstream's function, not its own wrapper.
+    compat.parallel_env_initialised_once(compat.CompatFixes(), {}, _FakeDist(True), set_config=set_config)
+    assert set_config.init_device_mesh("cuda", (1, 2), mesh_dim_names=("cfg_p", "seq_p")) is builds[0]
+    assert set_config.init_device_mesh.__wrapped__.__name__ == "init_device_mesh" and len(meshes) == 1
+    # Another mesh is its own.
+    assert set_config.init_device_mesh("cuda", (2, 1), mesh_dim_names=("cfg_p", "seq_p")) is not builds[0]
+    with fixes.disabled("parallel_env_initialised_once"):  # upstream: a new mesh per build
+        assert set_config.init_device_mesh("cuda", (1, 2), mesh_dim_names=("cfg_p", "seq_p")) is not builds[0]
+    assert len(meshes) == 3
+    assert set_config.init_device_mesh("cuda", (1, 2), mesh_dim_names=("cfg_p", "seq_p")) is builds[0]
+
+
 def test_lightx2vs_parallel_init_is_skipped_once_the_worker_joined_its_group():
     calls: list = []
     device = _cuda_device_class(calls)
@@ -724,6 +759,12 @@ def test_a_sequence_parallel_build_is_ulysses_over_the_group_with_a_whole_vae_de
     platform.PLATFORM_DEVICE_REGISTER = {"cuda": _cuda_device_class(calls)}
     monkeypatch.setitem(sys.modules, "lightx2v_platform", types.ModuleType("lightx2v_platform"))
     monkeypatch.setitem(sys.modules, "lightx2v_platform.registry_factory", platform)
+    meshes: list = []
+    set_config = _set_config_module(meshes)
+    for name, module in (("lightx2v", types.ModuleType("lightx2v")), ("lightx2v.utils", types.ModuleType("lightx2v.utils")),
+                         ("lightx2v.utils.set_config", set_config)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(compat, "_DEVICE_MESHES", {})
 
     class Pipe:  # LightX2VPipeline.enable_parallel (pipeline.py:440-445)
         def enable_parallel(self, cfg_p_size=1, seq_p_size=1, seq_p_attn_type="ulysses"):
@@ -744,16 +785,27 @@ def test_a_sequence_parallel_build_is_ulysses_over_the_group_with_a_whole_vae_de
     assert pipe.parallel == {"cfg_p_size": 1, "seq_p_size": 2, "seq_p_attn_type": "ulysses", "vae_parallel": False}
     platform.PLATFORM_DEVICE_REGISTER["cuda"].init_parallel_env()
     assert calls == [] and "parallel_env_initialised_once" in fixes.names
+    # What create_generator's set_parallel_config does in this build and in a rebuild (a rung's reload).
+    first = set_config.init_device_mesh("cuda", (1, 2), mesh_dim_names=("cfg_p", "seq_p"))
+    backend_module._enable_sequence_parallel(lx, compat.CompatFixes(), Pipe(), 2)
+    assert set_config.init_device_mesh("cuda", (1, 2), mesh_dim_names=("cfg_p", "seq_p")) is first
+    assert len(meshes) == 1  # one mesh, so one set of process groups, for the worker's life
 
 
-def test_seq_parallel_backend_key_and_attention(tmp_path):
+def test_seq_parallel_backend_key_and_attention(tmp_path, caplog):
     backend = LightX2VBackend(tmp_path, attn_mode="torch_sdpa", seq_parallel=2)
     key = backend.load_key({"offload_granularity": "block", "text_encoder": "offload"})
     assert dict(key.build_settings)["seq_p_size"] == 2
-    # "auto" keeps LightX2V's kernel on every rank; a forced one stays forced.
-    assert "attention_chosen_by_measurement" in backend.compat_skip
-    assert "attention_chosen_by_measurement" not in LightX2VBackend(tmp_path, seq_parallel=2,
-                                                                    attention="sdpa_flash").compat_skip
+    # "auto" is measured on a sequence-parallel group too (rank 0 chooses for every rank): nothing
+    # is switched off, and no build warns that a compat change is disabled for a test.
+    assert backend.compat_skip == frozenset() and backend.attention == "auto"
+    with caplog.at_level(logging.WARNING, logger=compat.__name__):
+        assert compat.CompatFixes(skip=backend.compat_skip).wanted("attention_chosen_by_measurement")
+    assert "DISABLED" not in caplog.text
+    # One GPU: no group to agree with; a sequence-parallel build: the worker's group.
+    assert backend._rank_group({"seq_p_size": 1}) is None
+    backend.ranks = group = object()
+    assert backend._rank_group(dict(key.build_settings)) is group
     assert "seq_p_size" not in dict(LightX2VBackend(tmp_path).load_key({}).build_settings)
     with pytest.raises(ValueError):
         LightX2VBackend(tmp_path, seq_parallel=0)

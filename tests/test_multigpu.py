@@ -4,8 +4,10 @@ ranks that are real processes joined by torch.distributed's gloo backend."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import socket
 import time
 from dataclasses import replace
 
@@ -231,7 +233,11 @@ def test_seq_group_gives_one_gpus_frames_and_only_rank0_reports(presets):
         key = backend.load_key(_spec().memory)
         model = backend.load(key, lambda ph: None)
         events: list = []
+        group.last_describe = None
         frames = model.generate(_spec(), _hooks(events))
+        # A run's reply describes the backend after it (what it chose at its first calls: the
+        # attention kernel per shape), for the record; not only a load's.
+        assert group.last_describe is not None and group.last_describe["backend"] == "fake"
         one_gpu = local.load(key, lambda ph: None).generate(_spec(), _hooks([]))
         assert np.array_equal(frames, one_gpu)
         assert [e for e in events if isinstance(e, tuple)] == [(1, 4), (2, 4), (3, 4), (4, 4)]  # rank 0's only
@@ -334,3 +340,177 @@ def test_seq_load_that_fails_on_one_rank_is_undone_on_every_rank(presets):
         assert group.restarts == 0
     finally:
         group.close()
+
+
+# -- the rendezvous of a sequence-parallel group ------------------------------------------------
+
+
+def test_seq_group_holds_its_rendezvous_port_from_start_to_the_end():
+    # The ranks take seconds to import torch before they meet. A port probed free, closed and bound
+    # later by rank 0 could be taken in that window (rank 0 then failed with EADDRINUSE): the app's
+    # own store holds it from start() on, and the ranks join it as clients.
+    group = workers.WorkerGroup(p.BackendSpec("fake", {}), (0, 1), seq=True)
+    group.start()
+    try:
+        port = group.store.port
+        with socket.socket() as thief, pytest.raises(OSError) as taken:
+            thief.bind(("127.0.0.1", port))
+            thief.listen()
+        assert taken.value.errno == errno.EADDRINUSE
+        group.wait_ready(120)
+        backend = workers.RemoteBackend(group, FakeBackend())
+        model = backend.load(backend.load_key(_spec().memory), lambda ph: None)
+        assert model.generate(_spec(), _hooks([])).dtype == np.uint8
+        # A restart meets at a new store (nothing of the old group's keys); the old port is let go.
+        group.restart("test")
+        assert group.store.port != port
+        group.wait_ready(120)
+        assert backend.load(backend.load_key(_spec().memory), lambda ph: None).generate(_spec(), _hooks([])).dtype == np.uint8
+    finally:
+        group.close()
+    assert group.store is None
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # closed: the port is free for others
+
+
+def test_a_killed_seq_rank_fails_the_job_clearly_and_the_group_starts_again(presets, store):
+    outputs, history = store
+    services, groups = multi_gpu_services(mode="seq", gpus=(0, 1), presets=presets, outputs=outputs,
+                                          history=history, backend_spec=p.BackendSpec("fake", {"step_seconds": 0.4}))
+    queue = JobQueue(services[0], lanes=services)
+    group = groups[0]
+    try:
+        group.wait_ready(120)
+        first_port = group.store.port
+        victim = _wait_running(queue, GenerationRequest(preset="480x832x49", seed=2, **REQUEST), step=1)
+        old = group.pids()
+        os.kill(old[1], signal.SIGKILL)
+        _wait(victim)
+        assert isinstance(victim.error, WorkerDied)
+        assert "GPU 1" in str(victim.error) and "SIGKILL" in str(victim.error) and "restarted" in str(victim.error)
+        assert group.restarts == 1 and set(group.pids()).isdisjoint(old) and group.store.port != first_port
+        after = _wait(queue.submit(GenerationRequest(preset="480x832x49", seed=3, **REQUEST)))
+        assert after.error is None, after.error
+        rows = {e.id: e for e in history.recent(10, status=None)}
+        assert rows[after.result.record["job_id"]].status == "done"
+        failed = [e for e in rows.values() if e.status == "failed"]
+        assert len(failed) == 1 and "stopped while running this job" in (failed[0].error or "")
+    finally:
+        queue.shutdown()
+        group.close()
+
+
+# -- two real ranks joined as a seq group's workers join (gloo), running one function each ----------
+
+
+def _rank_main(rank, world, rendezvous, task, results):
+    import torch.distributed as dist
+
+    from pipeline.workers.child import join_group
+
+    consensus = join_group(rank, world, rendezvous)
+    try:
+        results.put((rank, task(rank, consensus)))
+    except Exception as exc:  # noqa: BLE001 - handed to the test
+        results.put((rank, repr(exc)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_ranks(task, timeout=120.0):
+    """task(rank, consensus group) on two processes that joined like a seq group's workers; the
+    results in rank order."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    store = workers.rendezvous_store()
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, (store.host, store.port), task, results), daemon=True)
+             for r in range(2)]
+    for proc in procs:
+        proc.start()
+    try:
+        got = dict(results.get(timeout=timeout) for _ in procs)
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    return [got[0], got[1]]
+
+
+def _two_builds_mesh_groups(rank, consensus):
+    """Two sequence-parallel builds as the backend makes them, each followed by the device mesh
+    LightX2V's set_parallel_config makes (utils/set_config.py:453) with torch's init_device_mesh."""
+    import sys
+    import types
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from pipeline.backends import lightx2v as backend_module
+    from pipeline.backends import lightx2v_compat as compat
+
+    set_config = types.ModuleType("lightx2v.utils.set_config")
+    set_config.init_device_mesh = init_device_mesh
+    platform = types.ModuleType("lightx2v_platform.registry_factory")
+    platform.PLATFORM_DEVICE_REGISTER = {}
+    sys.modules.update({"lightx2v": types.ModuleType("lightx2v"), "lightx2v.utils": types.ModuleType("lightx2v.utils"),
+                        "lightx2v.utils.set_config": set_config, "lightx2v_platform": types.ModuleType("lightx2v_platform"),
+                        "lightx2v_platform.registry_factory": platform})
+
+    class Pipe:
+        def enable_parallel(self, cfg_p_size=1, seq_p_size=1, seq_p_attn_type="ulysses"):
+            self.parallel = {}
+
+    names = []
+    for _ in range(2):
+        backend_module._enable_sequence_parallel(types.SimpleNamespace(compat=compat), compat.CompatFixes(), Pipe(), 2)
+        mesh = set_config.init_device_mesh("cpu", (1, 2), mesh_dim_names=("cfg_p", "seq_p"))
+        names.append((mesh.get_group("cfg_p").group_name, mesh.get_group("seq_p").group_name))
+        dist.barrier()
+    return names
+
+
+def test_a_seq_rebuild_makes_no_new_process_groups():
+    # LightX2V made a new device mesh in every build; its cfg_p dimension split new process groups
+    # (an NCCL communicator each on GPUs) off the default one, never destroyed: a leak per rebuild.
+    for names in _two_ranks(_two_builds_mesh_groups):
+        assert isinstance(names, list), names
+        assert names[0] == names[1]
+
+
+def _choose_attention(rank, consensus):
+    """An attention selector per rank over two CPU kernels, each rank timing a different one as
+    the fastest (its own head shard): the kernel each rank ran, and how it came to it."""
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.backends import kernels
+
+    def exact(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1)
+
+    timed: list[str] = []
+    fastest = "sdpa_cudnn" if rank == 0 else "sdpa_flash"
+
+    def clock(name, call):
+        timed.append(name)
+        call()
+        return 0.01 if name == fastest else 0.05
+
+    selector = kernels.AttentionSelector(
+        torch=torch, fns={"sage_attn2": exact, "sdpa_cudnn": exact, "sdpa_flash": exact},
+        offered=["sage_attn2", "sdpa_cudnn", "sdpa_flash"], baseline="sage_attn2", gpu_name=f"Fake GPU {rank}",
+        versions="t", clock=clock, store=kernels.MemoryStore(), ranks=kernels.rank_group(dist, consensus))
+    q, k, v = (torch.randn(128, 2, 8, generator=torch.Generator().manual_seed(10 * rank + i)) for i in range(3))
+    selector(q, k, v)
+    choice = next(iter(selector.choices.values()))
+    return choice.backend, choice.source, choice.ranks, choice.gpu, bool(timed)
+
+
+def test_seq_ranks_run_the_attention_kernel_rank_0_chose():
+    zero, one = _two_ranks(_choose_attention)
+    assert zero == ("sdpa_cudnn", "measured", 2, "Fake GPU 0", True)
+    assert one == ("sdpa_cudnn", "measured on rank 0", 2, "Fake GPU 0", False)  # rank 1 measured nothing

@@ -113,7 +113,8 @@ class AttentionChoice:
     gpu: str
     trials: tuple[Trial, ...] = ()
     measured_at: float = 0.0
-    source: str = "measured"       # measured | cached | forced
+    source: str = "measured"       # measured | cached | forced, "... on rank 0" where rank 0 chose
+    ranks: int = 1                 # the ranks of a sequence-parallel group that run it (RankGroup)
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "trials": [asdict(t) for t in self.trials]})
@@ -126,7 +127,7 @@ class AttentionChoice:
 
     def summary(self) -> dict[str, Any]:
         return {"backend": self.backend, "baseline": self.baseline, "shape": self.shape, "gpu": self.gpu,
-                "source": self.source,
+                "source": self.source, **({"ranks": self.ranks} if self.ranks > 1 else {}),
                 "trials": {t.backend: {"ms": None if t.seconds is None else round(t.seconds * 1e3, 3),
                                        "rel_l2": None if t.rel_l2 is None else float(f"{t.rel_l2:.4g}"),
                                        **({"error": t.error} if t.error else {})} for t in self.trials}}
@@ -181,6 +182,37 @@ class MemoryStore:
 
     def record_kernel_choice(self, gpu_name: str, key: str, value: str) -> None:
         self.values[(gpu_name, key)] = value
+
+
+@dataclass(frozen=True)
+class RankGroup:
+    """The ranks of a sequence-parallel group, which must run one attention kernel: a rank that
+    measured on its own head shard could pick another kernel than its peers (another rounding per
+    shard, frames unlike one GPU's, and the slowest kernel holding every rank at each all-to-all).
+    `broadcast(obj)` returns rank 0's `obj` on every rank; `all_gather(obj)` every rank's, in rank
+    order. Both are collective: every rank calls them at the same point."""
+
+    rank: int
+    size: int
+    broadcast: Callable[[Any], Any]
+    all_gather: Callable[[Any], list[Any]]
+
+
+def rank_group(dist: Any, group: Any = None) -> RankGroup:
+    """The RankGroup of a torch.distributed group (None: the default group) whose rank 0 is the
+    default group's rank 0 (a GPU worker's small gloo group spans every rank)."""
+
+    def broadcast(obj: Any) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=group)
+        return box[0]
+
+    def all_gather(obj: Any) -> list[Any]:
+        out: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(out, obj, group=group)
+        return out
+
+    return RankGroup(dist.get_rank(group), dist.get_world_size(group), broadcast, all_gather)
 
 
 def attention_key(tokens: int, heads: int, head_dim: int, dtype: str, versions: str) -> str:
@@ -347,7 +379,8 @@ def measure_attention(torch: Any, q: Any, k: Any, v: Any, fns: dict[str, Callabl
 class AttentionSelector:
     """Self-attention for the DiT: measures at the first call of a shape, then dispatches.
 
-    `force`: always this backend (bench variants, bisecting); `store`: where choices persist."""
+    `force`: always this backend (bench variants, bisecting); `store`: where choices persist;
+    `ranks`: the sequence-parallel group whose rank 0 chooses for every rank (None: this GPU alone)."""
 
     torch: Any
     fns: dict[str, Callable[[Any, Any, Any], Any]]
@@ -359,12 +392,44 @@ class AttentionSelector:
     force: str | None = None
     clock: Callable[[str, Callable[[], Any]], float] | None = None
     choices: dict[str, AttentionChoice] = field(default_factory=dict)
+    ranks: RankGroup | None = None
 
     def choice_for(self, q: Any, k: Any, v: Any) -> AttentionChoice:
         key = attention_key(q.shape[0], q.shape[1], q.shape[2], str(q.dtype).replace("torch.", ""), self.versions)
         choice = self.choices.get(key)
         if choice is not None:
             return choice
+        if self.ranks is not None and self.ranks.size > 1:
+            choice = self._agreed(key, q, k, v)
+        else:
+            choice = self._decide(key, q, k, v)
+        self.choices[key] = choice
+        return choice
+
+    def _agreed(self, key: str, q: Any, k: Any, v: Any) -> AttentionChoice:
+        """Rank 0's choice, run by every rank. Ulysses calls the attention with the same shape on
+        every rank (all tokens, heads/N) between two all-to-alls, so every rank reaches the first
+        call of a shape at the same point: rank 0 measures on its head shard (or reads its store)
+        and broadcasts; the others measure nothing. A failure on rank 0 is broadcast too, so that
+        no rank waits for a choice that never comes."""
+        assert self.ranks is not None
+        mine: AttentionChoice | None = None
+        failure: BaseException | None = None
+        if self.ranks.rank == 0:
+            try:
+                mine = self._decide(key, q, k, v)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others know
+                failure = exc
+        shared = self.ranks.broadcast(None if mine is None else mine.to_json())
+        if failure is not None:
+            raise failure
+        if shared is None:
+            raise RuntimeError("rank 0 of the sequence-parallel group failed to choose the attention kernel")
+        choice = AttentionChoice.from_json(shared)
+        source = choice.source if self.ranks.rank == 0 else f"{choice.source} on rank 0"
+        return replace(choice, source=source, ranks=self.ranks.size)
+
+    def _decide(self, key: str, q: Any, k: Any, v: Any) -> AttentionChoice:
         shape = key.split("/")[1]
         if self.force is not None:
             choice = AttentionChoice(self.force, self.baseline, shape, self.gpu_name, source="forced")
@@ -388,7 +453,6 @@ class AttentionSelector:
                 # such a choice holds for this process only, and the next one measures again.
                 if self.store is not None and not any("out of memory" in (t.error or "").lower() for t in trials):
                     self.store.record_kernel_choice(self.gpu_name, key, choice.to_json())
-        self.choices[key] = choice
         return choice
 
     def _repeatable(self, backend: str, q: Any, k: Any, v: Any) -> bool:
@@ -476,15 +540,22 @@ def int8_gemm_tiles_for(smem_limit: int, tiles: Iterable[tuple[int, int, int, in
 
 
 def build_selector(torch: Any, sage_fn: Callable[..., Any] | None, sage_exports: Iterable[str], *,
-                   store: ChoiceStore | None = None, force: str | None = None) -> AttentionSelector:
+                   store: ChoiceStore | None = None, force: str | None = None,
+                   ranks: RankGroup | None = None) -> AttentionSelector:
     """An AttentionSelector for GPU 0: the backends it can run, LightX2V's kernel as the baseline.
-    `sage_fn`: the function LightX2V's sage_attn2 calls (None where it has none)."""
+    `sage_fn`: the function LightX2V's sage_attn2 calls (None where it has none). `ranks`: a
+    sequence-parallel group; only the backends every rank can run are offered (cards of another
+    compute capability offer others), and rank 0 chooses among them for all (collective: every
+    rank builds its selector in the same build)."""
     capability = torch.cuda.get_device_capability(0)
     fns = attention_functions(torch, sage_fn)
     offered = available_attention(capability, sage_exports=sage_exports if sage_fn is not None else (),
                                   cudnn_sdpa=torch.backends.cuda.cudnn_sdp_enabled(),
                                   flash_attn=FLASH_ATTN2 in fns, flash_attn3=FLASH_ATTN3 in fns)
     offered = [name for name in offered if name in fns]
+    if ranks is not None and ranks.size > 1:
+        everywhere = ranks.all_gather(offered)
+        offered = [name for name in offered if all(name in other for other in everywhere)]
     if force is not None and force not in offered:
         raise ValueError(f"attention backend {force!r} cannot run on this GPU; available: {offered}")
     try:
@@ -495,17 +566,19 @@ def build_selector(torch: Any, sage_fn: Callable[..., Any] | None, sage_exports:
         sage_version = "none"
     return AttentionSelector(torch=torch, fns=fns, offered=offered, baseline=offered[0],
                              gpu_name=torch.cuda.get_device_name(0),
-                             versions=f"torch{torch.__version__}-sage{sage_version}", store=store, force=force)
+                             versions=f"torch{torch.__version__}-sage{sage_version}", store=store, force=force,
+                             ranks=ranks)
 
 
 def install(compat: Any, fixes: Any, torch: Any, build: dict[str, Any], transformer_weights: Any, *,
             sage_attn_module: Any, sageattention: Any, triton_kernels: Any, attention: str = "auto",
             store: ChoiceStore | None = None, transformer_infer: Any = None, rope_cls: Any = None,
-            rms_module: Any = None) -> AttentionSelector | None:
+            rms_module: Any = None, ranks: RankGroup | None = None) -> AttentionSelector | None:
     """The kernel hooks of one LightX2V build, through the compat layer (each skippable by name):
     SageAttention 1.0.6 on RTX 40/50, the INT8 GEMM tiles for this GPU, the fused elementwise
     chains of the DiT block (lightx2v_compat.FUSION_NAMES) and the self-attention selector. Returns
-    the selector, or None where the attention swap is off or not applicable."""
+    the selector, or None where the attention swap is off or not applicable. `ranks`: the
+    sequence-parallel group whose ranks run rank 0's choice (build_selector)."""
     capability = torch.cuda.get_device_capability(0)
     if rope_cls is not None:
         compat.rope_fused(fixes, transformer_weights, rope_cls)
@@ -521,6 +594,6 @@ def install(compat: Any, fixes: Any, torch: Any, build: dict[str, Any], transfor
         return None  # flash_attn builds: the user asked for that kernel
     sage_fn = getattr(sage_attn_module, "sageattn", None) if build["attn_mode"] == SAGE else None
     selector = build_selector(torch, sage_fn, dir(sageattention) if sageattention is not None else (),
-                              store=store, force=None if attention == "auto" else attention)
+                              store=store, force=None if attention == "auto" else attention, ranks=ranks)
     compat.attention_chosen_by_measurement(fixes, transformer_weights, selector)
     return selector if fixes.has("attention_chosen_by_measurement") else None

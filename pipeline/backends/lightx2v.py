@@ -164,8 +164,9 @@ class LightX2VBackend:
         (bench, bisecting); `kernel_store`: where measured choices persist (the history database).
         `seq_parallel`: N > 1 builds LightX2V's Ulysses sequence parallelism over N GPUs; only a GPU
         worker of a sequence-parallel group (pipeline/workers), which has joined its
-        torch.distributed group, can load such a build. "auto" attention then keeps LightX2V's
-        kernel: each rank measuring on its own could pick different kernels for its heads."""
+        torch.distributed group, can load such a build. "auto" attention is then chosen by rank 0
+        for every rank (`ranks`, which the worker sets to its group; the default group otherwise):
+        each rank measuring on its own could pick different kernels for its heads."""
         if quant_scheme != "auto" and quant_scheme not in QUANT_SCHEMES:
             raise ValueError(f"quant_scheme must be 'auto' or one of {sorted(QUANT_SCHEMES)}, got {quant_scheme!r}")
         if attn_mode != "auto" and attn_mode not in ATTN_MODES:
@@ -186,8 +187,7 @@ class LightX2VBackend:
         if int(seq_parallel) < 1:
             raise ValueError(f"seq_parallel must be at least 1, got {seq_parallel}")
         self.seq_parallel = int(seq_parallel)
-        if self.seq_parallel > 1 and attention == "auto":
-            self.compat_skip = self.compat_skip | {"attention_chosen_by_measurement"}
+        self.ranks: Any = None  # kernels.RankGroup of a sequence-parallel worker (set by the worker)
         self.attention = attention
         self.kernel_store = kernel_store
         self._selector: Any = None
@@ -290,7 +290,7 @@ class LightX2VBackend:
                 lx.compat, fixes, torch, build, model._runner.model.transformer_weights, sage_attn_module=lx.sage_attn_module,
                 sageattention=lx.sageattention, triton_kernels=lx.triton_kernels, attention=self.attention,
                 store=self.kernel_store, transformer_infer=model._runner.model.transformer_infer,
-                rope_cls=lx.torch_complex_rope_cls, rms_module=lx.rms_norm_module)
+                rope_cls=lx.torch_complex_rope_cls, rms_module=lx.rms_norm_module, ranks=self._rank_group(build))
         except BaseException:
             # A failed build (OOM while loading, missing kernel...) must not keep pinned host memory
             # or GPU buffers: the cache rolls back to the previous model right after this.
@@ -307,6 +307,18 @@ class LightX2VBackend:
         log.info("LightX2V pipeline built in %.1f s (%s); compat fixes: %s", time.perf_counter() - started,
                  ", ".join(f"{k}={v}" for k, v in sorted(build.items())), fixes.names or "none")
         return model
+
+    def _rank_group(self, build: dict[str, Any]) -> Any:
+        """The ranks that run one attention kernel: none on one GPU; a sequence-parallel build's
+        group (the worker's small gloo group, else the default group it joined)."""
+        if build.get("seq_p_size", 1) <= 1:
+            return None
+        if self.ranks is None:
+            import torch.distributed as dist
+            from pipeline.backends import kernels
+
+            self.ranks = kernels.rank_group(dist)
+        return self.ranks
 
     def tiny_vae(self) -> str | None:
         try:
@@ -489,13 +501,14 @@ def _enable_sequence_parallel(lx: _LightX2VModules, fixes: Any, pipe: Any, size:
     LightX2V's split decode ignores the tiling rungs (vae.py:1566-1590), so the memory ladder's
     decode settings would not apply, and its seams would change the frames against one GPU."""
     import torch.distributed as dist
+    import lightx2v.utils.set_config as set_config
     from lightx2v_platform.registry_factory import PLATFORM_DEVICE_REGISTER
 
     if not dist.is_initialized() or dist.get_world_size() != size:
         raise BackendUnavailable(f"A sequence-parallel build over {size} GPUs loads only inside a GPU worker of "
                                  f"such a group (python app.py --gpus ... --multi-gpu seq).")
     lx.compat.parallel_env_initialised_once(fixes, PLATFORM_DEVICE_REGISTER, dist,
-                                            os.environ.get("PLATFORM", "cuda"))
+                                            os.environ.get("PLATFORM", "cuda"), set_config=set_config)
     pipe.enable_parallel(seq_p_size=size, seq_p_attn_type="ulysses")
     pipe.parallel["vae_parallel"] = False
 

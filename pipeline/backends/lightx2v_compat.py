@@ -42,7 +42,8 @@ Host-memory measures (issue 15), applied the same way and recorded with the fixe
 | streamed_biases_match_resident  | lazy_load keeps fp32 biases the resident load rounds to bf16  |
 
 Several GPUs (issue 14): parallel_env_initialised_once lets a GPU worker that already joined its
-torch.distributed group build (and rebuild) a sequence-parallel pipeline.
+torch.distributed group build (and rebuild) a sequence-parallel pipeline, on the process groups of
+its first build.
 """
 
 from __future__ import annotations
@@ -1310,31 +1311,73 @@ def gate_residual_fused(fixes: CompatFixes, transformer_infer: Any) -> None:
 # -- several GPUs ----------------------------------------------------------------------------------
 
 
-def parallel_env_initialised_once(fixes: CompatFixes, platform_registry: Any, dist: Any, platform: str = "cuda") -> None:
+# The device meshes LightX2V asked for in this process, by their arguments (see below).
+_DEVICE_MESHES: dict[str, Any] = {}
+
+
+def parallel_env_initialised_once(fixes: CompatFixes, platform_registry: Any, dist: Any, platform: str = "cuda",
+                                  set_config: Any = None) -> None:
     """create_generator calls the platform's init_parallel_env on every build with a `parallel`
     config (pipeline.py:219-223), which calls dist.init_process_group (a second build, after a
     rung's reload, raises "trying to initialize the default process group twice") and then
     torch.cuda.set_device(rank) (lightx2v_platform/base/nvidia.py:33-40: rank 1 has no cuda:1 in a
     worker that sees only its own card). Our GPU workers join their group before any build, so
-    the call is skipped whenever the default group exists already."""
+    the call is skipped whenever the default group exists already.
+
+    It then calls set_parallel_config, which makes a new device mesh on every build
+    (utils/set_config.py:453, init_device_mesh over (cfg_p, seq_p)): every mesh splits new process
+    groups off the default one (one NCCL communicator per build for the size-1 cfg_p dimension),
+    and nothing destroys them, so each rebuild (a rung's reload) leaked one. `set_config` (the
+    module): its init_device_mesh gives the mesh of the first build with the same arguments back,
+    so a worker's groups are made once, like its default group."""
     name = "parallel_env_initialised_once"
     if not fixes.wanted(name):
         return
+    undos: list[Callable[[], None]] = []
+    redos: list[Callable[[], None]] = []
+    parts: list[str] = []
     device_cls = platform_registry.get(platform, None)
-    if device_cls is None or not hasattr(device_cls, "init_parallel_env"):
+    if device_cls is not None and hasattr(device_cls, "init_parallel_env"):
+        current = device_cls.init_parallel_env
+        original = getattr(current, "__wrapped__", current)
+
+        def init_parallel_env():
+            if dist.is_initialized():
+                return None
+            return original()
+
+        init_parallel_env.__wrapped__ = original
+        device_cls.init_parallel_env = staticmethod(init_parallel_env)
+        undos.append(lambda: setattr(device_cls, "init_parallel_env", staticmethod(original)))
+        redos.append(lambda: setattr(device_cls, "init_parallel_env", staticmethod(init_parallel_env)))
+        parts.append(f"{getattr(device_cls, '__name__', platform)}.init_parallel_env skipped once the worker "
+                     f"joined its group")
+    make_mesh = getattr(set_config, "init_device_mesh", None)
+    if make_mesh is not None:
+        upstream = getattr(make_mesh, "__wrapped__", make_mesh)
+
+        def init_device_mesh(device_type, mesh_shape, *args, **kwargs):
+            key = repr((device_type, tuple(mesh_shape), args, sorted(kwargs.items())))
+            mesh = _DEVICE_MESHES.get(key)
+            if mesh is None:
+                mesh = _DEVICE_MESHES[key] = upstream(device_type, mesh_shape, *args, **kwargs)
+            return mesh
+
+        init_device_mesh.__wrapped__ = upstream
+        set_config.init_device_mesh = init_device_mesh
+        undos.append(lambda: setattr(set_config, "init_device_mesh", upstream))
+        redos.append(lambda: setattr(set_config, "init_device_mesh", init_device_mesh))
+        parts.append("the device mesh (and its process groups) made by the first build and reused by the next")
+    if not parts:
         return
-    current = device_cls.init_parallel_env
-    original = getattr(current, "__wrapped__", current)
 
-    def init_parallel_env():
-        if dist.is_initialized():
-            return None
-        return original()
+    def undo() -> None:
+        for step in undos:
+            step()
 
-    init_parallel_env.__wrapped__ = original
-    device_cls.init_parallel_env = staticmethod(init_parallel_env)
+    def redo() -> None:
+        for step in redos:
+            step()
+
     _PROCESS_WIDE.add(name)
-    fixes.record(name, f"{getattr(device_cls, '__name__', platform)}.init_parallel_env skipped once the "
-                       f"worker joined its group",
-                 undo=lambda: setattr(device_cls, "init_parallel_env", staticmethod(original)),
-                 redo=lambda: setattr(device_cls, "init_parallel_env", staticmethod(init_parallel_env)))
+    fixes.record(name, "; ".join(parts), undo=undo, redo=redo)

@@ -35,7 +35,7 @@ class PeerFailed(RuntimeError):
 
 
 def main(rank: int, world: int, conn: Any, cancel: Any, backend_spec: p.BackendSpec, env: dict[str, str],
-         rendezvous: str | None) -> None:
+         rendezvous: tuple[str, int] | None) -> None:
     """The worker's entry point (multiprocessing 'spawn' target)."""
     os.environ.update(env)  # before torch is imported: CUDA_VISIBLE_DEVICES, NCCL settings
     logging.basicConfig(level=os.environ.get("WAN_STUDIO_LOG_LEVEL", "INFO"),
@@ -47,6 +47,30 @@ def main(rank: int, world: int, conn: Any, cancel: Any, backend_spec: p.BackendS
         log.info("the app went away; worker %d exits", rank)
     finally:
         worker.close()
+
+
+def join_group(rank: int, world: int, rendezvous: tuple[str, int]) -> Any:
+    """Join the torch.distributed group of a sequence-parallel group (NCCL on CUDA, gloo for the CPU
+    test double) at the app's store (`rendezvous`: its host and port, see group.rendezvous_store),
+    and return the small gloo group the ranks agree over (cancel, loads, the attention kernel)."""
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(0)  # this process's one visible card
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": "0"})
+    kwargs: dict[str, Any] = {}
+    if cuda:
+        kwargs["device_id"] = torch.device("cuda", 0)
+    timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+    host, port = rendezvous
+    store = dist.TCPStore(host, port, world_size=world, is_master=False, timeout=timeout)
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                            timeout=timeout, **kwargs)
+    consensus = dist.new_group(backend="gloo", timeout=timeout)
+    log.info("rank %d of %d joined (%s)", rank, world, dist.get_backend())
+    return consensus
 
 
 def build_backend(spec: p.BackendSpec, rank: int) -> Any:
@@ -64,7 +88,7 @@ def build_backend(spec: p.BackendSpec, rank: int) -> Any:
 
 class _Worker:
     def __init__(self, rank: int, world: int, conn: Any, cancel: Any, backend_spec: p.BackendSpec,
-                 rendezvous: str | None):
+                 rendezvous: tuple[str, int] | None):
         from pipeline.cache import PipelineCache
 
         self.rank, self.world, self.conn, self.cancel = rank, world, conn, cancel
@@ -73,6 +97,12 @@ class _Worker:
         if world > 1:
             self._init_distributed(rendezvous)
         backend = build_backend(backend_spec, rank)
+        if world > 1 and backend_spec.kind == "lightx2v":
+            import torch.distributed as dist
+            from pipeline.backends import kernels
+
+            # Rank 0 chooses the attention kernel for every rank, over the CPU group.
+            backend.ranks = kernels.rank_group(dist, self.consensus)
         if world > 1 and backend_spec.kind == "fake":
             # The fake stands for a model whose every step needs all ranks (Ulysses' all-to-all):
             # one collective per step, so a rank that fails leaves the others waiting, as on GPUs.
@@ -85,21 +115,8 @@ class _Worker:
 
     # -- distributed -----------------------------------------------------------------------------
 
-    def _init_distributed(self, rendezvous: str | None) -> None:
-        import torch
-        import torch.distributed as dist
-
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(0)  # this process's one visible card
-        os.environ.update({"RANK": str(self.rank), "WORLD_SIZE": str(self.world), "LOCAL_RANK": "0"})
-        kwargs: dict[str, Any] = {}
-        if cuda:
-            kwargs["device_id"] = torch.device("cuda", 0)
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=rendezvous, rank=self.rank,
-                                world_size=self.world, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S), **kwargs)
-        self.consensus = dist.new_group(backend="gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        log.info("rank %d of %d joined (%s)", self.rank, self.world, dist.get_backend())
+    def _init_distributed(self, rendezvous: tuple[str, int]) -> None:
+        self.consensus = join_group(self.rank, self.world, rendezvous)
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank when any rank says True (one small CPU all-reduce)."""
@@ -170,7 +187,14 @@ class _Worker:
             return
         self._send(p.Done(self.rank, value if self.rank == 0 else None, self._readings(),
                           loads=self.cache.loads, load_seconds=self.cache.last_load_seconds,
-                          describe=self.cache.backend.describe() if isinstance(request, p.Load) else None))
+                          describe=self._describe(request)))
+
+    def _describe(self, request: Any) -> dict[str, Any] | None:
+        """Rank 0's backend description after a load or a run: a run adds what it chose at its
+        first calls (the attention kernel per shape), which the record must show."""
+        if self.rank != 0 or not isinstance(request, (p.Load, p.Generate, p.Decode)):
+            return None
+        return self.cache.backend.describe()
 
     def _handle(self, request: Any) -> Any:
         from pipeline.backend import RunHooks

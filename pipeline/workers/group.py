@@ -21,10 +21,10 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from multiprocessing.connection import wait
 from typing import Any, Callable
 
@@ -92,10 +92,19 @@ def worker_env(gpus: tuple[int, ...], rank: int, seq: bool, base: dict[str, str]
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+RENDEZVOUS_HOST = "127.0.0.1"
+
+
+def rendezvous_store(host: str = RENDEZVOUS_HOST) -> Any:
+    """The key-value store a sequence-parallel group meets at, served by the app's process on a
+    port the OS picks (port 0) and holds from now on: no window between choosing a port and
+    binding it in which another program could take it. The ranks join it as clients
+    (`child.join_group`); it lives as long as the group, and a restart gets a new one (no keys of
+    the dead group's run left in it)."""
+    from torch.distributed import TCPStore
+
+    return TCPStore(host, 0, is_master=True, wait_for_workers=False,
+                    timeout=timedelta(seconds=child.COLLECTIVE_TIMEOUT_S))
 
 
 def _exit_words(code: int | None) -> str:
@@ -141,6 +150,7 @@ class WorkerGroup:
         self.last_exit: str | None = None
         self._lock = threading.RLock()
         self._peak: list[float | None] = [None] * len(gpus)
+        self.store: Any = None  # the rendezvous store of the running sequence-parallel group
 
     # -- processes ------------------------------------------------------------------------------
 
@@ -154,7 +164,10 @@ class WorkerGroup:
 
     def start(self) -> None:
         ctx = multiprocessing.get_context("spawn")
-        rendezvous = f"tcp://127.0.0.1:{_free_port()}" if self.seq else None
+        rendezvous = None
+        if self.seq:
+            self.store = rendezvous_store()
+            rendezvous = (self.store.host, self.store.port)
         self.cancel.clear()
         ranks = []
         for rank in range(self.size):
@@ -177,10 +190,19 @@ class WorkerGroup:
             while not rank.ready:
                 if not rank.conn.poll(min(POLL_S, max(0.0, deadline - time.monotonic()))):
                     if not rank.process.is_alive() or time.monotonic() > deadline:
-                        raise WorkerDied(f"GPU worker {rank.process.name} did not start "
-                                         f"({_exit_words(rank.process.exitcode)})")
+                        raise self._not_started(rank)
                     continue
-                self._dispatch(self.ranks.index(rank), rank.conn.recv(), {}, None)
+                try:
+                    message = rank.conn.recv()
+                except (EOFError, OSError):
+                    # It ended before saying Ready (its pipe closed with it): say how it ended.
+                    raise self._not_started(rank) from None
+                self._dispatch(self.ranks.index(rank), message, {}, None)
+
+    def _not_started(self, rank: _Rank) -> WorkerDied:
+        rank.process.join(timeout=2)
+        return WorkerDied(f"GPU worker {rank.process.name} did not start ({_exit_words(rank.process.exitcode)}); "
+                          f"its log says why")
 
     def pids(self) -> list[int | None]:
         return [r.pid for r in self.ranks]
@@ -215,6 +237,8 @@ class WorkerGroup:
                 rank.process.kill()
                 rank.process.join(timeout=5)
             rank.conn.close()
+        # The store of the group that ended: its server stops with the last reference.
+        self.store = None
 
     # -- one request ------------------------------------------------------------------------------
 

@@ -84,6 +84,37 @@ def test_seq_two_gpus_makes_the_clip_of_one_gpu(tiny_ckpt, gpu_report):
 
 
 @needs_two
+def test_seq_two_gpus_auto_attention_is_rank0s_choice_and_a_rebuild_reuses_the_groups(tiny_ckpt, gpu_report):
+    """--attention auto on a sequence-parallel group: the measured attention is applied, not skipped
+    (rank 0 chooses, every rank runs it, the record says so); then a rebuild (another offload
+    granularity) runs on the process groups of the first build."""
+    spec = BackendSpec("lightx2v", {"weights_dir": str(tiny_ckpt), "vram_cap_gib": CAP_GIB, "seq_parallel": 2})
+    group = WorkerGroup(spec, (0, 1), seq=True)
+    group.start()
+    try:
+        group.wait_ready(300)
+        backend = RemoteBackend(group, build_backend(spec, 0))
+        runs = []
+        for granularity in ("block", "phase"):
+            memory = dict(SPEC["memory"], offload_granularity=granularity)
+            model = backend.load(backend.load_key(memory), lambda p: None)
+            collect = _Collect()
+            frames = model.generate(RunSpec(**{**SPEC, "memory": memory}), collect.hooks)
+            assert frames.shape == (49, 480, 832, 3) and collect.steps == [1, 2, 3, 4]
+            describe = backend.describe()
+            assert "attention_chosen_by_measurement" in describe["compat_fixes"]
+            assert "parallel_env_initialised_once" in describe["compat_fixes"]
+            chosen = describe["kernels"]["attention"]
+            assert chosen and all(c["ranks"] == 2 and c["source"] in ("measured", "cached") for c in chosen), chosen
+            runs.append({"granularity": granularity, "attention": [(c["shape"], c["backend"], c["source"]) for c in chosen],
+                         "per_gpu_peaks": group.per_gpu_peaks()})
+        assert group.restarts == 0
+        gpu_report("multigpu_seq_auto_attention_rebuild", runs=runs)
+    finally:
+        group.close()
+
+
+@needs_two
 def test_two_lanes_run_two_clips_at_once(tiny_ckpt, tmp_path, gpu_report):
     from pipeline.store.history import History
     from pipeline.jobs import JobQueue
