@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -45,6 +46,79 @@ def eager_rms(x, weight, eps=1e-6):
     r = torch.rsqrt((mean.float() + eps).to(bf).float()).to(bf)
     out = (x.float() * r.float()).to(bf)
     return out if weight is None else (out.float() * weight.float()).to(bf)
+
+
+def cuda_layer_norm(x, eps=1e-6, form=0):
+    """torch's CUDA LayerNorm without affine of bf16 rows whose width is a multiple of 4
+    (vectorized_layer_norm_kernel: 4 warps x 32 lanes, Welford per thread over its 4-element vectors,
+    warp shuffles down 16..1, then warps 2 and 1 apart), transcribed thread by thread in numpy fp32.
+    `form` is how the Welford sums were contracted (fused_kernels.LN_FORMS); an FMA is formed in
+    fp64, as the kernel does under the interpreter."""
+    f32 = np.float32
+    xf = x.float().numpy()
+    rows, width = xf.shape
+
+    def fma(a, b, c, fused):
+        return (a.astype(np.float64) * b + c).astype(f32) if fused else (a * b + c).astype(f32)
+
+    def combine(b, a):  # cuWelfordCombine(dataB=b, dataA=a)
+        (mb, sb, cb), (ma, sa, ca) = b, a
+        delta, count = mb - ma, ca + cb
+        coef = f32(1) / np.where(count > 0, count, f32(1))
+        na, nb = ca * coef, cb * coef
+        if form == 1:
+            mean = fma(nb, mb, na * ma, True)
+        else:
+            mean = fma(na, ma, nb * mb, form == 0)
+        m2 = fma(delta * delta * ca, nb, sa + sb, form != 2)
+        return np.where(count > 0, mean, f32(0)), np.where(count > 0, m2, f32(0)), count
+
+    state = [np.zeros((rows, 128), f32) for _ in range(3)]
+    n_vec = width // 4
+    for first in range(0, n_vec, 128):
+        vec = first + np.arange(128)
+        valid = vec < n_vec
+        for ii in range(4):
+            v = xf[:, np.minimum(vec, n_vec - 1) * 4 + ii]
+            mean, m2, count = state
+            delta = v - mean
+            new_count = count + f32(1)
+            new_mean = fma(delta, f32(1) / new_count, mean, form != 2)
+            new_m2 = fma(delta, v - new_mean, m2, form != 2)
+            state = [np.where(valid, new, old) for new, old in zip((new_mean, new_m2, new_count), state)]
+    lanes = [s.reshape(rows, 4, 32) for s in state]
+    for offset in (16, 8, 4, 2, 1):  # __shfl_down_sync: a lane past the warp reads its own value
+        src = np.minimum(np.arange(32) + offset, 31)
+        src = np.where(np.arange(32) + offset < 32, src, np.arange(32))
+        lanes = list(combine(tuple(lanes), tuple(s[:, :, src] for s in lanes)))
+    warps = [s[:, :, 0] for s in lanes]  # lane 0 of each warp
+    for offset in (2, 1):
+        lower = tuple(s[:, :offset] for s in warps)
+        upper = tuple(s[:, offset:2 * offset] for s in warps)
+        warps = list(combine(lower, upper))
+    mean, m2 = warps[0][:, :1], warps[1][:, :1]
+    var = m2 / f32(width)
+    rstd = f32(1) / np.sqrt(var + f32(eps))  # the interpreter's rsqrt
+    return torch.from_numpy((rstd * (xf - mean)).astype(f32)).to(torch.bfloat16)
+
+
+def modulate(x, scale, shift):
+    """LightX2V's torch modulate (transformer_infer.modulate): three bf16 ops."""
+    return x * (1 + scale.squeeze()) + shift.squeeze()
+
+
+def bf16_of_exact(d):
+    """float64 values (exact sums) rounded once to bf16, ties to even."""
+    u = d.numpy().view(np.uint64)
+    u = (u + (np.uint64((1 << 44) - 1) + ((u >> np.uint64(45)) & np.uint64(1)))) & ~np.uint64((1 << 45) - 1)
+    return torch.from_numpy(u.view(np.float64)).to(torch.bfloat16)
+
+
+def modulate_rows(gen, rows, width):
+    spread = torch.exp(torch.randn((rows, 1), generator=gen))
+    x = (torch.randn((rows, width), generator=gen) * spread + torch.randn((rows, 1), generator=gen) * 4)
+    scale = (torch.randn((1, 1, width), generator=gen) * 0.5).to(torch.bfloat16)
+    return x.to(torch.bfloat16), scale, torch.randn((1, 1, width), generator=gen).to(torch.bfloat16)
 
 
 def rel_l2(a, ref):
@@ -103,6 +177,57 @@ def test_gate_residual_is_bit_identical_and_in_place(gate_dtype):
     assert out.data_ptr() == x.data_ptr() and torch.equal(x, want)
 
 
+@pytest.mark.parametrize("width", [1000, 64, 2560])  # threads with 2 vectors and idle ones; 128 threads x 5
+def test_norm_modulate_retraces_torch_cuda_layer_norm_then_modulate(width):
+    gen = _gen(10)
+    x, scale, shift = modulate_rows(gen, 3, width)
+    outs = {}
+    for ln_form in fk.LN_FORMS:
+        n = cuda_layer_norm(x, 1e-6, ln_form)
+        outs[ln_form] = fk.norm_modulate(x, scale, shift, 1e-6, (ln_form, 0))
+        assert torch.equal(outs[ln_form], modulate(n, scale, shift)), ln_form
+        single = bf16_of_exact(n.double() * (1 + scale.squeeze()).double() + shift.squeeze().double())
+        assert torch.equal(fk.norm_modulate(x, scale, shift, 1e-6, (ln_form, 1)), single), ln_form
+    # The statistics are torch's to the last bit, not just close: against an fp64 LayerNorm only
+    # bf16 roundings differ.
+    xd = x.double()
+    exact = (xd - xd.mean(-1, keepdim=True)) / torch.sqrt(xd.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    assert (cuda_layer_norm(x) == exact.to(torch.bfloat16)).float().mean() > 0.99
+
+
+def test_norm_modulate_forms_differ_where_torch_would_and_each_is_retraced():
+    gen = _gen(12)
+    x, scale, shift = modulate_rows(gen, 64, 1000)  # threads with 2 vectors and with 1: unequal counts
+    refs = [cuda_layer_norm(x, 1e-6, form) for form in fk.LN_FORMS]
+    differ = ((refs[0] != refs[1]).any(-1) | (refs[0] != refs[2]).any(-1)).nonzero().flatten()[:3]
+    assert len(differ) > 0  # the FMA contraction shows in the output: the forms are not interchangeable
+    rows = x[differ]
+    outs = [fk.norm_modulate(rows, scale, shift, 1e-6, (form, 0)) for form in fk.LN_FORMS]
+    for form, out in zip(fk.LN_FORMS, outs):
+        assert torch.equal(out, modulate(refs[form][differ], scale, shift)), form
+    assert not (torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]))
+
+
+def test_norm_modulate_on_a_row_slice_and_the_form_found_by_probing():
+    gen = _gen(11)
+    x, scale, shift = modulate_rows(gen, 6, 512)
+    part = x[2:5]  # an FFN token slice: rows of a larger tensor
+    assert fk.norm_modulate_fits(part, scale, shift)
+    assert torch.equal(fk.norm_modulate(part, scale, shift, 1e-6, (0, 0)), modulate(cuda_layer_norm(part), scale, shift))
+    probe = dict(widths=(512,), rows=3)
+    assert fk.norm_modulate_form_matching(lambda a, s, h: modulate(cuda_layer_norm(a), s, h), "cpu", **probe) == (0, 0)
+
+    def single_rounding(a, s, h):
+        n = cuda_layer_norm(a).double()
+        return bf16_of_exact(n * (1 + s.squeeze()).double() + h.squeeze().double())
+
+    assert fk.norm_modulate_form_matching(single_rounding, "cpu", **probe) == (0, 1)
+    # torch's CPU LayerNorm is another algorithm: no form may claim to be an eager chain it is not.
+    assert fk.norm_modulate_form_matching(
+        lambda a, s, h: modulate(torch.nn.functional.layer_norm(a.float(), (a.shape[-1],), eps=1e-6).mul(1.001)
+                                 .to(torch.bfloat16), s, h), "cpu", **probe) is None
+
+
 def test_fits_refuses_what_the_kernels_do_not_mirror():
     x = torch.zeros((4, 8), dtype=torch.bfloat16)
     assert not fk.gate_residual_fits(x.half(), x.half(), torch.zeros(8, dtype=torch.float16))
@@ -112,6 +237,14 @@ def test_fits_refuses_what_the_kernels_do_not_mirror():
     assert fk.rope_fits(q, torch.zeros((4, 1, 4), dtype=torch.complex64))
     assert not fk.rope_fits(q, torch.zeros((4, 1, 4), dtype=torch.complex128))
     assert not fk.rope_fits(q, torch.zeros((5, 1, 4), dtype=torch.complex64))
+    row = torch.zeros((1, 1, 8), dtype=torch.bfloat16)
+    assert fk.norm_modulate_fits(x, row, row)
+    assert not fk.norm_modulate_fits(x[:1], row, row)  # modulate's squeeze would drop the token dim
+    assert not fk.norm_modulate_fits(torch.zeros((4, 6), dtype=torch.bfloat16), row[..., :6], row[..., :6])  # 6 % 4
+    assert not fk.norm_modulate_fits(x.t().contiguous().t(), row, row)  # torch copies it first
+    assert not fk.norm_modulate_fits(x.flatten()[1:-3].view(4, 7)[:, :4], row[..., :4], row[..., :4])
+    assert not fk.norm_modulate_fits(x, row.float(), row.float())
+    assert not fk.norm_modulate_fits(x, torch.zeros((4, 8), dtype=torch.bfloat16), row)  # per-token scale
 
 
 # -- installation through the compat layer --------------------------------------------------------
