@@ -224,7 +224,7 @@ def test_norm_modulate_on_a_row_slice_and_the_form_found_by_probing():
     assert fk.norm_modulate_form_matching(single_rounding, "cpu", **probe) == (0, 1)
     # torch's CPU LayerNorm is another algorithm: no form may claim to be an eager chain it is not.
     assert fk.norm_modulate_form_matching(
-        lambda a, s, h: modulate(torch.nn.functional.layer_norm(a.float(), (a.shape[-1],), eps=1e-6).mul(1.001)
+        lambda a, s, h: modulate(torch.nn.functional.layer_norm(a.float(), (a.shape[-1],), eps=1e-6).mul(1.01)
                                  .to(torch.bfloat16), s, h), "cpu", **probe) is None
 
 
@@ -408,3 +408,149 @@ def test_gate_residual_fused_leaves_a_changed_upstream_alone():
     fixes = compat.CompatFixes()
     compat.gate_residual_fused(fixes, infer)
     assert not fixes.names and "post_process" not in vars(infer) and "infer_cross_attn" not in vars(infer)
+
+
+class LNWeight:
+    """LightX2V's LNWeight ("torch"): apply holds the lines the compat layer detects."""
+
+    def __init__(self):
+        self.weight = self.bias = None
+        self.eps = 1e-6
+        self.infer_dtype = self.sensitive_layer_dtype = torch.bfloat16
+        self.calls = 0
+
+    def _get_actual_weight(self):
+        return self.weight
+
+    def _get_actual_bias(self):
+        return self.bias
+
+    def apply(self, input_tensor):
+        self.calls += 1
+        if self.sensitive_layer_dtype != self.infer_dtype:
+            output_tensor = torch.nn.functional.layer_norm(input_tensor.float(), (input_tensor.shape[-1],),
+                                                           self._get_actual_weight(), self._get_actual_bias(),
+                                                           self.eps).to(self.infer_dtype)
+        else:
+            output_tensor = torch.nn.functional.layer_norm(input_tensor, (input_tensor.shape[-1],),
+                                                           self._get_actual_weight(), self._get_actual_bias(), self.eps)
+        return output_tensor
+
+
+class WanBlockInfer:
+    """The LayerNorm + modulate parts of LightX2V's infer_self_attn and infer_ffn (the rest of each
+    method stands in by returning what it would feed the next linear)."""
+
+    def __init__(self):
+        self.modulate_func = modulate
+        self.infer_dtype = self.sensitive_layer_dtype = torch.bfloat16
+
+    def _use_mxfp8_quant_fuse(self):
+        return False
+
+    def infer_self_attn(self, phase, x, shift_msa, scale_msa, grid_sizes=None):
+        if hasattr(phase, "smooth_norm1_weight"):
+            norm1_out = phase.norm1.apply(x)
+            norm1_out.mul_(phase.smooth_norm1_weight)
+        else:
+            norm1_out = phase.norm1.apply(x)
+            if self.sensitive_layer_dtype != self.infer_dtype:
+                norm1_out = norm1_out.to(self.sensitive_layer_dtype)
+            norm1_out = self.modulate_func(norm1_out, scale=scale_msa, shift=shift_msa).squeeze()
+        if self.sensitive_layer_dtype != self.infer_dtype:
+            norm1_out = norm1_out.to(self.infer_dtype)
+        return norm1_out
+
+    def infer_ffn(self, phase, x, attn_out, c_shift_msa, c_scale_msa, c_gate_msa=None):
+        x.add_(attn_out)
+        if hasattr(phase, "smooth_norm2_weight"):
+            norm2_out = phase.norm2.apply(x)
+            norm2_out.mul_(phase.smooth_norm2_weight)
+        else:
+            norm2_out = phase.norm2.apply(x)
+            if self.sensitive_layer_dtype != self.infer_dtype:
+                norm2_out = norm2_out.to(self.sensitive_layer_dtype)
+            norm2_out = self.modulate_func(norm2_out, scale=c_scale_msa, shift=c_shift_msa).squeeze()
+        return norm2_out.float() * 2  # the FFN's linears stand in
+
+
+def _block(gen, tokens=10, width=256):
+    x, scale, shift = modulate_rows(gen, tokens, width)
+    attn_out = torch.randn((tokens, width), generator=gen).to(torch.bfloat16)
+    return x, attn_out, scale, shift
+
+
+@pytest.mark.parametrize("chunk_first", [True, False])
+def test_norm_modulate_fused_in_self_attn_and_under_the_ffn_slicing(monkeypatch, chunk_first):
+    # The CUDA LayerNorm's numerics on the CPU: what the probe compares the kernel's forms with.
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", lambda x, shape, w, b, eps: cuda_layer_norm(x, eps))
+    _small_probe(monkeypatch)
+    calls = []
+    real = fk.norm_modulate
+    monkeypatch.setattr(fk, "norm_modulate", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    phase = Module(norm1=LNWeight(), norm2=LNWeight())
+    norm1, norm2 = phase._modules["norm1"], phase._modules["norm2"]
+    phase.norm1, phase.norm2 = norm1, norm2
+    infer = WanBlockInfer()
+    fixes = compat.CompatFixes()
+    if chunk_first:
+        compat.ffn_chunked_over_tokens(fixes, infer, max_tokens=4)
+    compat.norm_modulate_fused(fixes, infer, Module(blocks=Module(b0=phase)), LNWeight, device="cpu")
+    if not chunk_first:
+        compat.ffn_chunked_over_tokens(fixes, infer, max_tokens=4)
+    assert fixes.has("norm_modulate_fused") and "(form (0, 0))" in fixes.applied[-1 - (not chunk_first)].detail
+    calls.clear()
+    norm1.calls = 0  # the probe ran upstream's LayerNorm once
+    gen = _gen(13)
+    x, attn_out, scale, shift = _block(gen)
+    want_attn = modulate(cuda_layer_norm(x), scale, shift)
+    want_ffn = modulate(cuda_layer_norm(x + attn_out), scale, shift).float() * 2
+    assert torch.equal(infer.infer_self_attn(phase, x, shift, scale), want_attn)
+    assert norm1.calls == 0 and calls == [10]
+    assert torch.equal(infer.infer_ffn(phase, x.clone(), attn_out, shift, scale), want_ffn)
+    assert norm2.calls == 0 and calls == [10, 4, 4, 2]  # each token slice fused
+    assert infer.infer_ffn.sliced_calls == 1
+    with fixes.disabled("norm_modulate_fused"):
+        assert torch.equal(infer.infer_self_attn(phase, x, shift, scale), want_attn)
+        assert torch.equal(infer.infer_ffn(phase, x.clone(), attn_out, shift, scale), want_ffn)
+    assert norm1.calls == 1 and norm2.calls == 3 and len(calls) == 4 and infer.infer_ffn.sliced_calls == 2
+    with fixes.disabled("ffn_chunked_over_tokens"):
+        assert torch.equal(infer.infer_ffn(phase, x.clone(), attn_out, shift, scale), want_ffn)
+    assert calls[-1] == 10 and norm2.calls == 3  # fused, not sliced
+    # What the kernel does not serve runs upstream's lines: an fp32 scale, an affine LayerNorm.
+    assert torch.equal(infer.infer_self_attn(phase, x, shift.float(), scale.float()),
+                       modulate(cuda_layer_norm(x), scale.float(), shift.float()))
+    norm1.weight = torch.ones(256, dtype=torch.bfloat16)
+    infer.infer_self_attn(phase, x, shift, scale)
+    assert norm1.calls == 3 and "infer_self_attn" in vars(infer)
+    assert WanBlockInfer.infer_self_attn.__module__ == __name__  # the class keeps upstream's method
+
+
+def _small_probe(monkeypatch):
+    """The install-time probe on a few rows (the interpreter runs a row in ~0.1 s)."""
+    probe = fk.norm_modulate_form_matching
+    monkeypatch.setattr(fk, "norm_modulate_form_matching",
+                        lambda eager, device, eps: probe(eager, device, eps, widths=(256,), rows=3))
+
+
+def test_norm_modulate_fused_not_installed_where_no_form_matches_or_upstream_changed(monkeypatch):
+    _small_probe(monkeypatch)
+    phase = Module(norm1=LNWeight(), norm2=LNWeight())
+    weights = Module(blocks=Module(b0=phase))
+    fixes = compat.CompatFixes()
+    # torch's own CPU LayerNorm: no form of the kernel is that algorithm.
+    monkeypatch.setattr(torch.nn.functional, "layer_norm",
+                        lambda x, shape, w, b, eps: cuda_layer_norm(x, eps).float().mul(1.01).to(torch.bfloat16))
+    compat.norm_modulate_fused(fixes, WanBlockInfer(), weights, LNWeight, device="cpu")
+    assert not fixes.names
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", lambda x, shape, w, b, eps: cuda_layer_norm(x, eps))
+
+    class Changed(WanBlockInfer):
+        def infer_ffn(self, phase, x, attn_out, c_shift_msa, c_scale_msa, c_gate_msa=None):
+            return self.modulate_func(phase.norm2.apply(x + attn_out), scale=c_scale_msa, shift=c_shift_msa)
+
+    infer = Changed()
+    compat.norm_modulate_fused(fixes, infer, weights, LNWeight, device="cpu")
+    assert not fixes.names and "infer_self_attn" not in vars(infer)
+    compat.norm_modulate_fused(compat.CompatFixes(skip=frozenset({"norm_modulate_fused"})), WanBlockInfer(), weights,
+                               LNWeight, device="cpu")
