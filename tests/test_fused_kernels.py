@@ -552,5 +552,14 @@ def test_norm_modulate_fused_not_installed_where_no_form_matches_or_upstream_cha
     infer = Changed()
     compat.norm_modulate_fused(fixes, infer, weights, LNWeight, device="cpu")
     assert not fixes.names and "infer_self_attn" not in vars(infer)
-    compat.norm_modulate_fused(compat.CompatFixes(skip=frozenset({"norm_modulate_fused"})), WanBlockInfer(), weights,
-                               LNWeight, device="cpu")
+    skipped, infer = compat.CompatFixes(skip=frozenset({"norm_modulate_fused"})), WanBlockInfer()
+    compat.norm_modulate_fused(skipped, infer, weights, LNWeight, device="cpu")
+    assert not skipped.names and "infer_ffn" not in vars(infer)
+
+    def does_not_build(*args, **kwargs):
+        raise fk.KernelBuildError("out of shared memory")
+
+    monkeypatch.setattr(fk, "norm_modulate_form_matching", does_not_build)
+    infer = WanBlockInfer()
+    compat.norm_modulate_fused(fixes, infer, weights, LNWeight, device="cpu")  # logged, the load goes on
+    assert not fixes.names and "infer_ffn" not in vars(infer)

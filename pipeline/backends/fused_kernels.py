@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from triton.errors import TritonError as KernelBuildError  # compile, ptxas and out-of-resources errors
 
 # Triton's CPU interpreter (the CPU tests) runs the kernels on host tensors; compiled, they need CUDA.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
