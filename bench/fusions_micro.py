@@ -5,7 +5,8 @@ eager chain LightX2V runs, at the model's shapes, on random tensors (no checkpoi
 
 Per kernel and token count: eager and fused milliseconds, the speed-up, whether the outputs are
 bit-identical, and the saving per DiT step (40 blocks; RoPE x2 for q and k, RMSNorm x3 for the
-q/k of self-attention and the q of cross-attention, gate + residual x2). Prints markdown.
+q/k of self-attention and the q of cross-attention, gate + residual x2, LayerNorm + modulate x2
+before self-attention and the FFN). Prints markdown.
 """
 
 from __future__ import annotations
@@ -41,7 +42,22 @@ def rows(torch, tokens: int, reps: int) -> list[dict]:
     base = x.clone()
     out.append(_row(torch, "gate_residual", 2, reps, lambda: base.clone().add_(y * gate),
                     lambda: fk.gate_residual_(base.clone(), y, gate), tokens, clone_ms=_time(torch, base.clone, reps)))
+    norm, eager = lightx2v_norm_and_modulate()
+    norm_form = fk.norm_modulate_form_matching(eager, "cuda", eps=norm.eps)
+    shift, scale = (torch.randn((1, 6, DIM), device="cuda", dtype=torch.bfloat16) * 0.5).chunk(6, dim=1)[:2]
+    out.append(_row(torch, "layer_norm + modulate", 2, reps, lambda: eager(x, scale, shift),
+                    lambda: fk.norm_modulate(x, scale, shift, norm.eps, norm_form or (0, 0)), tokens))
     return out
+
+
+def lightx2v_norm_and_modulate():
+    """LightX2V's LayerNorm of norm1/norm2 and its default (Triton) modulate, chained as in
+    WanTransformerInfer."""
+    from lightx2v.models.networks.wan.infer.triton_ops import fuse_scale_shift_kernel
+    from lightx2v.utils.registry_factory import LN_WEIGHT_REGISTER
+
+    norm = LN_WEIGHT_REGISTER["torch"]()
+    return norm, lambda x, scale, shift: fuse_scale_shift_kernel(norm.apply(x), scale=scale, shift=shift).squeeze()
 
 
 def _row(torch, name, per_block, reps, eager, fused, tokens, clone_ms=0.0) -> dict:

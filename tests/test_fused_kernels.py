@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -45,6 +46,79 @@ def eager_rms(x, weight, eps=1e-6):
     r = torch.rsqrt((mean.float() + eps).to(bf).float()).to(bf)
     out = (x.float() * r.float()).to(bf)
     return out if weight is None else (out.float() * weight.float()).to(bf)
+
+
+def cuda_layer_norm(x, eps=1e-6, form=0):
+    """torch's CUDA LayerNorm without affine of bf16 rows whose width is a multiple of 4
+    (vectorized_layer_norm_kernel: 4 warps x 32 lanes, Welford per thread over its 4-element vectors,
+    warp shuffles down 16..1, then warps 2 and 1 apart), transcribed thread by thread in numpy fp32.
+    `form` is how the Welford sums were contracted (fused_kernels.LN_FORMS); an FMA is formed in
+    fp64, as the kernel does under the interpreter."""
+    f32 = np.float32
+    xf = x.float().numpy()
+    rows, width = xf.shape
+
+    def fma(a, b, c, fused):
+        return (a.astype(np.float64) * b + c).astype(f32) if fused else (a * b + c).astype(f32)
+
+    def combine(b, a):  # cuWelfordCombine(dataB=b, dataA=a)
+        (mb, sb, cb), (ma, sa, ca) = b, a
+        delta, count = mb - ma, ca + cb
+        coef = f32(1) / np.where(count > 0, count, f32(1))
+        na, nb = ca * coef, cb * coef
+        if form == 1:
+            mean = fma(nb, mb, na * ma, True)
+        else:
+            mean = fma(na, ma, nb * mb, form == 0)
+        m2 = fma(delta * delta * ca, nb, sa + sb, form != 2)
+        return np.where(count > 0, mean, f32(0)), np.where(count > 0, m2, f32(0)), count
+
+    state = [np.zeros((rows, 128), f32) for _ in range(3)]
+    n_vec = width // 4
+    for first in range(0, n_vec, 128):
+        vec = first + np.arange(128)
+        valid = vec < n_vec
+        for ii in range(4):
+            v = xf[:, np.minimum(vec, n_vec - 1) * 4 + ii]
+            mean, m2, count = state
+            delta = v - mean
+            new_count = count + f32(1)
+            new_mean = fma(delta, f32(1) / new_count, mean, form != 2)
+            new_m2 = fma(delta, v - new_mean, m2, form != 2)
+            state = [np.where(valid, new, old) for new, old in zip((new_mean, new_m2, new_count), state)]
+    lanes = [s.reshape(rows, 4, 32) for s in state]
+    for offset in (16, 8, 4, 2, 1):  # __shfl_down_sync: a lane past the warp reads its own value
+        src = np.minimum(np.arange(32) + offset, 31)
+        src = np.where(np.arange(32) + offset < 32, src, np.arange(32))
+        lanes = list(combine(tuple(lanes), tuple(s[:, :, src] for s in lanes)))
+    warps = [s[:, :, 0] for s in lanes]  # lane 0 of each warp
+    for offset in (2, 1):
+        lower = tuple(s[:, :offset] for s in warps)
+        upper = tuple(s[:, offset:2 * offset] for s in warps)
+        warps = list(combine(lower, upper))
+    mean, m2 = warps[0][:, :1], warps[1][:, :1]
+    var = m2 / f32(width)
+    rstd = f32(1) / np.sqrt(var + f32(eps))  # the interpreter's rsqrt
+    return torch.from_numpy((rstd * (xf - mean)).astype(f32)).to(torch.bfloat16)
+
+
+def modulate(x, scale, shift):
+    """LightX2V's torch modulate (transformer_infer.modulate): three bf16 ops."""
+    return x * (1 + scale.squeeze()) + shift.squeeze()
+
+
+def bf16_of_exact(d):
+    """float64 values (exact sums) rounded once to bf16, ties to even."""
+    u = d.numpy().view(np.uint64)
+    u = (u + (np.uint64((1 << 44) - 1) + ((u >> np.uint64(45)) & np.uint64(1)))) & ~np.uint64((1 << 45) - 1)
+    return torch.from_numpy(u.view(np.float64)).to(torch.bfloat16)
+
+
+def modulate_rows(gen, rows, width):
+    spread = torch.exp(torch.randn((rows, 1), generator=gen))
+    x = (torch.randn((rows, width), generator=gen) * spread + torch.randn((rows, 1), generator=gen) * 4)
+    scale = (torch.randn((1, 1, width), generator=gen) * 0.5).to(torch.bfloat16)
+    return x.to(torch.bfloat16), scale, torch.randn((1, 1, width), generator=gen).to(torch.bfloat16)
 
 
 def rel_l2(a, ref):
@@ -103,6 +177,57 @@ def test_gate_residual_is_bit_identical_and_in_place(gate_dtype):
     assert out.data_ptr() == x.data_ptr() and torch.equal(x, want)
 
 
+@pytest.mark.parametrize("width", [1000, 64, 2560])  # threads with 2 vectors and idle ones; 128 threads x 5
+def test_norm_modulate_retraces_torch_cuda_layer_norm_then_modulate(width):
+    gen = _gen(10)
+    x, scale, shift = modulate_rows(gen, 3, width)
+    outs = {}
+    for ln_form in fk.LN_FORMS:
+        n = cuda_layer_norm(x, 1e-6, ln_form)
+        outs[ln_form] = fk.norm_modulate(x, scale, shift, 1e-6, (ln_form, 0))
+        assert torch.equal(outs[ln_form], modulate(n, scale, shift)), ln_form
+        single = bf16_of_exact(n.double() * (1 + scale.squeeze()).double() + shift.squeeze().double())
+        assert torch.equal(fk.norm_modulate(x, scale, shift, 1e-6, (ln_form, 1)), single), ln_form
+    # The statistics are torch's to the last bit, not just close: against an fp64 LayerNorm only
+    # bf16 roundings differ.
+    xd = x.double()
+    exact = (xd - xd.mean(-1, keepdim=True)) / torch.sqrt(xd.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    assert (cuda_layer_norm(x) == exact.to(torch.bfloat16)).float().mean() > 0.99
+
+
+def test_norm_modulate_forms_differ_where_torch_would_and_each_is_retraced():
+    gen = _gen(12)
+    x, scale, shift = modulate_rows(gen, 64, 1000)  # threads with 2 vectors and with 1: unequal counts
+    refs = [cuda_layer_norm(x, 1e-6, form) for form in fk.LN_FORMS]
+    differ = ((refs[0] != refs[1]).any(-1) | (refs[0] != refs[2]).any(-1)).nonzero().flatten()[:3]
+    assert len(differ) > 0  # the FMA contraction shows in the output: the forms are not interchangeable
+    rows = x[differ]
+    outs = [fk.norm_modulate(rows, scale, shift, 1e-6, (form, 0)) for form in fk.LN_FORMS]
+    for form, out in zip(fk.LN_FORMS, outs):
+        assert torch.equal(out, modulate(refs[form][differ], scale, shift)), form
+    assert not (torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]))
+
+
+def test_norm_modulate_on_a_row_slice_and_the_form_found_by_probing():
+    gen = _gen(11)
+    x, scale, shift = modulate_rows(gen, 6, 512)
+    part = x[2:5]  # an FFN token slice: rows of a larger tensor
+    assert fk.norm_modulate_fits(part, scale, shift)
+    assert torch.equal(fk.norm_modulate(part, scale, shift, 1e-6, (0, 0)), modulate(cuda_layer_norm(part), scale, shift))
+    probe = dict(widths=(512,), rows=3)
+    assert fk.norm_modulate_form_matching(lambda a, s, h: modulate(cuda_layer_norm(a), s, h), "cpu", **probe) == (0, 0)
+
+    def single_rounding(a, s, h):
+        n = cuda_layer_norm(a).double()
+        return bf16_of_exact(n * (1 + s.squeeze()).double() + h.squeeze().double())
+
+    assert fk.norm_modulate_form_matching(single_rounding, "cpu", **probe) == (0, 1)
+    # torch's CPU LayerNorm is another algorithm: no form may claim to be an eager chain it is not.
+    assert fk.norm_modulate_form_matching(
+        lambda a, s, h: modulate(torch.nn.functional.layer_norm(a.float(), (a.shape[-1],), eps=1e-6).mul(1.01)
+                                 .to(torch.bfloat16), s, h), "cpu", **probe) is None
+
+
 def test_fits_refuses_what_the_kernels_do_not_mirror():
     x = torch.zeros((4, 8), dtype=torch.bfloat16)
     assert not fk.gate_residual_fits(x.half(), x.half(), torch.zeros(8, dtype=torch.float16))
@@ -112,6 +237,14 @@ def test_fits_refuses_what_the_kernels_do_not_mirror():
     assert fk.rope_fits(q, torch.zeros((4, 1, 4), dtype=torch.complex64))
     assert not fk.rope_fits(q, torch.zeros((4, 1, 4), dtype=torch.complex128))
     assert not fk.rope_fits(q, torch.zeros((5, 1, 4), dtype=torch.complex64))
+    row = torch.zeros((1, 1, 8), dtype=torch.bfloat16)
+    assert fk.norm_modulate_fits(x, row, row)
+    assert not fk.norm_modulate_fits(x[:1], row, row)  # modulate's squeeze would drop the token dim
+    assert not fk.norm_modulate_fits(torch.zeros((4, 6), dtype=torch.bfloat16), row[..., :6], row[..., :6])  # 6 % 4
+    assert not fk.norm_modulate_fits(x.t().contiguous().t(), row, row)  # torch copies it first
+    assert not fk.norm_modulate_fits(x.flatten()[1:-3].view(4, 7)[:, :4], row[..., :4], row[..., :4])
+    assert not fk.norm_modulate_fits(x, row.float(), row.float())
+    assert not fk.norm_modulate_fits(x, torch.zeros((4, 8), dtype=torch.bfloat16), row)  # per-token scale
 
 
 # -- installation through the compat layer --------------------------------------------------------
@@ -275,3 +408,158 @@ def test_gate_residual_fused_leaves_a_changed_upstream_alone():
     fixes = compat.CompatFixes()
     compat.gate_residual_fused(fixes, infer)
     assert not fixes.names and "post_process" not in vars(infer) and "infer_cross_attn" not in vars(infer)
+
+
+class LNWeight:
+    """LightX2V's LNWeight ("torch"): apply holds the lines the compat layer detects."""
+
+    def __init__(self):
+        self.weight = self.bias = None
+        self.eps = 1e-6
+        self.infer_dtype = self.sensitive_layer_dtype = torch.bfloat16
+        self.calls = 0
+
+    def _get_actual_weight(self):
+        return self.weight
+
+    def _get_actual_bias(self):
+        return self.bias
+
+    def apply(self, input_tensor):
+        self.calls += 1
+        if self.sensitive_layer_dtype != self.infer_dtype:
+            output_tensor = torch.nn.functional.layer_norm(input_tensor.float(), (input_tensor.shape[-1],),
+                                                           self._get_actual_weight(), self._get_actual_bias(),
+                                                           self.eps).to(self.infer_dtype)
+        else:
+            output_tensor = torch.nn.functional.layer_norm(input_tensor, (input_tensor.shape[-1],),
+                                                           self._get_actual_weight(), self._get_actual_bias(), self.eps)
+        return output_tensor
+
+
+class WanBlockInfer:
+    """The LayerNorm + modulate parts of LightX2V's infer_self_attn and infer_ffn (the rest of each
+    method stands in by returning what it would feed the next linear)."""
+
+    def __init__(self):
+        self.modulate_func = modulate
+        self.infer_dtype = self.sensitive_layer_dtype = torch.bfloat16
+
+    def _use_mxfp8_quant_fuse(self):
+        return False
+
+    def infer_self_attn(self, phase, x, shift_msa, scale_msa, grid_sizes=None):
+        if hasattr(phase, "smooth_norm1_weight"):
+            norm1_out = phase.norm1.apply(x)
+            norm1_out.mul_(phase.smooth_norm1_weight)
+        else:
+            norm1_out = phase.norm1.apply(x)
+            if self.sensitive_layer_dtype != self.infer_dtype:
+                norm1_out = norm1_out.to(self.sensitive_layer_dtype)
+            norm1_out = self.modulate_func(norm1_out, scale=scale_msa, shift=shift_msa).squeeze()
+        if self.sensitive_layer_dtype != self.infer_dtype:
+            norm1_out = norm1_out.to(self.infer_dtype)
+        return norm1_out
+
+    def infer_ffn(self, phase, x, attn_out, c_shift_msa, c_scale_msa, c_gate_msa=None):
+        x.add_(attn_out)
+        if hasattr(phase, "smooth_norm2_weight"):
+            norm2_out = phase.norm2.apply(x)
+            norm2_out.mul_(phase.smooth_norm2_weight)
+        else:
+            norm2_out = phase.norm2.apply(x)
+            if self.sensitive_layer_dtype != self.infer_dtype:
+                norm2_out = norm2_out.to(self.sensitive_layer_dtype)
+            norm2_out = self.modulate_func(norm2_out, scale=c_scale_msa, shift=c_shift_msa).squeeze()
+        return norm2_out.float() * 2  # the FFN's linears stand in
+
+
+def _block(gen, tokens=10, width=256):
+    x, scale, shift = modulate_rows(gen, tokens, width)
+    attn_out = torch.randn((tokens, width), generator=gen).to(torch.bfloat16)
+    return x, attn_out, scale, shift
+
+
+@pytest.mark.parametrize("chunk_first", [True, False])
+def test_norm_modulate_fused_in_self_attn_and_under_the_ffn_slicing(monkeypatch, chunk_first):
+    # The CUDA LayerNorm's numerics on the CPU: what the probe compares the kernel's forms with.
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", lambda x, shape, w, b, eps: cuda_layer_norm(x, eps))
+    _small_probe(monkeypatch)
+    calls = []
+    real = fk.norm_modulate
+    monkeypatch.setattr(fk, "norm_modulate", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    phase = Module(norm1=LNWeight(), norm2=LNWeight())
+    norm1, norm2 = phase._modules["norm1"], phase._modules["norm2"]
+    phase.norm1, phase.norm2 = norm1, norm2
+    infer = WanBlockInfer()
+    fixes = compat.CompatFixes()
+    if chunk_first:
+        compat.ffn_chunked_over_tokens(fixes, infer, max_tokens=4)
+    compat.norm_modulate_fused(fixes, infer, Module(blocks=Module(b0=phase)), LNWeight, device="cpu")
+    if not chunk_first:
+        compat.ffn_chunked_over_tokens(fixes, infer, max_tokens=4)
+    assert fixes.has("norm_modulate_fused") and "(form (0, 0))" in fixes.applied[-1 - (not chunk_first)].detail
+    calls.clear()
+    norm1.calls = 0  # the probe ran upstream's LayerNorm once
+    gen = _gen(13)
+    x, attn_out, scale, shift = _block(gen)
+    want_attn = modulate(cuda_layer_norm(x), scale, shift)
+    want_ffn = modulate(cuda_layer_norm(x + attn_out), scale, shift).float() * 2
+    assert torch.equal(infer.infer_self_attn(phase, x, shift, scale), want_attn)
+    assert norm1.calls == 0 and calls == [10]
+    assert torch.equal(infer.infer_ffn(phase, x.clone(), attn_out, shift, scale), want_ffn)
+    assert norm2.calls == 0 and calls == [10, 4, 4, 2]  # each token slice fused
+    assert infer.infer_ffn.sliced_calls == 1
+    with fixes.disabled("norm_modulate_fused"):
+        assert torch.equal(infer.infer_self_attn(phase, x, shift, scale), want_attn)
+        assert torch.equal(infer.infer_ffn(phase, x.clone(), attn_out, shift, scale), want_ffn)
+    assert norm1.calls == 1 and norm2.calls == 3 and len(calls) == 4 and infer.infer_ffn.sliced_calls == 2
+    with fixes.disabled("ffn_chunked_over_tokens"):
+        assert torch.equal(infer.infer_ffn(phase, x.clone(), attn_out, shift, scale), want_ffn)
+    assert calls[-1] == 10 and norm2.calls == 3  # fused, not sliced
+    # What the kernel does not serve runs upstream's lines: an fp32 scale, an affine LayerNorm.
+    assert torch.equal(infer.infer_self_attn(phase, x, shift.float(), scale.float()),
+                       modulate(cuda_layer_norm(x), scale.float(), shift.float()))
+    norm1.weight = torch.ones(256, dtype=torch.bfloat16)
+    infer.infer_self_attn(phase, x, shift, scale)
+    assert norm1.calls == 3 and "infer_self_attn" in vars(infer)
+    assert WanBlockInfer.infer_self_attn.__module__ == __name__  # the class keeps upstream's method
+
+
+def _small_probe(monkeypatch):
+    """The install-time probe on a few rows (the interpreter runs a row in ~0.1 s)."""
+    probe = fk.norm_modulate_form_matching
+    monkeypatch.setattr(fk, "norm_modulate_form_matching",
+                        lambda eager, device, eps: probe(eager, device, eps, widths=(256,), rows=3))
+
+
+def test_norm_modulate_fused_not_installed_where_no_form_matches_or_upstream_changed(monkeypatch):
+    _small_probe(monkeypatch)
+    phase = Module(norm1=LNWeight(), norm2=LNWeight())
+    weights = Module(blocks=Module(b0=phase))
+    fixes = compat.CompatFixes()
+    # torch's own CPU LayerNorm: no form of the kernel is that algorithm.
+    monkeypatch.setattr(torch.nn.functional, "layer_norm",
+                        lambda x, shape, w, b, eps: cuda_layer_norm(x, eps).float().mul(1.01).to(torch.bfloat16))
+    compat.norm_modulate_fused(fixes, WanBlockInfer(), weights, LNWeight, device="cpu")
+    assert not fixes.names
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", lambda x, shape, w, b, eps: cuda_layer_norm(x, eps))
+
+    class Changed(WanBlockInfer):
+        def infer_ffn(self, phase, x, attn_out, c_shift_msa, c_scale_msa, c_gate_msa=None):
+            return self.modulate_func(phase.norm2.apply(x + attn_out), scale=c_scale_msa, shift=c_shift_msa)
+
+    infer = Changed()
+    compat.norm_modulate_fused(fixes, infer, weights, LNWeight, device="cpu")
+    assert not fixes.names and "infer_self_attn" not in vars(infer)
+    skipped, infer = compat.CompatFixes(skip=frozenset({"norm_modulate_fused"})), WanBlockInfer()
+    compat.norm_modulate_fused(skipped, infer, weights, LNWeight, device="cpu")
+    assert not skipped.names and "infer_ffn" not in vars(infer)
+
+    def does_not_build(*args, **kwargs):
+        raise fk.KernelBuildError("out of shared memory")
+
+    monkeypatch.setattr(fk, "norm_modulate_form_matching", does_not_build)
+    infer = WanBlockInfer()
+    compat.norm_modulate_fused(fixes, infer, weights, LNWeight, device="cpu")  # logged, the load goes on
+    assert not fixes.names and "infer_ffn" not in vars(infer)

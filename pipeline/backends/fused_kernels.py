@@ -16,6 +16,14 @@ eager chain computes, where it rounds and whether the fusion is bit-identical.
   lands within that rounding difference of a bf16 boundary gets a mean one bf16 ulp apart.
 - gate_residual: `x.add_(y * gate)` (a bf16 product, then a bf16 sum) in place in one pass over x
   and y instead of three; bit-identical.
+- norm_modulate: the LayerNorm without affine of the DiT block (torch's CUDA kernel for a bf16 row
+  whose width is a multiple of 4) followed by LightX2V's modulate `n * (1 + scale) + shift`, in one
+  read of x and one write. The row statistics follow torch's kernel step by step (128 threads, each
+  folding its 4-element vectors into a Welford state one element at a time, then the same tree of
+  combinations), so the mean and variance are the same fp32 numbers; which of the Welford sums nvcc
+  contracted into FMAs, and whether the modulate product is rounded before the sum, cannot be read
+  from source: `norm_modulate_form_matching` tries each form against the eager chain on the device
+  and the compat layer installs the one that is bit-identical (or none).
 
 Nothing here needs more than a few KB of shared memory or any Hopper-only instruction: the kernels
 compile for sm_80/sm_86 and sm_90 alike. This module imports torch and triton at import time; the
@@ -31,6 +39,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from triton.errors import TritonError as KernelBuildError  # compile, ptxas and out-of-resources errors
 
 # Triton's CPU interpreter (the CPU tests) runs the kernels on host tensors; compiled, they need CUDA.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -219,3 +228,177 @@ def gate_residual_fits(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> 
             and gate.numel() == x.shape[1] and gate.is_contiguous() and x.stride(1) == 1 and y.stride(1) == 1
             and x.device == y.device == gate.device)
 
+
+
+# -- LayerNorm (no affine) + modulate, as torch's CUDA LayerNorm and LightX2V's modulate compute it --
+
+# torch's vectorized_layer_norm_kernel (a row width that is a multiple of 4, aligned rows): a block of
+# 4 warps of 32 threads per row; thread t = 32 * warp + lane folds the 4-element vectors t, t + 128,
+# ... into its Welford state one element at a time; lanes are then combined 16, 8, 4, 2, 1 apart
+# (shuffle down: the lower lane keeps the result) and warps 2, 1 apart.
+LN_WARPS, LN_LANES, LN_VEC = 4, 32, 4
+LN_THREADS = LN_WARPS * LN_LANES
+# How the Welford arithmetic was contracted into FMAs (nvcc contracts a + b*c by default):
+# 0: every such sum fused, the combined mean as fma(nA, meanA, nB * meanB);
+# 1: the same with the combined mean as fma(nB, meanB, nA * meanA); 2: nothing fused.
+LN_FORMS = (0, 1, 2)
+# modulate's n * (1 + scale) + shift on bf16 tensors: 0: the product rounded to bf16, then the sum
+# (torch's modulate; Triton computing each bf16 op on its own); 1: one bf16 FMA (a single rounding).
+MODULATE_FORMS = (0, 1)
+NORM_MODULATE_FORMS = tuple(itertools.product(LN_FORMS, MODULATE_FORMS))
+NORM_MODULATE_BLOCK = 1024  # columns per step of the output pass
+
+
+@triton.jit
+def _fma32(a, b, c, FUSED: tl.constexpr, FMA_IN_FP64: tl.constexpr):
+    """a * b + c in fp32, one rounding where FUSED (Triton's interpreter has no true FMA: there the
+    exact product is formed in fp64), else the product rounded first."""
+    if FUSED:
+        if FMA_IN_FP64:
+            out = (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
+        else:
+            out = tl.fma(a, b, c)
+    else:
+        out = a * b + c
+    return out
+
+
+@triton.jit
+def _welford_combine(mean_b, m2_b, count_b, mean_a, m2_a, count_a, LN_FORM: tl.constexpr,
+                     FMA_IN_FP64: tl.constexpr):
+    """torch's cuWelfordCombine(dataB, dataA): B is the state that keeps the result."""
+    delta = mean_b - mean_a
+    count = count_a + count_b
+    nonzero = count > 0
+    coef = tl.math.div_rn(tl.full(count.shape, 1.0, tl.float32), tl.where(nonzero, count, 1.0))
+    n_a = count_a * coef
+    n_b = count_b * coef
+    if LN_FORM == 1:
+        mean = _fma32(n_b, mean_b, n_a * mean_a, True, FMA_IN_FP64)
+    else:
+        mean = _fma32(n_a, mean_a, n_b * mean_b, LN_FORM == 0, FMA_IN_FP64)
+    m2 = _fma32(delta * delta * count_a, n_b, m2_a + m2_b, LN_FORM != 2, FMA_IN_FP64)
+    return tl.where(nonzero, mean, 0.0), tl.where(nonzero, m2, 0.0), count
+
+
+@triton.jit
+def _welford_halves(mean, m2, count, ROWS: tl.constexpr, HALF: tl.constexpr, LN_FORM: tl.constexpr,
+                    FMA_IN_FP64: tl.constexpr):
+    """[ROWS, 2 * HALF] states -> [ROWS, HALF]: state j combined with state j + HALF."""
+    mean_b, mean_a = tl.split(tl.permute(tl.reshape(mean, (ROWS, 2, HALF)), (0, 2, 1)))
+    m2_b, m2_a = tl.split(tl.permute(tl.reshape(m2, (ROWS, 2, HALF)), (0, 2, 1)))
+    count_b, count_a = tl.split(tl.permute(tl.reshape(count, (ROWS, 2, HALF)), (0, 2, 1)))
+    return _welford_combine(mean_b, m2_b, count_b, mean_a, m2_a, count_a, LN_FORM, FMA_IN_FP64)
+
+
+@triton.jit
+def _bf16_of_fma(p, q, r):
+    """p * q + r rounded once to bf16, for bf16-valued fp32 p, q, r (p * q is exact in fp32): the
+    fp32 sum and its exact error (TwoSum) decide the one case a second rounding would get wrong, a
+    sum that lands on a bf16 midpoint."""
+    prod = p * q
+    s = prod + r
+    bv = s - prod
+    err = (prod - (s - bv)) + (r - bv)
+    u = s.to(tl.uint32, bitcast=True)
+    at_midpoint = ((u & 0xFFFF) == 0x8000) & (err != 0.0)
+    away = (err > 0.0) == (s > 0.0)  # the exact sum is farther from zero than s
+    base = u & 0xFFFF0000
+    tied = tl.where(away, base + 0x10000, base).to(tl.float32, bitcast=True)
+    return tl.where(at_midpoint, tied, _bf16(s))
+
+
+@triton.jit
+def _norm_modulate_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, stride_x, stride_o, eps, N_COLS: tl.constexpr,
+                          LN_FORM: tl.constexpr, MOD_FORM: tl.constexpr, FMA_IN_FP64: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    fused = LN_FORM != 2
+    # Per thread: Welford over its vectors, one element at a time (cuWelfordOnlineSum).
+    # [warps, lanes] = [4, 32] (LN_WARPS, LN_LANES), vectors of 4 (LN_VEC) elements
+    thread = tl.arange(0, 4)[:, None] * 32 + tl.arange(0, 32)[None, :]
+    mean = tl.zeros((4, 32), tl.float32)
+    m2 = tl.zeros((4, 32), tl.float32)
+    count = tl.zeros((4, 32), tl.float32)
+    one = tl.full((4, 32), 1.0, tl.float32)
+    for first in range(0, N_COLS // 4, 128):
+        vec = first + thread
+        valid = vec < N_COLS // 4
+        for ii in tl.static_range(4):
+            v = tl.load(x_row + vec * 4 + ii, mask=valid, other=0.0).to(tl.float32)
+            delta = v - mean
+            new_count = count + 1.0
+            new_mean = _fma32(delta, tl.math.div_rn(one, new_count), mean, fused, FMA_IN_FP64)
+            new_m2 = _fma32(delta, v - new_mean, m2, fused, FMA_IN_FP64)
+            mean = tl.where(valid, new_mean, mean)
+            m2 = tl.where(valid, new_m2, m2)
+            count = tl.where(valid, new_count, count)
+    # Lanes 16, 8, 4, 2, 1 apart, then warps 2 and 1 apart.
+    mean, m2, count = _welford_halves(mean, m2, count, 4, 16, LN_FORM, FMA_IN_FP64)
+    mean, m2, count = _welford_halves(mean, m2, count, 4, 8, LN_FORM, FMA_IN_FP64)
+    mean, m2, count = _welford_halves(mean, m2, count, 4, 4, LN_FORM, FMA_IN_FP64)
+    mean, m2, count = _welford_halves(mean, m2, count, 4, 2, LN_FORM, FMA_IN_FP64)
+    mean, m2, count = _welford_halves(mean, m2, count, 4, 1, LN_FORM, FMA_IN_FP64)
+    mean, m2, count = _welford_halves(tl.reshape(mean, (1, 4)), tl.reshape(m2, (1, 4)), tl.reshape(count, (1, 4)),
+                                      1, 2, LN_FORM, FMA_IN_FP64)
+    mean, m2, count = _welford_halves(mean, m2, count, 1, 1, LN_FORM, FMA_IN_FP64)  # [1, 1]
+    var = tl.math.div_rn(m2, tl.zeros((1, 1), tl.float32) + N_COLS)  # sigma2 / float(N)
+    rstd = tl.math.rsqrt(var + eps)
+    for start in range(0, N_COLS, BLOCK):
+        cols = start + tl.arange(0, BLOCK)[None, :]
+        mask = cols < N_COLS
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        n = _bf16(rstd * (x - mean))  # the LayerNorm's bf16 output
+        t = _bf16(1.0 + scale)
+        if MOD_FORM == 0:
+            y = _bf16(_bf16(n * t) + shift)
+        else:
+            y = _bf16_of_fma(n, t, shift)
+        tl.store(out_ptr + row * stride_o + cols, y.to(tl.bfloat16), mask=mask)
+
+
+def norm_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float,
+                  form: tuple[int, int]) -> torch.Tensor:
+    """x [L, C] (bf16) -> modulate(layer_norm(x, (C,), eps=eps), scale, shift) as a new [L, C]
+    tensor, with scale and shift of C elements (bf16) broadcast over the rows."""
+    rows, cols = x.shape
+    out = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
+    _norm_modulate_kernel[(rows,)](x, scale.reshape(-1), shift.reshape(-1), out, x.stride(0), out.stride(0), float(eps),
+                                   N_COLS=cols, LN_FORM=form[0], MOD_FORM=form[1], FMA_IN_FP64=INTERPRETED,
+                                   BLOCK=NORM_MODULATE_BLOCK, num_warps=4, enable_fp_fusion=False)
+    return out
+
+
+def norm_modulate_fits(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> bool:
+    """Where torch runs its vectorized LayerNorm (rows contiguous, 8-byte aligned, a width that is a
+    multiple of 4 below 2^24) on a 2-D bf16 x of more than one row (modulate's squeeze keeps it 2-D),
+    and scale and shift are one bf16 row each."""
+    if not (isinstance(scale, torch.Tensor) and isinstance(shift, torch.Tensor)):
+        return False
+    cols = x.shape[-1]
+    return (x.dim() == 2 and x.shape[0] > 1 and runs_on(x) and x.dtype == torch.bfloat16 and x.is_contiguous()
+            and cols % LN_VEC == 0 and 0 < cols <= (1 << 24) and x.data_ptr() % (LN_VEC * x.element_size()) == 0
+            and scale.dtype == shift.dtype == torch.bfloat16 and scale.numel() == cols == shift.numel()
+            and scale.stride(-1) == 1 and shift.stride(-1) == 1 and scale.device == x.device == shift.device)
+
+
+def norm_modulate_form_matching(eager: Any, device: str, eps: float = 1e-6, widths: tuple[int, ...] = (5120, 1000),
+                                rows: int = 256, seed: int = 0) -> tuple[int, int] | None:
+    """The form whose output is bit-identical to `eager(x, scale, shift)` (LayerNorm then modulate)
+    on `device` for random bf16 rows of several means and spreads, at each of `widths`, or None."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    cases = []
+    for width in widths:
+        spread = torch.exp(torch.randn((rows, 1), generator=gen))
+        offset = torch.randn((rows, 1), generator=gen) * 4
+        x = (torch.randn((rows, width), generator=gen) * spread + offset).to(torch.bfloat16).to(device)
+        scale = (torch.randn((1, 1, width), generator=gen) * 0.5).to(torch.bfloat16).to(device)
+        shift = torch.randn((1, 1, width), generator=gen).to(torch.bfloat16).to(device)
+        cases.append((x, scale, shift, eager(x, scale, shift)))
+    for form in NORM_MODULATE_FORMS:
+        if all(torch.equal(norm_modulate(x, scale, shift, eps, form), want) for x, scale, shift, want in cases):
+            return form
+    return None

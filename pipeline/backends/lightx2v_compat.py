@@ -31,6 +31,7 @@ fused_kernels.py; docs/lightx2v.md §5 has the numerics), each a name of its own
 | rope_fused           | TorchComplexRope: fp32 complex copies of q and k | bit-identical (form checked)    |
 | qk_rms_norm_fused    | RMSNorm of q/k without sgl_kernel: 7 bf16 passes | bf16 mean may differ by 1 ulp   |
 | gate_residual_fused  | x.add_(y * gate) in cross-attn and post_process  | bit-identical                   |
+| norm_modulate_fused  | LayerNorm, then modulate (self-attn and FFN in)  | bit-identical (form checked)    |
 
 Host-memory measures (issue 15), applied the same way and recorded with the fixes:
 
@@ -70,7 +71,7 @@ FIX_NAMES = (
 )
 # Speed: the DiT block's bf16 elementwise chains fused into Triton kernels (pipeline/backends/
 # fused_kernels.py, docs/lightx2v.md §5), each switchable by name.
-FUSION_NAMES = ("rope_fused", "qk_rms_norm_fused", "gate_residual_fused")
+FUSION_NAMES = ("rope_fused", "qk_rms_norm_fused", "gate_residual_fused", "norm_modulate_fused")
 # Not bugs: memory savings applied the same way (recorded with the fixes for the run records).
 OPTIMIZATION_NAMES = ("ffn_chunked_over_tokens", "non_block_weights_kept_for_the_run",
                       "attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu",
@@ -739,11 +740,11 @@ def ffn_chunked_over_tokens(fixes: CompatFixes, transformer_infer: Any, max_toke
     fused FFN path is active (it writes x itself)."""
     if not fixes.wanted("ffn_chunked_over_tokens") or max_tokens <= 0:
         return
-    original = transformer_infer.infer_ffn
     uses_fused = getattr(transformer_infer, "_use_mxfp8_quant_fuse", lambda: False)
 
     def infer_ffn(phase, x, attn_out, c_shift_msa, c_scale_msa, c_gate_msa=None):
         n = x.shape[0]
+        original = infer_ffn.__wrapped__
         if n <= max_tokens or x.dim() != 2 or uses_fused():
             return original(phase, x, attn_out, c_shift_msa, c_scale_msa, c_gate_msa)
         pieces = -(-n // max_tokens)
@@ -761,10 +762,13 @@ def ffn_chunked_over_tokens(fixes: CompatFixes, transformer_infer: Any, max_toke
         return out
 
     infer_ffn.sliced_calls = 0  # how often it actually sliced (tests)
+    # The method it slices, looked up per call: a fusion installed later (norm_modulate_fused)
+    # replaces it here instead of replacing the slicing.
+    infer_ffn.__wrapped__ = transformer_infer.infer_ffn
     transformer_infer.infer_ffn = infer_ffn
 
     def undo() -> None:
-        transformer_infer.infer_ffn = original
+        transformer_infer.infer_ffn = infer_ffn.__wrapped__
 
     def redo() -> None:
         transformer_infer.infer_ffn = infer_ffn
@@ -1306,6 +1310,101 @@ def gate_residual_fused(fixes: CompatFixes, transformer_infer: Any) -> None:
 
     switch.record(fixes, name, "x += y * gate: fused_kernels._gate_residual_kernel in "
                  + ", ".join(f"{cls.__name__}.{m}" for m in methods))
+
+
+# The LayerNorm lines of WanTransformerInfer before the modulate (networks/wan/infer/
+# transformer_infer.py:286-305, 450-469): the branch without smooth weights gets a fused first arm.
+_NORM_MODULATE_LINES = {
+    method: (("    else:\n        {out} = phase.{norm}.apply(x)\n".format(out=out, norm=norm),
+              "    elif ({out} := _fused_norm_modulate_(self, phase.{norm}, x, {scale}, {shift})) is not None:\n"
+              "        pass\n"
+              "    else:\n        {out} = phase.{norm}.apply(x)\n".format(out=out, norm=norm, scale=scale, shift=shift)),)
+    for method, out, norm, scale, shift in (("infer_self_attn", "norm1_out", "norm1", "scale_msa", "shift_msa"),
+                                            ("infer_ffn", "norm2_out", "norm2", "c_scale_msa", "c_shift_msa"))
+}
+
+
+def norm_modulate_fused(fixes: CompatFixes, transformer_infer: Any, transformer_weights: Any, ln_cls: Any,
+                        device: str = "cuda") -> None:
+    """Not a bug: before self-attention and before the FFN, WanTransformerInfer.infer_self_attn and
+    infer_ffn (networks/wan/infer/transformer_infer.py:286-305, 450-469) run the LayerNorm without
+    affine of the block (LNWeight.apply, common/ops/norm/layer_norm_weight.py:222-240: torch's
+    layer_norm in bf16) and then `self.modulate_func` (LightX2V's Triton scale-shift kernel, or
+    `x * (1 + scale) + shift` in torch): the normalised tensor is written out and read back, four
+    full-size passes. The fused kernel reads x once and writes the modulated tensor once.
+
+    Bit-identical where the device's eager chain matches one of the kernel's forms: the kernel
+    retraces torch's CUDA LayerNorm statistics (the same Welford steps and combination tree), and
+    `fused_kernels.norm_modulate_form_matching` runs upstream's own LNWeight.apply and modulate_func
+    on this device against each form of FMA contraction; the fusion installs only with the form
+    that matches bit for bit (none: not installed, logged). Calls the kernel does not serve (an
+    affine or fp32 LayerNorm, MXFP8 fusion, other shapes) run upstream's lines.
+
+    Installed on this transformer_infer instance as infer_self_attn and infer_ffn compiled from
+    upstream's own source with a fused first arm before the LayerNorm line (method_rewritten);
+    infer_ffn goes under ffn_chunked_over_tokens' slicing where that is installed (each slice is
+    fused). Detected from the source of LNWeight.apply."""
+    name = "norm_modulate_fused"
+    if not fixes.wanted(name):
+        return
+    try:
+        source = inspect.getsource(ln_cls.apply)
+    except (OSError, TypeError, AttributeError):
+        return
+    if "torch.nn.functional.layer_norm(" not in source or "input_tensor.float()" not in source:
+        log.info("LightX2V's LNWeight.apply is not the torch layer_norm expected: %s off", name)
+        return
+    modules = [m for _, mods in weight_module_tree(transformer_weights) for key, m in mods.items()
+               if key in ("norm1", "norm2") and type(m) is ln_cls]
+    modulate = getattr(transformer_infer, "modulate_func", None)
+    if not modules or modulate is None:
+        return
+    from pipeline.backends import fused_kernels
+
+    probe = modules[0]
+
+    def eager(x: Any, scale: Any, shift: Any) -> Any:
+        return modulate(probe.apply(x), scale=scale, shift=shift).squeeze()
+
+    try:
+        form = fused_kernels.norm_modulate_form_matching(eager, device, eps=probe.eps)
+    except fused_kernels.KernelBuildError:
+        # A GPU or Triton the kernel does not build for keeps upstream's chain; the load goes on.
+        log.warning("the fused LayerNorm + modulate kernel does not build here: %s off", name, exc_info=True)
+        return
+    if form is None:
+        log.warning("no form of the fused LayerNorm + modulate matches LightX2V's on this GPU: %s off", name)
+        return
+    switch = _Switch()
+
+    def _fused_norm_modulate_(infer: Any, norm: Any, x: Any, scale: Any, shift: Any) -> Any:
+        """The fused output, or None where upstream's lines must run."""
+        if not (switch.on and type(norm) is ln_cls and infer.modulate_func is modulate
+                and infer.sensitive_layer_dtype == infer.infer_dtype
+                and norm.sensitive_layer_dtype == norm.infer_dtype
+                and not getattr(infer, "_use_mxfp8_quant_fuse", lambda: False)()
+                and norm._get_actual_weight() is None and norm._get_actual_bias() is None
+                and fused_kernels.norm_modulate_fits(x, scale, shift)):
+            return None
+        return fused_kernels.norm_modulate(x, scale, shift, norm.eps, form)
+
+    cls = type(transformer_infer)
+    methods = {}
+    for method, replacements in _NORM_MODULATE_LINES.items():
+        func = method_rewritten(cls, method, replacements, {"_fused_norm_modulate_": _fused_norm_modulate_})
+        if func is None:
+            log.info("LightX2V's %s.%s has not the LayerNorm line expected: %s off", cls.__name__, method, name)
+            return
+        methods[method] = types.MethodType(func, transformer_infer)
+    for method, bound in methods.items():
+        current = vars(transformer_infer).get(method)
+        if current is not None and hasattr(current, "__wrapped__"):
+            current.__wrapped__ = bound  # under ffn_chunked_over_tokens' slicing
+        else:
+            setattr(transformer_infer, method, bound)
+
+    switch.record(fixes, name, f"LayerNorm + modulate: fused_kernels._norm_modulate_kernel (form {form}) in "
+                  + ", ".join(f"{cls.__name__}.{m}" for m in methods))
 
 
 # -- several GPUs ----------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 """The fused DiT-block kernels (pipeline/backends/fused_kernels.py) compiled on CUDA at the model's
 shapes (hidden 5120 = 40 heads x 128; 32,760 tokens at 480x832x81, 75,600 at 720x1280x81) against
-LightX2V's own eager code, and the tiny model's frames with the fusions on and off."""
+LightX2V's own eager code, and the tiny model's frames with the fusions on and off (with block
+offload, RoPE chunking and the FFN token slicing of the tiny preset's rungs)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from bench.fusions_micro import lightx2v_norm_and_modulate
 from tests.gpu.gpuhelpers import Recorder, loaded_model, spec
 
 pytestmark = pytest.mark.gpu
@@ -93,19 +95,83 @@ def test_gate_residual_bit_identical(tokens, gate_dtype):
     assert torch.equal(x, want)
 
 
+def _modulation(torch, tokens):
+    """x like the DiT's hidden states (rows of several means and spreads, a few outliers) and one
+    scale/shift chunk of modulation + embed0 ([1, 1, C] views of a [1, 6, C] tensor)."""
+    spread = torch.exp(torch.randn((tokens, 1), device="cuda"))
+    x = torch.randn((tokens, DIM), device="cuda") * spread + torch.randn((tokens, 1), device="cuda") * 4
+    x[:, :8] *= 20
+    six = (torch.randn((1, 6, DIM), device="cuda") * 0.5).to(torch.bfloat16)
+    shift, scale = six.chunk(6, dim=1)[:2]
+    return x.to(torch.bfloat16), scale, shift
+
+
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_norm_modulate_bit_identical_to_lightx2v_layer_norm_and_modulate(tokens, gpu_report):
+    import torch
+    from pipeline.backends import fused_kernels as fk
+
+    norm, eager = lightx2v_norm_and_modulate()
+    form = fk.norm_modulate_form_matching(eager, "cuda", eps=norm.eps)
+    x, scale, shift = _modulation(torch, tokens)
+    assert fk.norm_modulate_fits(x, scale, shift)
+    want = eager(x, scale, shift)
+    # Which forms agree with LightX2V on the full tensor (the probe's choice must be one of them).
+    matching = [f for f in fk.NORM_MODULATE_FORMS if torch.equal(fk.norm_modulate(x, scale, shift, norm.eps, f), want)]
+    best = form or fk.NORM_MODULATE_FORMS[0]
+    got = fk.norm_modulate(x, scale, shift, norm.eps, best)
+    rows_identical = (got == want).all(-1).float().mean().item()
+    xd = x.double()
+    exact = ((xd - xd.mean(-1, keepdim=True)) / torch.sqrt(xd.var(-1, unbiased=False, keepdim=True) + norm.eps)
+             * (1 + scale.squeeze().double()) + shift.squeeze().double())
+
+    def err(a):
+        return ((a.double() - exact).norm() / exact.norm()).item()
+
+    gpu_report("fused_norm_modulate", tokens=tokens, form=form, matching=matching, rows_identical=rows_identical,
+               err_ours=err(got), err_eager=err(want), capability=list(torch.cuda.get_device_capability()))
+    assert form is not None and form in matching
+    assert torch.equal(got, want)
+    # An FFN token slice (ffn_chunked_over_tokens) and LightX2V's torch modulate as well.
+    part = x[tokens // 3:tokens // 3 + 4096]
+    assert torch.equal(fk.norm_modulate(part, scale, shift, norm.eps, form), eager(part, scale, shift))
+    if form[1] == 0:
+        from lightx2v.models.networks.wan.infer.transformer_infer import modulate
+
+        assert torch.equal(fk.norm_modulate(x, scale, shift, norm.eps, form), modulate(norm.apply(x), scale, shift))
+
+
 def test_tiny_model_frames_with_fusions_on_and_off(tiny_service, gpu_report):
     """Bit-identical fusions keep the frames; the RMSNorm fusion (one bf16 ulp in a few rows' mean)
     may move them by a little. Also with RoPE chunking and block offload (the tiny preset's rungs)."""
     model = loaded_model(tiny_service)
-    assert {"rope_fused", "qk_rms_norm_fused", "gate_residual_fused"} <= set(model.compat.names)
+    assert {"rope_fused", "qk_rms_norm_fused", "gate_residual_fused", "norm_modulate_fused"} <= set(model.compat.names)
     for memory in ({}, {"rope_chunk": 500}):  # 1,344 tokens: three RoPE chunks
         run = spec(seed=11, memory=memory)
         fused = model.generate(run, Recorder().hooks())
         with model.compat.disabled("qk_rms_norm_fused"):
             exact_only = model.generate(run, Recorder().hooks())
-            with model.compat.disabled("rope_fused"), model.compat.disabled("gate_residual_fused"):
-                eager = model.generate(run, Recorder().hooks())
+            with model.compat.disabled("norm_modulate_fused"):
+                without_norm_modulate = model.generate(run, Recorder().hooks())
+                with model.compat.disabled("rope_fused"), model.compat.disabled("gate_residual_fused"):
+                    eager = model.generate(run, Recorder().hooks())
+        assert np.array_equal(without_norm_modulate, eager), memory
         assert np.array_equal(exact_only, eager), memory
         diff = np.abs(fused.astype(np.int16) - eager.astype(np.int16))
         gpu_report("fused_frames", memory=memory, max_abs=int(diff.max()), mean_abs=float(diff.mean()))
         assert diff.mean() < 1.0, memory
+
+
+def test_norm_modulate_under_the_ffn_token_slicing_same_frames(tiny_service):
+    """720x1280x49 is 46,800 tokens: the FFN runs in two slices, each LayerNorm + modulate fused."""
+    model = loaded_model(tiny_service)
+    infer = model._runner.model.transformer_infer
+    assert "rewritten by lightx2v_compat" in infer.infer_ffn.__wrapped__.__func__.__code__.co_filename
+    assert "rewritten by lightx2v_compat" in infer.infer_self_attn.__func__.__code__.co_filename
+    big = spec(720, 1280, 49, seed=4, memory={"vae_tiling": True})
+    before = infer.infer_ffn.sliced_calls
+    fused = model.generate(big, Recorder().hooks())
+    assert infer.infer_ffn.sliced_calls > before
+    with model.compat.disabled("norm_modulate_fused"):
+        eager = model.generate(big, Recorder().hooks())
+    assert np.array_equal(fused, eager)

@@ -263,7 +263,12 @@ def test_finish_through_the_service_gives_the_same_clip(tiny_service, preview, t
     assert done["finished_from_job"] == source["job_id"]
     assert report["vae"][0] == report["vae"][1], report
     assert np.array_equal(raw_first, raw_again), f"the decoded frames differ: {report}"
-    assert np.array_equal(first, again), f"the same frames, other mp4s: {report}"
+    # The claim is the decode's: the frames handed to the writer are equal bit for bit. Whether the
+    # two mp4s are then equal is the encoder's business: on the H200 machine libx264 itself gave
+    # other bytes for the same frames written twice (encoder_repeat), so equal mp4s are required only
+    # where the encoder repeats itself.
+    if report["encoder_repeat"].get("values") == 0:
+        assert np.array_equal(first, again), f"the same frames, other mp4s: {report}"
 
 
 def _squeezed_walk(ckpt, root, preset, torch_gib, gpu_report, name):
