@@ -18,14 +18,7 @@ import enum
 from dataclasses import dataclass
 from typing import Callable, Hashable, Mapping
 
-from presets import MemoryRung, Preset, PresetBook
-
-# Settings that only save host memory; the GPU memory a rung needs does not depend on them.
-RAM_ONLY_SETTINGS = ("dit_from_disk", "release_text_encoder")
-
-
-def gpu_settings(rung: "Rung") -> tuple:
-    return tuple(sorted((k, v) for k, v in rung.memory.settings().items() if k not in RAM_ONLY_SETTINGS))
+from presets import MemoryRung, Preset, PresetBook, gpu_settings
 
 # Below this margin a rung is "tight": fragmentation and a browser opening a tab can eat it.
 HEADROOM_GIB = 0.5
@@ -141,7 +134,8 @@ class Planner:
                 if failed.predicted_host_gib is not None and (
                         rung.predicted_host_gib is None or rung.predicted_host_gib >= failed.predicted_host_gib):
                     return True
-            elif failed.preset.name == rung.preset.name and gpu_settings(failed) == gpu_settings(rung):
+            elif failed.preset.name == rung.preset.name and (
+                    gpu_settings(failed.memory.settings()) == gpu_settings(rung.memory.settings())):
                 return True
         return False
 

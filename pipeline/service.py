@@ -25,10 +25,10 @@ from pipeline.errors import GenerationCancelled, InvalidRequest, OutOfVRAM, Stud
 from pipeline.store.history import History, HistoryEntry
 from pipeline.store.outputs import OutputStore
 from pipeline.store.records import job_record
-from pipeline.planner import RAM_ONLY_SETTINGS, Planner, PresetForecast, Rung, replan
+from pipeline.planner import Planner, PresetForecast, Rung, replan
 from pipeline.types import (HOST_OOM, LEAN_DECODE_SUFFIX, Attempt, FinishRequest, GenerationRequest,
                             GenerationResult, Phase, Preview, PreviewKind, ProgressEvent, RunSpec)
-from presets import PresetBook
+from presets import DECODE_SETTINGS, PresetBook, dit_settings, lean_decode
 
 log = logging.getLogger(__name__)
 
@@ -171,14 +171,6 @@ def _min_known(*values: float | None) -> float | None:
     return min(known) if known else None
 
 
-# Settings that only change how the VAE decode runs; all of them apply per call (no reload).
-_DECODE_SETTINGS = ("vae_tiling", "vae_offload", "clean_cuda_cache")
-
-
-def _lean_decode_settings(memory: dict[str, Any]) -> dict[str, Any]:
-    return dict(memory, vae_tiling=True, vae_offload=True, clean_cuda_cache=True)
-
-
 def _finish_decodes(rung: Rung, source: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """The decodes a finish tries, in order, as (rung label, memory settings): first the VAE
     settings the source clip was really decoded with (its record's memory_settings: after a decode
@@ -186,18 +178,12 @@ def _finish_decodes(rung: Rung, source: dict[str, Any]) -> list[tuple[str, dict[
     memory = rung.memory.settings()
     recorded = source.get("memory_settings")
     if isinstance(recorded, dict):
-        memory.update({k: recorded[k] for k in _DECODE_SETTINGS if k in recorded})
-    lean = _lean_decode_settings(rung.memory.settings())
+        memory.update({k: recorded[k] for k in DECODE_SETTINGS if k in recorded})
+    lean = lean_decode(rung.memory.settings())
     name = f"{rung.memory.name}+finish"
     if memory == lean:
         return [(f"{name}{LEAN_DECODE_SUFFIX}", lean)]
     return [(name, memory), (f"{name}{LEAN_DECODE_SUFFIX}", lean)]
-
-
-def _dit_settings(memory: dict[str, Any]) -> tuple:
-    # Settings that only save host memory (planner.RAM_ONLY_SETTINGS) leave the GPU work unchanged.
-    return tuple(sorted((k, v) for k, v in memory.items()
-                        if k not in _DECODE_SETTINGS and k not in RAM_ONLY_SETTINGS))
 
 
 class VideoService:
@@ -357,20 +343,13 @@ class VideoService:
                 rung = queue.pop(0)
                 if should_stop():
                     raise GenerationCancelled("Cancelled before the run started.")
-                if self.planner.skip_after(rung, failures):
-                    log.info("skipping %s: it needs as much memory as a rung that ran out", rung.label)
-                    continue
-                if (rung.preset.name, _dit_settings(rung.memory.settings())) in undecodable:
-                    log.info("skipping %s/%s: only its VAE settings differ from a rung whose decode "
-                             "failed on the leanest ones", rung.preset.name, rung.memory.name)
-                    continue
                 key = self._key(rung)
                 reason = loads.reason(key, attempts, free_bound, rung)
                 if attempts:
                     clock.phase(Phase.LOADING, f"Retrying on {rung.preset.name}/{rung.memory.name}"
                                 + (f": {reason}" if reason and loads.switching(key) else ""))
                 kept.latents = None  # only the latents of the attempt that succeeds are kept
-                outcome = loads.track(key, reason, lambda: self._attempt(request, rung, hooks))
+                outcome = loads.track(key, reason, lambda: self._attempt(request, rung, key, hooks))
                 tried.add((rung.preset.name, rung.memory.name))
                 if outcome.failure is not None:
                     attempts.append(outcome.failure)
@@ -379,15 +358,15 @@ class VideoService:
                 if outcome.failure is not None and outcome.latents is not None:
                     # The steps finished and only the decode ran out of memory: decode the kept
                     # latents again on the leanest VAE settings instead of re-running the steps.
-                    lean = _lean_decode_settings(rung.memory.settings())
+                    lean = lean_decode(rung.memory.settings())
                     if lean != rung.memory.settings():
                         outcome = self._decode_only(request, rung, lean, hooks, outcome.latents,
-                                                    f"{rung.memory.name}{LEAN_DECODE_SUFFIX}",
-                                                    self.cache.backend.load_key(lean), draft=request.draft)
+                                                    f"{rung.memory.name}{LEAN_DECODE_SUFFIX}", key,
+                                                    draft=request.draft)
                         if outcome.failure is not None:
                             attempts.append(outcome.failure)
                     if outcome.failure is not None:
-                        undecodable.add((rung.preset.name, _dit_settings(lean)))
+                        undecodable.add((rung.preset.name, dit_settings(lean)))
                 if outcome.failure is None:
                     success, chosen = outcome, rung
                     attempts.append(Attempt(rung.preset.name, outcome.label or rung.memory.name, "ok",
@@ -407,7 +386,7 @@ class VideoService:
                 queue = replan(ladder, rung, tried, free_bound, self._key, loads.current,
                                loads.left, loads.reload_allowed, ram_gib=ram_bound,
                                skip=lambda r: self.planner.skip_after(r, failures) or (
-                                   r.preset.name, _dit_settings(r.memory.settings())) in undecodable)
+                                   r.preset.name, dit_settings(r.memory.settings())) in undecodable)
                 log.info("re-planned with %s GiB GPU memory and %s GiB RAM really free: %s",
                          _round(free_bound), _round(ram_bound), [r.label for r in queue] or "nothing left")
             if success is None or chosen is None:
@@ -553,9 +532,8 @@ class VideoService:
         if gpu_name and available is not None:
             self._measure(gpu_name, rung, round(available + 0.05, 3), None)
 
-    def _attempt(self, request: GenerationRequest, rung: Rung, hooks: RunHooks) -> _Outcome:
+    def _attempt(self, request: GenerationRequest, rung: Rung, key: LoadKey, hooks: RunHooks) -> _Outcome:
         spec = self._spec(request, rung)
-        key = self.cache.backend.load_key(spec.memory)
         self.monitor.torch.reset_peak()
 
         def run(model: LoadedModel) -> _Outcome:
