@@ -353,8 +353,10 @@ class VideoService:
                 tried.add((rung.preset.name, rung.memory.name))
                 if outcome.failure is not None:
                     attempts.append(outcome.failure)
-                    if outcome.failure.outcome != HOST_OOM:  # a host failure says nothing about the GPU memory
-                        self._learn_from_oom(gpu_name, available, rung)
+                    # It needs more GPU memory than was available: remembered as a lower bound, the next
+                    # click with as much free starts below it (a host failure says nothing about that).
+                    if outcome.failure.outcome != HOST_OOM and gpu_name and available is not None:
+                        self._measure(gpu_name, rung, round(available + 0.05, 3), None)
                 if outcome.failure is not None and outcome.latents is not None:
                     # The steps finished and only the decode ran out of memory: decode the kept
                     # latents again on the leanest VAE settings instead of re-running the steps.
@@ -397,8 +399,7 @@ class VideoService:
                        **sampler.timeline.host.as_record()}
         result, timings = self._save(job_id, request, chosen, success, attempts, peak=peak, clock=clock,
                                      sampler=sampler, loads=loads, kept=kept, gpu_name=gpu_name,
-                                     available=available, host_memory=host_memory,
-                                     latents=success.latents if success.latents is not None else kept.latents)
+                                     available=available, host_memory=host_memory)
         if success.label is None and not request.draft:
             # The time estimate excludes the one-off weight load and counts only clean runs (a
             # draft decode is quicker and leaner than the clip's full decode). Without a GPU peak
@@ -414,10 +415,11 @@ class VideoService:
     def _save(self, job_id: int, request: GenerationRequest, rung: Rung, outcome: _Outcome,
               attempts: list[Attempt], *, peak: float | None, clock: _PhaseClock, sampler: gpu.VramSampler,
               loads: _Loads, kept: _Kept, gpu_name: str | None, available: float | None,
-              host_memory: dict[str, Any] | None, latents: Any,
-              **source: Any) -> tuple[GenerationResult, dict[str, Any]]:
+              host_memory: dict[str, Any] | None, **source: Any) -> tuple[GenerationResult, dict[str, Any]]:
         """Write the clip, its record (`source`: what a finish carries over from its source clip)
-        and latents, and finish the job in the history. Returns the result and the timings."""
+        and latents (those a decode decoded, else those the run handed over), and finish the job in
+        the history. Returns the result and the timings."""
+        latents = outcome.latents if outcome.latents is not None else kept.latents
         label = outcome.label or rung.memory.name
         # The sampler has stopped: the timeline covers the GPU work, and the record can carry it.
         record = job_record(
@@ -482,7 +484,7 @@ class VideoService:
                          if r.preset.name == request.preset), own[-1])
         decodes = _finish_decodes(rung, decodes_from)
         loads = _Loads(self.cache)
-        kept = _Kept(latents=latents)
+        kept = _Kept()
         with gpu.VramSampler(self.monitor) as sampler:
             clock = _PhaseClock(on_event, sampler)
             hooks = self._hooks(clock, should_stop, kept)
@@ -510,7 +512,7 @@ class VideoService:
             clock.phase(Phase.ENCODING)
         result, _ = self._save(job_id, request, rung, outcome, attempts, peak=peak, clock=clock,
                                sampler=sampler, loads=loads, kept=kept, gpu_name=gpu_name, available=available,
-                               host_memory=None, latents=latents, finished_from_job=entry.id,
+                               host_memory=None, finished_from_job=entry.id,
                                **{k: source[k] for k in ("preset_requested", "prompt_truncated") if k in source})
         return result
 
@@ -525,12 +527,6 @@ class VideoService:
         except Exception:  # noqa: BLE001
             log.warning("could not store the measured peak for %s/%s", rung.preset.name,
                         rung.memory.name, exc_info=True)
-
-    def _learn_from_oom(self, gpu_name: str | None, available: float | None, rung: Rung) -> None:
-        """A rung that ran out of memory needs more than was available: remember that as a lower
-        bound, so the next click with as much memory free starts below it instead of failing again."""
-        if gpu_name and available is not None:
-            self._measure(gpu_name, rung, round(available + 0.05, 3), None)
 
     def _attempt(self, request: GenerationRequest, rung: Rung, key: LoadKey, hooks: RunHooks) -> _Outcome:
         spec = self._spec(request, rung)
