@@ -137,7 +137,8 @@ class _Loads:
             return ""
         if not self.switching(key):
             return "first load" if self.cache.key is None else "these settings need another build"
-        changed = _changed_settings(self.current, key)
+        before, after = dict(self.current.build_settings), dict(key.build_settings)
+        changed = ", ".join(f"{k}={v}" for k, v in after.items() if before.get(k) != v) or "the same settings"
         failed = next((a for a in reversed(attempts) if a.outcome != "ok"), None)
         why = failed.shortfall() if failed else "the last rung failed"
         free = f", about {free_gib:.1f} GiB is really free" if free_gib is not None else ""
@@ -157,13 +158,6 @@ class _Loads:
                 self.left.add(self.current)
                 self.switches += 1
             self.current = key
-
-
-def _changed_settings(old: LoadKey | None, new: LoadKey) -> str:
-    before = dict(old.build_settings) if old is not None else {}
-    after = dict(new.build_settings)
-    changed = [f"{k}={after[k]}" for k in after if before.get(k) != after[k]]
-    return ", ".join(changed) or "the same settings"
 
 
 def _min_known(*values: float | None) -> float | None:
