@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.backends.lightx2v_compat import FUSION_NAMES
+from presets import build_settings
 
 log = logging.getLogger("bench")
 GIB = 1024**3
@@ -508,8 +509,7 @@ def plan(config: str, bench: Any, args: argparse.Namespace, first_rung_only: boo
         runs = [(p, r.name, r.settings()) for p in presets
                 for r in (p.rungs[:1] if first_rung_only and not rung_filter else p.rungs)
                 if not rung_filter or r.name in rung_filter]
-        runs.sort(key=lambda run: (run[2]["offload_granularity"], run[2]["text_encoder"],
-                                   run[2].get("dit_from_disk", False)))
+        runs.sort(key=lambda run: sorted(build_settings(run[2]).items()))  # one load per build
         return config, OURS_VARIANTS[config], runs, args.budget_gib
     if config == "lightx2v-recipe":
         return (config, {"compat_skip": PEER_SKIP, "ffn_chunk_tokens": 0},

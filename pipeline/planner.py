@@ -18,14 +18,7 @@ import enum
 from dataclasses import dataclass
 from typing import Callable, Hashable, Mapping
 
-from presets import MemoryRung, Preset, PresetBook
-
-# Settings that only save host memory; the GPU memory a rung needs does not depend on them.
-RAM_ONLY_SETTINGS = ("dit_from_disk", "release_text_encoder")
-
-
-def gpu_settings(rung: "Rung") -> tuple:
-    return tuple(sorted((k, v) for k, v in rung.memory.settings().items() if k not in RAM_ONLY_SETTINGS))
+from presets import MemoryRung, Preset, PresetBook, gpu_settings
 
 # Below this margin a rung is "tight": fragmentation and a browser opening a tab can eat it.
 HEADROOM_GIB = 0.5
@@ -114,9 +107,7 @@ class Planner:
                                 here is not None, rung.predicted_host_gib))
         return out
 
-    def _fits(self, rung: Rung, available_gib: float | None, ram_gib: float | None, tight: bool) -> bool:
-        if tight:
-            return fits(rung, available_gib, ram_gib)
+    def _roomy(self, rung: Rung, available_gib: float | None, ram_gib: float | None) -> bool:
         return fits(rung, available_gib, ram_gib, self.headroom_gib, self.ram_headroom_gib)
 
     def _start_index(self, ladder: list[Rung], available_gib: float | None, ram_gib: float | None) -> int | None:
@@ -125,9 +116,9 @@ class Planner:
         # requested preset beats a roomy fit of its fallback. Nothing fits: None.
         for preset_name in dict.fromkeys(r.preset.name for r in ladder):
             group = [(i, r) for i, r in enumerate(ladder) if r.preset.name == preset_name]
-            for tight in (False, True):
+            for fit in (self._roomy, fits):
                 for index, rung in group:
-                    if self._fits(rung, available_gib, ram_gib, tight):
+                    if fit(rung, available_gib, ram_gib):
                         return index
         return None
 
@@ -141,7 +132,8 @@ class Planner:
                 if failed.predicted_host_gib is not None and (
                         rung.predicted_host_gib is None or rung.predicted_host_gib >= failed.predicted_host_gib):
                     return True
-            elif failed.preset.name == rung.preset.name and gpu_settings(failed) == gpu_settings(rung):
+            elif failed.preset.name == rung.preset.name and (
+                    gpu_settings(failed.memory.settings()) == gpu_settings(rung.memory.settings())):
                 return True
         return False
 
@@ -157,7 +149,7 @@ class Planner:
         start = self._start_index(ladder, available_gib, ram_gib)
         if start is None:
             return [leanest(ladder, ram_gib)]
-        rest = [r for r in ladder[start + 1:] if self._fits(r, None, ram_gib, tight=True)]
+        rest = [r for r in ladder[start + 1:] if fits(r, None, ram_gib)]
         return [ladder[start], *rest]
 
     def forecast(self, preset_name: str, available_gib: float | None,
@@ -169,7 +161,7 @@ class Planner:
         if available_gib is None:
             # No GPU reading (the fake backend, a driver that does not answer): no GPU verdict, but
             # RAM alone can still say that even the leanest rung cannot run on this machine.
-            if ram_gib is not None and not any(self._fits(r, None, ram_gib, tight=True) for r in ladder):
+            if ram_gib is not None and not any(fits(r, None, ram_gib) for r in ladder):
                 # Among equals the smallest preset: the last resort a user would try.
                 least = min(reversed(ladder), key=lambda r: r.predicted_host_gib or 0.0)
                 return PresetForecast(preset_name, Fit.WONT_FIT, least, None, ram_available_gib=ram_gib,
@@ -182,8 +174,8 @@ class Planner:
         if index is None:
             lean = leanest(ladder, ram_gib)
             short = tuple(name for name, ok in (
-                ("GPU memory", self._fits(lean, available_gib, None, tight=True)),
-                ("system RAM", self._fits(lean, None, ram_gib, tight=True))) if not ok)
+                ("GPU memory", fits(lean, available_gib, None)),
+                ("system RAM", fits(lean, None, ram_gib))) if not ok)
             return PresetForecast(preset_name, Fit.WONT_FIT, lean, available_gib,
                                   ram_available_gib=ram_gib, short_of=short or ("GPU memory",))
         start = ladder[index]
@@ -191,7 +183,7 @@ class Planner:
             fit = Fit.UNKNOWN
         elif start.preset.name != preset_name:
             fit = Fit.STEPS_DOWN
-        elif self._fits(start, available_gib, ram_gib, tight=False):
+        elif self._roomy(start, available_gib, ram_gib):
             fit = Fit.FITS
         else:
             fit = Fit.TIGHT

@@ -25,10 +25,10 @@ from pipeline.errors import GenerationCancelled, InvalidRequest, OutOfVRAM, Stud
 from pipeline.store.history import History, HistoryEntry
 from pipeline.store.outputs import OutputStore
 from pipeline.store.records import job_record
-from pipeline.planner import RAM_ONLY_SETTINGS, Planner, PresetForecast, Rung, replan
+from pipeline.planner import Planner, PresetForecast, Rung, replan
 from pipeline.types import (HOST_OOM, LEAN_DECODE_SUFFIX, Attempt, FinishRequest, GenerationRequest,
                             GenerationResult, Phase, Preview, PreviewKind, ProgressEvent, RunSpec)
-from presets import PresetBook
+from presets import DECODE_SETTINGS, PresetBook, dit_settings, lean_decode
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,8 @@ class _Loads:
             return ""
         if not self.switching(key):
             return "first load" if self.cache.key is None else "these settings need another build"
-        changed = _changed_settings(self.current, key)
+        before, after = dict(self.current.build_settings), dict(key.build_settings)
+        changed = ", ".join(f"{k}={v}" for k, v in after.items() if before.get(k) != v) or "the same settings"
         failed = next((a for a in reversed(attempts) if a.outcome != "ok"), None)
         why = failed.shortfall() if failed else "the last rung failed"
         free = f", about {free_gib:.1f} GiB is really free" if free_gib is not None else ""
@@ -159,24 +160,9 @@ class _Loads:
             self.current = key
 
 
-def _changed_settings(old: LoadKey | None, new: LoadKey) -> str:
-    before = dict(old.build_settings) if old is not None else {}
-    after = dict(new.build_settings)
-    changed = [f"{k}={after[k]}" for k in after if before.get(k) != after[k]]
-    return ", ".join(changed) or "the same settings"
-
-
 def _min_known(*values: float | None) -> float | None:
     known = [v for v in values if v is not None]
     return min(known) if known else None
-
-
-# Settings that only change how the VAE decode runs; all of them apply per call (no reload).
-_DECODE_SETTINGS = ("vae_tiling", "vae_offload", "clean_cuda_cache")
-
-
-def _lean_decode_settings(memory: dict[str, Any]) -> dict[str, Any]:
-    return dict(memory, vae_tiling=True, vae_offload=True, clean_cuda_cache=True)
 
 
 def _finish_decodes(rung: Rung, source: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -186,18 +172,12 @@ def _finish_decodes(rung: Rung, source: dict[str, Any]) -> list[tuple[str, dict[
     memory = rung.memory.settings()
     recorded = source.get("memory_settings")
     if isinstance(recorded, dict):
-        memory.update({k: recorded[k] for k in _DECODE_SETTINGS if k in recorded})
-    lean = _lean_decode_settings(rung.memory.settings())
+        memory.update({k: recorded[k] for k in DECODE_SETTINGS if k in recorded})
+    lean = lean_decode(rung.memory.settings())
     name = f"{rung.memory.name}+finish"
     if memory == lean:
         return [(f"{name}{LEAN_DECODE_SUFFIX}", lean)]
     return [(name, memory), (f"{name}{LEAN_DECODE_SUFFIX}", lean)]
-
-
-def _dit_settings(memory: dict[str, Any]) -> tuple:
-    # Settings that only save host memory (planner.RAM_ONLY_SETTINGS) leave the GPU work unchanged.
-    return tuple(sorted((k, v) for k, v in memory.items()
-                        if k not in _DECODE_SETTINGS and k not in RAM_ONLY_SETTINGS))
 
 
 class VideoService:
@@ -357,37 +337,32 @@ class VideoService:
                 rung = queue.pop(0)
                 if should_stop():
                     raise GenerationCancelled("Cancelled before the run started.")
-                if self.planner.skip_after(rung, failures):
-                    log.info("skipping %s: it needs as much memory as a rung that ran out", rung.label)
-                    continue
-                if (rung.preset.name, _dit_settings(rung.memory.settings())) in undecodable:
-                    log.info("skipping %s/%s: only its VAE settings differ from a rung whose decode "
-                             "failed on the leanest ones", rung.preset.name, rung.memory.name)
-                    continue
                 key = self._key(rung)
                 reason = loads.reason(key, attempts, free_bound, rung)
                 if attempts:
                     clock.phase(Phase.LOADING, f"Retrying on {rung.preset.name}/{rung.memory.name}"
                                 + (f": {reason}" if reason and loads.switching(key) else ""))
                 kept.latents = None  # only the latents of the attempt that succeeds are kept
-                outcome = loads.track(key, reason, lambda: self._attempt(request, rung, hooks))
+                outcome = loads.track(key, reason, lambda: self._attempt(request, rung, key, hooks))
                 tried.add((rung.preset.name, rung.memory.name))
                 if outcome.failure is not None:
                     attempts.append(outcome.failure)
-                    if outcome.failure.outcome != HOST_OOM:  # a host failure says nothing about the GPU memory
-                        self._learn_from_oom(gpu_name, available, rung)
+                    # It needs more GPU memory than was available: remembered as a lower bound, the next
+                    # click with as much free starts below it (a host failure says nothing about that).
+                    if outcome.failure.outcome != HOST_OOM and gpu_name and available is not None:
+                        self._measure(gpu_name, rung, round(available + 0.05, 3), None)
                 if outcome.failure is not None and outcome.latents is not None:
                     # The steps finished and only the decode ran out of memory: decode the kept
                     # latents again on the leanest VAE settings instead of re-running the steps.
-                    lean = _lean_decode_settings(rung.memory.settings())
+                    lean = lean_decode(rung.memory.settings())
                     if lean != rung.memory.settings():
                         outcome = self._decode_only(request, rung, lean, hooks, outcome.latents,
-                                                    f"{rung.memory.name}{LEAN_DECODE_SUFFIX}",
-                                                    self.cache.backend.load_key(lean), draft=request.draft)
+                                                    f"{rung.memory.name}{LEAN_DECODE_SUFFIX}", key,
+                                                    draft=request.draft)
                         if outcome.failure is not None:
                             attempts.append(outcome.failure)
                     if outcome.failure is not None:
-                        undecodable.add((rung.preset.name, _dit_settings(lean)))
+                        undecodable.add((rung.preset.name, dit_settings(lean)))
                 if outcome.failure is None:
                     success, chosen = outcome, rung
                     attempts.append(Attempt(rung.preset.name, outcome.label or rung.memory.name, "ok",
@@ -407,7 +382,7 @@ class VideoService:
                 queue = replan(ladder, rung, tried, free_bound, self._key, loads.current,
                                loads.left, loads.reload_allowed, ram_gib=ram_bound,
                                skip=lambda r: self.planner.skip_after(r, failures) or (
-                                   r.preset.name, _dit_settings(r.memory.settings())) in undecodable)
+                                   r.preset.name, dit_settings(r.memory.settings())) in undecodable)
                 log.info("re-planned with %s GiB GPU memory and %s GiB RAM really free: %s",
                          _round(free_bound), _round(ram_bound), [r.label for r in queue] or "nothing left")
             if success is None or chosen is None:
@@ -418,8 +393,7 @@ class VideoService:
                        **sampler.timeline.host.as_record()}
         result, timings = self._save(job_id, request, chosen, success, attempts, peak=peak, clock=clock,
                                      sampler=sampler, loads=loads, kept=kept, gpu_name=gpu_name,
-                                     available=available, host_memory=host_memory,
-                                     latents=success.latents if success.latents is not None else kept.latents)
+                                     available=available, host_memory=host_memory)
         if success.label is None and not request.draft:
             # The time estimate excludes the one-off weight load and counts only clean runs (a
             # draft decode is quicker and leaner than the clip's full decode). Without a GPU peak
@@ -435,10 +409,11 @@ class VideoService:
     def _save(self, job_id: int, request: GenerationRequest, rung: Rung, outcome: _Outcome,
               attempts: list[Attempt], *, peak: float | None, clock: _PhaseClock, sampler: gpu.VramSampler,
               loads: _Loads, kept: _Kept, gpu_name: str | None, available: float | None,
-              host_memory: dict[str, Any] | None, latents: Any,
-              **source: Any) -> tuple[GenerationResult, dict[str, Any]]:
+              host_memory: dict[str, Any] | None, **source: Any) -> tuple[GenerationResult, dict[str, Any]]:
         """Write the clip, its record (`source`: what a finish carries over from its source clip)
-        and latents, and finish the job in the history. Returns the result and the timings."""
+        and latents (those a decode decoded, else those the run handed over), and finish the job in
+        the history. Returns the result and the timings."""
+        latents = outcome.latents if outcome.latents is not None else kept.latents
         label = outcome.label or rung.memory.name
         # The sampler has stopped: the timeline covers the GPU work, and the record can carry it.
         record = job_record(
@@ -503,7 +478,7 @@ class VideoService:
                          if r.preset.name == request.preset), own[-1])
         decodes = _finish_decodes(rung, decodes_from)
         loads = _Loads(self.cache)
-        kept = _Kept(latents=latents)
+        kept = _Kept()
         with gpu.VramSampler(self.monitor) as sampler:
             clock = _PhaseClock(on_event, sampler)
             hooks = self._hooks(clock, should_stop, kept)
@@ -531,7 +506,7 @@ class VideoService:
             clock.phase(Phase.ENCODING)
         result, _ = self._save(job_id, request, rung, outcome, attempts, peak=peak, clock=clock,
                                sampler=sampler, loads=loads, kept=kept, gpu_name=gpu_name, available=available,
-                               host_memory=None, latents=latents, finished_from_job=entry.id,
+                               host_memory=None, finished_from_job=entry.id,
                                **{k: source[k] for k in ("preset_requested", "prompt_truncated") if k in source})
         return result
 
@@ -547,15 +522,8 @@ class VideoService:
             log.warning("could not store the measured peak for %s/%s", rung.preset.name,
                         rung.memory.name, exc_info=True)
 
-    def _learn_from_oom(self, gpu_name: str | None, available: float | None, rung: Rung) -> None:
-        """A rung that ran out of memory needs more than was available: remember that as a lower
-        bound, so the next click with as much memory free starts below it instead of failing again."""
-        if gpu_name and available is not None:
-            self._measure(gpu_name, rung, round(available + 0.05, 3), None)
-
-    def _attempt(self, request: GenerationRequest, rung: Rung, hooks: RunHooks) -> _Outcome:
+    def _attempt(self, request: GenerationRequest, rung: Rung, key: LoadKey, hooks: RunHooks) -> _Outcome:
         spec = self._spec(request, rung)
-        key = self.cache.backend.load_key(spec.memory)
         self.monitor.torch.reset_peak()
 
         def run(model: LoadedModel) -> _Outcome:

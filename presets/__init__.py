@@ -2,7 +2,9 @@
 
 A preset is a recipe: output size, frame count, sampler settings, the memory rungs the backend may
 run it on (ordered fast -> lean) and the smaller preset to fall back to when every rung runs out of
-GPU memory. Everything here is plain data; nothing imports torch, gradio or the pipeline.
+GPU memory. Everything here is plain data; nothing imports torch, gradio or the pipeline. Beside
+the memory settings stands when each takes effect (at build, per call, only in the VAE decode, only
+on host memory): the planner, the service and the backends ask here and keep no list of their own.
 
 The loader is deliberately unforgiving: an unknown key, a frame count that is not 4n+1, a size that
 is not a multiple of 16, a fallback naming a preset that does not exist or a fallback cycle raises
@@ -76,6 +78,37 @@ class MemoryRung:
             "dit_from_disk": self.dit_from_disk,
             "release_text_encoder": self.release_text_encoder,
         }
+
+
+# Settings that only change how the VAE decode runs (per call); True is the leanest value of each.
+DECODE_SETTINGS = ("vae_tiling", "vae_offload", "clean_cuda_cache")
+# Settings that only save host memory: the GPU memory a rung needs does not depend on them.
+RAM_ONLY_SETTINGS = ("dit_from_disk", "release_text_encoder")
+
+
+def build_settings(memory: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of `memory` (MemoryRung.settings()) fixed when the backend builds the model: a change
+    reloads the weights, every other setting applies per call. Of the text encoder's placement only
+    resident ("gpu") or offloaded counts: where an offloaded encoder's token embedding lives is set
+    per call."""
+    return {"offload_granularity": memory.get("offload_granularity", OffloadGranularity.BLOCK.value),
+            "text_encoder_offload": memory.get("text_encoder") != TextEncoderPlacement.GPU.value,
+            "dit_from_disk": bool(memory.get("dit_from_disk", False))}
+
+
+def gpu_settings(memory: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The settings that decide the GPU memory a rung needs, as sorted pairs."""
+    return tuple(sorted((k, v) for k, v in memory.items() if k not in RAM_ONLY_SETTINGS))
+
+
+def dit_settings(memory: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The settings that decide the GPU memory of the denoising steps (the decode's left out)."""
+    return tuple((k, v) for k, v in gpu_settings(memory) if k not in DECODE_SETTINGS)
+
+
+def lean_decode(memory: Mapping[str, Any]) -> dict[str, Any]:
+    """`memory` with the leanest VAE decode settings."""
+    return dict(memory, **dict.fromkeys(DECODE_SETTINGS, True))
 
 
 @dataclass(frozen=True)

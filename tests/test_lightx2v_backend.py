@@ -33,9 +33,8 @@ def test_load_key_holds_only_build_time_settings(tmp_path):
     assert backend.load_key(dict(base, offload_granularity="phase")) != key
     assert backend.load_key(dict(base, text_encoder="gpu")) != key
     assert dict(key.build_settings) == {"attn_mode": "torch_sdpa", "offload_granularity": "block",
-                                        "quant_scheme": "int8-triton", "text_encoder_offload": True}
-    with pytest.raises(ValueError):
-        backend.load_key(dict(base, offload_granularity="model"))  # the 14 GB DiT on a 12 GB card
+                                        "quant_scheme": "int8-triton", "text_encoder_offload": True,
+                                        "dit_from_disk": False}
 
 
 def test_check_available_without_cuda(tmp_path, monkeypatch):

@@ -175,7 +175,7 @@ def test_release_cached_pinned_memory_calls_what_torch_offers():
     compat.release_cached_pinned_memory(types.SimpleNamespace(_C=types.SimpleNamespace()))  # nothing offered
 
 
-@pytest.mark.parametrize("memory, expected", [({"dit_from_disk": True}, True), ({}, None)])
+@pytest.mark.parametrize("memory, expected", [({"dit_from_disk": True}, True), ({}, False)])
 def test_load_key_carries_dit_from_disk(tmp_path, memory, expected):
     from pipeline.backends.lightx2v import LightX2VBackend
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from presets import PRESETS_DIR, OffloadGranularity, PresetError, load_presets
+from presets import (DECODE_SETTINGS, PRESETS_DIR, RAM_ONLY_SETTINGS, MemoryRung, OffloadGranularity, PresetError,
+                     build_settings, dit_settings, gpu_settings, lean_decode, load_presets)
 
 GOOD = """\
 label = "small"
@@ -164,6 +165,23 @@ def test_every_preset_ends_on_a_low_ram_rung_with_the_leanest_gpu_settings():
         assert all(not r.dit_from_disk for r in others)
         assert all(low.predicted_host_gib < r.predicted_host_gib for r in others), preset.name
         lean = others[-1].settings()
-        assert {k: v for k, v in low.settings().items() if k not in ("dit_from_disk", "release_text_encoder")} == {
-            k: v for k, v in lean.items() if k not in ("dit_from_disk", "release_text_encoder")}
+        assert gpu_settings(low.settings()) == gpu_settings(lean)
         assert low.predicted_peak_gib == others[-1].predicted_peak_gib
+
+
+def test_when_each_memory_setting_takes_effect():
+    base = MemoryRung("r").settings()
+    # The lists name real settings (a renamed field must not leave a stale name behind).
+    assert set(DECODE_SETTINGS) | set(RAM_ONLY_SETTINGS) <= set(base)
+    build = build_settings(base)
+    for name, value in (("vae_tiling", True), ("vae_offload", True), ("clean_cuda_cache", True),
+                        ("rope_chunk", 100), ("release_text_encoder", True),
+                        ("text_encoder", "offload_keep_embedding")):
+        assert build_settings(dict(base, **{name: value})) == build, name  # per call: no reload
+    for name, value in (("offload_granularity", "phase"), ("text_encoder", "gpu"), ("dit_from_disk", True)):
+        assert build_settings(dict(base, **{name: value})) != build, name
+    lean = lean_decode(base)
+    assert {k for k in base if lean[k] != base[k]} == set(DECODE_SETTINGS)
+    assert dit_settings(lean) == dit_settings(base) and gpu_settings(lean) != gpu_settings(base)
+    low_ram = dict(base, dit_from_disk=True, release_text_encoder=True)
+    assert gpu_settings(low_ram) == gpu_settings(base) and build_settings(low_ram) != build

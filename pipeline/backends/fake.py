@@ -26,6 +26,7 @@ from pipeline.errors import GenerationCancelled, NoGPUError, WeightsError
 from pipeline.store.outputs import write_mp4
 from pipeline.backends.latent_preview import latents_to_rgb, preview_fps
 from pipeline.types import Phase, Preview, PreviewKind, RunSpec
+from presets import build_settings
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +105,7 @@ class FakeBackend:
                              "video; the VRAM panel says what the driver reports.")
 
     def load_key(self, memory: dict[str, Any]) -> LoadKey:
-        # The same build-time settings as LightX2VBackend.load_key: everything else is per call.
-        build = {"offload_granularity": memory["offload_granularity"],
-                 "text_encoder_offload": memory["text_encoder"] != "gpu"}
-        if memory.get("dit_from_disk"):
-            build["dit_from_disk"] = True
-        return LoadKey(self.name, self.weights_dir, tuple(sorted(build.items())))
+        return LoadKey(self.name, self.weights_dir, tuple(sorted(build_settings(memory).items())))
 
     def load(self, key: LoadKey, on_phase: Callable[[Phase], None]) -> "FakeModel":
         on_phase(Phase.LOADING)

@@ -3,8 +3,8 @@
 This is the only module that imports LightX2V, and it does so inside functions: importing it costs
 nothing and needs neither torch nor LightX2V (CPU CI, the doctor, the UI without a GPU).
 
-Which rung settings LightX2V fixes when the runner is built, and which we change per call
-(LightX2V f8aee98b; docs/lightx2v.md has the background):
+Which rung settings LightX2V fixes when the runner is built (the rule is presets.build_settings),
+and which we change per call (LightX2V f8aee98b; docs/lightx2v.md has the background):
 
 build time (part of the LoadKey, a change reloads the weights)
   offload_granularity   WanTransformerWeights.register_offload_buffers allocates 2 CUDA block
@@ -76,6 +76,7 @@ from pipeline.machine.software import module_present
 from pipeline.backends.latent_preview import latents_to_rgb, preview_fps, stride_for
 from pipeline.backends.weights_layout import DIT_DIR, TINY_VAE_NAMES, WeightsLayout, locate
 from pipeline.types import Phase, Preview, PreviewKind, RunSpec
+from presets import build_settings
 
 log = logging.getLogger(__name__)
 
@@ -242,24 +243,13 @@ class LightX2VBackend:
         locate(self.weights_dir)
 
     def load_key(self, memory: dict[str, Any]) -> LoadKey:
-        granularity = memory.get("offload_granularity", "block")
-        if granularity not in ("block", "phase"):
-            raise ValueError(f"offload_granularity must be 'block' or 'phase', got {granularity!r}")
-        placement = memory.get("text_encoder", "offload")
-        if placement not in ("offload", "offload_keep_embedding", "gpu"):
-            raise ValueError(f"unknown text_encoder placement {placement!r}")
-        build = {
-            "attn_mode": self.attn_mode,
-            "offload_granularity": granularity,
-            "quant_scheme": self.quant_scheme,
-            "text_encoder_offload": placement != "gpu",
-        }
+        # The rung's part (presets.build_settings; the preset book checked its values), and this
+        # backend's own build choices.
+        build = {"attn_mode": self.attn_mode, "quant_scheme": self.quant_scheme, **build_settings(memory)}
         if self.resident:
             build["resident"] = True
         if self.seq_parallel > 1:
             build["seq_p_size"] = self.seq_parallel
-        if memory.get("dit_from_disk"):
-            build["dit_from_disk"] = True  # a lazy_load build (the low-RAM rung)
         return LoadKey(backend=self.name, weights_dir=str(self.weights_dir.resolve()),
                        build_settings=tuple(sorted(build.items())))
 
@@ -709,9 +699,7 @@ class LightX2VModel:
     def _check_build(self, spec: RunSpec) -> None:
         # Not a request check (presets are checked when loaded): the cache must have reloaded when
         # the rung's build-time settings changed, and running on the wrong build would be silent.
-        if bool(spec.memory.get("dit_from_disk", False)) != bool(self.build.get("dit_from_disk", False)) or \
-                spec.memory.get("offload_granularity", "block") != self.build["offload_granularity"] or \
-                (spec.memory.get("text_encoder", "offload") == "gpu") == self.build["text_encoder_offload"]:
+        if any(self.build.get(k) != v for k, v in build_settings(spec.memory).items()):
             raise ValueError(f"memory settings {spec.memory} need another build than this one ({self.build}); "
                              f"the cache should have reloaded")
 

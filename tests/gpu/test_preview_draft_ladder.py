@@ -226,7 +226,7 @@ def test_finish_through_the_service_gives_the_same_clip(tiny_service, preview, t
     # lean, tiled decode), and a second encode of the same frames (is the encoder repeatable).
     import torch
 
-    from pipeline.service import _DECODE_SETTINGS
+    from presets import DECODE_SETTINGS
     from pipeline.store.outputs import read_latents
     from pipeline.types import FinishRequest, GenerationRequest
     from tests.test_service import read_frames
@@ -251,7 +251,7 @@ def test_finish_through_the_service_gives_the_same_clip(tiny_service, preview, t
     report = dict(preview=preview, preview_record=source.get("preview"),
                   rungs=[source.get("rung_used"), done.get("rung_used")],
                   attempts=[[(a.rung, a.outcome, a.phase) for a in r.attempts] for r in (result, finished)],
-                  vae=[{k: rec["memory_settings"].get(k) for k in _DECODE_SETTINGS} for rec in (source, done)],
+                  vae=[{k: rec["memory_settings"].get(k) for k in DECODE_SETTINGS} for rec in (source, done)],
                   raw=_diff(raw_first, raw_again), mp4=_diff(first, again),
                   direct_vs_clip=_diff(direct, raw_first), direct_vs_finish=_diff(direct, raw_again),
                   encoder_repeat=_diff(read_frames(rewritten), first),
