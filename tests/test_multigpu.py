@@ -8,6 +8,7 @@ import errno
 import os
 import signal
 import socket
+import threading
 import time
 from dataclasses import replace
 
@@ -116,6 +117,28 @@ def test_a_job_waits_for_the_busy_gpu_that_fits_it_and_a_small_one_goes_ahead(pr
         assert big_job.result.preset_used == "720x1280x81"  # ... and did not step down on the small one
         assert small_job.lane == 0  # the small clip went ahead on the free small card
         assert small_job.done.is_set() and small_job.result.record["created_at"] <= big_job.result.record["created_at"]
+    finally:
+        queue.shutdown()
+
+
+def test_two_jobs_submitted_together_start_together_without_waiting_for_a_poll(presets, store):
+    """Both fake GPUs fit the clip and the second has more memory, so while both lanes are idle the
+    first lane to look passes both jobs over for the other one. Once that lane takes a job, the first
+    must learn that the second job is now its own at once, not at its next poll (here a minute):
+    each job waits at its first step until the other job runs too."""
+    lanes = _lanes(presets, store, totals_gib=[12.0, 24.0])
+    together = threading.Barrier(2, timeout=20)
+    for lane in lanes:
+        lane.cache.backend.on_step_hook = lambda spec, step: step == 1 and together.wait()
+    queue = JobQueue(lanes[0], lanes=lanes, poll_s=60.0)
+    try:
+        for round_ in range(4):  # which idle lane looks first is up to the threads: several pairs
+            pair = queue.submit_all([GenerationRequest(preset="480x832x49", seed=10 * round_ + s, **REQUEST)
+                                     for s in (1, 2)])
+            for job in pair:
+                _wait(job, timeout=40)
+                assert job.error is None, job.error
+            assert sorted(j.lane for j in pair) == [0, 1]
     finally:
         queue.shutdown()
 
