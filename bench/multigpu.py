@@ -11,8 +11,11 @@ only difference between rows is the number of GPUs. Configurations, in this orde
 
   ours-1gpu        one lane worker on the first GPU of --gpus (the reference of this call)
   ours-Ngpu-seq    one sequence-parallel group over all of --gpus (Ulysses, seq_p_size N)
-  ours-Ngpu-lanes  N lane workers: one clip alone, then N clips submitted together (one per GPU),
-                   on --lanes-presets
+  ours-Ngpu-lanes  N lanes through the app's job queue and services (mp4 encode, record and history
+                   included): one clip alone, then N clips submitted together, on --lanes-presets;
+                   the row has both times and their ratio (`together_vs_one`, target about 1) and
+                   per clip the time until its encode started and the encode's own time. Alone:
+                   `--configs lanes`
 
 Each row has the s/step (mean of steps 2-4, timed where rank 0's step events arrive), the peak
 reserved memory of every GPU (`per_gpu_peak_reserved_gib`), a hash of the frames, and for seq the
@@ -28,7 +31,6 @@ import datetime as dt
 import json
 import logging
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,8 @@ def _backend(group: Any) -> Any:
 def _spec_for(args: argparse.Namespace, seq: int):
     from pipeline.workers.protocol import BackendSpec
 
+    if args.backend == "fake":
+        return BackendSpec("fake", {})
     return BackendSpec("lightx2v", {"weights_dir": str(args.ckpt), "vram_cap_gib": args.budget_gib,
                                     "attention": args.attention, "seq_parallel": seq})
 
@@ -140,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default="1gpu,seq,lanes")
     parser.add_argument("--out", default="docs/benchmarks")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false")
+    parser.add_argument("--backend", choices=("lightx2v", "fake"), default="lightx2v",
+                        help="fake: the CPU test double (the bench's own test; its times mean nothing)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -149,10 +155,11 @@ def main(argv: list[str] | None = None) -> int:
 
     gpus = parse_gpus(args.gpus, device_count())
     n = len(gpus)
-    check_mode("seq", gpus)
+    configs = set(args.configs.split(","))
+    if "seq" in configs:
+        check_mode("seq", gpus)
     presets = load_presets()
     chosen = [presets[name] for name in args.presets.split(",") if name]
-    configs = set(args.configs.split(","))
     gpu_name = (GpuMonitor(device_index=gpus[0]).facts() or {}).get("name", "GPU")
     rows: list[dict[str, Any]] = []
     reference: dict[str, tuple[dict[str, Any], Any]] = {}
@@ -185,60 +192,83 @@ def main(argv: list[str] | None = None) -> int:
         run_group(f"ours-{n}gpu-seq", WorkerGroup(_spec_for(args, n), gpus, seq=True))
         _write(args, gpu_name, rows)
     if "lanes" in configs:
-        rows.extend(_lanes(args, gpus, [presets[name] for name in args.lanes_presets.split(",") if name]))
+        rows.extend(_lanes(args, gpus, presets, [presets[n] for n in args.lanes_presets.split(",") if n]))
         _write(args, gpu_name, rows)
     sys.stdout.write(json.dumps(rows, indent=1) + "\n")
     return 0
 
 
-def _lanes(args: argparse.Namespace, gpus: tuple[int, ...], chosen: list[Any]) -> list[dict[str, Any]]:
-    """One clip alone on one lane, then one clip per lane submitted together (same preset)."""
-    from pipeline.workers.group import WorkerGroup
+def _lanes(args: argparse.Namespace, gpus: tuple[int, ...], presets: Any, chosen: list[Any]) -> list[dict[str, Any]]:
+    """Through the app's own path (the job queue dispatching to one service per lane: plan, run in
+    the lane's worker, frames back, mp4 encode, record, history), as a user's clicks: every lane
+    loads and runs once (submitted together), then one clip alone, then one clip per lane submitted
+    together. Times are from submit to the last job's end, host work (mp4 encode) included."""
+    import tempfile
 
-    groups = [WorkerGroup(_spec_for(args, 1), (gpu,)) for gpu in gpus]
+    from pipeline.jobs import JobQueue
+    from pipeline.store.history import History
+    from pipeline.store.outputs import OutputStore
+    from pipeline.types import GenerationRequest
+    from pipeline.workers.setup import multi_gpu_services
+
     rows = []
-    for group in groups:
-        group.start()
-    try:
-        for group in groups:
-            group.wait_ready(600)
-        for preset in chosen:
-            rung = preset.rungs[0]
-            # Load and warm every lane first, at once: the timing is of the runs only.
-            _together(lambda i: _run(groups[i], preset, rung, args), len(groups))
-            started = time.perf_counter()
-            alone, _ = _run(groups[0], preset, rung, argparse.Namespace(**{**vars(args), "warmup": False}))
-            one_s = time.perf_counter() - started
-            started = time.perf_counter()
-            results = [r[0] for r in _together(
-                lambda i: _run(groups[i], preset, rung, argparse.Namespace(**{**vars(args), "warmup": False})),
-                len(groups))]
-            together_s = time.perf_counter() - started
-            rows.append({**alone, "config": f"ours-{len(gpus)}gpu-lanes",
-                         "one_clip_s": round(one_s, 3), "clips_together": len(groups),
-                         "together_s": round(together_s, 3), "together_vs_one": round(together_s / one_s, 3),
-                         "per_gpu_peak_reserved_gib": [r.get("peak_reserved_gib") for r in results],
-                         "lane_results": [r.get("result") for r in results],
-                         "lane_frames_sha256": [r.get("frames_sha256") for r in results]})
-    finally:
-        for group in groups:
-            group.close()
+    with tempfile.TemporaryDirectory(prefix="bench-lanes-") as tmp:
+        outputs = OutputStore(Path(tmp) / "outputs")
+        outputs.ensure()
+        history = History(Path(tmp) / "outputs" / "history.sqlite3")
+        services, groups = multi_gpu_services(mode="lanes", gpus=gpus, backend_spec=_spec_for(args, 1),
+                                              presets=presets, outputs=outputs, history=history,
+                                              vram_cap_gib=args.budget_gib)
+        queue = JobQueue(services[0], lanes=services)
+        try:
+            for group in groups:
+                group.wait_ready(600)
+            seeds = iter(range(SEED, SEED + 10_000))
+
+            def clips(preset: Any, count: int) -> tuple[float, list[Any]]:
+                started = time.perf_counter()
+                jobs = queue.submit_all([GenerationRequest(prompt=PROMPT, preset=preset.name, seed=next(seeds))
+                                         for _ in range(count)])
+                for job in jobs:
+                    job.done.wait()
+                return time.perf_counter() - started, jobs
+
+            for preset in chosen:
+                clips(preset, len(groups))  # loads, and each lane's first run of this shape
+                one_s, (alone,) = clips(preset, 1)
+                together_s, jobs = clips(preset, len(groups))
+                rows.append(_lanes_row(len(gpus), preset, one_s, alone, together_s, jobs))
+                log.info("lanes %s: %s", preset.name, rows[-1])
+        finally:
+            queue.shutdown()
+            for group in groups:
+                group.close()
     return rows
 
 
-def _together(work: Any, count: int) -> list[Any]:
-    """work(i) for i < count, each on its own thread (one per lane), their results in order."""
-    results: list[Any] = [None] * count
+def _lanes_row(n: int, preset: Any, one_s: float, alone: Any, together_s: float, jobs: list[Any]) -> dict[str, Any]:
+    def clip(job: Any) -> dict[str, Any]:
+        if job.error is not None:
+            return {"lane": job.lane, "error": f"{type(job.error).__name__}: {str(job.error)[:200]}"}
+        record = job.result.record
+        timings = record.get("timings_s") or {}
+        # "total" ends where the encode starts: the GPU worker's part and the frames' way back.
+        return {"lane": job.lane, "rung": record.get("rung_used"), "until_encode_s": timings.get("total"),
+                "writing_mp4_s": timings.get("writing mp4"), "steps_s": timings.get("steps"),
+                "peak_reserved_gib": (record.get("gpus") or {}).get("per_gpu_peak_reserved_gib", [None])[0]}
 
-    def run(i: int) -> None:
-        results[i] = work(i)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
+    lanes = [clip(job) for job in jobs]
+    first = clip(alone)
+    failed = [c["error"] for c in [first, *lanes] if "error" in c]
+    steps = first.get("steps_s") or []
+    return {"config": f"ours-{n}gpu-lanes", "preset": preset.name, "rung": first.get("rung"),
+            "result": "error" if failed else "ok", "error": failed[0] if failed else None,
+            "steps_s": steps, "step_s": round(sum(steps[1:4]) / len(steps[1:4]), 3) if len(steps) > 1 else None,
+            "one_clip_s": round(one_s, 3), "clips_together": len(jobs), "together_s": round(together_s, 3),
+            "together_vs_one": round(together_s / one_s, 3), "alone": first, "lanes": lanes,
+            "lane_indices": sorted(c["lane"] for c in lanes if c["lane"] is not None),
+            "peak_reserved_gib": first.get("peak_reserved_gib"),
+            "per_gpu_peak_reserved_gib": [c.get("peak_reserved_gib") for c in sorted(lanes, key=lambda c: c["lane"] or 0)]}
 
 
 def _write(args: argparse.Namespace, gpu_name: str, rows: list[dict[str, Any]]) -> None:
@@ -260,7 +290,8 @@ def _write(args: argparse.Namespace, gpu_name: str, rows: list[dict[str, Any]]) 
                     "per_gpu_peak_reserved_gib": r.get("per_gpu_peak_reserved_gib"),
                     "kernels": r.get("kernels"), "frames_sha256": r.get("frames_sha256"),
                     **{k: r[k] for k in ("speedup_vs_1gpu", "latents_rel_l2_vs_1gpu", "frames_equal_1gpu",
-                                         "one_clip_s", "together_s", "together_vs_one") if k in r},
+                                         "one_clip_s", "together_s", "together_vs_one", "clips_together",
+                                         "lane_indices") if k in r},
                     "command": "python -m bench.multigpu " + " ".join(sys.argv[1:])})
     replaced = {(r["config"], r["preset"]) for r in new}
     latest = [r for r in latest if (r.get("config"), r.get("preset")) not in replaced] + new

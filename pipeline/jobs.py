@@ -69,9 +69,12 @@ class JobQueue:
     finishable clip): generations and finishes share the lane."""
 
     def __init__(self, service: VideoService, max_waiting: int = 100,
-                 lanes: list[VideoService] | None = None):
-        """`lanes`: one service per GPU lane (multi-GPU lanes mode); default: `service` alone."""
+                 lanes: list[VideoService] | None = None, poll_s: float = 0.5):
+        """`lanes`: one service per GPU lane (multi-GPU lanes mode); default: `service` alone.
+        `poll_s`: how often an idle lane looks again without being woken (memory readings change
+        without a notification)."""
         self.max_waiting = max_waiting
+        self.poll_s = poll_s
         self.lanes = list(lanes) if lanes else [service]
         self.service = self.lanes[0]
         self._waiting: list[Job] = []
@@ -169,10 +172,15 @@ class JobQueue:
                     job = self._next_for(lane)
                     if job is None:
                         # Memory readings change without a notification: look again now and then.
-                        self._wake.wait(timeout=0.5)
+                        self._wake.wait(timeout=self.poll_s)
                 self._waiting.remove(job)
                 job.started, job.lane = True, lane
                 self._busy[lane] = True
+                if len(self.lanes) > 1:
+                    # Every lane's choice changes when one lane turns busy: a job this lane passed
+                    # over for this very lane now belongs to another free one, which must not sleep
+                    # until its next poll to notice (two clips submitted together start together).
+                    self._wake.notify_all()
             try:
                 run = service.finish if isinstance(job.request, FinishRequest) else service.generate
                 job.result = run(job.request, job.events.put, job.cancel_flag.is_set)

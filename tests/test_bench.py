@@ -160,3 +160,24 @@ def test_host_memory_bench_keeps_each_parts_peak_per_phase():
     grown = peaks.peaks["holding"]["RssAnon"] - peaks.peaks["quiet"]["RssAnon"]
     assert grown >= 0.9 * 256 * 2**20 and by_phase["holding"]["must_hold"] >= by_phase["quiet"]["must_hold"] + 0.2
     assert GIB == 2**30
+
+
+def test_multigpu_lanes_row_alone_through_the_job_queue(tmp_path):
+    """`--configs lanes` runs by itself (no seq check, no 1-GPU rows) through the app's queue and
+    services; the row has one clip's time, N clips' time and their ratio, and every clip's split."""
+    import json
+
+    from bench import multigpu
+
+    out = tmp_path / "bench"
+    assert multigpu.main(["--ckpt", str(tmp_path), "--gpus", "0,1", "--configs", "lanes", "--backend", "fake",
+                          "--out", str(out)]) == 0
+    latest = json.loads((out / "latest.json").read_text())
+    assert [(r["config"], r["preset"], r["result"]) for r in latest] == [("ours-2gpu-lanes", "480x832x49", "ok")]
+    row = latest[0]
+    assert row["clips_together"] == 2 and row["lane_indices"] == [0, 1]
+    assert row["together_vs_one"] == pytest.approx(row["together_s"] / row["one_clip_s"], abs=1e-2)
+    run = json.loads(next(out.glob("multigpu-*.json")).read_text())["runs"][0]
+    assert sorted(c["lane"] for c in run["lanes"]) == [0, 1]
+    for clip in [run["alone"], *run["lanes"]]:
+        assert clip["until_encode_s"] > 0 and clip["writing_mp4_s"] > 0 and len(clip["steps_s"]) == 4

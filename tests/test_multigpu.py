@@ -8,6 +8,7 @@ import errno
 import os
 import signal
 import socket
+import threading
 import time
 from dataclasses import replace
 
@@ -21,11 +22,12 @@ from pipeline.errors import GenerationCancelled, WorkerDied
 from pipeline.machine.gpu import NO_TORCH, GpuMonitor
 from pipeline.store.history import History
 from pipeline.jobs import JobQueue
-from pipeline.store.outputs import OutputStore
+from pipeline.store.outputs import OutputStore, count_mp4_frames, write_mp4
 from pipeline.service import VideoService
 from pipeline.types import GenerationRequest, Phase, RunSpec
 from pipeline.workers import group as workers
 from pipeline.workers import protocol as p
+from pipeline.workers import transfer
 from pipeline.workers.setup import multi_gpu_services
 from tests.conftest import FakeNvml
 
@@ -120,6 +122,28 @@ def test_a_job_waits_for_the_busy_gpu_that_fits_it_and_a_small_one_goes_ahead(pr
         queue.shutdown()
 
 
+def test_two_jobs_submitted_together_start_together_without_waiting_for_a_poll(presets, store):
+    """Both fake GPUs fit the clip and the second has more memory, so while both lanes are idle the
+    first lane to look passes both jobs over for the other one. Once that lane takes a job, the first
+    must learn that the second job is now its own at once, not at its next poll (here a minute):
+    each job waits at its first step until the other job runs too."""
+    lanes = _lanes(presets, store, totals_gib=[12.0, 24.0])
+    together = threading.Barrier(2, timeout=20)
+    for lane in lanes:
+        lane.cache.backend.on_step_hook = lambda spec, step: step == 1 and together.wait()
+    queue = JobQueue(lanes[0], lanes=lanes, poll_s=60.0)
+    try:
+        for round_ in range(4):  # which idle lane looks first is up to the threads: several pairs
+            pair = queue.submit_all([GenerationRequest(preset="480x832x49", seed=10 * round_ + s, **REQUEST)
+                                     for s in (1, 2)])
+            for job in pair:
+                _wait(job, timeout=40)
+                assert job.error is None, job.error
+            assert sorted(j.lane for j in pair) == [0, 1]
+    finally:
+        queue.shutdown()
+
+
 # -- real worker processes (lanes) --------------------------------------------------------------
 
 
@@ -154,6 +178,86 @@ def test_two_lanes_run_two_clips_at_once_and_the_record_names_the_gpu(lane_worke
         assert gpus["worker_pids"] == groups[job.lane].pids() and os.getpid() not in gpus["worker_pids"]
         assert job.result.video_path.is_file()
         assert history.get(job.result.record["job_id"]).status == "done"
+
+
+def test_two_lanes_overlap_their_host_work_on_full_size_clips(presets, tmp_path, monkeypatch):
+    """Two 480x832x49 clips (59 MB of frames each) from two worker processes: the frames come back
+    through the group's shared-memory folder (not pickled through the pipe), and each clip's mp4
+    encode (the real one) starts only once the other lane's has begun, which a save path that ran
+    one job at a time (a lock, one saving thread) could never reach."""
+    spans: list[tuple[str, str]] = []
+    both_encoding = threading.Barrier(2, timeout=60)
+
+    def writer(frames, fps, path, comment):
+        spans.append(("start", threading.current_thread().name))
+        both_encoding.wait()
+        write_mp4(frames, fps, path, comment)
+        spans.append(("end", threading.current_thread().name))
+
+    outputs = OutputStore(tmp_path / "outputs", writer=writer)
+    outputs.ensure()
+    history = History(tmp_path / "outputs" / "history.sqlite3")
+    came = []
+    take = transfer.take
+    monkeypatch.setattr(transfer, "take", lambda value: (came.append(type(value).__name__), take(value))[1])
+    services, groups = multi_gpu_services(mode="lanes", gpus=(0, 1), presets=presets, outputs=outputs,
+                                          history=history, backend_spec=p.BackendSpec("fake", {"scale": 1}))
+    queue = JobQueue(services[0], lanes=services, poll_s=60.0)
+    try:
+        jobs = queue.submit_all([GenerationRequest(preset="480x832x49", seed=s, **REQUEST) for s in (1, 2)])
+        for job in jobs:
+            _wait(job, timeout=120)
+            assert job.error is None, job.error
+        assert sorted(j.lane for j in jobs) == [0, 1]
+        assert [what for what, _ in spans[:2]] == ["start", "start"]
+        assert {lane for _, lane in spans} == {"gpu-lane-0", "gpu-lane-1"}
+        if all(g.frames_dir for g in groups):  # Linux: /dev/shm
+            assert came.count("FramesFile") == 2 and "ndarray" not in came
+            assert all(os.listdir(g.frames_dir) == [] for g in groups)
+        for job in jobs:
+            record = job.result.record
+            assert (record["frames"], record["height"], record["width"]) == (49, 480, 832)
+            assert count_mp4_frames(job.result.video_path) == 49
+            assert history.get(job.result.record["job_id"]).status == "done"
+    finally:
+        queue.shutdown()
+        folders = [g.frames_dir for g in groups]
+        for g in groups:
+            g.close()
+    assert not any(f and os.path.exists(f) for f in folders)
+
+
+def test_frames_file_round_trip_and_the_pipe_where_there_is_no_file(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 256, size=(9, 64, 640, 3), dtype=np.uint8)
+    sent = transfer.put(frames, str(tmp_path))
+    assert isinstance(sent, p.FramesFile) and os.path.getsize(sent.path) == frames.nbytes
+    back = transfer.take(sent)
+    assert back.dtype == frames.dtype and np.array_equal(back, frames)
+    assert os.listdir(tmp_path) == []
+    # Small values, and a folder that cannot take the file (gone, or a full tmpfs), use the pipe.
+    small = frames[:1, :8]
+    assert transfer.put(small, str(tmp_path)) is small
+    assert transfer.put(frames, str(tmp_path / "gone")) is frames
+    assert transfer.put(frames, None) is frames and transfer.take(frames) is frames
+    unused = transfer.put(frames, str(tmp_path))
+    transfer.discard(unused)
+    assert os.listdir(tmp_path) == []
+
+
+def test_frames_folders_of_apps_that_are_gone_are_removed(tmp_path):
+    import multiprocessing
+
+    ended = multiprocessing.get_context("spawn").Process(target=os.getpid)
+    ended.start()
+    ended.join()
+    stale = tmp_path / f"{transfer.PREFIX}{ended.pid}-abc"
+    stale.mkdir()
+    (stale / "1-0.frames").write_bytes(b"x")
+    mine = transfer.make_dir(str(tmp_path))
+    assert mine is not None and os.path.basename(mine).startswith(f"{transfer.PREFIX}{os.getpid()}-")
+    assert not stale.exists() and os.path.isdir(mine)
+    transfer.remove(mine)
+    assert not os.path.exists(mine)
 
 
 def test_a_killed_worker_fails_its_job_is_restarted_and_the_queue_goes_on(lane_workers):

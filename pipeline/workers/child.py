@@ -22,6 +22,7 @@ from datetime import timedelta
 from typing import Any
 
 from pipeline.workers import protocol as p
+from pipeline.workers import transfer
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,8 @@ class _Worker:
             gpu.free_gpu_memory()
             self._send(failure)
             return
+        if self.rank == 0:
+            value = transfer.put(value, os.environ.get(transfer.FRAMES_DIR_ENV))
         self._send(p.Done(self.rank, value if self.rank == 0 else None, self._readings(),
                           loads=self.cache.loads, load_seconds=self.cache.last_load_seconds,
                           describe=self._describe(request)))

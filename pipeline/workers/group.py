@@ -23,7 +23,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from multiprocessing.connection import wait
 from typing import Any, Callable
@@ -36,6 +36,7 @@ from pipeline.machine.gpu import GpuMonitor, MemorySnapshot, NO_TORCH, TorchRead
 from pipeline.types import Phase, RunSpec
 from pipeline.workers import child
 from pipeline.workers import protocol as p
+from pipeline.workers import transfer
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,8 @@ class WorkerGroup:
         self._lock = threading.RLock()
         self._peak: list[float | None] = [None] * len(gpus)
         self.store: Any = None  # the rendezvous store of the running sequence-parallel group
+        # Where the workers leave a clip's frames for this process (None: through the pipe).
+        self.frames_dir: str | None = None
 
     # -- processes ------------------------------------------------------------------------------
 
@@ -169,10 +172,14 @@ class WorkerGroup:
             self.store = rendezvous_store()
             rendezvous = (self.store.host, self.store.port)
         self.cancel.clear()
+        if self.frames_dir is None:
+            self.frames_dir = transfer.make_dir()
         ranks = []
         for rank in range(self.size):
             parent_end, child_end = ctx.Pipe()
             env = {**worker_env(self.gpus, rank, self.seq), **self.extra_env}
+            if self.frames_dir is not None:
+                env[transfer.FRAMES_DIR_ENV] = self.frames_dir
             process = ctx.Process(target=child.main, name=f"gpu-worker-{self.gpus[rank]}",
                                   args=(rank, self.size, child_end, self.cancel, self.backend_spec, env, rendezvous),
                                   daemon=True)
@@ -226,6 +233,8 @@ class WorkerGroup:
                 rank.process.join(timeout=10)
             self._terminate()
             self.ranks = []
+            transfer.remove(self.frames_dir)
+            self.frames_dir = None
 
     def _terminate(self) -> None:
         for rank in self.ranks:
@@ -239,6 +248,7 @@ class WorkerGroup:
             rank.conn.close()
         # The store of the group that ended: its server stops with the last reference.
         self.store = None
+        transfer.clear(self.frames_dir)  # frames a killed worker was writing
 
     # -- one request ------------------------------------------------------------------------------
 
@@ -253,41 +263,52 @@ class WorkerGroup:
             for rank in self.ranks:
                 rank.conn.send(request)
             replies: dict[int, p.Done | p.Failure] = {}
-            failed_at: float | None = None
-            while len(replies) < self.size:
-                if hooks is not None and not self.cancel.is_set() and hooks.should_stop():
-                    self.cancel.set()
-                waiting = {i: r for i, r in enumerate(self.ranks) if i not in replies}
-                handles = {r.conn: i for i, r in waiting.items()}
-                sentinels = {r.process.sentinel: i for i, r in waiting.items()}
-                for ready in wait([*handles, *sentinels], timeout=POLL_S):
-                    if ready in sentinels:
-                        self._died(sentinels[ready], request)
-                    index = handles[ready]
-                    try:
-                        message = ready.recv()
-                    except (EOFError, OSError):
-                        self._died(index, request)
-                    self._dispatch(index, message, replies, hooks)
-                if failed_at is None and any(isinstance(r, p.Failure) for r in replies.values()):
-                    failed_at = time.monotonic()
-                if failed_at is not None and len(replies) < self.size and \
-                        time.monotonic() - failed_at > self.failure_grace_s:
-                    failure = _worst([r for r in replies.values() if isinstance(r, p.Failure)])
-                    stuck = [self.gpus[i] for i in range(self.size) if i not in replies]
-                    # The other ranks wait in a collective for the one that failed; only new
-                    # processes get every card back to its level.
-                    self.restart(f"rank {failure.rank} failed ({failure.kind}) and GPU(s) {stuck} "
-                                 f"stayed waiting for it")
-                    raise self._exception(failure)
-            failures = [r for r in replies.values() if isinstance(r, p.Failure)]
-            if failures:
-                raise self._exception(_worst(failures))
-            done = replies[0]
-            assert isinstance(done, p.Done)
+            try:
+                done = self._collect(request, hooks, replies)
+            except BaseException:
+                for reply in replies.values():  # frames of a rank whose job failed elsewhere
+                    transfer.discard(getattr(reply, "value", None))
+                raise
             if done.describe is not None:
                 self.last_describe = done.describe
-            return done
+            return replace(done, value=transfer.take(done.value))
+
+    def _collect(self, request: Any, hooks: RunHooks | None, replies: dict[int, Any]) -> p.Done:
+        """Wait for every rank's reply to `request` (into `replies`); rank 0's Done, or the job's
+        error raised."""
+        failed_at: float | None = None
+        while len(replies) < self.size:
+            if hooks is not None and not self.cancel.is_set() and hooks.should_stop():
+                self.cancel.set()
+            waiting = {i: r for i, r in enumerate(self.ranks) if i not in replies}
+            handles = {r.conn: i for i, r in waiting.items()}
+            sentinels = {r.process.sentinel: i for i, r in waiting.items()}
+            for ready in wait([*handles, *sentinels], timeout=POLL_S):
+                if ready in sentinels:
+                    self._died(sentinels[ready], request)
+                index = handles[ready]
+                try:
+                    message = ready.recv()
+                except (EOFError, OSError):
+                    self._died(index, request)
+                self._dispatch(index, message, replies, hooks)
+            if failed_at is None and any(isinstance(r, p.Failure) for r in replies.values()):
+                failed_at = time.monotonic()
+            if failed_at is not None and len(replies) < self.size and \
+                    time.monotonic() - failed_at > self.failure_grace_s:
+                failure = _worst([r for r in replies.values() if isinstance(r, p.Failure)])
+                stuck = [self.gpus[i] for i in range(self.size) if i not in replies]
+                # The other ranks wait in a collective for the one that failed; only new
+                # processes get every card back to its level.
+                self.restart(f"rank {failure.rank} failed ({failure.kind}) and GPU(s) {stuck} "
+                             f"stayed waiting for it")
+                raise self._exception(failure)
+        failures = [r for r in replies.values() if isinstance(r, p.Failure)]
+        if failures:
+            raise self._exception(_worst(failures))
+        done = replies[0]
+        assert isinstance(done, p.Done)
+        return done
 
     def send(self, request: Any) -> None:
         """A request without a reply (ResetPeak)."""

@@ -111,9 +111,19 @@ class LatentsEvent:
 
 
 @dataclass(frozen=True)
+class FramesFile:
+    """A clip's frames in a file of the group's shared-memory folder (pipeline/workers/transfer.py),
+    in place of the array itself: the app reads the file and removes it."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str  # numpy's dtype.str, e.g. "|u1"
+
+
+@dataclass(frozen=True)
 class Done:
     rank: int
-    value: Any  # frames (rank 0 of a generate/decode), None otherwise
+    value: Any  # frames (rank 0 of a generate/decode: an array or a FramesFile), None otherwise
     readings: Readings
     loads: int = 0  # weight loads in this worker so far
     load_seconds: float | None = None

@@ -126,7 +126,10 @@ def test_two_lanes_run_two_clips_at_once(tiny_ckpt, tmp_path, gpu_report):
     outputs = OutputStore(tmp_path / "outputs")
     outputs.ensure()
     history = History(tmp_path / "outputs" / "history.sqlite3")
-    spec = BackendSpec("lightx2v", {"weights_dir": str(tiny_ckpt), "vram_cap_gib": CAP_GIB})
+    # One attention kernel forced, as in the seq tests: with "auto" each new worker measures the
+    # kernels at its first run of a shape (seconds per worker, and this test is about lanes).
+    spec = BackendSpec("lightx2v", {"weights_dir": str(tiny_ckpt), "vram_cap_gib": CAP_GIB,
+                                    "attention": "sdpa_flash"})
     services, groups = multi_gpu_services(mode="lanes", gpus=(0, 1), backend_spec=spec, presets=load_presets(),
                                           outputs=outputs, history=history)
     queue = JobQueue(services[0], lanes=services)
@@ -150,7 +153,10 @@ def test_two_lanes_run_two_clips_at_once(tiny_ckpt, tmp_path, gpu_report):
         # bench.multigpu's lanes row on the full-size checkpoint. On the tiny one the host-side mp4
         # encodes of noise frames weigh more than the GPU work (2x H200, 2026-11-30: 7.29 s for two
         # clips against 4.24 s for one).
-        gpu_report("multigpu_lanes_tiny", one_clip_s=one_s, two_clips_s=two_s)
+        split = [{"lane": j.lane, "until_encode_s": j.result.record["timings_s"].get("total"),
+                  "writing_mp4_s": j.result.record["timings_s"].get("writing mp4")} for j in (alone, *pair)]
+        gpu_report("multigpu_lanes_tiny", one_clip_s=one_s, two_clips_s=two_s, clips=split,
+                   frames_via_shm=[g.frames_dir is not None for g in groups])
     finally:
         queue.shutdown()
         for group in groups:
