@@ -25,6 +25,13 @@ eager chain computes, where it rounds and whether the fusion is bit-identical.
   from source: `norm_modulate_form_matching` tries each form against the eager chain on the device
   and the compat layer installs the one that is bit-identical (or none).
 
+- gelu_quant: torch's tanh-GELU of ffn_0's output followed by the per-token INT8 quantisation of
+  ffn_2's input (LightX2V's int8_quantize_triton, its Triton operations in its order), in one read
+  of the bf16 input and one write of INT8 values and scales; the bf16 GELU tensor is never written.
+  Whether nvcc contracted x + kKappa x^3 into an FMA, and whether CUDA's tanhf is the libdevice tanh
+  Triton links, cannot be read from source: `gelu_quant_form_matching` compares each form with
+  torch's GELU on every finite bf16 value and with the quantiser on random rows, on the device.
+
 Nothing here needs more than a few KB of shared memory or any Hopper-only instruction: the kernels
 compile for sm_80/sm_86 and sm_90 alike. This module imports torch and triton at import time; the
 compat layer imports it only when it installs a fusion.

@@ -1459,8 +1459,9 @@ def gelu_quant_fused(fixes: CompatFixes, transformer_infer: Any, transformer_wei
     channeldynamicTriton, common/ops/mm/mm_weight.py:1730-1751) quantises it per token with
     int8_quantize_triton (common/ops/mm/triton_kernels.py:17-40) before the INT8 GEMM. The fused
     kernel reads ffn_0's output once and writes the INT8 activations and scales; the bf16 GELU
-    output is never materialised (one L x 13824 bf16 tensor less at the FFN's peak), and ffn_2 runs
-    its own apply with the quantisation line taking those (same GEMM, bias, output dtype, reshape).
+    output is never materialised (the FFN's peak holds INT8 activations where it held that bf16
+    tensor), and ffn_2 runs its own apply with the quantisation line taking those (same GEMM, bias,
+    output dtype, reshape).
 
     Bit-identical where the device's eager chain matches one of the kernel's forms: the
     quantisation repeats int8_quantize_kernel's Triton operations in its order; the GELU's one open
