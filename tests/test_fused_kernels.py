@@ -6,6 +6,7 @@ tests, tests/gpu/test_fused_kernels_gpu.py, check the compiled kernels there).""
 from __future__ import annotations
 
 import os
+import types
 
 import numpy as np
 import pytest
@@ -562,4 +563,419 @@ def test_norm_modulate_fused_not_installed_where_no_form_matches_or_upstream_cha
     monkeypatch.setattr(fk, "norm_modulate_form_matching", does_not_build)
     infer = WanBlockInfer()
     compat.norm_modulate_fused(fixes, infer, weights, LNWeight, device="cpu")  # logged, the load goes on
+    assert not fixes.names and "infer_ffn" not in vars(infer)
+
+
+# -- GELU (tanh) + the INT8 quantisation of ffn_2's input ------------------------------------------
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+# LightX2V's int8_quantize_kernel and int8_quantize_triton (common/ops/mm/triton_kernels.py at f8aee98b),
+# as upstream writes them: what the fused kernel's quantisation must reproduce.
+@triton.jit
+def int8_quantize_kernel(X, OUT, SCALES, HDIM, BLOCK_SIZE: tl.constexpr):
+    row_idx = tl.program_id(0)
+    x_ptr = X + row_idx * HDIM
+    out_ptr = OUT + row_idx * HDIM
+    h_offset = tl.arange(0, BLOCK_SIZE)
+    x = tl.load(x_ptr + h_offset, mask=h_offset < HDIM).to(tl.float32)
+    x_scale = 127.0 / tl.max(tl.abs(x))
+    x_scaled = x * x_scale
+    x_scaled += (0.5 * tl.where(x_scaled >= 0, 1, -1)).to(tl.int8)
+    tl.store(out_ptr + h_offset, x_scaled, mask=h_offset < HDIM)
+    tl.store(SCALES + row_idx, 1 / x_scale)
+
+
+def int8_quantize_triton(x):
+    x_shape_orig = x.shape
+    # The one change: the kernel reads x as fp32, because the interpreter's bf16 -> fp32 cast is wrong
+    # for subnormals (the GPU's is exact, and the fused kernel converts by the bits).
+    x = x.view(-1, x_shape_orig[-1]).float()
+    out = torch.empty(x_shape_orig, dtype=torch.int8, device=x.device)
+    scales = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    BLOCK_SIZE = triton.next_power_of_2(x_shape_orig[-1])
+    grid = (x.shape[0],)
+    int8_quantize_kernel[grid](x, out, scales, x_shape_orig[-1], BLOCK_SIZE, num_warps=8)
+    return out.view(x_shape_orig), scales.view(x_shape_orig[:-1])
+
+
+# GELU's x^3 and e^2|z| overflow for large bf16 inputs, as on the GPU (where they become inf silently).
+interpreter_overflows = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+GELU_BETA = np.float32(1.41421356237309504880 * 1.12837916709551257390 * 0.5)  # M_SQRT2 * M_2_SQRTPI * 0.5
+GELU_KAPPA = np.float32(0.044715)
+
+
+def cuda_gelu(y, form=0, approximate="tanh"):
+    """torch's CUDA GeluCUDAKernelImpl (approximate="tanh") of bf16 y, in numpy fp32: `form` is whether
+    x + kKappa * x^3 was contracted into an FMA (fused_kernels.GELU_FORMS; formed in fp64 as the kernel
+    does under the interpreter), and tanhf is the interpreter's stand-in (1 - 2 / (e^2|z| + 1), signed)
+    that the kernel computes where Triton has no libdevice."""
+    assert approximate == "tanh"
+    f32 = np.float32
+    x = y.float().numpy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        cube = x * x * x
+        s = (GELU_KAPPA.astype(np.float64) * cube + x).astype(f32) if form == 0 else GELU_KAPPA * cube + x
+        inner = GELU_BETA * s
+        t = f32(1) - f32(2) / (np.exp(f32(2) * np.abs(inner)) + f32(1))
+        t = np.where(inner < 0, -t, t)
+        out = (f32(0.5) * x) * (f32(1) + t)
+    return torch.from_numpy(out.astype(f32)).to(torch.bfloat16)  # round to nearest even
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype and torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def ffn_rows(gen, rows, width):
+    spread = torch.exp(torch.randn((rows, 1), generator=gen))
+    return (torch.randn((rows, width), generator=gen) * spread + torch.randn((rows, 1), generator=gen)).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("form", fk.GELU_FORMS)
+@pytest.mark.parametrize("width", [13824, 1000])  # ffn_2's input; a width with masked columns
+def test_gelu_quant_is_upstreams_quantisation_of_the_retraced_gelu(form, width):
+    y = ffn_rows(_gen(21), 4, width)
+    y[1, 7] = 0  # a zero and a row whose GELU is all non-positive
+    y[2] = -y[2].abs() - 1
+    want_gelu = cuda_gelu(y, form)
+    want_values, want_scales = int8_quantize_triton(want_gelu)
+    got_gelu = torch.empty_like(y)
+    for got in (fk.gelu_quant(y, form, gelu_out=got_gelu), fk.gelu_quant(y, form)):
+        assert isinstance(got, fk.Int8Rows)
+        assert torch.equal(got.values, want_values)
+        assert torch.equal(got.scales.view(torch.int32), want_scales.view(torch.int32))
+    assert same_bits(got_gelu, want_gelu)
+    # The truncation toward zero and the row max: a value is never past +-127, and each row reaches it.
+    assert int(want_values.abs().max(dim=1).values.min()) == 127
+    assert want_values.float().mul(want_scales[:, None]).sub(want_gelu.float()).abs().max() < want_scales.max()
+
+
+@interpreter_overflows
+def test_each_gelu_form_over_every_bf16_value():
+    every = fk.every_finite_bf16(13824)
+    assert every.shape == (5, 13824)
+    assert every.flatten().unique().numel() == 65536 - 256 - 1  # all but NaNs and +-inf; +0 == -0 once
+    outs = []
+    for form in fk.GELU_FORMS:
+        got = torch.empty_like(every)
+        fk.gelu_quant(every, form, gelu_out=got)
+        assert same_bits(got, cuda_gelu(every, form))
+        outs.append(got)
+    # The FMA contraction changes the fp32 inner value of 448 inputs, but no bf16 output: whichever
+    # form nvcc chose, the probe's check over every input decides (the tanh is what may differ).
+    assert same_bits(outs[0], outs[1])
+
+
+def probe(gelu, quantize=int8_quantize_triton):
+    return fk.gelu_quant_form_matching(gelu, quantize, "cpu", width=1000, rows=3)
+
+
+@interpreter_overflows
+def test_gelu_quant_probe_picks_the_matching_form_and_nothing_else(monkeypatch):
+    for form in fk.GELU_FORMS:
+        assert probe(lambda y, form=form: cuda_gelu(y, form)) == fk.GELU_FORMS[0]  # the forms coincide
+    real = fk.gelu_quant
+
+    def first_form_off_by_one_step(y, form, gelu_out=None):
+        got = real(y, form, gelu_out)
+        if form == fk.GELU_FORMS[0]:
+            got.values[-1, -1] -= 1
+        return got
+
+    monkeypatch.setattr(fk, "gelu_quant", first_form_off_by_one_step)
+    assert probe(cuda_gelu) == fk.GELU_FORMS[1]
+    monkeypatch.setattr(fk, "gelu_quant", real)
+    # torch's CPU GELU (std::tanh): not the kernel's tanh here, so no form may claim to be it.
+    assert probe(lambda y: torch.nn.functional.gelu(y, approximate="tanh")) is None
+
+    def rounding_quantize(x):  # round to nearest instead of int8_quantize_kernel's truncation
+        scale = 127.0 / x.float().abs().amax(dim=1)
+        return (x.float() * scale[:, None]).round().to(torch.int8), 1 / scale
+
+    assert probe(lambda y: cuda_gelu(y, 0), rounding_quantize) is None
+
+
+def test_gelu_quant_fits_only_what_the_kernel_mirrors():
+    y = torch.zeros((4, 1000), dtype=torch.bfloat16)
+    assert fk.gelu_quant_fits(y)
+    assert not fk.gelu_quant_fits(y.float())
+    assert not fk.gelu_quant_fits(y[:, :500])  # not contiguous
+    assert not fk.gelu_quant_fits(y.view(2, 2, 1000))
+    assert not fk.gelu_quant_fits(y[:0])
+    assert not fk.gelu_quant_fits(torch.zeros((2, fk.GELU_QUANT_MAX_COLS + 1), dtype=torch.bfloat16))
+    assert not fk.gelu_quant_fits((y, y))
+
+
+GEMM_CALLS = []
+
+
+def int8_gemm_triton(a, b, a_scales, b_scales, fuse_gelu=False, output_dtype=None):
+    """LightX2V's INT8 GEMM in exact arithmetic (int32 accumulation is exact; fp64 is here)."""
+    GEMM_CALLS.append((a.clone(), a_scales.clone()))
+    acc = a.double() @ b.double().t()
+    return (acc * a_scales.double()[:, None] * b_scales.double()[None, :]).float().to(output_dtype)
+
+
+def int8_gemm_bias_triton(a, b, bias, a_scales, b_scales, fuse_gelu=False, output_dtype=None):
+    GEMM_CALLS.append((a.clone(), a_scales.clone()))
+    acc = a.double() @ b.double().t()
+    return (acc * a_scales.double()[:, None] * b_scales.double()[None, :] + bias.double()).float().to(output_dtype)
+
+
+class Int8TritonMM:
+    """LightX2V's MMWeightWint8channelAint8channeldynamicTriton ("int8-triton"): its apply as upstream."""
+
+    def __init__(self, gen, n, k, bias=True):
+        self.weight = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+        self.weight_scale = torch.full((n,), 1 / (127 * k ** 0.5))
+        self.bias = torch.randn((n,), generator=gen) if bias else None
+        self.infer_dtype = torch.bfloat16
+        self.act_quant_func = int8_quantize_triton
+        self.has_lora_branch = False
+
+    def _get_actual_bias(self):
+        return self.bias
+
+    def apply_lora(self, input_tensor):
+        return input_tensor.float().sum(-1, keepdim=True).to(self.infer_dtype)
+
+    def apply(self, input_tensor):
+        input_tensor_quant, input_tensor_scale = self.act_quant_func(input_tensor)
+        if self.bias is not None:
+            output_tensor = int8_gemm_bias_triton(
+                input_tensor_quant,
+                self.weight,
+                self._get_actual_bias(),
+                input_tensor_scale,
+                self.weight_scale,
+                output_dtype=self.infer_dtype,
+            )
+        else:
+            output_tensor = int8_gemm_triton(
+                input_tensor_quant,
+                self.weight,
+                input_tensor_scale,
+                self.weight_scale,
+                output_dtype=self.infer_dtype,
+            )
+        if self.has_lora_branch:
+            return output_tensor.squeeze(0) + self.apply_lora(input_tensor) if len(output_tensor.shape) == 3 else output_tensor + +self.apply_lora(input_tensor)
+
+        return output_tensor.squeeze(0) if len(output_tensor.shape) == 3 else output_tensor
+
+
+class WanFfnInfer(WanBlockInfer):
+    """LightX2V's infer_ffn without the MXFP8 branches: the LayerNorm + modulate, ffn_0, the GELU, ffn_2."""
+
+    clean_cuda_cache = False
+
+    def infer_ffn(self, phase, x, attn_out, c_shift_msa, c_scale_msa, c_gate_msa=None):
+        x.add_(attn_out)
+        if hasattr(phase, "smooth_norm2_weight"):
+            norm2_out = phase.norm2.apply(x)
+            norm2_out.mul_(phase.smooth_norm2_weight)
+        else:
+            norm2_out = phase.norm2.apply(x)
+            if self.sensitive_layer_dtype != self.infer_dtype:
+                norm2_out = norm2_out.to(self.sensitive_layer_dtype)
+            norm2_out = self.modulate_func(norm2_out, scale=c_scale_msa, shift=c_shift_msa).squeeze()
+        y = phase.ffn_0.apply(norm2_out)
+        if self.clean_cuda_cache:
+            del norm2_out, x
+        y = torch.nn.functional.gelu(y, approximate="tanh")
+        if self.clean_cuda_cache:
+            pass
+        y = phase.ffn_2.apply(y)
+
+        return y
+
+
+def _ffn_phase(gen, dim=256, hidden=1000, ffn_0_bias=False):
+    phase = Module(norm2=LNWeight(), ffn_0=Int8TritonMM(gen, hidden, dim, bias=ffn_0_bias),
+                   ffn_2=Int8TritonMM(gen, dim, hidden))
+    for key, module in phase._modules.items():
+        setattr(phase, key, module)
+    return phase
+
+
+class _Counted:
+    """Counts the calls of a function it stands in for."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(args[0].shape[0])
+        return self.fn(*args, **kwargs)
+
+
+@pytest.fixture
+def cuda_numerics(monkeypatch):
+    """torch's CUDA LayerNorm and GELU on the CPU (what the probes compare the kernels with), small
+    probes (the interpreter runs a row in milliseconds), and counters on the eager GELU and the kernels."""
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", lambda x, shape, w, b, eps: cuda_layer_norm(x, eps))
+    gelu = _Counted(cuda_gelu)
+    monkeypatch.setattr(torch.nn.functional, "gelu", gelu)
+    _small_probe(monkeypatch)
+    real_probe = fk.gelu_quant_form_matching
+    monkeypatch.setattr(fk, "gelu_quant_form_matching",
+                        lambda g, q, device: real_probe(g, q, device, width=1000, rows=3))
+    kernels = {name: _Counted(getattr(fk, name)) for name in ("gelu_quant", "norm_modulate")}
+    for name, counted in kernels.items():
+        monkeypatch.setattr(fk, name, counted)
+    GEMM_CALLS.clear()
+    return gelu, kernels
+
+
+def _ffn_case(seed, tokens=10, dim=256):
+    gen = _gen(seed)
+    x, scale, shift = modulate_rows(gen, tokens, dim)
+    return gen, x, torch.randn((tokens, dim), generator=gen).to(torch.bfloat16), scale, shift
+
+
+@interpreter_overflows
+def test_gelu_quant_fused_feeds_ffn_2_the_int8_input_upstream_computes(cuda_numerics):
+    gelu, kernels = cuda_numerics
+    gen, x, attn_out, scale, shift = _ffn_case(31)
+    phase = _ffn_phase(gen)
+    want = WanFfnInfer().infer_ffn(phase, x.clone(), attn_out, shift, scale)
+    upstream_calls = GEMM_CALLS[:]
+    infer = WanFfnInfer()
+    fixes = compat.CompatFixes()
+    compat.gelu_quant_fused(fixes, infer, Module(blocks=Module(b0=phase)), Int8TritonMM, device="cpu")
+    assert fixes.has("gelu_quant_fused") and "(form 0)" in fixes.applied[-1].detail
+    gelu.calls.clear()
+    kernels["gelu_quant"].calls.clear()  # the probe's
+    GEMM_CALLS.clear()
+    got = infer.infer_ffn(phase, x.clone(), attn_out, shift, scale)
+    assert same_bits(got, want) and got.shape == (10, 256)
+    assert gelu.calls == [] and kernels["gelu_quant"].calls == [10]  # the bf16 GELU never ran
+    for (a, s), (ua, us) in zip(GEMM_CALLS, upstream_calls, strict=True):  # ffn_0's, then ffn_2's
+        assert torch.equal(a, ua) and torch.equal(s.view(torch.int32), us.view(torch.int32))
+    with fixes.disabled("gelu_quant_fused"):
+        assert same_bits(infer.infer_ffn(phase, x.clone(), attn_out, shift, scale), want)
+    assert gelu.calls == [10] and kernels["gelu_quant"].calls == [10]
+    assert same_bits(infer.infer_ffn(phase, x.clone(), attn_out, shift, scale), want)
+    assert kernels["gelu_quant"].calls == [10, 10]  # applied again
+    assert "infer_ffn" in vars(infer) and WanFfnInfer.infer_ffn.__module__ == __name__  # instance only
+    # ffn_2 without a bias: upstream's other GEMM call.
+    phase.ffn_2.bias = None
+    want = WanFfnInfer().infer_ffn(phase, x.clone(), attn_out, shift, scale)
+    assert same_bits(infer.infer_ffn(phase, x.clone(), attn_out, shift, scale), want)
+    assert kernels["gelu_quant"].calls == [10, 10, 10]
+
+
+@interpreter_overflows
+def test_gelu_quant_fused_leaves_what_it_does_not_mirror_to_upstream(cuda_numerics):
+    gelu, kernels = cuda_numerics
+    gen, x, attn_out, scale, shift = _ffn_case(32)
+    phase = _ffn_phase(gen)
+    infer = WanFfnInfer()
+    fixes = compat.CompatFixes()
+    compat.gelu_quant_fused(fixes, infer, Module(blocks=Module(b0=phase)), Int8TritonMM, device="cpu")
+    gelu.calls.clear()
+    kernels["gelu_quant"].calls.clear()  # the probe's
+
+    def both():
+        return infer.infer_ffn(phase, x.clone(), attn_out, shift, scale), WanFfnInfer().infer_ffn(
+            phase, x.clone(), attn_out, shift, scale)
+
+    ffn_2 = phase.ffn_2
+    ffn_2.has_lora_branch = True  # apply_lora needs the bf16 GELU output
+    got, want = both()
+    assert same_bits(got, want) and kernels["gelu_quant"].calls == [] and len(gelu.calls) == 2
+    ffn_2.has_lora_branch = False
+    ffn_2.act_quant_func = lambda t: int8_quantize_triton(t)  # another quantiser than the one probed
+    got, want = both()
+    assert same_bits(got, want) and kernels["gelu_quant"].calls == []
+    ffn_2.act_quant_func = int8_quantize_triton
+    ffn_2.apply = types.MethodType(Int8TritonMM.apply, ffn_2)  # an instance's own apply
+    got, want = both()
+    assert same_bits(got, want) and kernels["gelu_quant"].calls == []
+    del ffn_2.apply
+
+    class OtherMM(Int8TritonMM):
+        pass
+
+    phase.ffn_2 = OtherMM(gen, 256, 1000)
+    got, want = both()
+    assert same_bits(got, want) and kernels["gelu_quant"].calls == []
+    phase.ffn_2 = ffn_2
+    phase.ffn_0.infer_dtype = torch.float32  # an fp32 GELU input
+    got, want = both()
+    assert got.dtype == want.dtype and torch.equal(got, want) and kernels["gelu_quant"].calls == []
+    assert len(gelu.calls) == 10  # each case ran upstream's GELU, fused and unfused
+
+
+@interpreter_overflows
+@pytest.mark.parametrize("order", [("slice", "norm", "gelu"), ("gelu", "norm", "slice"),
+                                   ("norm", "gelu", "slice"), ("gelu", "slice", "norm")])
+def test_gelu_quant_fused_with_norm_modulate_and_ffn_slicing_in_any_order(cuda_numerics, order):
+    gelu, kernels = cuda_numerics
+    gen, x, attn_out, scale, shift = _ffn_case(33)
+    phase = _ffn_phase(gen)
+    weights = Module(blocks=Module(b0=phase))
+    want = WanFfnInfer().infer_ffn(phase, x.clone(), attn_out, shift, scale)
+    infer = WanFfnInfer()
+    fixes = compat.CompatFixes()
+    install = {"slice": lambda: compat.ffn_chunked_over_tokens(fixes, infer, max_tokens=4),
+               "norm": lambda: compat.norm_modulate_fused(fixes, infer, weights, LNWeight, device="cpu"),
+               "gelu": lambda: compat.gelu_quant_fused(fixes, infer, weights, Int8TritonMM, device="cpu")}
+    for step in order:
+        install[step]()
+    assert {"ffn_chunked_over_tokens", "norm_modulate_fused", "gelu_quant_fused"} <= set(fixes.names)
+    for counted in (gelu, *kernels.values()):
+        counted.calls.clear()
+    phase.norm2.calls = 0
+    assert same_bits(infer.infer_ffn(phase, x.clone(), attn_out, shift, scale), want)
+    assert kernels["gelu_quant"].calls == [4, 4, 2] and kernels["norm_modulate"].calls == [4, 4, 2]
+    assert gelu.calls == [] and phase.norm2.calls == 0
+    with fixes.disabled("norm_modulate_fused"):
+        assert same_bits(infer.infer_ffn(phase, x.clone(), attn_out, shift, scale), want)
+    assert phase.norm2.calls == 3 and kernels["gelu_quant"].calls == [4, 4, 2] * 2
+    with fixes.disabled("gelu_quant_fused"), fixes.disabled("ffn_chunked_over_tokens"):
+        assert same_bits(infer.infer_ffn(phase, x.clone(), attn_out, shift, scale), want)
+    assert gelu.calls == [10] and kernels["norm_modulate"].calls == [4, 4, 2, 10]
+
+
+@interpreter_overflows
+def test_gelu_quant_fused_not_installed_where_no_form_matches_or_upstream_changed(cuda_numerics, monkeypatch):
+    gelu, kernels = cuda_numerics
+    phase = _ffn_phase(_gen(34))
+    weights = Module(blocks=Module(b0=phase))
+    fixes = compat.CompatFixes()
+    infer = WanFfnInfer()
+    compat.gelu_quant_fused(fixes, infer, weights, None, device="cpu")  # not the int8-triton scheme
+    assert not fixes.names and "infer_ffn" not in vars(infer)
+    # torch's own CPU GELU: no form of the kernel is that tanh.
+    monkeypatch.setattr(torch.nn.functional, "gelu", lambda y, approximate: torch._C._nn.gelu(y, approximate=approximate))
+    compat.gelu_quant_fused(fixes, infer, weights, Int8TritonMM, device="cpu")
+    assert not fixes.names and "infer_ffn" not in vars(infer)
+    monkeypatch.setattr(torch.nn.functional, "gelu", gelu)
+
+    class ChangedInfer(WanFfnInfer):
+        def infer_ffn(self, phase, x, attn_out, c_shift_msa, c_scale_msa, c_gate_msa=None):
+            return phase.ffn_2.apply(torch.nn.functional.gelu(phase.ffn_0.apply(x + attn_out), approximate="tanh"))
+
+    class ChangedMM(Int8TritonMM):
+        def apply(self, input_tensor):
+            return int8_gemm_triton(*int8_quantize_triton(input_tensor), self.weight, output_dtype=self.infer_dtype)
+
+    changed_mm_weights = Module(blocks=Module(b0=Module(ffn_2=ChangedMM(_gen(1), 8, 8))))
+    for target, mm_cls, where in ((ChangedInfer(), Int8TritonMM, weights), (infer, ChangedMM, changed_mm_weights),
+                                  (infer, Int8TritonMM, Module(blocks=Module(b0=Module(ffn_2=ChangedMM(_gen(1), 8, 8)))))):
+        compat.gelu_quant_fused(fixes, target, where, mm_cls, device="cpu")
+        assert not fixes.names and "infer_ffn" not in vars(target)
+    skipped = compat.CompatFixes(skip=frozenset({"gelu_quant_fused"}))
+    compat.gelu_quant_fused(skipped, infer, weights, Int8TritonMM, device="cpu")
+    assert not skipped.names and "infer_ffn" not in vars(infer)
+
+    def does_not_build(*args, **kwargs):
+        raise fk.KernelBuildError("out of resources")
+
+    monkeypatch.setattr(fk, "gelu_quant_form_matching", does_not_build)
+    compat.gelu_quant_fused(fixes, infer, weights, Int8TritonMM, device="cpu")  # logged, the load goes on
     assert not fixes.names and "infer_ffn" not in vars(infer)

@@ -535,3 +535,18 @@ def test_without_a_baseline_errors_equal_to_the_fourth_digit_count_as_equal():
     trials = [T("sage_attn2", error="not importable"), T("sdpa_cudnn", 0.000367, 0.001703),
               T("sdpa_flash", 0.000627, 0.001702)]
     assert kernels.choose_attention(trials, "sage_attn2") == "sdpa_cudnn"
+
+
+@pytest.mark.parametrize("scheme", ["int8-triton", "fp8-sgl"])
+def test_install_hands_the_int8_triton_linear_class_to_the_gelu_quant_fusion(monkeypatch, scheme):
+    calls = []
+    monkeypatch.setattr(compat, "gelu_quant_fused", lambda *args: calls.append(args))
+    register = {"int8-triton": "Int8TritonClass", "fp8-sgl": "Fp8Class"}
+    # (the gate + residual fusion, which needs triton, is not what this test is about)
+    infer, weights, fixes = object(), _Module(), compat.CompatFixes(skip=frozenset({"gate_residual_fused"}))
+    assert kernels.install(compat, fixes, _fake_torch((8, 6), "NVIDIA GeForce RTX 3060"),
+                           {"quant_scheme": scheme, "attn_mode": "flash_attn3"}, weights, sage_attn_module=None,
+                           sageattention=None, triton_kernels=None, transformer_infer=infer,
+                           mm_weight_register=register) is None
+    # Only the int8-triton scheme quantises ffn_2's input with the kernel the fusion mirrors.
+    assert calls == ([(fixes, infer, weights, "Int8TritonClass")] if scheme == "int8-triton" else [])

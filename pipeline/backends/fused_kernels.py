@@ -25,6 +25,13 @@ eager chain computes, where it rounds and whether the fusion is bit-identical.
   from source: `norm_modulate_form_matching` tries each form against the eager chain on the device
   and the compat layer installs the one that is bit-identical (or none).
 
+- gelu_quant: torch's tanh-GELU of ffn_0's output followed by the per-token INT8 quantisation of
+  ffn_2's input (LightX2V's int8_quantize_triton, its Triton operations in its order), in one read
+  of the bf16 input and one write of INT8 values and scales; the bf16 GELU tensor is never written.
+  Whether nvcc contracted x + kKappa x^3 into an FMA, and whether CUDA's tanhf is the libdevice tanh
+  Triton links, cannot be read from source: `gelu_quant_form_matching` compares each form with
+  torch's GELU on every finite bf16 value and with the quantiser on random rows, on the device.
+
 Nothing here needs more than a few KB of shared memory or any Hopper-only instruction: the kernels
 compile for sm_80/sm_86 and sm_90 alike. This module imports torch and triton at import time; the
 compat layer imports it only when it installs a fusion.
@@ -34,11 +41,12 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 from triton.errors import TritonError as KernelBuildError  # compile, ptxas and out-of-resources errors
 
 # Triton's CPU interpreter (the CPU tests) runs the kernels on host tensors; compiled, they need CUDA.
@@ -402,3 +410,141 @@ def norm_modulate_form_matching(eager: Any, device: str, eps: float = 1e-6, widt
         if all(torch.equal(norm_modulate(x, scale, shift, eps, form), want) for x, scale, shift, want in cases):
             return form
     return None
+
+
+# -- GELU (tanh) + the per-token INT8 quantisation of ffn_2's input ---------------------------------
+
+# torch's CUDA GELU with approximate="tanh" (GeluCUDAKernelImpl), per element in fp32:
+# 0.5 * x * (1 + tanhf(kBeta * (x + kKappa * x^3))), kBeta = M_SQRT2 * M_2_SQRTPI * 0.5 (computed in
+# double, then fp32), kKappa = fp32(0.044715). x^3 of a bf16 x is exact in fp32 (3 x 8 significant
+# bits) and 0.5 * x is exact, so the one rounding that source leaves open is whether nvcc contracted
+# x + kKappa * x^3 into an FMA (it does by default): 0: one FMA; 1: the product rounded, then the sum.
+GELU_FORMS = (0, 1)
+GELU_BETA = tl.constexpr(torch.tensor(1.41421356237309504880 * 1.12837916709551257390 * 0.5,
+                                      dtype=torch.float32).item())
+GELU_KAPPA = tl.constexpr(torch.tensor(0.044715, dtype=torch.float32).item())
+GELU_QUANT_MAX_COLS = 16384  # a whole row is held in registers (ffn_2's input: 13,824)
+
+
+class Int8Rows(NamedTuple):
+    """INT8 activations [L, C] and their per-row fp32 scales [L], as LightX2V's int8_quantize_triton
+    returns them (the value of a row is values * scales)."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+
+
+@triton.jit
+def _f32_of_bf16(x):
+    """bf16 x as fp32 by its bits (bf16 is fp32's upper half): exact for subnormals too, which
+    Triton's interpreter's cast is not; compiled, the same value as the cast."""
+    return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bf16_of_rounded(x):
+    """fp32 x that already holds a bf16 value (_bf16) as bf16, by its bits (see _f32_of_bf16)."""
+    return (x.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _gelu_tanh(x, FORM: tl.constexpr, TANH_BY_EXP: tl.constexpr, FMA_IN_FP64: tl.constexpr):
+    """torch's CUDA tanh-GELU of bf16-valued fp32 x, in fp32 (the bf16 rounding is the caller's)."""
+    cube = x * x * x
+    kappa = tl.full(x.shape, GELU_KAPPA, tl.float32)
+    inner = GELU_BETA * _fma32(kappa, cube, x, FORM == 0, FMA_IN_FP64)
+    if TANH_BY_EXP:
+        # Triton's interpreter has no libdevice: the CPU tests retrace this stand-in in numpy.
+        t = 1.0 - 2.0 / (tl.exp(2.0 * tl.abs(inner)) + 1.0)
+        t = tl.where(inner < 0, -t, t)
+    else:
+        t = libdevice.tanh(inner)  # __nv_tanhf: CUDA's tanhf, which torch's kernel calls
+    return (0.5 * x) * (1.0 + t)
+
+
+@triton.jit
+def _gelu_quant_kernel(y_ptr, q_ptr, scale_ptr, gelu_ptr, n_cols, stride_y, stride_q, FORM: tl.constexpr,
+                       WRITE_GELU: tl.constexpr, TANH_BY_EXP: tl.constexpr, FMA_IN_FP64: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    y = _f32_of_bf16(tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0))
+    x = _bf16(_gelu_tanh(y, FORM, TANH_BY_EXP, FMA_IN_FP64))  # the bf16 GELU output, as fp32
+    if WRITE_GELU:
+        tl.store(gelu_ptr + row * stride_q + cols, _bf16_of_rounded(x), mask=mask)
+    # LightX2V's int8_quantize_kernel, its operations in its order (Triton's `/`, the int8 cast of
+    # +-0.5 that adds 0, the store that truncates toward zero): the same instructions compiled.
+    # Masked columns hold GELU(0) = 0, as its masked load leaves them 0: the row max is the same.
+    x_scale = 127.0 / tl.max(tl.abs(x))
+    x_scaled = x * x_scale
+    x_scaled += (0.5 * tl.where(x_scaled >= 0, 1, -1)).to(tl.int8)
+    tl.store(q_ptr + row * stride_q + cols, x_scaled, mask=mask)
+    tl.store(scale_ptr + row, 1 / x_scale)
+
+
+def gelu_quant(y: torch.Tensor, form: int, gelu_out: torch.Tensor | None = None) -> Int8Rows:
+    """int8_quantize_triton(gelu(y, approximate="tanh")) for a contiguous 2-D bf16 y, without the
+    bf16 GELU tensor (written into `gelu_out` only where one is given: the probe)."""
+    rows, cols = y.shape
+    values = torch.empty((rows, cols), dtype=torch.int8, device=y.device)
+    scales = torch.empty((rows,), dtype=torch.float32, device=y.device)
+    block = triton.next_power_of_2(cols)
+    # Fusion of the explicit forms' multiplies and adds by the compiler would change their rounding.
+    _gelu_quant_kernel[(rows,)](y, values, scales, values if gelu_out is None else gelu_out, cols, y.stride(0),
+                                values.stride(0), FORM=form, WRITE_GELU=gelu_out is not None,
+                                TANH_BY_EXP=INTERPRETED, FMA_IN_FP64=INTERPRETED, BLOCK=block,
+                                num_warps=16 if block >= 8192 else 8, enable_fp_fusion=False)
+    return Int8Rows(values, scales)
+
+
+def gelu_quant_fits(y: Any) -> bool:
+    """A 2-D contiguous bf16 y (ffn_0's output) of at most GELU_QUANT_MAX_COLS columns."""
+    return (isinstance(y, torch.Tensor) and y.dim() == 2 and runs_on(y) and y.dtype == torch.bfloat16
+            and y.is_contiguous() and y.shape[0] > 0 and 0 < y.shape[1] <= GELU_QUANT_MAX_COLS)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (torch.equal takes -0.0 for 0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        view = {2: torch.int16, 4: torch.int32}[a.element_size()]
+        a, b = a.view(view), b.view(view)
+    return bool(torch.equal(a, b))
+
+
+def every_finite_bf16(width: int) -> torch.Tensor:
+    """Each finite bf16 value once, in rows of `width` (the last padded with zeros)."""
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    every = every[torch.isfinite(every)]
+    return torch.cat([every, every.new_zeros((-every.numel()) % width)]).view(-1, width)
+
+
+def gelu_quant_form_matching(gelu: Any, quantize: Any, device: str, width: int = 13824, rows: int = 64,
+                             seed: int = 0) -> int | None:
+    """The form whose GELU is bit-identical to `gelu(y)` for every finite bf16 y (the GELU is
+    elementwise: this is all of it) and whose INT8 values and scales are those of
+    `quantize(gelu(y))` (LightX2V's int8_quantize_triton) for those rows and for random rows of
+    FFN-like spreads, at `width`, on `device`; or None."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    spread = torch.exp(torch.randn((rows, 1), generator=gen))
+    random_rows = torch.randn((rows, width), generator=gen) * spread + torch.randn((rows, 1), generator=gen)
+    cases = []
+    for y in (every_finite_bf16(width), random_rows.to(torch.bfloat16)):
+        y = y.to(device)
+        want_gelu = gelu(y)
+        want_values, want_scales = quantize(want_gelu)
+        cases.append((y, want_gelu, want_values, want_scales))
+
+    def matches(form: int) -> bool:
+        for y, want_gelu, want_values, want_scales in cases:
+            got_gelu = torch.empty_like(y)
+            with_gelu, plain = gelu_quant(y, form, gelu_out=got_gelu), gelu_quant(y, form)
+            if not (_same_bits(got_gelu, want_gelu) and all(
+                    _same_bits(got.values, want_values) and _same_bits(got.scales, want_scales)
+                    for got in (with_gelu, plain))):
+                return False
+        return True
+
+    return next((form for form in GELU_FORMS if matches(form)), None)

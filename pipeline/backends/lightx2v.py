@@ -281,6 +281,7 @@ class LightX2VBackend:
                 sageattention=lx.sageattention, triton_kernels=lx.triton_kernels, attention=self.attention,
                 store=self.kernel_store, transformer_infer=model._runner.model.transformer_infer,
                 rope_cls=lx.torch_complex_rope_cls, rms_module=lx.rms_norm_module, ln_cls=lx.layer_norm_cls,
+                mm_weight_register=lx.mm_weight_register,
                 ranks=self._rank_group(build))
         except BaseException:
             # A failed build (OOM while loading, missing kernel...) must not keep pinned host memory
@@ -348,7 +349,7 @@ class LightX2VBackend:
 
 
 _KERNEL_FIXES = ("attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu", "sage_attention_on_sm89_sm120",
-                 "rope_fused", "qk_rms_norm_fused", "gate_residual_fused", "norm_modulate_fused")
+                 "rope_fused", "qk_rms_norm_fused", "gate_residual_fused", "norm_modulate_fused", "gelu_quant_fused")
 
 
 def _torch_cuda_version() -> str | None:

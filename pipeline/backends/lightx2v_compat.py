@@ -32,6 +32,7 @@ fused_kernels.py; docs/lightx2v.md §5 has the numerics), each a name of its own
 | qk_rms_norm_fused    | RMSNorm of q/k without sgl_kernel: 7 bf16 passes | bf16 mean may differ by 1 ulp   |
 | gate_residual_fused  | x.add_(y * gate) in cross-attn and post_process  | bit-identical                   |
 | norm_modulate_fused  | LayerNorm, then modulate (self-attn and FFN in)  | bit-identical (form checked)    |
+| gelu_quant_fused     | tanh-GELU, then ffn_2's INT8 activation quant    | bit-identical (form checked)    |
 
 Host-memory measures (issue 15), applied the same way and recorded with the fixes:
 
@@ -51,6 +52,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
+import linecache
 import logging
 import re
 import textwrap
@@ -71,7 +74,8 @@ FIX_NAMES = (
 )
 # Speed: the DiT block's bf16 elementwise chains fused into Triton kernels (pipeline/backends/
 # fused_kernels.py, docs/lightx2v.md §5), each switchable by name.
-FUSION_NAMES = ("rope_fused", "qk_rms_norm_fused", "gate_residual_fused", "norm_modulate_fused")
+FUSION_NAMES = ("rope_fused", "qk_rms_norm_fused", "gate_residual_fused", "norm_modulate_fused",
+                "gelu_quant_fused")
 # Not bugs: memory savings applied the same way (recorded with the fixes for the run records).
 OPTIMIZATION_NAMES = ("ffn_chunked_over_tokens", "non_block_weights_kept_for_the_run",
                       "attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu",
@@ -1245,13 +1249,18 @@ def qk_rms_norm_fused(fixes: CompatFixes, transformer_weights: Any, rms_module: 
     switch.record(fixes, name, f"q/k RMSNorm: fused_kernels._rms_norm_kernel on {len(modules)} modules")
 
 
+_REWRITES = itertools.count(1)
+
+
 def method_rewritten(cls: Any, name: str, replacements: tuple[tuple[str, str], ...],
-                     helpers: dict[str, Any]) -> Callable[..., Any] | None:
-    """`cls.name` compiled again from its own source with each `old` line replaced by `new` (each
-    must occur exactly once), in its module's globals plus `helpers`; None where the source is not
-    what the replacements expect. Fuses lines inside an upstream method without copying the rest of
-    it: a later LightX2V whose method changed elsewhere keeps its changes."""
-    func = getattr(cls, name, None)
+                     helpers: dict[str, Any], func: Any = None) -> Callable[..., Any] | None:
+    """`cls.name` (or `func`, a method of cls already rewritten by another fusion) compiled again
+    from its own source with each `old` line replaced by `new` (each must occur exactly once), in
+    its globals plus `helpers`; None where the source is not what the replacements expect. Fuses
+    lines inside an upstream method without copying the rest of it: a later LightX2V whose method
+    changed elsewhere keeps its changes. The new source is registered with linecache, so that
+    tracebacks show it and a further rewrite can start from it (fusions of the same method compose)."""
+    func = getattr(cls, name, None) if func is None else func
     try:
         source = textwrap.dedent(inspect.getsource(func))
     except (OSError, TypeError):
@@ -1264,8 +1273,31 @@ def method_rewritten(cls: Any, name: str, replacements: tuple[tuple[str, str], .
         source = source.replace(old, new)
     namespace = dict(func.__globals__)
     namespace.update(helpers)
-    exec(compile(source, f"<{cls.__name__}.{name} rewritten by lightx2v_compat>", "exec"), namespace)
+    filename = f"<{cls.__name__}.{name} rewritten by lightx2v_compat #{next(_REWRITES)}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    exec(compile(source, filename, "exec"), namespace)
     return namespace[name]
+
+
+def method_now(obj: Any, name: str) -> Any:
+    """The function behind `obj.name` as it runs now: the instance's own (another fusion's rewrite),
+    the one ffn_chunked_over_tokens slices (`__wrapped__`), or the class's."""
+    current = vars(obj).get(name)
+    if current is not None and hasattr(current, "__wrapped__"):
+        current = current.__wrapped__
+    if current is None:
+        current = getattr(type(obj), name, None)
+    return getattr(current, "__func__", current)
+
+
+def install_method(obj: Any, name: str, func: Callable[..., Any]) -> None:
+    """`func` bound to obj as its `name`; under ffn_chunked_over_tokens' slicing, as the method it slices."""
+    bound = types.MethodType(func, obj)
+    current = vars(obj).get(name)
+    if current is not None and hasattr(current, "__wrapped__"):
+        current.__wrapped__ = bound
+    else:
+        setattr(obj, name, bound)
 
 
 # The gate + residual lines of WanTransformerInfer (networks/wan/infer/transformer_infer.py:380, 502).
@@ -1300,13 +1332,14 @@ def gate_residual_fused(fixes: CompatFixes, transformer_infer: Any) -> None:
     cls = type(transformer_infer)
     methods = {}
     for method, replacements in _GATE_RESIDUAL_LINES.items():
-        func = method_rewritten(cls, method, replacements, {"_fused_gate_residual_": _fused_gate_residual_})
+        func = method_rewritten(cls, method, replacements, {"_fused_gate_residual_": _fused_gate_residual_},
+                                func=method_now(transformer_infer, method))
         if func is None:
             log.info("LightX2V's %s.%s has not the gate + residual line expected: %s off", cls.__name__, method, name)
             return
-        methods[method] = types.MethodType(func, transformer_infer)
-    for method, bound in methods.items():
-        setattr(transformer_infer, method, bound)
+        methods[method] = func
+    for method, func in methods.items():
+        install_method(transformer_infer, method, func)
 
     switch.record(fixes, name, "x += y * gate: fused_kernels._gate_residual_kernel in "
                  + ", ".join(f"{cls.__name__}.{m}" for m in methods))
@@ -1391,20 +1424,108 @@ def norm_modulate_fused(fixes: CompatFixes, transformer_infer: Any, transformer_
     cls = type(transformer_infer)
     methods = {}
     for method, replacements in _NORM_MODULATE_LINES.items():
-        func = method_rewritten(cls, method, replacements, {"_fused_norm_modulate_": _fused_norm_modulate_})
+        func = method_rewritten(cls, method, replacements, {"_fused_norm_modulate_": _fused_norm_modulate_},
+                                func=method_now(transformer_infer, method))
         if func is None:
             log.info("LightX2V's %s.%s has not the LayerNorm line expected: %s off", cls.__name__, method, name)
             return
-        methods[method] = types.MethodType(func, transformer_infer)
-    for method, bound in methods.items():
-        current = vars(transformer_infer).get(method)
-        if current is not None and hasattr(current, "__wrapped__"):
-            current.__wrapped__ = bound  # under ffn_chunked_over_tokens' slicing
-        else:
-            setattr(transformer_infer, method, bound)
+        methods[method] = func
+    for method, func in methods.items():
+        install_method(transformer_infer, method, func)  # under the slicing: each slice fused
 
     switch.record(fixes, name, f"LayerNorm + modulate: fused_kernels._norm_modulate_kernel (form {form}) in "
                   + ", ".join(f"{cls.__name__}.{m}" for m in methods))
+
+
+# The tail of WanTransformerInfer.infer_ffn (networks/wan/infer/transformer_infer.py:489-492): the GELU
+# line gets a fused arm that returns ffn_2's INT8 input, and the ffn_2 line takes it.
+_GELU_QUANT_LINES = (
+    ('y = torch.nn.functional.gelu(y, approximate="tanh")',
+     'y = _gelu_int8_ if (_gelu_int8_ := _fused_gelu_quant_(phase.ffn_2, y)) is not None '
+     'else torch.nn.functional.gelu(y, approximate="tanh")'),
+    ("y = phase.ffn_2.apply(y)",
+     "y = _ffn_2_apply_quantized_(phase.ffn_2, y) if isinstance(y, _Int8Rows_) else phase.ffn_2.apply(y)"),
+)
+# MMWeightWint8channelAint8channeldynamicTriton.apply (common/ops/mm/mm_weight.py:1730-1751) with the
+# activations already quantised: its GEMM call, bias, output dtype and reshape stay upstream's.
+_QUANTIZED_APPLY_LINES = (("self.act_quant_func(input_tensor)", "input_tensor"),)
+
+
+def gelu_quant_fused(fixes: CompatFixes, transformer_infer: Any, transformer_weights: Any, mm_cls: Any,
+                     device: str = "cuda") -> None:
+    """Not a bug: at the end of the FFN, WanTransformerInfer.infer_ffn (networks/wan/infer/
+    transformer_infer.py:489-492) runs torch's tanh-GELU on ffn_0's L x 13824 bf16 output (a second
+    bf16 tensor of that size, read back) and ffn_2.apply (int8-triton: MMWeightWint8channelAint8
+    channeldynamicTriton, common/ops/mm/mm_weight.py:1730-1751) quantises it per token with
+    int8_quantize_triton (common/ops/mm/triton_kernels.py:17-40) before the INT8 GEMM. The fused
+    kernel reads ffn_0's output once and writes the INT8 activations and scales; the bf16 GELU
+    output is never materialised (the FFN's peak holds INT8 activations where it held that bf16
+    tensor), and ffn_2 runs its own apply with the quantisation line taking those (same GEMM, bias,
+    output dtype, reshape).
+
+    Bit-identical where the device's eager chain matches one of the kernel's forms: the
+    quantisation repeats int8_quantize_kernel's Triton operations in its order; the GELU's one open
+    rounding (nvcc's FMA contraction of x + kKappa x^3) and CUDA's tanhf against the libdevice tanh
+    Triton links are settled at install by `fused_kernels.gelu_quant_form_matching`: each form runs
+    against torch's own F.gelu on every finite bf16 value and against the ffn_2 modules' own
+    act_quant_func on random rows, on this device; only a form that matches bit for bit installs
+    (none: not installed, logged). Identical INT8 inputs and scales give the GEMM identical output.
+    Calls the kernel does not serve (another mm class, a LoRA branch, other dtypes or shapes) run
+    upstream's lines.
+
+    Installed on this transformer_infer instance as infer_ffn recompiled from the method it runs
+    now (upstream's, or norm_modulate_fused's rewrite: the two compose in either order) with the two
+    lines above replaced; under ffn_chunked_over_tokens' slicing as the method it slices (each slice
+    fused). Detected from the source of infer_ffn and of mm_cls.apply."""
+    name = "gelu_quant_fused"
+    if mm_cls is None or not fixes.wanted(name):
+        return
+    apply_quantized = method_rewritten(mm_cls, "apply", _QUANTIZED_APPLY_LINES, {})
+    if apply_quantized is None:
+        log.info("LightX2V's %s.apply has not the activation quantisation line expected: %s off",
+                 getattr(mm_cls, "__name__", mm_cls), name)
+        return
+    modules = [m for _, mods in weight_module_tree(transformer_weights) for key, m in mods.items()
+               if key == "ffn_2" and type(m) is mm_cls]
+    quantize = getattr(modules[0], "act_quant_func", None) if modules else None
+    if quantize is None:
+        return
+    import torch
+
+    from pipeline.backends import fused_kernels
+
+    def gelu(y: Any) -> Any:
+        return torch.nn.functional.gelu(y, approximate="tanh")
+
+    try:
+        form = fused_kernels.gelu_quant_form_matching(gelu, quantize, device)
+    except fused_kernels.KernelBuildError:
+        log.warning("the fused GELU + INT8 quantisation kernel does not build here: %s off", name, exc_info=True)
+        return
+    if form is None:
+        log.warning("no form of the fused GELU + INT8 quantisation matches LightX2V's on this GPU: %s off", name)
+        return
+    switch = _Switch()
+
+    def _fused_gelu_quant_(ffn_2: Any, y: Any) -> Any:
+        """ffn_2's INT8 input (fused_kernels.Int8Rows), or None where upstream's lines must run."""
+        if not (switch.on and type(ffn_2) is mm_cls and "apply" not in vars(ffn_2)
+                and not getattr(ffn_2, "has_lora_branch", False) and ffn_2.act_quant_func is quantize
+                and fused_kernels.gelu_quant_fits(y)):
+            return None
+        return fused_kernels.gelu_quant(y, form)
+
+    cls = type(transformer_infer)
+    func = method_rewritten(cls, "infer_ffn", _GELU_QUANT_LINES,
+                            {"_fused_gelu_quant_": _fused_gelu_quant_, "_Int8Rows_": fused_kernels.Int8Rows,
+                             "_ffn_2_apply_quantized_": apply_quantized},
+                            func=method_now(transformer_infer, "infer_ffn"))
+    if func is None:
+        log.info("LightX2V's %s.infer_ffn has not the GELU and ffn_2 lines expected: %s off", cls.__name__, name)
+        return
+    install_method(transformer_infer, "infer_ffn", func)
+    switch.record(fixes, name, f"GELU + INT8 quantisation of ffn_2's input: fused_kernels._gelu_quant_kernel "
+                  f"(form {form}) in {cls.__name__}.infer_ffn, then {mm_cls.__name__}.apply's GEMM")
 
 
 # -- several GPUs ----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ ALL_FIXES = {"keep_target_video_length_in_config", "explicit_t5_checkpoint_path"
              "ffn_chunked_over_tokens", "non_block_weights_kept_for_the_run", "attention_chosen_by_measurement",
              "int8_gemm_tiles_for_this_gpu", "clean_latents_estimate_after_each_step",
              # The DiT block's elementwise chains fused (LightX2V without sgl_kernel, its default RoPE).
-             "rope_fused", "qk_rms_norm_fused", "gate_residual_fused", "norm_modulate_fused",
+             "rope_fused", "qk_rms_norm_fused", "gate_residual_fused", "norm_modulate_fused", "gelu_quant_fused",
              # Host memory (every build): weights pinned in packed slabs, .pth files memory-mapped.
              "pinned_weights_packed", "checkpoints_memory_mapped"}
 # Only where LightX2V's SageAttention import fails (RTX 40 and 50 with sageattention 1.0.6).
