@@ -539,6 +539,7 @@ def test_without_a_baseline_errors_equal_to_the_fourth_digit_count_as_equal():
 
 @pytest.mark.parametrize("scheme", ["int8-triton", "fp8-sgl"])
 def test_install_hands_the_int8_triton_linear_class_to_the_gelu_quant_fusion(monkeypatch, scheme):
+    monkeypatch.setenv("WAN_STUDIO_UNPROVEN_FUSIONS", "gelu_quant_fused")
     calls = []
     monkeypatch.setattr(compat, "gelu_quant_fused", lambda *args: calls.append(args))
     register = {"int8-triton": "Int8TritonClass", "fp8-sgl": "Fp8Class"}
@@ -550,3 +551,17 @@ def test_install_hands_the_int8_triton_linear_class_to_the_gelu_quant_fusion(mon
                            mm_weight_register=register) is None
     # Only the int8-triton scheme quantises ffn_2's input with the kernel the fusion mirrors.
     assert calls == ([(fixes, infer, weights, "Int8TritonClass")] if scheme == "int8-triton" else [])
+
+
+@pytest.mark.parametrize("named", ["", "rope_fused", "gelu_quant", "rope_fused,gelu_quant_fused"])
+def test_an_unproven_fusion_is_installed_only_where_it_is_named(monkeypatch, named):
+    monkeypatch.setenv("WAN_STUDIO_UNPROVEN_FUSIONS", named)
+    calls = []
+    monkeypatch.setattr(compat, "gelu_quant_fused", lambda *args: calls.append(args))
+    fixes = compat.CompatFixes(skip=frozenset({"gate_residual_fused"}))
+    kernels.install(compat, fixes, _fake_torch((8, 6), "NVIDIA GeForce RTX 3060"),
+                    {"quant_scheme": "int8-triton", "attn_mode": "flash_attn3"}, _Module(), sage_attn_module=None,
+                    sageattention=None, triton_kernels=None, transformer_infer=object(),
+                    mm_weight_register={"int8-triton": "Int8TritonClass"})
+    assert len(calls) == (1 if "gelu_quant_fused" in named.split(",") else 0)
+    assert "gelu_quant_fused" in kernels.UNPROVEN_FUSIONS
