@@ -244,6 +244,23 @@ def test_frames_file_round_trip_and_the_pipe_where_there_is_no_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_frames_file_is_removed_when_the_app_cannot_hold_the_frames(tmp_path, monkeypatch):
+    # The app runs out of RAM making room for the clip (a host OOM the ladder steps down from):
+    # the file must not stay in the tmpfs, where it holds as much RAM as the clip until the group
+    # closes, while the next rung runs on a machine short of RAM.
+    frames = np.zeros((9, 64, 640, 3), dtype=np.uint8)
+    sent = transfer.put(frames, str(tmp_path))
+    assert isinstance(sent, p.FramesFile)
+
+    def no_room(*args, **kwargs):
+        raise MemoryError("cannot allocate the frames")
+
+    monkeypatch.setattr(transfer.np, "empty", no_room)
+    with pytest.raises(MemoryError):
+        transfer.take(sent)
+    assert os.listdir(tmp_path) == []
+
+
 def test_frames_folders_of_apps_that_are_gone_are_removed(tmp_path):
     import multiprocessing
 
