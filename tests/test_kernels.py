@@ -565,3 +565,24 @@ def test_an_unproven_fusion_is_installed_only_where_it_is_named(monkeypatch, nam
                     mm_weight_register={"int8-triton": "Int8TritonClass"})
     assert len(calls) == (1 if "gelu_quant_fused" in named.split(",") else 0)
     assert "gelu_quant_fused" in kernels.UNPROVEN_FUSIONS
+
+
+@pytest.mark.parametrize("named", ["", " gelu_quant_fused"])
+def test_a_fusion_that_left_the_unproven_set_is_installed_without_being_named(monkeypatch, named):
+    # Once the GPU tests have passed, the fusion leaves UNPROVEN_FUSIONS (docs/lightx2v.md): from
+    # then on it runs for everyone, named or not (a name with a space after the comma included).
+    monkeypatch.setattr(kernels, "UNPROVEN_FUSIONS", frozenset())
+    monkeypatch.setenv("WAN_STUDIO_UNPROVEN_FUSIONS", named)
+    calls = []
+    monkeypatch.setattr(compat, "gelu_quant_fused", lambda *args: calls.append(args))
+    fixes = compat.CompatFixes(skip=frozenset({"gate_residual_fused"}))
+    kernels.install(compat, fixes, _fake_torch((8, 6), "NVIDIA GeForce RTX 3060"),
+                    {"quant_scheme": "int8-triton", "attn_mode": "flash_attn3"}, _Module(), sage_attn_module=None,
+                    sageattention=None, triton_kernels=None, transformer_infer=object(),
+                    mm_weight_register={"int8-triton": "Int8TritonClass"})
+    assert len(calls) == 1
+
+
+def test_an_unproven_fusion_named_after_a_space_is_installed(monkeypatch):
+    monkeypatch.setenv("WAN_STUDIO_UNPROVEN_FUSIONS", "rope_fused, gelu_quant_fused")
+    assert kernels.fusion_allowed("gelu_quant_fused")

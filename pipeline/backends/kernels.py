@@ -578,8 +578,12 @@ def build_selector(torch: Any, sage_fn: Callable[..., Any] | None, sage_exports:
 UNPROVEN_FUSIONS = frozenset({"gelu_quant_fused"})
 
 
-def unproven_fusion_wanted(name: str) -> bool:
-    return name in os.environ.get("WAN_STUDIO_UNPROVEN_FUSIONS", "").split(",")
+def fusion_allowed(name: str) -> bool:
+    """Whether fusion `name` may install: any fusion outside UNPROVEN_FUSIONS, an unproven one only
+    where WAN_STUDIO_UNPROVEN_FUSIONS names it."""
+    if name not in UNPROVEN_FUSIONS:
+        return True
+    return name in {part.strip() for part in os.environ.get("WAN_STUDIO_UNPROVEN_FUSIONS", "").split(",")}
 
 
 def install(compat: Any, fixes: Any, torch: Any, build: dict[str, Any], transformer_weights: Any, *,
@@ -602,7 +606,7 @@ def install(compat: Any, fixes: Any, torch: Any, build: dict[str, Any], transfor
         if ln_cls is not None:
             compat.norm_modulate_fused(fixes, transformer_infer, transformer_weights, ln_cls)
         if (build["quant_scheme"] == "int8-triton" and mm_weight_register is not None
-                and unproven_fusion_wanted("gelu_quant_fused")):
+                and fusion_allowed("gelu_quant_fused")):
             compat.gelu_quant_fused(fixes, transformer_infer, transformer_weights,
                                     mm_weight_register.get("int8-triton"))
     compat.sage_attention_on_sm89_sm120(fixes, sage_attn_module, sageattention, capability)
