@@ -635,3 +635,30 @@ def test_seq_ranks_run_the_attention_kernel_rank_0_chose():
     zero, one = _two_ranks(_choose_attention)
     assert zero == ("sdpa_cudnn", "measured", 2, "Fake GPU 0", True)
     assert one == ("sdpa_cudnn", "measured on rank 0", 2, "Fake GPU 0", False)  # rank 1 measured nothing
+
+
+def _load_fails_on_rank_1(rank, consensus):
+    """One sequence-parallel load as the worker runs it: rank 1 runs out of host memory pinning its
+    weights (before its build reaches the kernels); rank 0's build goes on to kernels.install and
+    builds the attention selector over the group; then every rank says how its load went
+    (child._Worker._get_model's one all-reduce). What each rank learnt."""
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.backends import kernels
+    from tests.test_kernels import _fake_torch
+
+    if rank == 0:
+        kernels.build_selector(_fake_torch((9, 0), "NVIDIA H200"), lambda *a, **k: None, ("sageattn",),
+                               ranks=kernels.rank_group(dist, consensus))
+    failed = torch.tensor([1 if rank == 1 else 0], dtype=torch.int32)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=consensus)
+    return bool(failed.item())
+
+
+def test_a_seq_load_that_fails_on_one_rank_before_the_kernels_leaves_no_rank_waiting():
+    # The build's collectives and the load's agreement share the gloo group: a collective in the
+    # build of the ranks that loaded, which the rank that failed never reaches, held every rank
+    # until the gloo timeout (10 minutes), and the job failed with that timeout instead of the host
+    # OOM the ladder steps down from.
+    assert _two_ranks(_load_fails_on_rank_1, timeout=60.0) == [True, True]
