@@ -5,6 +5,7 @@ GEMM shared-memory arithmetic, and the compat hooks on fakes shaped like LightX2
 from __future__ import annotations
 
 import types
+from dataclasses import replace
 
 import pytest
 
@@ -224,14 +225,28 @@ def test_a_failed_choice_on_rank_0_reaches_every_rank_instead_of_a_hang():
 
 
 def test_a_group_is_offered_only_the_kernels_every_rank_can_run():
-    pytest.importorskip("torch")
+    real = pytest.importorskip("torch")
     torch = _fake_torch((8, 9), "NVIDIA GeForce RTX 4090")
     alone = kernels.build_selector(torch, lambda *a, **k: None, SAGE_106)
     assert kernels.SDPA_CUDNN in alone.offered
     elsewhere = [n for n in alone.offered if n != kernels.SDPA_CUDNN]  # a peer whose PyTorch has no cuDNN SDPA
-    grouped = kernels.build_selector(torch, lambda *a, **k: None, SAGE_106,
-                                     ranks=_Peers(0, others_offer=elsewhere).group)
-    assert grouped.offered == elsewhere and grouped.baseline == alone.baseline == kernels.SAGE
+    asked: list = []
+    peers = _Peers(0, others_offer=elsewhere)
+    gather = peers.group.all_gather
+    peers.group = replace(peers.group, all_gather=lambda offered: (asked.append(offered), gather(offered))[1])
+    grouped = kernels.build_selector(torch, lambda *a, **k: None, SAGE_106, ranks=peers.group)
+    # Building asks no other rank (a rank whose load failed earlier is not there to answer).
+    assert asked == [] and grouped.offered == alone.offered
+    # The first call does, once, and rank 0 chooses among what every rank runs.
+    exact = _cpu_backends(real, [])["sdpa_cudnn"]
+    grouped.torch, grouped.fns = real, {name: exact for name in alone.offered}
+    grouped.clock = lambda name, call: (call(), {"sdpa_cudnn": 0.01}.get(name, 0.05))[1]
+    q, k, v = (real.randn(64, 2, 8, generator=real.Generator().manual_seed(i)) for i in range(3))
+    grouped(q, k, v)
+    assert len(asked) == 1 and grouped.offered == elsewhere and grouped.baseline == alone.baseline == kernels.SAGE
+    assert grouped.choices[next(iter(grouped.choices))].backend != kernels.SDPA_CUDNN
+    grouped(q[:32], k[:32], v[:32])  # another shape: asked once only
+    assert len(asked) == 1
 
 
 # -- INT8 GEMM shared memory ----------------------------------------------------------------------
@@ -565,3 +580,24 @@ def test_an_unproven_fusion_is_installed_only_where_it_is_named(monkeypatch, nam
                     mm_weight_register={"int8-triton": "Int8TritonClass"})
     assert len(calls) == (1 if "gelu_quant_fused" in named.split(",") else 0)
     assert "gelu_quant_fused" in kernels.UNPROVEN_FUSIONS
+
+
+@pytest.mark.parametrize("named", ["", " gelu_quant_fused"])
+def test_a_fusion_that_left_the_unproven_set_is_installed_without_being_named(monkeypatch, named):
+    # Once the GPU tests have passed, the fusion leaves UNPROVEN_FUSIONS (docs/lightx2v.md): from
+    # then on it runs for everyone, named or not (a name with a space after the comma included).
+    monkeypatch.setattr(kernels, "UNPROVEN_FUSIONS", frozenset())
+    monkeypatch.setenv("WAN_STUDIO_UNPROVEN_FUSIONS", named)
+    calls = []
+    monkeypatch.setattr(compat, "gelu_quant_fused", lambda *args: calls.append(args))
+    fixes = compat.CompatFixes(skip=frozenset({"gate_residual_fused"}))
+    kernels.install(compat, fixes, _fake_torch((8, 6), "NVIDIA GeForce RTX 3060"),
+                    {"quant_scheme": "int8-triton", "attn_mode": "flash_attn3"}, _Module(), sage_attn_module=None,
+                    sageattention=None, triton_kernels=None, transformer_infer=object(),
+                    mm_weight_register={"int8-triton": "Int8TritonClass"})
+    assert len(calls) == 1
+
+
+def test_an_unproven_fusion_named_after_a_space_is_installed(monkeypatch):
+    monkeypatch.setenv("WAN_STUDIO_UNPROVEN_FUSIONS", "rope_fused, gelu_quant_fused")
+    assert kernels.fusion_allowed("gelu_quant_fused")

@@ -244,6 +244,23 @@ def test_frames_file_round_trip_and_the_pipe_where_there_is_no_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_frames_file_is_removed_when_the_app_cannot_hold_the_frames(tmp_path, monkeypatch):
+    # The app runs out of RAM making room for the clip (a host OOM the ladder steps down from):
+    # the file must not stay in the tmpfs, where it holds as much RAM as the clip until the group
+    # closes, while the next rung runs on a machine short of RAM.
+    frames = np.zeros((9, 64, 640, 3), dtype=np.uint8)
+    sent = transfer.put(frames, str(tmp_path))
+    assert isinstance(sent, p.FramesFile)
+
+    def no_room(*args, **kwargs):
+        raise MemoryError("cannot allocate the frames")
+
+    monkeypatch.setattr(transfer.np, "empty", no_room)
+    with pytest.raises(MemoryError):
+        transfer.take(sent)
+    assert os.listdir(tmp_path) == []
+
+
 def test_frames_folders_of_apps_that_are_gone_are_removed(tmp_path):
     import multiprocessing
 
@@ -618,3 +635,30 @@ def test_seq_ranks_run_the_attention_kernel_rank_0_chose():
     zero, one = _two_ranks(_choose_attention)
     assert zero == ("sdpa_cudnn", "measured", 2, "Fake GPU 0", True)
     assert one == ("sdpa_cudnn", "measured on rank 0", 2, "Fake GPU 0", False)  # rank 1 measured nothing
+
+
+def _load_fails_on_rank_1(rank, consensus):
+    """One sequence-parallel load as the worker runs it: rank 1 runs out of host memory pinning its
+    weights (before its build reaches the kernels); rank 0's build goes on to kernels.install and
+    builds the attention selector over the group; then every rank says how its load went
+    (child._Worker._get_model's one all-reduce). What each rank learnt."""
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.backends import kernels
+    from tests.test_kernels import _fake_torch
+
+    if rank == 0:
+        kernels.build_selector(_fake_torch((9, 0), "NVIDIA H200"), lambda *a, **k: None, ("sageattn",),
+                               ranks=kernels.rank_group(dist, consensus))
+    failed = torch.tensor([1 if rank == 1 else 0], dtype=torch.int32)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=consensus)
+    return bool(failed.item())
+
+
+def test_a_seq_load_that_fails_on_one_rank_before_the_kernels_leaves_no_rank_waiting():
+    # The build's collectives and the load's agreement share the gloo group: a collective in the
+    # build of the ranks that loaded, which the rank that failed never reaches, held every rank
+    # until the gloo timeout (10 minutes), and the job failed with that timeout instead of the host
+    # OOM the ladder steps down from.
+    assert _two_ranks(_load_fails_on_rank_1, timeout=60.0) == [True, True]

@@ -394,6 +394,7 @@ class AttentionSelector:
     clock: Callable[[str, Callable[[], Any]], float] | None = None
     choices: dict[str, AttentionChoice] = field(default_factory=dict)
     ranks: RankGroup | None = None
+    offered_everywhere: bool = False  # `offered` narrowed to the kernels every rank offers
 
     def choice_for(self, q: Any, k: Any, v: Any) -> AttentionChoice:
         key = attention_key(q.shape[0], q.shape[1], q.shape[2], str(q.dtype).replace("torch.", ""), self.versions)
@@ -414,6 +415,8 @@ class AttentionSelector:
         and broadcasts; the others measure nothing. A failure on rank 0 is broadcast too, so that
         no rank waits for a choice that never comes."""
         assert self.ranks is not None
+        if not self.offered_everywhere:
+            self._offer_what_every_rank_runs()
         mine: AttentionChoice | None = None
         failure: BaseException | None = None
         if self.ranks.rank == 0:
@@ -429,6 +432,19 @@ class AttentionSelector:
         choice = AttentionChoice.from_json(shared)
         source = choice.source if self.ranks.rank == 0 else f"{choice.source} on rank 0"
         return replace(choice, source=source, ranks=self.ranks.size)
+
+    def _offer_what_every_rank_runs(self) -> None:
+        """Only the kernels every rank can run are offered (cards of another compute capability, or
+        another PyTorch, offer others). Asked at the first call, in the forward, not when the build
+        makes the selector: there a rank whose load failed before its build reached the kernels
+        (host memory shared by N pinning ranks runs out on some) waits in the load's agreement on
+        the same group, and a collective of the build would hold every rank until the timeout."""
+        assert self.ranks is not None
+        everywhere = self.ranks.all_gather(list(self.offered))
+        self.offered = [name for name in self.offered if all(name in other for other in everywhere)]
+        if self.offered and self.baseline not in self.offered:
+            self.baseline = self.offered[0]
+        self.offered_everywhere = True
 
     def _decide(self, key: str, q: Any, k: Any, v: Any) -> AttentionChoice:
         shape = key.split("/")[1]
@@ -545,18 +561,14 @@ def build_selector(torch: Any, sage_fn: Callable[..., Any] | None, sage_exports:
                    ranks: RankGroup | None = None) -> AttentionSelector:
     """An AttentionSelector for GPU 0: the backends it can run, LightX2V's kernel as the baseline.
     `sage_fn`: the function LightX2V's sage_attn2 calls (None where it has none). `ranks`: a
-    sequence-parallel group; only the backends every rank can run are offered (cards of another
-    compute capability offer others), and rank 0 chooses among them for all (collective: every
-    rank builds its selector in the same build)."""
+    sequence-parallel group; rank 0 chooses for all among the backends every rank can run (both
+    settled at the first call: building the selector asks no other rank)."""
     capability = torch.cuda.get_device_capability(0)
     fns = attention_functions(torch, sage_fn)
     offered = available_attention(capability, sage_exports=sage_exports if sage_fn is not None else (),
                                   cudnn_sdpa=torch.backends.cuda.cudnn_sdp_enabled(),
                                   flash_attn=FLASH_ATTN2 in fns, flash_attn3=FLASH_ATTN3 in fns)
     offered = [name for name in offered if name in fns]
-    if ranks is not None and ranks.size > 1:
-        everywhere = ranks.all_gather(offered)
-        offered = [name for name in offered if all(name in other for other in everywhere)]
     if force is not None and force not in offered:
         raise ValueError(f"attention backend {force!r} cannot run on this GPU; available: {offered}")
     try:
@@ -578,8 +590,12 @@ def build_selector(torch: Any, sage_fn: Callable[..., Any] | None, sage_exports:
 UNPROVEN_FUSIONS = frozenset({"gelu_quant_fused"})
 
 
-def unproven_fusion_wanted(name: str) -> bool:
-    return name in os.environ.get("WAN_STUDIO_UNPROVEN_FUSIONS", "").split(",")
+def fusion_allowed(name: str) -> bool:
+    """Whether fusion `name` may install: any fusion outside UNPROVEN_FUSIONS, an unproven one only
+    where WAN_STUDIO_UNPROVEN_FUSIONS names it."""
+    if name not in UNPROVEN_FUSIONS:
+        return True
+    return name in {part.strip() for part in os.environ.get("WAN_STUDIO_UNPROVEN_FUSIONS", "").split(",")}
 
 
 def install(compat: Any, fixes: Any, torch: Any, build: dict[str, Any], transformer_weights: Any, *,
@@ -602,7 +618,7 @@ def install(compat: Any, fixes: Any, torch: Any, build: dict[str, Any], transfor
         if ln_cls is not None:
             compat.norm_modulate_fused(fixes, transformer_infer, transformer_weights, ln_cls)
         if (build["quant_scheme"] == "int8-triton" and mm_weight_register is not None
-                and unproven_fusion_wanted("gelu_quant_fused")):
+                and fusion_allowed("gelu_quant_fused")):
             compat.gelu_quant_fused(fixes, transformer_infer, transformer_weights,
                                     mm_weight_register.get("int8-triton"))
     compat.sage_attention_on_sm89_sm120(fixes, sage_attn_module, sageattention, capability)

@@ -117,8 +117,9 @@ def take(value: Any) -> Any:
     removed; any other value as it is."""
     if not isinstance(value, p.FramesFile):
         return value
-    out = np.empty(value.shape, dtype=np.dtype(value.dtype))
     try:
+        # Inside the try: an app without the RAM for the frames (MemoryError) removes the file too.
+        out = np.empty(value.shape, dtype=np.dtype(value.dtype))
         with open(value.path, "rb", buffering=0) as fh:
             view = memoryview(out).cast("B")
             got = 0
