@@ -132,6 +132,15 @@ def _rel_l2(a: Any, b: Any) -> float | None:
     return round(float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)), 6)
 
 
+def _identical(a: Any, b: Any) -> bool | None:
+    """Bit for bit (a relative L2 rounded to 6 digits cannot tell)."""
+    if a is None or b is None:
+        return None
+    import torch
+
+    return bool(torch.equal(torch.as_tensor(a), torch.as_tensor(b)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.multigpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", type=Path, required=True, help="synthetic checkpoint (tools/synthetic_checkpoint.py)")
@@ -174,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 if label.endswith("-seq") and preset.name in reference:
                     ref_row, ref_latents = reference[preset.name]
                     row["latents_rel_l2_vs_1gpu"] = _rel_l2(latents, ref_latents)
+                    row["latents_identical_1gpu"] = _identical(latents, ref_latents)
                     row["frames_equal_1gpu"] = row["frames_sha256"] == ref_row["frames_sha256"]
                     if row["step_s"] and ref_row["step_s"]:
                         row["speedup_vs_1gpu"] = round(ref_row["step_s"] / row["step_s"], 3)

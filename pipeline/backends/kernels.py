@@ -263,9 +263,10 @@ def attention_functions(torch: Any, sage_fn: Callable[..., Any] | None) -> dict[
         SDPA_EFFICIENT: sdpa(SDPBackend.EFFICIENT_ATTENTION),
     }
     if sage_fn is not None:
-        def sage(q, k, v):
+        def sage(q, k, v, **options):
+            # options: SageAttention's own (smooth_k=False where the compat layer smooths k itself)
             return sage_fn(q.unsqueeze(0).contiguous(), k.unsqueeze(0).contiguous(), v.unsqueeze(0).contiguous(),
-                           tensor_layout="NHD")[0]
+                           tensor_layout="NHD", **options)[0]
         fns[SAGE] = sage
     try:
         from flash_attn import flash_attn_func
@@ -283,6 +284,34 @@ def attention_functions(torch: Any, sage_fn: Callable[..., Any] | None) -> dict[
     except ImportError:
         pass
     return fns
+
+
+# The most GPUs one clip is split over (issue 14: N dividing the 40 heads, at most 8).
+MAX_SEQ_RANKS = 8
+
+
+def split_invariant_head_group(num_heads: int, max_ranks: int = MAX_SEQ_RANKS) -> int:
+    """Heads per group for a per-head computation whose torch reduction must not depend on how
+    many heads a GPU holds: the local head count of the largest split (1, 2, 4 or 8 GPUs dividing
+    `num_heads`), which divides the local head count of every smaller split. 40 heads: 5."""
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be positive, got {num_heads}")
+    ranks = max(n for n in (1, 2, 4, 8) if n <= max_ranks and num_heads % n == 0)
+    return num_heads // ranks
+
+
+def keys_smoothed_by_head_groups(k: Any, heads: int) -> Any:
+    """SageAttention's smooth_k (k minus its mean over the tokens, per head and channel, in place),
+    computed `heads` heads at a time. SageAttention takes the mean of all heads in one torch
+    reduction, whose CUDA launch (how many blocks share one column's sum) depends on the number of
+    columns, so a GPU holding 20 of the 40 heads (Ulysses over 2) sums each column in another
+    order than one GPU holding all 40: some means differ by one bf16 ulp, and so do the INT8 keys.
+    Groups of a fixed head count give every split the same launch, hence the same bits.
+    `k`: [L, H, D], contiguous; H a multiple of `heads`."""
+    for start in range(0, k.shape[1], heads):
+        part = k[:, start:start + heads]
+        part.sub_(part.mean(dim=0, keepdim=True))
+    return k
 
 
 def _cuda_seconds(torch: Any, call: Callable[[], Any]) -> float:
@@ -630,5 +659,6 @@ def install(compat: Any, fixes: Any, torch: Any, build: dict[str, Any], transfor
     sage_fn = getattr(sage_attn_module, "sageattn", None) if build["attn_mode"] == SAGE else None
     selector = build_selector(torch, sage_fn, dir(sageattention) if sageattention is not None else (),
                               store=store, force=None if attention == "auto" else attention, ranks=ranks)
+    compat.sage_keys_smoothed_by_head_groups(fixes, selector, getattr(transformer_infer, "num_heads", None))
     compat.attention_chosen_by_measurement(fixes, transformer_weights, selector)
     return selector if fixes.has("attention_chosen_by_measurement") else None

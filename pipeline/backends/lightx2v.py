@@ -283,6 +283,7 @@ class LightX2VBackend:
                 rope_cls=lx.torch_complex_rope_cls, rms_module=lx.rms_norm_module, ln_cls=lx.layer_norm_cls,
                 mm_weight_register=lx.mm_weight_register,
                 ranks=self._rank_group(build))
+            _split_invariant(lx.compat, fixes, model._runner.model, build)
         except BaseException:
             # A failed build (OOM while loading, missing kernel...) must not keep pinned host memory
             # or GPU buffers: the cache rolls back to the previous model right after this.
@@ -504,6 +505,20 @@ def _enable_sequence_parallel(lx: _LightX2VModules, fixes: Any, pipe: Any, size:
                                             os.environ.get("PLATFORM", "cuda"), set_config=set_config)
     pipe.enable_parallel(seq_p_size=size, seq_p_attn_type="ulysses")
     pipe.parallel["vae_parallel"] = False
+
+
+def _split_invariant(compat: Any, fixes: Any, wan_model: Any, build: dict[str, Any]) -> None:
+    """What makes a clip split over N GPUs the clip of one GPU, bit for bit where the arithmetic
+    allows (issue 14; lightx2v_compat.SPLIT_INVARIANT_NAMES): the DiT head in slices every split
+    shares (one GPU too), and on a sequence-parallel build the cross-attention in one GPU's query
+    blocks. The third, SageAttention's key mean, comes with the attention selector (kernels.install)."""
+    ranks = int(build.get("seq_p_size", 1))
+    compat.dit_head_in_split_invariant_chunks(fixes, wan_model.transformer_weights, ranks)
+    if ranks > 1:
+        import torch.distributed as dist
+
+        compat.seq_cross_attention_in_one_gpu_blocks(fixes, wan_model, wan_model.transformer_weights, dist,
+                                                     getattr(wan_model.transformer_infer, "seq_p_group", None))
 
 
 # ------------------------------------------------------------------------------------------------

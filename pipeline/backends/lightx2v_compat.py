@@ -45,7 +45,9 @@ Host-memory measures (issue 15), applied the same way and recorded with the fixe
 
 Several GPUs (issue 14): parallel_env_initialised_once lets a GPU worker that already joined its
 torch.distributed group build (and rebuild) a sequence-parallel pipeline, on the process groups of
-its first build.
+its first build. SPLIT_INVARIANT_NAMES make a clip split over N GPUs the clip of one GPU, bit for
+bit: sage_keys_smoothed_by_head_groups, seq_cross_attention_in_one_gpu_blocks and
+dit_head_in_split_invariant_chunks (the first and the last also on one GPU).
 """
 
 from __future__ import annotations
@@ -82,7 +84,11 @@ OPTIMIZATION_NAMES = ("ffn_chunked_over_tokens", "non_block_weights_kept_for_the
                       "pinned_weights_packed", "checkpoints_memory_mapped", "dit_streamed_and_kept",
                       "streamed_biases_match_resident", *FUSION_NAMES)
 # Not bugs: what the app needs that LightX2V has no hook for (also recorded).
-FEATURE_NAMES = ("clean_latents_estimate_after_each_step", "parallel_env_initialised_once")
+# Several GPUs: what makes a sequence-parallel run compute what one GPU computes (the first and the
+# last also run on one GPU).
+SPLIT_INVARIANT_NAMES = ("sage_keys_smoothed_by_head_groups", "seq_cross_attention_in_one_gpu_blocks",
+                         "dit_head_in_split_invariant_chunks")
+FEATURE_NAMES = ("clean_latents_estimate_after_each_step", "parallel_env_initialised_once", *SPLIT_INVARIANT_NAMES)
 
 
 # Fixes that patch process-wide LightX2V state (a module-level set, a class attribute) stay in effect
@@ -1601,3 +1607,219 @@ def parallel_env_initialised_once(fixes: CompatFixes, platform_registry: Any, di
 
     _PROCESS_WIDE.add(name)
     fixes.record(name, "; ".join(parts), undo=undo, redo=redo)
+
+
+# -- several GPUs: a sequence-parallel run computes what one GPU computes -------------------------
+#
+# Ulysses changes no arithmetic in principle: every op but attention works per token, and the
+# self-attention after the all-to-all sees every token of its heads. Three kernels still saw the
+# split: SageAttention's key mean (one reduction over all heads of the GPU, kernels.
+# keys_smoothed_by_head_groups), SageAttention's query blocks in the cross-attention (below), and
+# the cuBLAS GEMM of the DiT head, which picks its kernel by the number of rows (below). Each is a
+# name of its own; the first and the last also run on one GPU, so that both compute alike.
+
+# Query rows SageAttention quantises with one INT8 scale: BLKQ of its Triton kernels (1.0.6 and the
+# sm_89 entry point); the per-warp blocks of its CUDA kernels (64, 16) divide it.
+SAGE_QUERY_ROWS = 128
+
+
+def sage_keys_smoothed_by_head_groups(fixes: CompatFixes, selector: Any, num_heads: int | None) -> None:
+    """Not a bug: SageAttention subtracts the keys' mean over the tokens from k (smooth_k) with one
+    torch reduction over all the heads it is given, and that reduction's launch depends on their
+    number (kernels.keys_smoothed_by_head_groups): the 20-head shard of a 2-GPU Ulysses run gets
+    other bits than one GPU's 40 heads. The selector's SageAttention smooths k itself, in groups of
+    kernels.split_invariant_head_group(num_heads) heads on every build (one GPU included), and
+    calls SageAttention with smooth_k=False. Mean and subtraction stay bf16 as SageAttention's: the
+    error against an exact reference is unchanged; on one GPU some keys' means differ from
+    upstream's by one bf16 ulp, which the attention's softmax cancels up to the INT8 rounding."""
+    from pipeline.backends import kernels
+
+    name = "sage_keys_smoothed_by_head_groups"
+    if selector is None or kernels.SAGE not in selector.fns or not num_heads or not fixes.wanted(name):
+        return
+    heads = kernels.split_invariant_head_group(int(num_heads))
+    inner = selector.fns[kernels.SAGE]
+    switch = _Switch()
+
+    def sage(q: Any, k: Any, v: Any) -> Any:
+        if not switch.on or k.dim() != 3 or k.shape[1] % heads:
+            return inner(q, k, v)
+        k = kernels.keys_smoothed_by_head_groups(k.contiguous(), heads)
+        return inner(q, k, v, smooth_k=False)
+
+    selector.fns[kernels.SAGE] = sage
+    switch.record(fixes, name, f"SageAttention's key mean over groups of {heads} of the {num_heads} heads")
+
+
+def _rows_of_neighbours(q: Any, rows: int, dist: Any, group: Any) -> Any:
+    """[ranks, 2 * (rows - 1), H * D]: the first and the last rows - 1 query rows of every rank."""
+    flat = q.reshape(q.shape[0], -1)
+    edge = rows - 1
+    mine = flat.new_empty((2 * edge, flat.shape[1]))
+    mine[:edge].copy_(flat[:edge])
+    mine[edge:].copy_(flat[flat.shape[0] - edge:])
+    gathered = flat.new_empty((dist.get_world_size(group), 2 * edge, flat.shape[1]))
+    dist.all_gather_into_tensor(gathered, mine, group=group)
+    return gathered
+
+
+def attention_in_global_query_blocks(attend: Callable[[Any, Any, Any], Any], q: Any, k: Any, v: Any, *,
+                                     rank: int, ranks: int, rows: int, neighbours: Any) -> Any:
+    """`attend`(q, k, v) -> [len(q), H * D] over this rank's slice of the queries (rows
+    [rank * L, rank * L + L) of ranks * L), computed in the query blocks of `rows` rows that one
+    GPU quantises: the blocks this rank shares with its neighbours are completed with their rows
+    (`neighbours`: _rows_of_neighbours), the others run as they are. Each call gets a fresh copy of
+    k (SageAttention subtracts the keys' mean in place). Needs L >= rows."""
+    local = q.shape[0]
+    first = rank * local
+    before = first % rows                              # rows of rank - 1 in our first block
+    head = (rows - before) % rows                      # our rows in that block
+    tail = (first + local) % rows if rank < ranks - 1 else 0  # our rows in the block rank + 1 ends
+    after = rows - tail if tail else 0
+    edge = rows - 1
+    shape = q.shape[1:]
+    out = None
+    pieces = []
+    if head:
+        prev = neighbours[rank - 1, 2 * edge - before:].reshape(before, *shape)
+        pieces.append((slice(0, head), before, (prev, q[:head])))
+    if local - tail > head:
+        pieces.append((slice(head, local - tail), 0, (q[head:local - tail],)))
+    if tail:
+        nxt = neighbours[rank + 1, :after].reshape(after, *shape)
+        pieces.append((slice(local - tail, local), 0, (q[local - tail:], nxt)))
+    for index, (target, skip, parts) in enumerate(pieces):
+        if len(parts) == 1:
+            block_q = parts[0]
+        else:
+            block_q = q.new_empty((sum(p.shape[0] for p in parts), *shape))
+            at = 0
+            for p in parts:
+                block_q[at:at + p.shape[0]].copy_(p)
+                at += p.shape[0]
+        last = index == len(pieces) - 1
+        result = attend(block_q, k if last else k.clone(), v)
+        if out is None:
+            out = result.new_empty((local, result.shape[1]))
+        out[target] = result[skip:skip + (target.stop - target.start)]
+    return out
+
+
+def seq_cross_attention_in_one_gpu_blocks(fixes: CompatFixes, model: Any, transformer_weights: Any, dist: Any,
+                                          group: Any, rows: int = SAGE_QUERY_ROWS) -> None:
+    """Not a bug: under Ulysses the cross-attention (text) runs on each rank's slice of the
+    tokens, unsplit over heads (networks/wan/infer/transformer_infer.py:400-410). SageAttention
+    quantises q in blocks of 128 rows, counted from the rank's first token: where a rank's slice
+    does not start on a multiple of 128 (720x1280x81 on 2 GPUs: 37,800 tokens a rank), every
+    block of rank 1 and the last of rank 0 hold other rows than one GPU's blocks, so their INT8
+    scales and outputs differ. Each rank now runs its cross-attention in one GPU's blocks: the
+    blocks it shares with a neighbour are completed with the neighbour's query rows (one
+    all-gather of 2 x 127 rows a rank per block; their outputs are dropped). Only for the
+    SageAttention cross-attention of a sequence-parallel build whose tokens split evenly (no
+    padding) into slices of at least 128 rows; other calls go to upstream's."""
+    name = "seq_cross_attention_in_one_gpu_blocks"
+    if group is None or not fixes.wanted(name):
+        return
+    modules = [m for m in attention_modules(transformer_weights, "cross_attn_1") if type(m).__name__ == "SageAttn2Weight"]
+    if not modules or not callable(getattr(model, "_seq_parallel_pre_process", None)):
+        return
+    ranks, rank = dist.get_world_size(group), dist.get_rank(group)
+    if ranks < 2:
+        return
+    tokens: dict[str, int | None] = {"all": None}
+    pre_process = model._seq_parallel_pre_process
+    owned_pre_process = "_seq_parallel_pre_process" in vars(model)
+
+    def counted(pre_infer_out: Any) -> Any:
+        tokens["all"] = int(pre_infer_out.x.shape[0])  # before the padding to a multiple of the ranks
+        return pre_process(pre_infer_out)
+
+    switch = _Switch()
+
+    def blocked(module: Any) -> Callable[..., Any]:
+        original = type(module).apply.__get__(module)
+
+        def apply(q, k, v, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=None, max_seqlen_kv=None, **kwargs):
+            local = q.shape[0]
+            # The same on every rank (all ranks call the all-gather or none does).
+            if not switch.on or kwargs or q.dim() != 3 or local < rows or tokens["all"] != local * ranks:
+                return original(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_kv=cu_seqlens_kv,
+                                max_seqlen_q=max_seqlen_q, max_seqlen_kv=max_seqlen_kv, **kwargs)
+            neighbours = _rows_of_neighbours(q, rows, dist, group)
+
+            def attend(block_q, block_k, block_v):
+                return original(block_q, block_k, block_v, max_seqlen_q=block_q.shape[0], max_seqlen_kv=block_k.shape[0])
+
+            return attention_in_global_query_blocks(attend, q, k, v, rank=rank, ranks=ranks, rows=rows,
+                                                    neighbours=neighbours)
+
+        return apply
+
+    originals = {id(m): m.__dict__.get("apply") for m in modules}
+
+    def redo() -> None:
+        model._seq_parallel_pre_process = counted
+        for m in modules:
+            m.apply = blocked(m)
+
+    def undo() -> None:
+        if owned_pre_process:
+            model._seq_parallel_pre_process = pre_process
+        else:
+            vars(model).pop("_seq_parallel_pre_process", None)
+        for m in modules:
+            previous = originals[id(m)]
+            if previous is None:
+                m.__dict__.pop("apply", None)
+            else:
+                m.apply = previous
+
+    redo()
+    fixes.record(name, f"SageAttention cross-attention of {len(modules)} modules in one GPU's query blocks of "
+                       f"{rows} rows (rank {rank} of {ranks})", undo=undo, redo=redo)
+
+
+def _rows_in_chunks(apply: Callable[[Any], Any], x: Any, chunk: int) -> Any:
+    out = None
+    for start in range(0, x.shape[0], chunk):
+        part = apply(x[start:start + chunk])
+        if out is None:
+            out = part.new_empty((x.shape[0], *part.shape[1:]))
+        out[start:start + chunk] = part
+    return out
+
+
+def dit_head_in_split_invariant_chunks(fixes: CompatFixes, transformer_weights: Any, ranks: int = 1) -> None:
+    """Not a bug: the DiT head (a bf16 linear, 5120 -> 64, torch.addmm through cuBLAS) runs on each
+    rank's tokens before the gather (networks/wan/infer/transformer_infer.py:214-235 under
+    model.py:253-256), and cuBLAS chooses its kernel, and how it splits the sum over the 5120
+    inputs, by the number of rows: 37,800 rows on each of 2 GPUs need not give the bits of 75,600
+    rows on one. The head runs on slices of tokens/8 rows (tokens/4, /2 where 8 does not divide)
+    on every build, one GPU included: each slice sees the same kernel, whatever the split.
+    `ranks`: the sequence-parallel group's size (the head sees tokens/ranks rows)."""
+    name = "dit_head_in_split_invariant_chunks"
+    head = getattr(transformer_weights, "head", None)
+    if head is None or not callable(getattr(head, "apply", None)) or not fixes.wanted(name):
+        return
+    original = type(head).apply.__get__(head)
+    previous = head.__dict__.get("apply")
+
+    def apply(x: Any) -> Any:
+        if x.dim() == 2:
+            tokens = x.shape[0] * ranks
+            parts = max(n for n in (1, 2, 4, 8) if tokens % n == 0)
+            chunk = tokens // parts
+            if chunk < x.shape[0] and x.shape[0] % chunk == 0:
+                return _rows_in_chunks(original, x, chunk)
+        return original(x)
+
+    head.apply = apply
+
+    def undo() -> None:
+        if previous is None:
+            head.__dict__.pop("apply", None)
+        else:
+            head.apply = previous
+
+    fixes.record(name, f"DiT head over slices of tokens/8 rows ({ranks} rank{'s' if ranks > 1 else ''})",
+                 undo=undo, redo=lambda: setattr(head, "apply", apply))

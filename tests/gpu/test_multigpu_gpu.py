@@ -42,12 +42,12 @@ class _Collect:
         self.latents = latents
 
 
-def _run(ckpt, gpus, seq):
+def _run(ckpt, gpus, seq, attention="sdpa_flash"):
     # One kernel forced in both runs (so the comparison is of the split, not of two measurements).
     # FlashAttention through SDPA: offered on every card the app runs on (sm_80 and newer) whatever
     # LightX2V's own kernel is; torch_sdpa is offered only where SageAttention is missing (measured on
     # 2x H200, 2026-11-30: "attention backend 'torch_sdpa' cannot run on this GPU").
-    spec = BackendSpec("lightx2v", {"weights_dir": str(ckpt), "vram_cap_gib": CAP_GIB, "attention": "sdpa_flash",
+    spec = BackendSpec("lightx2v", {"weights_dir": str(ckpt), "vram_cap_gib": CAP_GIB, "attention": attention,
                                     "seq_parallel": len(gpus) if seq else 1})
     group = WorkerGroup(spec, gpus, seq=seq)
     group.start()
@@ -76,11 +76,34 @@ def test_seq_two_gpus_makes_the_clip_of_one_gpu(tiny_ckpt, gpu_report):
     rel_l2 = float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
     identical = bool(np.array_equal(one, two))
     gpu_report("multigpu_seq_tiny", rel_l2_latents=rel_l2, frames_identical=identical,
-               peaks_one=one_peaks, peaks_two=two_peaks)
+               latents_identical=bool(torch.equal(a, b)), peaks_one=one_peaks, peaks_two=two_peaks)
     # The same arithmetic split over heads: bf16 all-to-all moves values without rounding, so the
     # DiT output may differ only by the attention kernel's own reduction order per head shard.
     assert rel_l2 < 1e-2, rel_l2
     assert all(p is not None for p in two_peaks)
+
+
+@needs_two
+def test_seq_two_gpus_with_sage_makes_one_gpus_latents_bit_for_bit(tiny_ckpt, gpu_report):
+    """LightX2V's own kernel (SageAttention) in the self- and the cross-attention of both runs: with
+    lightx2v_compat.SPLIT_INVARIANT_NAMES nothing of the split reaches the arithmetic (the keys'
+    mean in fixed head groups, the cross-attention in one GPU's query blocks, the head in shared
+    slices), so the latents and the frames are those of one GPU, bit for bit."""
+    import torch
+
+    from pipeline.backends import lightx2v_compat as compat
+
+    pytest.importorskip("sageattention")
+    one, one_run, _, one_describe = _run(tiny_ckpt, (0,), seq=False, attention="sage_attn2")
+    two, two_run, _, describe = _run(tiny_ckpt, (0, 1), seq=True, attention="sage_attn2")
+    assert set(compat.SPLIT_INVARIANT_NAMES) <= set(describe["compat_fixes"]), describe["compat_fixes"]
+    assert {"sage_keys_smoothed_by_head_groups", "dit_head_in_split_invariant_chunks"} <= set(one_describe["compat_fixes"])
+    a, b = torch.as_tensor(two_run.latents), torch.as_tensor(one_run.latents)
+    rel_l2 = float(torch.linalg.vector_norm(a.float() - b.float()) / torch.linalg.vector_norm(b.float()))
+    gpu_report("multigpu_seq_tiny_sage_bits", latents_identical=bool(torch.equal(a, b)), rel_l2_latents=rel_l2,
+               frames_identical=bool(np.array_equal(one, two)))
+    assert torch.equal(a, b), rel_l2
+    assert np.array_equal(one, two)
 
 
 @needs_two
