@@ -392,7 +392,7 @@ def environment(torch: Any, args: argparse.Namespace) -> dict[str, Any]:
             "attn_mode": describe["attn_mode"], "platform": platform.platform(),
             "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "prompt": PROMPT, "seed": SEED,
             # fusions not yet proven on a GPU run only where this names them (pipeline/backends/kernels.py)
-            "unproven_fusions": os.environ.get("WAN_STUDIO_UNPROVEN_FUSIONS", ""),
+            "unproven_kernel_changes": os.environ.get("WAN_STUDIO_UNPROVEN", ""),
             "checkpoint": "synthetic full-size (random weights: timings and memory real, pixels noise)"}
 
 

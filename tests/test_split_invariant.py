@@ -248,3 +248,23 @@ def test_the_head_fix_needs_a_head():
     fixes = compat.CompatFixes()
     compat.dit_head_in_split_invariant_chunks(fixes, types.SimpleNamespace(), 2)
     assert fixes.names == []
+
+
+@pytest.mark.parametrize("named, ranks, expected", [
+    ("", 1, []), ("", 2, []),
+    ("dit_head_in_split_invariant_chunks", 1, ["head"]),
+    ("dit_head_in_split_invariant_chunks,seq_cross_attention_in_one_gpu_blocks", 1, ["head"]),
+    ("seq_cross_attention_in_one_gpu_blocks", 2, ["cross"]),
+])
+def test_the_split_invariant_changes_stay_off_until_named(monkeypatch, named, ranks, expected):
+    # Unproven on a GPU, and two of them would move one GPU's bits off LightX2V's: off by default.
+    from pipeline.backends import lightx2v
+
+    monkeypatch.setenv("WAN_STUDIO_UNPROVEN", named)
+    calls = []
+    compat_stub = types.SimpleNamespace(
+        dit_head_in_split_invariant_chunks=lambda *args: calls.append("head"),
+        seq_cross_attention_in_one_gpu_blocks=lambda *args: calls.append("cross"))
+    model = types.SimpleNamespace(transformer_weights=None, transformer_infer=None)
+    lightx2v._split_invariant(compat_stub, None, model, {"seq_p_size": ranks})
+    assert calls == expected

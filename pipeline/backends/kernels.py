@@ -612,19 +612,24 @@ def build_selector(torch: Any, sage_fn: Callable[..., Any] | None, sage_exports:
                              ranks=ranks)
 
 
-# Fusions that pass their CPU tests (Triton's interpreter) but have not yet passed their GPU tests:
-# applied only where WAN_STUDIO_UNPROVEN_FUSIONS (comma-separated) names them, so that nobody's
-# first step depends on a kernel no GPU has run. The GPU tests and the bench name them; a fusion
-# leaves this set when tests/gpu/test_fused_kernels_gpu.py has passed with it on a GPU.
-UNPROVEN_FUSIONS = frozenset({"gelu_quant_fused"})
+# Kernel changes that pass their CPU tests (fakes, Triton's interpreter) but have not yet passed
+# their GPU tests: applied only where WAN_STUDIO_UNPROVEN (comma-separated) names them, so that
+# nobody's clip depends on code no GPU has run, and one GPU's frames stay LightX2V's bit for bit.
+# The GPU tests (tests/gpu/conftest.py) and the bench name them; a change leaves this set when its
+# GPU tests have passed (tests/gpu/test_fused_kernels_gpu.py, test_split_invariant_gpu.py,
+# test_multigpu_gpu.py). The three split-invariant changes (lightx2v_compat.SPLIT_INVARIANT_NAMES)
+# also decide a trade: two of them act on one GPU too, where they would move SageAttention's key
+# mean and the DiT head off LightX2V's own bits (same accuracy) to make N GPUs equal one.
+UNPROVEN_KERNEL_CHANGES = frozenset({"gelu_quant_fused", "sage_keys_smoothed_by_head_groups",
+                                     "seq_cross_attention_in_one_gpu_blocks", "dit_head_in_split_invariant_chunks"})
 
 
-def fusion_allowed(name: str) -> bool:
-    """Whether fusion `name` may install: any fusion outside UNPROVEN_FUSIONS, an unproven one only
-    where WAN_STUDIO_UNPROVEN_FUSIONS names it."""
-    if name not in UNPROVEN_FUSIONS:
+def kernel_change_allowed(name: str) -> bool:
+    """Whether kernel change `name` may install: any change outside UNPROVEN_KERNEL_CHANGES, an
+    unproven one only where WAN_STUDIO_UNPROVEN names it."""
+    if name not in UNPROVEN_KERNEL_CHANGES:
         return True
-    return name in {part.strip() for part in os.environ.get("WAN_STUDIO_UNPROVEN_FUSIONS", "").split(",")}
+    return name in {part.strip() for part in os.environ.get("WAN_STUDIO_UNPROVEN", "").split(",")}
 
 
 def install(compat: Any, fixes: Any, torch: Any, build: dict[str, Any], transformer_weights: Any, *,
@@ -647,7 +652,7 @@ def install(compat: Any, fixes: Any, torch: Any, build: dict[str, Any], transfor
         if ln_cls is not None:
             compat.norm_modulate_fused(fixes, transformer_infer, transformer_weights, ln_cls)
         if (build["quant_scheme"] == "int8-triton" and mm_weight_register is not None
-                and fusion_allowed("gelu_quant_fused")):
+                and kernel_change_allowed("gelu_quant_fused")):
             compat.gelu_quant_fused(fixes, transformer_infer, transformer_weights,
                                     mm_weight_register.get("int8-triton"))
     compat.sage_attention_on_sm89_sm120(fixes, sage_attn_module, sageattention, capability)
@@ -659,6 +664,7 @@ def install(compat: Any, fixes: Any, torch: Any, build: dict[str, Any], transfor
     sage_fn = getattr(sage_attn_module, "sageattn", None) if build["attn_mode"] == SAGE else None
     selector = build_selector(torch, sage_fn, dir(sageattention) if sageattention is not None else (),
                               store=store, force=None if attention == "auto" else attention, ranks=ranks)
-    compat.sage_keys_smoothed_by_head_groups(fixes, selector, getattr(transformer_infer, "num_heads", None))
+    if kernel_change_allowed("sage_keys_smoothed_by_head_groups"):
+        compat.sage_keys_smoothed_by_head_groups(fixes, selector, getattr(transformer_infer, "num_heads", None))
     compat.attention_chosen_by_measurement(fixes, transformer_weights, selector)
     return selector if fixes.has("attention_chosen_by_measurement") else None

@@ -16,20 +16,20 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.backends.kernels import UNPROVEN_FUSIONS
+from pipeline.backends.kernels import UNPROVEN_KERNEL_CHANGES
 from tests.gpu.gpuhelpers import CAP_GIB, make_service, set_cap
 
 
 
 @pytest.fixture(scope="session", autouse=True)
-def unproven_fusions_on():
-    """The GPU tests are where an unproven fusion gets its proof (pipeline/backends/kernels.py):
+def unproven_kernel_changes_on():
+    """The GPU tests are where an unproven kernel change gets its proof (pipeline/backends/kernels.py):
     every test under tests/gpu runs with them (unless the variable is already set)."""
-    before = os.environ.get("WAN_STUDIO_UNPROVEN_FUSIONS")
-    os.environ.setdefault("WAN_STUDIO_UNPROVEN_FUSIONS", ",".join(sorted(UNPROVEN_FUSIONS)))
+    before = os.environ.get("WAN_STUDIO_UNPROVEN")
+    os.environ.setdefault("WAN_STUDIO_UNPROVEN", ",".join(sorted(UNPROVEN_KERNEL_CHANGES)))
     yield
     if before is None:
-        os.environ.pop("WAN_STUDIO_UNPROVEN_FUSIONS", None)
+        os.environ.pop("WAN_STUDIO_UNPROVEN", None)
 
 
 @pytest.fixture(scope="session")
