@@ -21,6 +21,18 @@ ALL_FIXES = {"keep_target_video_length_in_config", "explicit_t5_checkpoint_path"
              "rope_fused", "qk_rms_norm_fused", "gate_residual_fused", "norm_modulate_fused", "gelu_quant_fused",
              # Host memory (every build): weights pinned in packed slabs, .pth files memory-mapped.
              "pinned_weights_packed", "checkpoints_memory_mapped"}
+
+
+def one_gpu_unproven() -> set[str]:
+    """The kernel changes not yet proven on a GPU (kernels.UNPROVEN_KERNEL_CHANGES, on in these tests
+    through tests/gpu/conftest.py) that a one-GPU build applies: gelu_quant_fused is in ALL_FIXES,
+    the cross-attention change acts only on sequence-parallel builds."""
+    from pipeline.backends import kernels
+
+    return {name for name in ("dit_head_in_split_invariant_chunks", "sage_keys_smoothed_by_head_groups")
+            if kernels.kernel_change_allowed(name)}
+
+
 # Only where LightX2V's SageAttention import fails (RTX 40 and 50 with sageattention 1.0.6).
 CAPABILITY_FIXES = {"sage_attention_on_sm89_sm120"}
 
@@ -62,7 +74,7 @@ def test_every_preset_through_the_service_reloading_only_for_another_build(tiny_
     assert loads == expected, (loads, keys)
     assert loads[1] == loads[0]  # 480x832x81 runs on the build 480x832x49 ran on
     model = tiny_service.cache.backend.describe()
-    assert set(model["compat_fixes"]) - CAPABILITY_FIXES == ALL_FIXES, model["compat_fixes"]
+    assert set(model["compat_fixes"]) - CAPABILITY_FIXES == ALL_FIXES | one_gpu_unproven(), model["compat_fixes"]
     assert model["kernels"]["attention"], model["kernels"]  # the measured choice is in the record
     assert model["quant_scheme"] == "int8-triton" and model["attn_mode"] == "sage_attn2"
 
