@@ -1306,6 +1306,23 @@ def install_method(obj: Any, name: str, func: Callable[..., Any]) -> None:
         setattr(obj, name, bound)
 
 
+def install_methods_rewritten(obj: Any, lines: dict[str, tuple[tuple[str, str], ...]],
+                              helpers: dict[str, Any]) -> list[str] | None:
+    """Every method named in `lines` rewritten (method_rewritten, from the method as it runs now)
+    and installed on obj (install_method), all or none: the names installed, or None where one
+    method's source is not what its replacements expect (then nothing is installed)."""
+    cls = type(obj)
+    methods = {}
+    for method, replacements in lines.items():
+        func = method_rewritten(cls, method, replacements, helpers, func=method_now(obj, method))
+        if func is None:
+            return None
+        methods[method] = func
+    for method, func in methods.items():
+        install_method(obj, method, func)
+    return [f"{cls.__name__}.{method}" for method in methods]
+
+
 # The gate + residual lines of WanTransformerInfer (networks/wan/infer/transformer_infer.py:380, 502).
 _GATE_RESIDUAL_LINES = {
     "infer_cross_attn": (("x.add_(y_out * gate_msa.squeeze())", "_fused_gate_residual_(x, y_out, gate_msa)"),),
@@ -1335,20 +1352,13 @@ def gate_residual_fused(fixes: CompatFixes, transformer_infer: Any) -> None:
             return fused_kernels.gate_residual_(x, y, gate)
         return x.add_(y * gate)
 
-    cls = type(transformer_infer)
-    methods = {}
-    for method, replacements in _GATE_RESIDUAL_LINES.items():
-        func = method_rewritten(cls, method, replacements, {"_fused_gate_residual_": _fused_gate_residual_},
-                                func=method_now(transformer_infer, method))
-        if func is None:
-            log.info("LightX2V's %s.%s has not the gate + residual line expected: %s off", cls.__name__, method, name)
-            return
-        methods[method] = func
-    for method, func in methods.items():
-        install_method(transformer_infer, method, func)
-
-    switch.record(fixes, name, "x += y * gate: fused_kernels._gate_residual_kernel in "
-                 + ", ".join(f"{cls.__name__}.{m}" for m in methods))
+    installed = install_methods_rewritten(transformer_infer, _GATE_RESIDUAL_LINES,
+                                          {"_fused_gate_residual_": _fused_gate_residual_})
+    if installed is None:
+        log.info("LightX2V's %s has not the gate + residual lines expected: %s off",
+                 type(transformer_infer).__name__, name)
+        return
+    switch.record(fixes, name, "x += y * gate: fused_kernels._gate_residual_kernel in " + ", ".join(installed))
 
 
 # The LayerNorm lines of WanTransformerInfer before the modulate (networks/wan/infer/
@@ -1427,20 +1437,14 @@ def norm_modulate_fused(fixes: CompatFixes, transformer_infer: Any, transformer_
             return None
         return fused_kernels.norm_modulate(x, scale, shift, norm.eps, form)
 
-    cls = type(transformer_infer)
-    methods = {}
-    for method, replacements in _NORM_MODULATE_LINES.items():
-        func = method_rewritten(cls, method, replacements, {"_fused_norm_modulate_": _fused_norm_modulate_},
-                                func=method_now(transformer_infer, method))
-        if func is None:
-            log.info("LightX2V's %s.%s has not the LayerNorm line expected: %s off", cls.__name__, method, name)
-            return
-        methods[method] = func
-    for method, func in methods.items():
-        install_method(transformer_infer, method, func)  # under the slicing: each slice fused
-
+    # Under the FFN slicing the rewrite replaces the method it slices: each slice is fused.
+    installed = install_methods_rewritten(transformer_infer, _NORM_MODULATE_LINES,
+                                          {"_fused_norm_modulate_": _fused_norm_modulate_})
+    if installed is None:
+        log.info("LightX2V's %s has not the LayerNorm lines expected: %s off", type(transformer_infer).__name__, name)
+        return
     switch.record(fixes, name, f"LayerNorm + modulate: fused_kernels._norm_modulate_kernel (form {form}) in "
-                  + ", ".join(f"{cls.__name__}.{m}" for m in methods))
+                  + ", ".join(installed))
 
 
 # The tail of WanTransformerInfer.infer_ffn (networks/wan/infer/transformer_infer.py:489-492): the GELU
@@ -1521,17 +1525,15 @@ def gelu_quant_fused(fixes: CompatFixes, transformer_infer: Any, transformer_wei
             return None
         return fused_kernels.gelu_quant(y, form)
 
-    cls = type(transformer_infer)
-    func = method_rewritten(cls, "infer_ffn", _GELU_QUANT_LINES,
-                            {"_fused_gelu_quant_": _fused_gelu_quant_, "_Int8Rows_": fused_kernels.Int8Rows,
-                             "_ffn_2_apply_quantized_": apply_quantized},
-                            func=method_now(transformer_infer, "infer_ffn"))
-    if func is None:
-        log.info("LightX2V's %s.infer_ffn has not the GELU and ffn_2 lines expected: %s off", cls.__name__, name)
+    installed = install_methods_rewritten(transformer_infer, {"infer_ffn": _GELU_QUANT_LINES},
+                                          {"_fused_gelu_quant_": _fused_gelu_quant_, "_Int8Rows_": fused_kernels.Int8Rows,
+                                           "_ffn_2_apply_quantized_": apply_quantized})
+    if installed is None:
+        log.info("LightX2V's %s.infer_ffn has not the GELU and ffn_2 lines expected: %s off",
+                 type(transformer_infer).__name__, name)
         return
-    install_method(transformer_infer, "infer_ffn", func)
     switch.record(fixes, name, f"GELU + INT8 quantisation of ffn_2's input: fused_kernels._gelu_quant_kernel "
-                  f"(form {form}) in {cls.__name__}.infer_ffn, then {mm_cls.__name__}.apply's GEMM")
+                  f"(form {form}) in {installed[0]}, then {mm_cls.__name__}.apply's GEMM")
 
 
 # -- several GPUs ----------------------------------------------------------------------------------
