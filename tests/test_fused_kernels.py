@@ -317,6 +317,17 @@ def test_rope_fused_is_skipped_for_another_rope_and_by_name():
     assert not fixes.names
 
 
+
+def test_rope_fused_that_does_not_build_here_leaves_upstreams_rope(monkeypatch):
+    def does_not_build(*args, **kwargs):
+        raise fk.KernelBuildError("out of resources")
+
+    monkeypatch.setattr(fk, "rope_variant_matching", does_not_build)
+    rope = TorchComplexRope()
+    fixes = compat.CompatFixes()
+    compat.rope_fused(fixes, Module(a=Module(rope=rope)), TorchComplexRope, device="cpu")  # logged, the load goes on
+    assert not fixes.names and "apply" not in vars(rope)
+
 class _RmsModule:
     """LightX2V's norm module without sgl_kernel, its RMSWeightSgl with the fallback lines."""
 

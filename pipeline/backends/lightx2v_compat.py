@@ -1146,6 +1146,22 @@ class _Switch:
         fixes.record(name, detail, undo=lambda: setattr(self, "on", False), redo=lambda: setattr(self, "on", True))
 
 
+def _form_matching(name: str, what: str, probe: Callable[[], Any]) -> Any:
+    """The rounding form `probe` finds bit-identical to upstream on this GPU, or None (logged) where
+    none is or the kernel does not build here: a GPU or Triton the kernel does not build for keeps
+    upstream's chain, and the load goes on."""
+    from pipeline.backends import fused_kernels
+
+    try:
+        form = probe()
+    except fused_kernels.KernelBuildError:
+        log.warning("the fused %s kernel does not build here: %s off", what, name, exc_info=True)
+        return None
+    if form is None:
+        log.warning("no rounding form of the fused %s matches LightX2V's on this GPU: %s off", what, name)
+    return form
+
+
 def rope_fused(fixes: CompatFixes, transformer_weights: Any, rope_cls: Any, device: str = "cuda") -> None:
     """Not a bug: TorchComplexRope (common/ops/rope/torch_rope.py:59-79, the rope_type LightX2VPipeline
     defaults to) turns q and k into fp32 complex tensors, multiplies by the complex64 frequencies
@@ -1181,9 +1197,9 @@ def rope_fused(fixes: CompatFixes, transformer_weights: Any, rope_cls: Any, devi
     from pipeline.backends import fused_kernels
 
     probe = next(iter(modules.values()))
-    form = fused_kernels.rope_variant_matching(lambda x, f: rope_cls.apply_single(probe, x, f), device)
+    form = _form_matching(name, "RoPE", lambda: fused_kernels.rope_variant_matching(
+        lambda x, f: rope_cls.apply_single(probe, x, f), device))
     if form is None:
-        log.warning("no rounding form of the fused RoPE matches LightX2V's on this GPU: %s off", name)
         return
     switch = _Switch()
 
@@ -1415,14 +1431,9 @@ def norm_modulate_fused(fixes: CompatFixes, transformer_infer: Any, transformer_
     def eager(x: Any, scale: Any, shift: Any) -> Any:
         return modulate(probe.apply(x), scale=scale, shift=shift).squeeze()
 
-    try:
-        form = fused_kernels.norm_modulate_form_matching(eager, device, eps=probe.eps)
-    except fused_kernels.KernelBuildError:
-        # A GPU or Triton the kernel does not build for keeps upstream's chain; the load goes on.
-        log.warning("the fused LayerNorm + modulate kernel does not build here: %s off", name, exc_info=True)
-        return
+    form = _form_matching(name, "LayerNorm + modulate",
+                          lambda: fused_kernels.norm_modulate_form_matching(eager, device, eps=probe.eps))
     if form is None:
-        log.warning("no form of the fused LayerNorm + modulate matches LightX2V's on this GPU: %s off", name)
         return
     switch = _Switch()
 
@@ -1507,13 +1518,9 @@ def gelu_quant_fused(fixes: CompatFixes, transformer_infer: Any, transformer_wei
     def gelu(y: Any) -> Any:
         return torch.nn.functional.gelu(y, approximate="tanh")
 
-    try:
-        form = fused_kernels.gelu_quant_form_matching(gelu, quantize, device)
-    except fused_kernels.KernelBuildError:
-        log.warning("the fused GELU + INT8 quantisation kernel does not build here: %s off", name, exc_info=True)
-        return
+    form = _form_matching(name, "GELU + INT8 quantisation",
+                          lambda: fused_kernels.gelu_quant_form_matching(gelu, quantize, device))
     if form is None:
-        log.warning("no form of the fused GELU + INT8 quantisation matches LightX2V's on this GPU: %s off", name)
         return
     switch = _Switch()
 
