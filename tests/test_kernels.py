@@ -568,16 +568,24 @@ def test_install_hands_the_int8_triton_linear_class_to_the_gelu_quant_fusion(mon
     assert calls == ([(fixes, infer, weights, "Int8TritonClass")] if scheme == "int8-triton" else [])
 
 
-@pytest.mark.parametrize("named", ["", "rope_fused", "gelu_quant", "rope_fused,gelu_quant_fused"])
-def test_an_unproven_fusion_is_installed_only_where_it_is_named(monkeypatch, named):
+def _gelu_quant_installs(monkeypatch, named: str) -> list:
+    """The calls of the GELU + quantisation fusion when an int8-triton build installs its kernels
+    with WAN_STUDIO_UNPROVEN=`named`."""
     monkeypatch.setenv("WAN_STUDIO_UNPROVEN", named)
     calls = []
     monkeypatch.setattr(compat, "gelu_quant_fused", lambda *args: calls.append(args))
+    # (the gate + residual fusion, which needs triton, is not what these tests are about)
     fixes = compat.CompatFixes(skip=frozenset({"gate_residual_fused"}))
     kernels.install(compat, fixes, _fake_torch((8, 6), "NVIDIA GeForce RTX 3060"),
                     {"quant_scheme": "int8-triton", "attn_mode": "flash_attn3"}, _Module(), sage_attn_module=None,
                     sageattention=None, triton_kernels=None, transformer_infer=object(),
                     mm_weight_register={"int8-triton": "Int8TritonClass"})
+    return calls
+
+
+@pytest.mark.parametrize("named", ["", "rope_fused", "gelu_quant", "rope_fused,gelu_quant_fused"])
+def test_an_unproven_fusion_is_installed_only_where_it_is_named(monkeypatch, named):
+    calls = _gelu_quant_installs(monkeypatch, named)
     assert len(calls) == (1 if "gelu_quant_fused" in named.split(",") else 0)
     assert "gelu_quant_fused" in kernels.UNPROVEN_KERNEL_CHANGES
 
@@ -587,14 +595,7 @@ def test_a_fusion_that_left_the_unproven_set_is_installed_without_being_named(mo
     # Once the GPU tests have passed, the fusion leaves UNPROVEN_KERNEL_CHANGES (docs/lightx2v.md): from
     # then on it runs for everyone, named or not (a name with a space after the comma included).
     monkeypatch.setattr(kernels, "UNPROVEN_KERNEL_CHANGES", frozenset())
-    monkeypatch.setenv("WAN_STUDIO_UNPROVEN", named)
-    calls = []
-    monkeypatch.setattr(compat, "gelu_quant_fused", lambda *args: calls.append(args))
-    fixes = compat.CompatFixes(skip=frozenset({"gate_residual_fused"}))
-    kernels.install(compat, fixes, _fake_torch((8, 6), "NVIDIA GeForce RTX 3060"),
-                    {"quant_scheme": "int8-triton", "attn_mode": "flash_attn3"}, _Module(), sage_attn_module=None,
-                    sageattention=None, triton_kernels=None, transformer_infer=object(),
-                    mm_weight_register={"int8-triton": "Int8TritonClass"})
+    calls = _gelu_quant_installs(monkeypatch, named)
     assert len(calls) == 1
 
 
