@@ -955,6 +955,15 @@ def attention_modules(weights: Any, name: str = "self_attn_1") -> list[Any]:
     return list(found.values())
 
 
+
+def _restore_apply(module: Any, previous: Any) -> None:
+    """Give a module back the `apply` it had before a fix replaced it: its own (instance) one, or
+    none, so that its class's runs again."""
+    if previous is None:
+        module.__dict__.pop("apply", None)
+    else:
+        module.apply = previous
+
 def attention_chosen_by_measurement(fixes: CompatFixes, transformer_weights: Any, selector: Any) -> None:
     """Not a bug: LightX2V runs the attention kernel named in the config for every GPU. Replace the
     `apply` of each DiT self-attention module (an instance attribute: other builds keep theirs) by
@@ -985,11 +994,7 @@ def attention_chosen_by_measurement(fixes: CompatFixes, transformer_weights: Any
 
     def undo() -> None:
         for m in modules:
-            previous = originals[id(m)]
-            if previous is None:
-                m.__dict__.pop("apply", None)
-            else:
-                m.apply = previous
+            _restore_apply(m, originals[id(m)])
 
     redo()
     fixes.record("attention_chosen_by_measurement",
@@ -1777,11 +1782,7 @@ def seq_cross_attention_in_one_gpu_blocks(fixes: CompatFixes, model: Any, transf
         else:
             vars(model).pop("_seq_parallel_pre_process", None)
         for m in modules:
-            previous = originals[id(m)]
-            if previous is None:
-                m.__dict__.pop("apply", None)
-            else:
-                m.apply = previous
+            _restore_apply(m, originals[id(m)])
 
     redo()
     fixes.record(name, f"SageAttention cross-attention of {len(modules)} modules in one GPU's query blocks of "
@@ -1824,11 +1825,5 @@ def dit_head_in_split_invariant_chunks(fixes: CompatFixes, transformer_weights: 
 
     head.apply = apply
 
-    def undo() -> None:
-        if previous is None:
-            head.__dict__.pop("apply", None)
-        else:
-            head.apply = previous
-
     fixes.record(name, f"DiT head over slices of tokens/8 rows ({ranks} rank{'s' if ranks > 1 else ''})",
-                 undo=undo, redo=lambda: setattr(head, "apply", apply))
+                 undo=lambda: _restore_apply(head, previous), redo=lambda: setattr(head, "apply", apply))
