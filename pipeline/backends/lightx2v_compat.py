@@ -955,7 +955,6 @@ def attention_modules(weights: Any, name: str = "self_attn_1") -> list[Any]:
     return list(found.values())
 
 
-
 def _restore_apply(module: Any, previous: Any) -> None:
     """Give a module back the `apply` it had before a fix replaced it: its own (instance) one, or
     none, so that its class's runs again."""
@@ -963,6 +962,7 @@ def _restore_apply(module: Any, previous: Any) -> None:
         module.__dict__.pop("apply", None)
     else:
         module.apply = previous
+
 
 def attention_chosen_by_measurement(fixes: CompatFixes, transformer_weights: Any, selector: Any) -> None:
     """Not a bug: LightX2V runs the attention kernel named in the config for every GPU. Replace the
