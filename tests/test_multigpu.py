@@ -255,7 +255,7 @@ def test_frames_file_is_removed_when_the_app_cannot_hold_the_frames(tmp_path, mo
     def no_room(*args, **kwargs):
         raise MemoryError("cannot allocate the frames")
 
-    monkeypatch.setattr(transfer.np, "empty", no_room)
+    monkeypatch.setattr(transfer.np, "fromfile", no_room)
     with pytest.raises(MemoryError):
         transfer.take(sent)
     assert os.listdir(tmp_path) == []

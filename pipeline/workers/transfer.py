@@ -99,10 +99,8 @@ def put(value: Any, folder: str | None) -> Any:
             # Reserve every page first: a tmpfs that fills up while a mapping or write touches a
             # page it cannot give kills the process (SIGBUS); here it raises ENOSPC instead.
             os.posix_fallocate(fd, 0, array.nbytes)
-            view = memoryview(array).cast("B")
-            written = 0
-            while written < len(view):
-                written += os.write(fd, view[written:])
+            with os.fdopen(fd, "wb", closefd=False) as fh:
+                array.tofile(fh)
         finally:
             os.close(fd)
     except OSError as exc:
@@ -119,18 +117,14 @@ def take(value: Any) -> Any:
         return value
     try:
         # Inside the try: an app without the RAM for the frames (MemoryError) removes the file too.
-        out = np.empty(value.shape, dtype=np.dtype(value.dtype))
-        with open(value.path, "rb", buffering=0) as fh:
-            view = memoryview(out).cast("B")
-            got = 0
-            while got < len(view):
-                n = fh.readinto(view[got:])
-                if not n:
-                    raise OSError(f"{value.path} ended after {got} of {len(view)} bytes")
-                got += n
+        dtype = np.dtype(value.dtype)
+        count = int(np.prod(value.shape))
+        out = np.fromfile(value.path, dtype=dtype, count=count)
+        if out.size != count:
+            raise OSError(f"{value.path} ended after {out.nbytes} of {count * dtype.itemsize} bytes")
     finally:
         _unlink(value.path)
-    return out
+    return out.reshape(value.shape)
 
 
 def discard(value: Any) -> None:
