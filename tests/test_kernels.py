@@ -554,7 +554,6 @@ def test_without_a_baseline_errors_equal_to_the_fourth_digit_count_as_equal():
 
 @pytest.mark.parametrize("scheme", ["int8-triton", "fp8-sgl"])
 def test_install_hands_the_int8_triton_linear_class_to_the_gelu_quant_fusion(monkeypatch, scheme):
-    monkeypatch.setenv("WAN_STUDIO_UNPROVEN", "gelu_quant_fused")
     calls = []
     monkeypatch.setattr(compat, "gelu_quant_fused", lambda *args: calls.append(args))
     register = {"int8-triton": "Int8TritonClass", "fp8-sgl": "Fp8Class"}
@@ -568,53 +567,20 @@ def test_install_hands_the_int8_triton_linear_class_to_the_gelu_quant_fusion(mon
     assert calls == ([(fixes, infer, weights, "Int8TritonClass")] if scheme == "int8-triton" else [])
 
 
-def _gelu_quant_installs(monkeypatch, named: str) -> list:
-    """The calls of the GELU + quantisation fusion when an int8-triton build installs its kernels
-    with WAN_STUDIO_UNPROVEN=`named`."""
-    monkeypatch.setenv("WAN_STUDIO_UNPROVEN", named)
-    calls = []
-    monkeypatch.setattr(compat, "gelu_quant_fused", lambda *args: calls.append(args))
-    # (the gate + residual fusion, which needs triton, is not what these tests are about)
-    fixes = compat.CompatFixes(skip=frozenset({"gate_residual_fused"}))
-    kernels.install(compat, fixes, _fake_torch((8, 6), "NVIDIA GeForce RTX 3060"),
-                    {"quant_scheme": "int8-triton", "attn_mode": "flash_attn3"}, _Module(), sage_attn_module=None,
-                    sageattention=None, triton_kernels=None, transformer_infer=object(),
-                    mm_weight_register={"int8-triton": "Int8TritonClass"})
-    return calls
-
-
-@pytest.mark.parametrize("named", ["", "rope_fused", "gelu_quant", "rope_fused,gelu_quant_fused"])
+@pytest.mark.parametrize("named", ["", "rope_fused", "gelu_quant", "rope_fused,gelu_quant_fused",
+                                   "rope_fused, gelu_quant_fused"])
 def test_an_unproven_fusion_is_installed_only_where_it_is_named(monkeypatch, named):
-    calls = _gelu_quant_installs(monkeypatch, named)
-    assert len(calls) == (1 if "gelu_quant_fused" in named.split(",") else 0)
-    assert "gelu_quant_fused" in kernels.UNPROVEN_KERNEL_CHANGES
+    monkeypatch.setenv("WAN_STUDIO_UNPROVEN", named)
+    fixes = compat.CompatFixes()
+    assert fixes.wanted("gelu_quant_fused") == ("gelu_quant_fused" in named.replace(" ", "").split(","))
+    assert fixes.wanted("rope_fused")  # proven: named or not
+    assert "gelu_quant_fused" in compat.UNPROVEN_NAMES
 
 
 @pytest.mark.parametrize("named", ["", " gelu_quant_fused"])
 def test_a_fusion_that_left_the_unproven_set_is_installed_without_being_named(monkeypatch, named):
-    # Once the GPU tests have passed, the fusion leaves UNPROVEN_KERNEL_CHANGES (docs/lightx2v.md): from
-    # then on it runs for everyone, named or not (a name with a space after the comma included).
-    monkeypatch.setattr(kernels, "UNPROVEN_KERNEL_CHANGES", frozenset())
-    calls = _gelu_quant_installs(monkeypatch, named)
-    assert len(calls) == 1
-
-
-def test_an_unproven_fusion_named_after_a_space_is_installed(monkeypatch):
-    monkeypatch.setenv("WAN_STUDIO_UNPROVEN", "rope_fused, gelu_quant_fused")
-    assert kernels.kernel_change_allowed("gelu_quant_fused")
-
-
-@pytest.mark.parametrize("named", ["", "sage_keys_smoothed_by_head_groups"])
-def test_sages_key_mean_by_head_groups_stays_off_until_named(monkeypatch, named):
-    # Unproven on a GPU, and on one GPU it would move SageAttention's key mean off LightX2V's bits.
-    pytest.importorskip("torch")
+    # Once the GPU tests have passed, the fusion leaves UNPROVEN_NAMES (docs/lightx2v.md): from then
+    # on it runs for everyone, named or not (a name with a space after the comma included).
+    monkeypatch.setattr(compat, "UNPROVEN_NAMES", frozenset())
     monkeypatch.setenv("WAN_STUDIO_UNPROVEN", named)
-    calls = []
-    monkeypatch.setattr(compat, "sage_keys_smoothed_by_head_groups", lambda *args: calls.append(args))
-    sage_106 = types.SimpleNamespace(sageattn=lambda *a, **k: "1.0.6", sageattn_varlen=None)
-    fixes = compat.CompatFixes(skip=frozenset({"gate_residual_fused"}))
-    kernels.install(compat, fixes, _fake_torch((8, 6), "NVIDIA GeForce RTX 3060"),
-                    {"quant_scheme": "int8-triton", "attn_mode": "sage_attn2"},
-                    _Module(blocks=_Module(b0=_Module(self_attn_1=SageAttn2Weight()))),
-                    sage_attn_module=_sage_module(sage_106.sageattn), sageattention=sage_106, triton_kernels=None)
-    assert len(calls) == (1 if named else 0)
+    assert compat.CompatFixes().wanted("gelu_quant_fused")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import replace, asdict, dataclass, field
 from typing import Any, Callable, Iterable, Protocol
@@ -612,26 +611,6 @@ def build_selector(torch: Any, sage_fn: Callable[..., Any] | None, sage_exports:
                              ranks=ranks)
 
 
-# Kernel changes that pass their CPU tests (fakes, Triton's interpreter) but have not yet passed
-# their GPU tests: applied only where WAN_STUDIO_UNPROVEN (comma-separated) names them, so that
-# nobody's clip depends on code no GPU has run, and one GPU's frames stay LightX2V's bit for bit.
-# The GPU tests (tests/gpu/conftest.py) and the bench name them; a change leaves this set when its
-# GPU tests have passed (tests/gpu/test_fused_kernels_gpu.py, test_split_invariant_gpu.py,
-# test_multigpu_gpu.py). The three split-invariant changes (lightx2v_compat.SPLIT_INVARIANT_NAMES)
-# also decide a trade: two of them act on one GPU too, where they would move SageAttention's key
-# mean and the DiT head off LightX2V's own bits (same accuracy) to make N GPUs equal one.
-UNPROVEN_KERNEL_CHANGES = frozenset({"gelu_quant_fused", "sage_keys_smoothed_by_head_groups",
-                                     "seq_cross_attention_in_one_gpu_blocks", "dit_head_in_split_invariant_chunks"})
-
-
-def kernel_change_allowed(name: str) -> bool:
-    """Whether kernel change `name` may install: any change outside UNPROVEN_KERNEL_CHANGES, an
-    unproven one only where WAN_STUDIO_UNPROVEN names it."""
-    if name not in UNPROVEN_KERNEL_CHANGES:
-        return True
-    return name in {part.strip() for part in os.environ.get("WAN_STUDIO_UNPROVEN", "").split(",")}
-
-
 def install(compat: Any, fixes: Any, torch: Any, build: dict[str, Any], transformer_weights: Any, *,
             sage_attn_module: Any, sageattention: Any, triton_kernels: Any, attention: str = "auto",
             store: ChoiceStore | None = None, transformer_infer: Any = None, rope_cls: Any = None,
@@ -651,8 +630,7 @@ def install(compat: Any, fixes: Any, torch: Any, build: dict[str, Any], transfor
         compat.gate_residual_fused(fixes, transformer_infer)
         if ln_cls is not None:
             compat.norm_modulate_fused(fixes, transformer_infer, transformer_weights, ln_cls)
-        if (build["quant_scheme"] == "int8-triton" and mm_weight_register is not None
-                and kernel_change_allowed("gelu_quant_fused")):
+        if build["quant_scheme"] == "int8-triton" and mm_weight_register is not None:
             compat.gelu_quant_fused(fixes, transformer_infer, transformer_weights,
                                     mm_weight_register.get("int8-triton"))
     compat.sage_attention_on_sm89_sm120(fixes, sage_attn_module, sageattention, capability)
@@ -664,7 +642,6 @@ def install(compat: Any, fixes: Any, torch: Any, build: dict[str, Any], transfor
     sage_fn = getattr(sage_attn_module, "sageattn", None) if build["attn_mode"] == SAGE else None
     selector = build_selector(torch, sage_fn, dir(sageattention) if sageattention is not None else (),
                               store=store, force=None if attention == "auto" else attention, ranks=ranks)
-    if kernel_change_allowed("sage_keys_smoothed_by_head_groups"):
-        compat.sage_keys_smoothed_by_head_groups(fixes, selector, getattr(transformer_infer, "num_heads", None))
+    compat.sage_keys_smoothed_by_head_groups(fixes, selector, getattr(transformer_infer, "num_heads", None))
     compat.attention_chosen_by_measurement(fixes, transformer_weights, selector)
     return selector if fixes.has("attention_chosen_by_measurement") else None

@@ -512,12 +512,9 @@ def _split_invariant(compat: Any, fixes: Any, wan_model: Any, build: dict[str, A
     allows (issue 14; lightx2v_compat.SPLIT_INVARIANT_NAMES): the DiT head in slices every split
     shares (one GPU too), and on a sequence-parallel build the cross-attention in one GPU's query
     blocks. The third, SageAttention's key mean, comes with the attention selector (kernels.install)."""
-    from pipeline.backends import kernels
-
     ranks = int(build.get("seq_p_size", 1))
-    if kernels.kernel_change_allowed("dit_head_in_split_invariant_chunks"):
-        compat.dit_head_in_split_invariant_chunks(fixes, wan_model.transformer_weights, ranks)
-    if ranks > 1 and kernels.kernel_change_allowed("seq_cross_attention_in_one_gpu_blocks"):
+    compat.dit_head_in_split_invariant_chunks(fixes, wan_model.transformer_weights, ranks)
+    if ranks > 1:
         import torch.distributed as dist
 
         compat.seq_cross_attention_in_one_gpu_blocks(fixes, wan_model, wan_model.transformer_weights, dist,

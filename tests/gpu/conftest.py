@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.backends.kernels import UNPROVEN_KERNEL_CHANGES
+from pipeline.backends.lightx2v_compat import UNPROVEN_ENV, UNPROVEN_NAMES
 from tests.gpu.gpuhelpers import CAP_GIB, make_service, set_cap
 
 
@@ -25,11 +25,11 @@ from tests.gpu.gpuhelpers import CAP_GIB, make_service, set_cap
 def unproven_kernel_changes_on():
     """The GPU tests are where an unproven kernel change gets its proof (pipeline/backends/kernels.py):
     every test under tests/gpu runs with them (unless the variable is already set)."""
-    before = os.environ.get("WAN_STUDIO_UNPROVEN")
-    os.environ.setdefault("WAN_STUDIO_UNPROVEN", ",".join(sorted(UNPROVEN_KERNEL_CHANGES)))
+    before = os.environ.get(UNPROVEN_ENV)
+    os.environ.setdefault(UNPROVEN_ENV, ",".join(sorted(UNPROVEN_NAMES)))
     yield
     if before is None:
-        os.environ.pop("WAN_STUDIO_UNPROVEN", None)
+        os.environ.pop(UNPROVEN_ENV, None)
 
 
 @pytest.fixture(scope="session")

@@ -24,13 +24,12 @@ ALL_FIXES = {"keep_target_video_length_in_config", "explicit_t5_checkpoint_path"
 
 
 def one_gpu_unproven() -> set[str]:
-    """The kernel changes not yet proven on a GPU (kernels.UNPROVEN_KERNEL_CHANGES, on in these tests
-    through tests/gpu/conftest.py) that a one-GPU build applies: gelu_quant_fused is in ALL_FIXES,
-    the cross-attention change acts only on sequence-parallel builds."""
-    from pipeline.backends import kernels
+    """The changes not yet proven on a GPU (lightx2v_compat.UNPROVEN_NAMES, on in these tests through
+    tests/gpu/conftest.py) that a one-GPU build applies: gelu_quant_fused is in ALL_FIXES, the
+    cross-attention change acts only on sequence-parallel builds."""
+    from pipeline.backends import lightx2v_compat as compat
 
-    return {name for name in ("dit_head_in_split_invariant_chunks", "sage_keys_smoothed_by_head_groups")
-            if kernels.kernel_change_allowed(name)}
+    return {"dit_head_in_split_invariant_chunks", "sage_keys_smoothed_by_head_groups"} & compat.unproven_named()
 
 
 # Only where LightX2V's SageAttention import fails (RTX 40 and 50 with sageattention 1.0.6).
