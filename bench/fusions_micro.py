@@ -5,8 +5,7 @@ eager chain LightX2V runs, at the model's shapes, on random tensors (no checkpoi
 
 Per kernel and token count: eager and fused milliseconds, the speed-up, whether the outputs are
 bit-identical, and the saving per DiT step (40 blocks; RoPE x2 for q and k, RMSNorm x3 for the
-q/k of self-attention and the q of cross-attention, gate + residual x2, LayerNorm + modulate x2
-before self-attention and the FFN, GELU + INT8 quantisation of ffn_2's input x1). Prints markdown.
+q/k of self-attention and the q of cross-attention, gate + residual x2). Prints markdown.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import sys
 
 from bench.kernels_micro import _time
 
-HEADS, HEAD_DIM, DIM, FFN, BLOCKS = 40, 128, 5120, 13824, 40
+HEADS, HEAD_DIM, DIM, BLOCKS = 40, 128, 5120, 40
 
 
 def rows(torch, tokens: int, reps: int) -> list[dict]:
@@ -42,45 +41,11 @@ def rows(torch, tokens: int, reps: int) -> list[dict]:
     base = x.clone()
     out.append(_row(torch, "gate_residual", 2, reps, lambda: base.clone().add_(y * gate),
                     lambda: fk.gate_residual_(base.clone(), y, gate), tokens, clone_ms=_time(torch, base.clone, reps)))
-    norm, eager = lightx2v_norm_and_modulate()
-    norm_form = fk.norm_modulate_form_matching(eager, "cuda", eps=norm.eps)
-    shift, scale = (torch.randn((1, 6, DIM), device="cuda", dtype=torch.bfloat16) * 0.5).chunk(6, dim=1)[:2]
-    out.append(_row(torch, "layer_norm + modulate", 2, reps, lambda: eager(x, scale, shift),
-                    lambda: fk.norm_modulate(x, scale, shift, norm.eps, norm_form or (0, 0)), tokens))
-    out.append(gelu_quant_row(torch, tokens, reps))
     return out
 
 
-def gelu_quant_row(torch, tokens: int, reps: int) -> dict:
-    """LightX2V's `gelu(y, approximate="tanh")` then ffn_2's int8_quantize_triton, against the fused
-    kernel, on ffn_0-like outputs [tokens, 13824]."""
-    from lightx2v.common.ops.mm.triton_kernels import int8_quantize_triton
-
-    from pipeline.backends import fused_kernels as fk
-
-    def gelu(t):
-        return torch.nn.functional.gelu(t, approximate="tanh")
-
-    form = fk.gelu_quant_form_matching(gelu, int8_quantize_triton, "cuda")
-    y = torch.randn((tokens, FFN), device="cuda", dtype=torch.bfloat16) * 2
-    row = _row(torch, "gelu + int8 quant (ffn_2 in)", 1, reps, lambda: int8_quantize_triton(gelu(y)),
-               lambda: fk.gelu_quant(y, form if form is not None else fk.GELU_FORMS[0]), tokens,
-               same=lambda a, b: all(torch.equal(p, q) for p, q in zip(a, b, strict=True)))
-    return {**row, "form": form}
-
-
-def lightx2v_norm_and_modulate():
-    """LightX2V's LayerNorm of norm1/norm2 and its default (Triton) modulate, chained as in
-    WanTransformerInfer."""
-    from lightx2v.models.networks.wan.infer.triton_ops import fuse_scale_shift_kernel
-    from lightx2v.utils.registry_factory import LN_WEIGHT_REGISTER
-
-    norm = LN_WEIGHT_REGISTER["torch"]()
-    return norm, lambda x, scale, shift: fuse_scale_shift_kernel(norm.apply(x), scale=scale, shift=shift).squeeze()
-
-
-def _row(torch, name, per_block, reps, eager, fused, tokens, clone_ms=0.0, same=None) -> dict:
-    identical = bool((same or torch.equal)(eager(), fused()))
+def _row(torch, name, per_block, reps, eager, fused, tokens, clone_ms=0.0) -> dict:
+    identical = bool(torch.equal(eager(), fused()))
     e, f = _time(torch, eager, reps) - clone_ms, _time(torch, fused, reps) - clone_ms
     return {"kernel": name, "tokens": tokens, "eager_ms": e * 1e3, "fused_ms": f * 1e3, "speedup": e / f,
             "bit_identical": identical, "step_saving_s": (e - f) * per_block * BLOCKS}

@@ -391,7 +391,7 @@ def environment(torch: Any, args: argparse.Namespace) -> dict[str, Any]:
             "lightx2v_commit": describe["lightx2v_commit"], "quant_scheme": describe["quant_scheme"],
             "attn_mode": describe["attn_mode"], "platform": platform.platform(),
             "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "prompt": PROMPT, "seed": SEED,
-            # fusions not yet proven on a GPU run only where this names them (pipeline/backends/kernels.py)
+            # changes not yet proven on a GPU (lightx2v_compat.UNPROVEN_NAMES) run only where this names them
             "unproven_kernel_changes": os.environ.get("WAN_STUDIO_UNPROVEN", ""),
             "checkpoint": "synthetic full-size (random weights: timings and memory real, pixels noise)"}
 

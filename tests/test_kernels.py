@@ -552,35 +552,22 @@ def test_without_a_baseline_errors_equal_to_the_fourth_digit_count_as_equal():
     assert kernels.choose_attention(trials, "sage_attn2") == "sdpa_cudnn"
 
 
-@pytest.mark.parametrize("scheme", ["int8-triton", "fp8-sgl"])
-def test_install_hands_the_int8_triton_linear_class_to_the_gelu_quant_fusion(monkeypatch, scheme):
-    calls = []
-    monkeypatch.setattr(compat, "gelu_quant_fused", lambda *args: calls.append(args))
-    register = {"int8-triton": "Int8TritonClass", "fp8-sgl": "Fp8Class"}
-    # (the gate + residual fusion, which needs triton, is not what this test is about)
-    infer, weights, fixes = object(), _Module(), compat.CompatFixes(skip=frozenset({"gate_residual_fused"}))
-    assert kernels.install(compat, fixes, _fake_torch((8, 6), "NVIDIA GeForce RTX 3060"),
-                           {"quant_scheme": scheme, "attn_mode": "flash_attn3"}, weights, sage_attn_module=None,
-                           sageattention=None, triton_kernels=None, transformer_infer=infer,
-                           mm_weight_register=register) is None
-    # Only the int8-triton scheme quantises ffn_2's input with the kernel the fusion mirrors.
-    assert calls == ([(fixes, infer, weights, "Int8TritonClass")] if scheme == "int8-triton" else [])
+UNPROVEN = "dit_head_in_split_invariant_chunks"  # a change of UNPROVEN_NAMES, the example here
 
 
-@pytest.mark.parametrize("named", ["", "rope_fused", "gelu_quant", "rope_fused,gelu_quant_fused",
-                                   "rope_fused, gelu_quant_fused"])
-def test_an_unproven_fusion_is_installed_only_where_it_is_named(monkeypatch, named):
+@pytest.mark.parametrize("named", ["", "rope_fused", "dit_head", f"rope_fused,{UNPROVEN}", f"rope_fused, {UNPROVEN}"])
+def test_an_unproven_change_is_applied_only_where_it_is_named(monkeypatch, named):
     monkeypatch.setenv("WAN_STUDIO_UNPROVEN", named)
     fixes = compat.CompatFixes()
-    assert fixes.wanted("gelu_quant_fused") == ("gelu_quant_fused" in named.replace(" ", "").split(","))
+    assert fixes.wanted(UNPROVEN) == (UNPROVEN in named.replace(" ", "").split(","))
     assert fixes.wanted("rope_fused")  # proven: named or not
-    assert "gelu_quant_fused" in compat.UNPROVEN_NAMES
+    assert UNPROVEN in compat.UNPROVEN_NAMES
 
 
-@pytest.mark.parametrize("named", ["", " gelu_quant_fused"])
-def test_a_fusion_that_left_the_unproven_set_is_installed_without_being_named(monkeypatch, named):
-    # Once the GPU tests have passed, the fusion leaves UNPROVEN_NAMES (docs/lightx2v.md): from then
+@pytest.mark.parametrize("named", ["", f" {UNPROVEN}"])
+def test_a_change_that_left_the_unproven_set_is_applied_without_being_named(monkeypatch, named):
+    # Once the GPU tests have passed, the change leaves UNPROVEN_NAMES (docs/multi-gpu.md): from then
     # on it runs for everyone, named or not (a name with a space after the comma included).
     monkeypatch.setattr(compat, "UNPROVEN_NAMES", frozenset())
     monkeypatch.setenv("WAN_STUDIO_UNPROVEN", named)
-    assert compat.CompatFixes().wanted("gelu_quant_fused")
+    assert compat.CompatFixes().wanted(UNPROVEN)

@@ -614,8 +614,7 @@ def build_selector(torch: Any, sage_fn: Callable[..., Any] | None, sage_exports:
 def install(compat: Any, fixes: Any, torch: Any, build: dict[str, Any], transformer_weights: Any, *,
             sage_attn_module: Any, sageattention: Any, triton_kernels: Any, attention: str = "auto",
             store: ChoiceStore | None = None, transformer_infer: Any = None, rope_cls: Any = None,
-            rms_module: Any = None, ln_cls: Any = None, mm_weight_register: Any = None,
-            ranks: RankGroup | None = None) -> AttentionSelector | None:
+            rms_module: Any = None, ranks: RankGroup | None = None) -> AttentionSelector | None:
     """The kernel hooks of one LightX2V build, through the compat layer (each skippable by name):
     SageAttention 1.0.6 on RTX 40/50, the INT8 GEMM tiles for this GPU, the fused elementwise
     chains of the DiT block (lightx2v_compat.FUSION_NAMES) and the self-attention selector. Returns
@@ -628,11 +627,6 @@ def install(compat: Any, fixes: Any, torch: Any, build: dict[str, Any], transfor
         compat.qk_rms_norm_fused(fixes, transformer_weights, rms_module)
     if transformer_infer is not None:
         compat.gate_residual_fused(fixes, transformer_infer)
-        if ln_cls is not None:
-            compat.norm_modulate_fused(fixes, transformer_infer, transformer_weights, ln_cls)
-        if build["quant_scheme"] == "int8-triton" and mm_weight_register is not None:
-            compat.gelu_quant_fused(fixes, transformer_infer, transformer_weights,
-                                    mm_weight_register.get("int8-triton"))
     compat.sage_attention_on_sm89_sm120(fixes, sage_attn_module, sageattention, capability)
     if build["quant_scheme"] == "int8-triton" and triton_kernels is not None:
         compat.int8_gemm_tiles_for_this_gpu(fixes, triton_kernels,

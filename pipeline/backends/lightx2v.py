@@ -280,8 +280,7 @@ class LightX2VBackend:
                 lx.compat, fixes, torch, build, model._runner.model.transformer_weights, sage_attn_module=lx.sage_attn_module,
                 sageattention=lx.sageattention, triton_kernels=lx.triton_kernels, attention=self.attention,
                 store=self.kernel_store, transformer_infer=model._runner.model.transformer_infer,
-                rope_cls=lx.torch_complex_rope_cls, rms_module=lx.rms_norm_module, ln_cls=lx.layer_norm_cls,
-                mm_weight_register=lx.mm_weight_register,
+                rope_cls=lx.torch_complex_rope_cls, rms_module=lx.rms_norm_module,
                 ranks=self._rank_group(build))
             _split_invariant(lx.compat, fixes, model._runner.model, build)
         except BaseException:
@@ -350,7 +349,7 @@ class LightX2VBackend:
 
 
 _KERNEL_FIXES = ("attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu", "sage_attention_on_sm89_sm120",
-                 "rope_fused", "qk_rms_norm_fused", "gate_residual_fused", "norm_modulate_fused", "gelu_quant_fused")
+                 "rope_fused", "qk_rms_norm_fused", "gate_residual_fused")
 
 
 def _torch_cuda_version() -> str | None:
@@ -408,7 +407,6 @@ class _LightX2VModules:
     lx_utils: Any = None  # lightx2v.utils.utils (checkpoint loading)
     torch_complex_rope_cls: Any = None  # the RoPE LightX2VPipeline builds by default (fused)
     rms_norm_module: Any = None  # lightx2v.common.ops.norm.rms_norm_weight (q/k RMSNorm, fused)
-    layer_norm_cls: Any = None  # the LNWeight of the DiT blocks' norm1/norm2 (LayerNorm + modulate, fused)
 
 
 def _import_lightx2v() -> _LightX2VModules:
@@ -424,7 +422,7 @@ def _import_lightx2v() -> _LightX2VModules:
         from lightx2v.models.networks.wan.infer.pre_infer import WanPreInfer
         from lightx2v.models.runners.default_runner import DefaultRunner
         from lightx2v.models.runners.wan.wan_runner import WanRunner
-        from lightx2v.utils.registry_factory import LN_WEIGHT_REGISTER, MM_WEIGHT_REGISTER
+        from lightx2v.utils.registry_factory import MM_WEIGHT_REGISTER
         import lightx2v.common.ops.utils as ops_utils
         import lightx2v.utils.utils as lx_utils
     except ImportError as exc:
@@ -442,7 +440,7 @@ def _import_lightx2v() -> _LightX2VModules:
                             t5_encoder_cls=T5Encoder, default_runner_cls=DefaultRunner,
                             wan_runner_cls=WanRunner, chunked_rope_cls=ChunkedRope, ops_utils=ops_utils,
                             lx_utils=lx_utils, torch_complex_rope_cls=TorchComplexRope,
-                            rms_norm_module=rms_norm_module, layer_norm_cls=LN_WEIGHT_REGISTER["torch"])
+                            rms_norm_module=rms_norm_module)
 
 
 def _build_pipeline(lx: _LightX2VModules, fixes: Any, files: WeightsLayout, build: dict[str, Any]) -> Any:

@@ -31,8 +31,6 @@ fused_kernels.py; docs/lightx2v.md §5 has the numerics), each a name of its own
 | rope_fused           | TorchComplexRope: fp32 complex copies of q and k | bit-identical (form checked)    |
 | qk_rms_norm_fused    | RMSNorm of q/k without sgl_kernel: 7 bf16 passes | bf16 mean may differ by 1 ulp   |
 | gate_residual_fused  | x.add_(y * gate) in cross-attn and post_process  | bit-identical                   |
-| norm_modulate_fused  | LayerNorm, then modulate (self-attn and FFN in)  | bit-identical (form checked)    |
-| gelu_quant_fused     | tanh-GELU, then ffn_2's INT8 activation quant    | bit-identical (form checked)    |
 
 Host-memory measures (issue 15), applied the same way and recorded with the fixes:
 
@@ -77,8 +75,7 @@ FIX_NAMES = (
 )
 # Speed: the DiT block's bf16 elementwise chains fused into Triton kernels (pipeline/backends/
 # fused_kernels.py, docs/lightx2v.md §5), each switchable by name.
-FUSION_NAMES = ("rope_fused", "qk_rms_norm_fused", "gate_residual_fused", "norm_modulate_fused",
-                "gelu_quant_fused")
+FUSION_NAMES = ("rope_fused", "qk_rms_norm_fused", "gate_residual_fused")
 # Not bugs: memory savings applied the same way (recorded with the fixes for the run records).
 OPTIMIZATION_NAMES = ("ffn_chunked_over_tokens", "non_block_weights_kept_for_the_run",
                       "attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu",
@@ -94,11 +91,11 @@ FEATURE_NAMES = ("clean_latents_estimate_after_each_step", "parallel_env_initial
 # tests: applied only where WAN_STUDIO_UNPROVEN (comma-separated) names them, so that nobody's clip
 # depends on code no GPU has run, and one GPU's frames stay LightX2V's bit for bit. The GPU tests
 # (tests/gpu/conftest.py) and the bench name them; a change leaves this set when its GPU tests have
-# passed (tests/gpu/test_fused_kernels_gpu.py, test_split_invariant_gpu.py, test_multigpu_gpu.py).
+# passed (tests/gpu/test_split_invariant_gpu.py, test_multigpu_gpu.py).
 # The split-invariant changes also decide a trade: two of them act on one GPU too, where they would
 # move SageAttention's key mean and the DiT head off LightX2V's own bits (same accuracy) to make N
 # GPUs equal one.
-UNPROVEN_NAMES = frozenset({"gelu_quant_fused", *SPLIT_INVARIANT_NAMES})
+UNPROVEN_NAMES = frozenset(SPLIT_INVARIANT_NAMES)
 UNPROVEN_ENV = "WAN_STUDIO_UNPROVEN"
 
 
@@ -791,8 +788,7 @@ def ffn_chunked_over_tokens(fixes: CompatFixes, transformer_infer: Any, max_toke
         return out
 
     infer_ffn.sliced_calls = 0  # how often it actually sliced (tests)
-    # The method it slices, looked up per call: a fusion installed later (norm_modulate_fused)
-    # replaces it here instead of replacing the slicing.
+    # The method it slices; undo puts it back.
     infer_ffn.__wrapped__ = transformer_infer.infer_ffn
     transformer_infer.infer_ffn = infer_ffn
 
@@ -1299,14 +1295,13 @@ _REWRITES = itertools.count(1)
 
 
 def method_rewritten(cls: Any, name: str, replacements: tuple[tuple[str, str], ...],
-                     helpers: dict[str, Any], func: Any = None) -> Callable[..., Any] | None:
-    """`cls.name` (or `func`, a method of cls already rewritten by another fusion) compiled again
-    from its own source with each `old` line replaced by `new` (each must occur exactly once), in
-    its globals plus `helpers`; None where the source is not what the replacements expect. Fuses
-    lines inside an upstream method without copying the rest of it: a later LightX2V whose method
-    changed elsewhere keeps its changes. The new source is registered with linecache, so that
-    tracebacks show it and a further rewrite can start from it (fusions of the same method compose)."""
-    func = getattr(cls, name, None) if func is None else func
+                     helpers: dict[str, Any]) -> Callable[..., Any] | None:
+    """`cls.name` compiled again from its own source with each `old` line replaced by `new` (each
+    must occur exactly once), in its globals plus `helpers`; None where the source is not what the
+    replacements expect. Fuses lines inside an upstream method without copying the rest of it: a
+    later LightX2V whose method changed elsewhere keeps its changes. The new source is registered
+    with linecache, so that tracebacks show it."""
+    func = getattr(cls, name, None)
     try:
         source = textwrap.dedent(inspect.getsource(func))
     except (OSError, TypeError):
@@ -1325,41 +1320,20 @@ def method_rewritten(cls: Any, name: str, replacements: tuple[tuple[str, str], .
     return namespace[name]
 
 
-def method_now(obj: Any, name: str) -> Any:
-    """The function behind `obj.name` as it runs now: the instance's own (another fusion's rewrite),
-    the one ffn_chunked_over_tokens slices (`__wrapped__`), or the class's."""
-    current = vars(obj).get(name)
-    if current is not None and hasattr(current, "__wrapped__"):
-        current = current.__wrapped__
-    if current is None:
-        current = getattr(type(obj), name, None)
-    return getattr(current, "__func__", current)
-
-
-def install_method(obj: Any, name: str, func: Callable[..., Any]) -> None:
-    """`func` bound to obj as its `name`; under ffn_chunked_over_tokens' slicing, as the method it slices."""
-    bound = types.MethodType(func, obj)
-    current = vars(obj).get(name)
-    if current is not None and hasattr(current, "__wrapped__"):
-        current.__wrapped__ = bound
-    else:
-        setattr(obj, name, bound)
-
-
 def install_methods_rewritten(obj: Any, lines: dict[str, tuple[tuple[str, str], ...]],
                               helpers: dict[str, Any]) -> list[str] | None:
-    """Every method named in `lines` rewritten (method_rewritten, from the method as it runs now)
-    and installed on obj (install_method), all or none: the names installed, or None where one
-    method's source is not what its replacements expect (then nothing is installed)."""
+    """Every method named in `lines` rewritten from its class's source (method_rewritten) and bound
+    to obj as its own, all or none: the names installed, or None where one method's source is not
+    what its replacements expect (then nothing is installed)."""
     cls = type(obj)
     methods = {}
     for method, replacements in lines.items():
-        func = method_rewritten(cls, method, replacements, helpers, func=method_now(obj, method))
+        func = method_rewritten(cls, method, replacements, helpers)
         if func is None:
             return None
         methods[method] = func
     for method, func in methods.items():
-        install_method(obj, method, func)
+        setattr(obj, method, types.MethodType(func, obj))
     return [f"{cls.__name__}.{method}" for method in methods]
 
 
@@ -1399,172 +1373,6 @@ def gate_residual_fused(fixes: CompatFixes, transformer_infer: Any) -> None:
                  type(transformer_infer).__name__, name)
         return
     switch.record(fixes, name, "x += y * gate: fused_kernels._gate_residual_kernel in " + ", ".join(installed))
-
-
-# The LayerNorm lines of WanTransformerInfer before the modulate (networks/wan/infer/
-# transformer_infer.py:286-305, 450-469): the branch without smooth weights gets a fused first arm.
-_NORM_MODULATE_LINES = {
-    method: (("    else:\n        {out} = phase.{norm}.apply(x)\n".format(out=out, norm=norm),
-              "    elif ({out} := _fused_norm_modulate_(self, phase.{norm}, x, {scale}, {shift})) is not None:\n"
-              "        pass\n"
-              "    else:\n        {out} = phase.{norm}.apply(x)\n".format(out=out, norm=norm, scale=scale, shift=shift)),)
-    for method, out, norm, scale, shift in (("infer_self_attn", "norm1_out", "norm1", "scale_msa", "shift_msa"),
-                                            ("infer_ffn", "norm2_out", "norm2", "c_scale_msa", "c_shift_msa"))
-}
-
-
-def norm_modulate_fused(fixes: CompatFixes, transformer_infer: Any, transformer_weights: Any, ln_cls: Any,
-                        device: str = "cuda") -> None:
-    """Not a bug: before self-attention and before the FFN, WanTransformerInfer.infer_self_attn and
-    infer_ffn (networks/wan/infer/transformer_infer.py:286-305, 450-469) run the LayerNorm without
-    affine of the block (LNWeight.apply, common/ops/norm/layer_norm_weight.py:222-240: torch's
-    layer_norm in bf16) and then `self.modulate_func` (LightX2V's Triton scale-shift kernel, or
-    `x * (1 + scale) + shift` in torch): the normalised tensor is written out and read back, four
-    full-size passes. The fused kernel reads x once and writes the modulated tensor once.
-
-    Bit-identical where the device's eager chain matches one of the kernel's forms: the kernel
-    retraces torch's CUDA LayerNorm statistics (the same Welford steps and combination tree), and
-    `fused_kernels.norm_modulate_form_matching` runs upstream's own LNWeight.apply and modulate_func
-    on this device against each form of FMA contraction; the fusion installs only with the form
-    that matches bit for bit (none: not installed, logged). Calls the kernel does not serve (an
-    affine or fp32 LayerNorm, MXFP8 fusion, other shapes) run upstream's lines.
-
-    Installed on this transformer_infer instance as infer_self_attn and infer_ffn compiled from
-    upstream's own source with a fused first arm before the LayerNorm line (method_rewritten);
-    infer_ffn goes under ffn_chunked_over_tokens' slicing where that is installed (each slice is
-    fused). Detected from the source of LNWeight.apply."""
-    name = "norm_modulate_fused"
-    if not fixes.wanted(name):
-        return
-    try:
-        source = inspect.getsource(ln_cls.apply)
-    except (OSError, TypeError, AttributeError):
-        return
-    if "torch.nn.functional.layer_norm(" not in source or "input_tensor.float()" not in source:
-        log.info("LightX2V's LNWeight.apply is not the torch layer_norm expected: %s off", name)
-        return
-    modules = [m for _, mods in weight_module_tree(transformer_weights) for key, m in mods.items()
-               if key in ("norm1", "norm2") and type(m) is ln_cls]
-    modulate = getattr(transformer_infer, "modulate_func", None)
-    if not modules or modulate is None:
-        return
-    from pipeline.backends import fused_kernels
-
-    probe = modules[0]
-
-    def eager(x: Any, scale: Any, shift: Any) -> Any:
-        return modulate(probe.apply(x), scale=scale, shift=shift).squeeze()
-
-    form = _form_matching(name, "LayerNorm + modulate",
-                          lambda: fused_kernels.norm_modulate_form_matching(eager, device, eps=probe.eps))
-    if form is None:
-        return
-    switch = _Switch()
-
-    def _fused_norm_modulate_(infer: Any, norm: Any, x: Any, scale: Any, shift: Any) -> Any:
-        """The fused output, or None where upstream's lines must run."""
-        if not (switch.on and type(norm) is ln_cls and infer.modulate_func is modulate
-                and infer.sensitive_layer_dtype == infer.infer_dtype
-                and norm.sensitive_layer_dtype == norm.infer_dtype
-                and not getattr(infer, "_use_mxfp8_quant_fuse", lambda: False)()
-                and norm._get_actual_weight() is None and norm._get_actual_bias() is None
-                and fused_kernels.norm_modulate_fits(x, scale, shift)):
-            return None
-        return fused_kernels.norm_modulate(x, scale, shift, norm.eps, form)
-
-    # Under the FFN slicing the rewrite replaces the method it slices: each slice is fused.
-    installed = install_methods_rewritten(transformer_infer, _NORM_MODULATE_LINES,
-                                          {"_fused_norm_modulate_": _fused_norm_modulate_})
-    if installed is None:
-        log.info("LightX2V's %s has not the LayerNorm lines expected: %s off", type(transformer_infer).__name__, name)
-        return
-    switch.record(fixes, name, f"LayerNorm + modulate: fused_kernels._norm_modulate_kernel (form {form}) in "
-                  + ", ".join(installed))
-
-
-# The tail of WanTransformerInfer.infer_ffn (networks/wan/infer/transformer_infer.py:489-492): the GELU
-# line gets a fused arm that returns ffn_2's INT8 input, and the ffn_2 line takes it.
-_GELU_QUANT_LINES = (
-    ('y = torch.nn.functional.gelu(y, approximate="tanh")',
-     'y = _gelu_int8_ if (_gelu_int8_ := _fused_gelu_quant_(phase.ffn_2, y)) is not None '
-     'else torch.nn.functional.gelu(y, approximate="tanh")'),
-    ("y = phase.ffn_2.apply(y)",
-     "y = _ffn_2_apply_quantized_(phase.ffn_2, y) if isinstance(y, _Int8Rows_) else phase.ffn_2.apply(y)"),
-)
-# MMWeightWint8channelAint8channeldynamicTriton.apply (common/ops/mm/mm_weight.py:1730-1751) with the
-# activations already quantised: its GEMM call, bias, output dtype and reshape stay upstream's.
-_QUANTIZED_APPLY_LINES = (("self.act_quant_func(input_tensor)", "input_tensor"),)
-
-
-def gelu_quant_fused(fixes: CompatFixes, transformer_infer: Any, transformer_weights: Any, mm_cls: Any,
-                     device: str = "cuda") -> None:
-    """Not a bug: at the end of the FFN, WanTransformerInfer.infer_ffn (networks/wan/infer/
-    transformer_infer.py:489-492) runs torch's tanh-GELU on ffn_0's L x 13824 bf16 output (a second
-    bf16 tensor of that size, read back) and ffn_2.apply (int8-triton: MMWeightWint8channelAint8
-    channeldynamicTriton, common/ops/mm/mm_weight.py:1730-1751) quantises it per token with
-    int8_quantize_triton (common/ops/mm/triton_kernels.py:17-40) before the INT8 GEMM. The fused
-    kernel reads ffn_0's output once and writes the INT8 activations and scales; the bf16 GELU
-    output is never materialised (the FFN's peak holds INT8 activations where it held that bf16
-    tensor), and ffn_2 runs its own apply with the quantisation line taking those (same GEMM, bias,
-    output dtype, reshape).
-
-    Bit-identical where the device's eager chain matches one of the kernel's forms: the
-    quantisation repeats int8_quantize_kernel's Triton operations in its order; the GELU's one open
-    rounding (nvcc's FMA contraction of x + kKappa x^3) and CUDA's tanhf against the libdevice tanh
-    Triton links are settled at install by `fused_kernels.gelu_quant_form_matching`: each form runs
-    against torch's own F.gelu on every finite bf16 value and against the ffn_2 modules' own
-    act_quant_func on random rows, on this device; only a form that matches bit for bit installs
-    (none: not installed, logged). Identical INT8 inputs and scales give the GEMM identical output.
-    Calls the kernel does not serve (another mm class, a LoRA branch, other dtypes or shapes) run
-    upstream's lines.
-
-    Installed on this transformer_infer instance as infer_ffn recompiled from the method it runs
-    now (upstream's, or norm_modulate_fused's rewrite: the two compose in either order) with the two
-    lines above replaced; under ffn_chunked_over_tokens' slicing as the method it slices (each slice
-    fused). Detected from the source of infer_ffn and of mm_cls.apply."""
-    name = "gelu_quant_fused"
-    if mm_cls is None or not fixes.wanted(name):
-        return
-    apply_quantized = method_rewritten(mm_cls, "apply", _QUANTIZED_APPLY_LINES, {})
-    if apply_quantized is None:
-        log.info("LightX2V's %s.apply has not the activation quantisation line expected: %s off",
-                 getattr(mm_cls, "__name__", mm_cls), name)
-        return
-    modules = [m for _, mods in weight_module_tree(transformer_weights) for key, m in mods.items()
-               if key == "ffn_2" and type(m) is mm_cls]
-    quantize = getattr(modules[0], "act_quant_func", None) if modules else None
-    if quantize is None:
-        return
-    import torch
-
-    from pipeline.backends import fused_kernels
-
-    def gelu(y: Any) -> Any:
-        return torch.nn.functional.gelu(y, approximate="tanh")
-
-    form = _form_matching(name, "GELU + INT8 quantisation",
-                          lambda: fused_kernels.gelu_quant_form_matching(gelu, quantize, device))
-    if form is None:
-        return
-    switch = _Switch()
-
-    def _fused_gelu_quant_(ffn_2: Any, y: Any) -> Any:
-        """ffn_2's INT8 input (fused_kernels.Int8Rows), or None where upstream's lines must run."""
-        if not (switch.on and type(ffn_2) is mm_cls and "apply" not in vars(ffn_2)
-                and not getattr(ffn_2, "has_lora_branch", False) and ffn_2.act_quant_func is quantize
-                and fused_kernels.gelu_quant_fits(y)):
-            return None
-        return fused_kernels.gelu_quant(y, form)
-
-    installed = install_methods_rewritten(transformer_infer, {"infer_ffn": _GELU_QUANT_LINES},
-                                          {"_fused_gelu_quant_": _fused_gelu_quant_, "_Int8Rows_": fused_kernels.Int8Rows,
-                                           "_ffn_2_apply_quantized_": apply_quantized})
-    if installed is None:
-        log.info("LightX2V's %s.infer_ffn has not the GELU and ffn_2 lines expected: %s off",
-                 type(transformer_infer).__name__, name)
-        return
-    switch.record(fixes, name, f"GELU + INT8 quantisation of ffn_2's input: fused_kernels._gelu_quant_kernel "
-                  f"(form {form}) in {installed[0]}, then {mm_cls.__name__}.apply's GEMM")
 
 
 # -- several GPUs ----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from tests.gpu.gpuhelpers import CAP_GIB, make_service, set_cap
 
 @pytest.fixture(scope="session", autouse=True)
 def unproven_kernel_changes_on():
-    """The GPU tests are where an unproven kernel change gets its proof (pipeline/backends/kernels.py):
+    """The GPU tests are where an unproven change gets its proof (lightx2v_compat.UNPROVEN_NAMES):
     every test under tests/gpu runs with them (unless the variable is already set)."""
     before = os.environ.get(UNPROVEN_ENV)
     os.environ.setdefault(UNPROVEN_ENV, ",".join(sorted(UNPROVEN_NAMES)))

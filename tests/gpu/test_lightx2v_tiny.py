@@ -18,15 +18,15 @@ ALL_FIXES = {"keep_target_video_length_in_config", "explicit_t5_checkpoint_path"
              "ffn_chunked_over_tokens", "non_block_weights_kept_for_the_run", "attention_chosen_by_measurement",
              "int8_gemm_tiles_for_this_gpu", "clean_latents_estimate_after_each_step",
              # The DiT block's elementwise chains fused (LightX2V without sgl_kernel, its default RoPE).
-             "rope_fused", "qk_rms_norm_fused", "gate_residual_fused", "norm_modulate_fused", "gelu_quant_fused",
+             "rope_fused", "qk_rms_norm_fused", "gate_residual_fused",
              # Host memory (every build): weights pinned in packed slabs, .pth files memory-mapped.
              "pinned_weights_packed", "checkpoints_memory_mapped"}
 
 
 def one_gpu_unproven() -> set[str]:
     """The changes not yet proven on a GPU (lightx2v_compat.UNPROVEN_NAMES, on in these tests through
-    tests/gpu/conftest.py) that a one-GPU build applies: gelu_quant_fused is in ALL_FIXES, the
-    cross-attention change acts only on sequence-parallel builds."""
+    tests/gpu/conftest.py) that a one-GPU build applies: the cross-attention change acts only on
+    sequence-parallel builds."""
     from pipeline.backends import lightx2v_compat as compat
 
     return {"dit_head_in_split_invariant_chunks", "sage_keys_smoothed_by_head_groups"} & compat.unproven_named()
