@@ -35,7 +35,10 @@ streamed per step (the block files' size) and the bytes the process read from st
 (/proc/self/io; page-cache hits excluded, so small on a machine with RAM to cache the files), and
 what streaming means elsewhere, by formula: a step cannot take less than bytes / bandwidth, since
 reading overlaps compute: `max(s/step here, bytes / 3 GB/s)` on a typical NVMe SSD and
-`max(s/step here, bytes / 0.5 GB/s)` on a SATA SSD.
+`max(s/step here, bytes / 0.5 GB/s)` on a SATA SSD. `--cold-cache` measures this machine's own disk:
+before the first step and after every step of a low-RAM run the block files are dropped from the
+page cache (posix_fadvise DONTNEED: no root needed, clean pages only), so every step reads them
+from storage; the row's disk-read column then shows the bytes really read.
 
 Each row carries a hash of the frames: the same prompt and seed must give the same hash in every
 configuration that only changes memory or copies (ours, ours-nochunk, ours-perstep).
@@ -65,7 +68,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from pipeline.backends.lightx2v_compat import FUSION_NAMES
 from presets import build_settings
@@ -95,6 +98,8 @@ class PhaseProbe:
     nvml_peak: dict[str, float] = field(default_factory=dict)
     host: Any = None  # pipeline.machine.hostmem.HostPeaks, sampled in the same loop as NVML
     step_read_bytes: list[int | None] = field(default_factory=list)
+    # Called before denoising starts and between steps, outside the timed span (--cold-cache).
+    before_each_step: Callable[[], None] | None = None
     _last_step: float = 0.0
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -131,7 +136,13 @@ class PhaseProbe:
         self._close_phase(now)
         self.phase, self.phase_started, self._last_step = phase.value, now, now
         if phase.value == "denoising":
-            self._io_last = self._hostmem.read_io()
+            self._between_steps()
+
+    def _between_steps(self) -> None:
+        if self.before_each_step is not None:
+            self.before_each_step()
+            self._last_step = time.perf_counter()
+        self._io_last = self._hostmem.read_io()
 
     def on_step(self, index: int, total: int) -> None:
         self.torch.cuda.synchronize()
@@ -141,7 +152,7 @@ class PhaseProbe:
         io = self._hostmem.read_io()
         self.step_read_bytes.append(None if io is None or self._io_last is None
                                     else io["read_bytes"] - self._io_last["read_bytes"])
-        self._io_last = io
+        self._between_steps()
 
     def finish(self, name: str = "done") -> None:
         self.torch.cuda.synchronize()
@@ -191,7 +202,8 @@ class Bench:
         self.writer = _mp4_writer()
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-mp4-"))
         # What the low-RAM rung streams per step: every DiT block file once.
-        self.block_bytes = sum(f.stat().st_size for f in (Path(ckpt) / "distill_int8").glob("block_*.safetensors"))
+        self.block_files = sorted((Path(ckpt) / "distill_int8").glob("block_*.safetensors"))
+        self.block_bytes = sum(f.stat().st_size for f in self.block_files)
 
     def time_left(self) -> float:
         return self.args.time_budget_s - (time.monotonic() - self.started)
@@ -260,6 +272,9 @@ class Bench:
         torch.cuda.reset_peak_memory_stats()
         snap = self.monitor.read()
         probe = self.probe_cls(torch, self.monitor, snap.used_bytes if snap else 0)
+        cold = bool(getattr(self.args, "cold_cache", False) and memory.get("dit_from_disk"))
+        if cold:
+            probe.before_each_step = lambda: drop_from_page_cache(self.block_files)
         outcome, frames, error, failed_phase = "ok", None, None, None
         try:
             frames = self.generate(model, _spec(preset, memory), probe, record)
@@ -308,6 +323,7 @@ class Bench:
             "host_by_phase_gib": {"load": {"must_hold_gib": load_host.get("peak_must_hold_gib"),
                                            "file_gib": load_host.get("peak_file_gib")}, **host["per_phase"]},
             **streaming_columns(streamed, step_s, read),
+            "cold_cache": cold,
         }
         log.info("%s %s/%s: %s step %.2fs peak %.2f GiB", label, preset.name, rung, outcome,
                  row["step_s"] or -1, row["peak_reserved_gib"])
@@ -364,6 +380,18 @@ def latest_runs(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[s
     return out
 
 
+def drop_from_page_cache(paths: Iterable[Path]) -> None:
+    """Ask the kernel to drop the clean cached pages of `paths` (the next read goes to storage).
+    Pages still mapped by a live mmap stay; LightX2V's streamed load opens and closes each block file
+    per read, so between steps none is mapped."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def streaming_columns(streamed_bytes: int, step_s: float | None, read_bytes: list[int]) -> dict[str, Any]:
     """What reading the DiT from disk costs per step, measured and by formula for other disks."""
     out: dict[str, Any] = {"stream_gb_per_step": round(streamed_bytes / 1e9, 3),
@@ -391,8 +419,8 @@ def environment(torch: Any, args: argparse.Namespace) -> dict[str, Any]:
             "lightx2v_commit": describe["lightx2v_commit"], "quant_scheme": describe["quant_scheme"],
             "attn_mode": describe["attn_mode"], "platform": platform.platform(),
             "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "prompt": PROMPT, "seed": SEED,
-            # changes not yet proven on a GPU (lightx2v_compat.UNPROVEN_NAMES) run only where this names them
-            "unproven_kernel_changes": os.environ.get("WAN_STUDIO_UNPROVEN", ""),
+            # opt-in changes (lightx2v_compat.OPT_IN_NAMES) run only where this names them
+            "opt_in_changes": os.environ.get("WAN_STUDIO_OPT_IN", ""),
             "checkpoint": "synthetic full-size (random weights: timings and memory real, pixels noise)"}
 
 
@@ -406,7 +434,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              "level before the run, GiB, over the whole run; `DiT` and `decode` give the reserved peak of those phases.", "",
              "Host: must-hold peak GiB (anonymous + pinned, load included) / file-backed GiB (mapped weights the "
              "kernel can drop). Streamed: GB read from the block files per step (low-RAM rung); NVMe / SATA: the "
-             "step time those disks allow, max(s/step, GB / 3 GB/s) and max(s/step, GB / 0.5 GB/s).", "",
+             "step time those disks allow, max(s/step, GB / 3 GB/s) and max(s/step, GB / 0.5 GB/s); a rung marked "
+             "`cold page cache` read its blocks from this machine's disk at every step (`--cold-cache`).", "",
              "| config | preset | rung | result | load s | text enc s | step 1 s | s/step | decode s | mp4 s | total s | "
              "peak reserved | DiT | decode | NVML peak | host | host file | streamed GB | NVMe s/step | SATA s/step | frames |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -418,7 +447,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         peaks = r["reserved_peak_gib"]
         lines.append("| {config} | {preset} | {rung} | {result} | {load} | {te} | {s1} | {ss} | {dec} | {mp4} | {tot} | "
                      "{pr} | {dit} | {vae} | {nv} | {host} | {hfile} | {gb} | {nvme} | {sata} | {sha} |".format(
-                         config=r["config"], preset=r["preset"], rung=r["rung"],
+                         config=r["config"], preset=r["preset"],
+                         rung=r["rung"] + (" (cold page cache)" if r.get("cold_cache") else ""),
                          result=r["result"] + (f" ({r['failed_phase']})" if r.get("failed_phase") else ""),
                          load=r["load_s"] or "", te=r["text_encoder_s"], s1=steps[0] if steps else "",
                          ss=r["step_s"] or "", dec=r["decode_s"], mp4=r["mp4_s"] or "", tot=r["total_s"],
@@ -463,6 +493,9 @@ def build_parser(prog: str, description: str, default_configs: str) -> argparse.
     parser.add_argument("--out", default="docs/benchmarks")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false")
     parser.add_argument("--time-budget-s", type=float, default=1e9, help="stop starting new runs after this long")
+    parser.add_argument("--cold-cache", action="store_true",
+                        help="low-RAM rows: drop the DiT block files from the page cache before every step, so "
+                             "each step reads them from this machine's disk")
     return parser
 
 

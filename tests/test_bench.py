@@ -59,8 +59,8 @@ def _optimisations(backend) -> dict[str, bool]:
 def test_each_bench_variant_switches_off_a_real_optimisation(variant, tmp_path, monkeypatch):
     from pipeline.backends.lightx2v import LightX2VBackend
 
-    # A bench that measures the changes not yet proven on a GPU names them (WAN_STUDIO_UNPROVEN).
-    monkeypatch.setenv(compat.UNPROVEN_ENV, ",".join(sorted(compat.UNPROVEN_NAMES)))
+    # A bench that measures the opt-in changes names them (WAN_STUDIO_OPT_IN).
+    monkeypatch.setenv(compat.OPT_IN_ENV, ",".join(sorted(compat.OPT_IN_NAMES)))
 
     for name in OURS_VARIANTS[variant].get("compat_skip", set()) | PEER_SKIP:
         compat.CompatFixes().wanted(name)  # raises KeyError for a name the compat layer does not know
@@ -189,3 +189,70 @@ def test_multigpu_lanes_row_alone_through_the_job_queue(tmp_path):
     assert sorted(c["lane"] for c in run["lanes"]) == [0, 1]
     for clip in [run["alone"], *run["lanes"]]:
         assert clip["until_encode_s"] > 0 and clip["writing_mp4_s"] > 0 and len(clip["steps_s"]) == 4
+
+
+class _CudaClock:
+    """torch as PhaseProbe uses it: synchronize and the allocator's peak counter."""
+
+    class cuda:
+        @staticmethod
+        def synchronize():
+            pass
+
+        @staticmethod
+        def max_memory_reserved():
+            return 0
+
+        @staticmethod
+        def reset_peak_memory_stats():
+            pass
+
+
+class _NoGpu:
+    def read(self):
+        return None
+
+
+def test_cold_cache_drops_the_block_files_before_denoising_and_between_steps_outside_the_timing(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from bench import run
+    from pipeline.types import Phase
+
+    blocks = [tmp_path / f"block_{i}.safetensors" for i in range(3)]
+    for b in blocks:
+        b.write_bytes(b"x" * 4096)
+    advised = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: advised.append(advice) or real(fd, off, n, advice))
+    drops = []
+
+    def drop():
+        drops.append(len(probe.steps))
+        run.drop_from_page_cache(blocks)
+        time.sleep(0.05)  # a slow drop must not count as step time
+
+    probe = run.PhaseProbe(_CudaClock, _NoGpu(), 0)
+    probe.before_each_step = drop
+    try:
+        probe.on_phase(Phase.TEXT_ENCODING)
+        assert drops == []  # only the denoising steps read the blocks
+        probe.on_phase(Phase.DENOISING)
+        for i in range(1, 5):
+            probe.on_step(i, 4)
+    finally:
+        probe.finish()
+    assert drops == [0, 1, 2, 3, 4]  # before step 1, then after every step
+    assert advised == [os.POSIX_FADV_DONTNEED] * 3 * 5
+    assert max(probe.steps) < 0.05 and len(probe.steps) == 4
+
+
+def test_cold_cache_is_a_flag_of_the_bench_and_marks_its_rows():
+    from bench.run import build_parser
+
+    assert build_parser("b", "d", "ours").parse_args(["--cold-cache"]).cold_cache
+    assert not build_parser("b", "d", "ours").parse_args([]).cold_cache
+    row = _row(rung="low-ram", cold_cache=True, **streaming_columns(14_100_000_000, 5.0, [14_000_000_000]))
+    line = [line for line in markdown(META, [row]).splitlines() if line.startswith("| ours")][0]
+    assert "| low-ram (cold page cache) |" in line

@@ -552,22 +552,22 @@ def test_without_a_baseline_errors_equal_to_the_fourth_digit_count_as_equal():
     assert kernels.choose_attention(trials, "sage_attn2") == "sdpa_cudnn"
 
 
-UNPROVEN = "dit_head_in_split_invariant_chunks"  # a change of UNPROVEN_NAMES, the example here
+OPT_IN = "dit_head_in_split_invariant_chunks"  # a change of OPT_IN_NAMES, the example here
 
 
-@pytest.mark.parametrize("named", ["", "rope_fused", "dit_head", f"rope_fused,{UNPROVEN}", f"rope_fused, {UNPROVEN}"])
-def test_an_unproven_change_is_applied_only_where_it_is_named(monkeypatch, named):
-    monkeypatch.setenv("WAN_STUDIO_UNPROVEN", named)
+@pytest.mark.parametrize("named", ["", "rope_fused", "dit_head", f"rope_fused,{OPT_IN}", f"rope_fused, {OPT_IN}"])
+def test_an_opt_in_change_is_applied_only_where_it_is_named(monkeypatch, named):
+    monkeypatch.setenv("WAN_STUDIO_OPT_IN", named)
     fixes = compat.CompatFixes()
-    assert fixes.wanted(UNPROVEN) == (UNPROVEN in named.replace(" ", "").split(","))
+    assert fixes.wanted(OPT_IN) == (OPT_IN in named.replace(" ", "").split(","))
     assert fixes.wanted("rope_fused")  # proven: named or not
-    assert UNPROVEN in compat.UNPROVEN_NAMES
+    assert OPT_IN in compat.OPT_IN_NAMES
 
 
-@pytest.mark.parametrize("named", ["", f" {UNPROVEN}"])
-def test_a_change_that_left_the_unproven_set_is_applied_without_being_named(monkeypatch, named):
-    # Once the GPU tests have passed, the change leaves UNPROVEN_NAMES (docs/multi-gpu.md): from then
-    # on it runs for everyone, named or not (a name with a space after the comma included).
-    monkeypatch.setattr(compat, "UNPROVEN_NAMES", frozenset())
-    monkeypatch.setenv("WAN_STUDIO_UNPROVEN", named)
-    assert compat.CompatFixes().wanted(UNPROVEN)
+@pytest.mark.parametrize("named", ["", f" {OPT_IN}"])
+def test_a_change_that_left_the_opt_in_set_is_applied_without_being_named(monkeypatch, named):
+    # A change taken out of OPT_IN_NAMES runs for everyone, named or not (a name with a space after
+    # the comma included).
+    monkeypatch.setattr(compat, "OPT_IN_NAMES", frozenset())
+    monkeypatch.setenv("WAN_STUDIO_OPT_IN", named)
+    assert compat.CompatFixes().wanted(OPT_IN)

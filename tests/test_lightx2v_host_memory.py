@@ -186,38 +186,46 @@ def test_load_key_carries_dit_from_disk(tmp_path, memory, expected):
 
 
 class _QuantWeight:
-    """The upstream int8 linear's disk path (its bias copied into an fp32 pinned buffer as read)."""
+    """The upstream int8 linear's disk path: its weight scale and bias copied into fp32 pinned
+    buffers as stored in the file."""
 
     infer_dtype = torch.bfloat16
     bias_force_fp32 = True
 
-    def __init__(self, file_bias):
-        self.file_bias = file_bias
-        self.pin_bias = file_bias.clone()  # the CPU buffer as create_cpu_buffers built it
+    def __init__(self, file_scale, file_bias):
+        self.file_scale, self.file_bias = file_scale, file_bias
+        # the CPU buffers as create_cpu_buffers built them
+        self.pin_weight_scale, self.pin_bias = file_scale.clone(), file_bias.clone()
         self._modules = {}
 
     def load_state_dict_from_disk(self, block_index, adapter_block_index=None):
+        weight_scale_tensor = self.file_scale
+        self.pin_weight_scale = self.pin_weight_scale.copy_(weight_scale_tensor)
         bias_tensor = self.file_bias
         self.pin_bias.copy_(bias_tensor)
 
 
-def test_streamed_biases_are_rounded_like_the_resident_load():
+def test_streamed_scales_and_biases_are_rounded_like_the_resident_load():
     bias = torch.tensor([1.0 + 2**-12, 3.14159265, -0.1], dtype=torch.float32)
-    resident = bias.to(torch.bfloat16).to(torch.float32)  # what the resident load keeps
-    assert not torch.equal(bias, resident)
-    buffer = _QuantWeight(bias)
+    scale = torch.tensor([[0.0123456], [2.0 ** -7 * (1 + 2**-10)], [0.5]], dtype=torch.float32)
+    # what the resident load keeps: every float rounded to bf16 (the bias widened back to fp32)
+    resident_bias, resident_scale = (t.to(torch.bfloat16).to(torch.float32) for t in (bias, scale))
+    assert not torch.equal(bias, resident_bias) and not torch.equal(scale, resident_scale)
+    buffer = _QuantWeight(scale, bias)
     holder = types.SimpleNamespace(_modules={"cpu": buffer})
     cls_before = _QuantWeight.load_state_dict_from_disk
     fixes = compat.CompatFixes()
     try:
-        compat.streamed_biases_match_resident(fixes, _QuantWeight, holder)
-        assert torch.equal(buffer.pin_bias, resident)  # the buffers built at construction
-        later = _QuantWeight(bias)
+        compat.streamed_scales_and_biases_match_resident(fixes, _QuantWeight, holder)
+        # the buffers built at construction
+        assert torch.equal(buffer.pin_bias, resident_bias) and torch.equal(buffer.pin_weight_scale, resident_scale)
+        later = _QuantWeight(scale, bias)
         later.load_state_dict_from_disk(3)
-        assert torch.equal(later.pin_bias, resident)  # every block read afterwards
-        with fixes.disabled("streamed_biases_match_resident"):
+        # every block read afterwards
+        assert torch.equal(later.pin_bias, resident_bias) and torch.equal(later.pin_weight_scale, resident_scale)
+        with fixes.disabled("streamed_scales_and_biases_match_resident"):
             later.load_state_dict_from_disk(3)
-            assert torch.equal(later.pin_bias, bias)
+            assert torch.equal(later.pin_bias, bias) and torch.equal(later.pin_weight_scale, scale)
     finally:
         _QuantWeight.load_state_dict_from_disk = cls_before
 

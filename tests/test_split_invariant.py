@@ -15,10 +15,10 @@ from pipeline.backends import lightx2v_compat as compat
 
 
 @pytest.fixture(autouse=True)
-def unproven_named(monkeypatch):
-    """The changes under test here are not yet proven on a GPU (lightx2v_compat.UNPROVEN_NAMES): off
-    unless named. Every test names them, but the one about that gate."""
-    monkeypatch.setenv(compat.UNPROVEN_ENV, ",".join(sorted(compat.UNPROVEN_NAMES)))
+def opt_in_named(monkeypatch):
+    """The changes under test here are opt-in (lightx2v_compat.OPT_IN_NAMES): off unless named.
+    Every test names them, but the one about that gate."""
+    monkeypatch.setenv(compat.OPT_IN_ENV, ",".join(sorted(compat.OPT_IN_NAMES)))
 
 torch = pytest.importorskip("torch")
 
@@ -261,7 +261,7 @@ def test_the_head_fix_needs_a_head():
                                    "sage_keys_smoothed_by_head_groups, dit_head_in_split_invariant_chunks"])
 def test_the_split_invariant_changes_stay_off_until_named(monkeypatch, named):
     # Unproven on a GPU, and two of them would move one GPU's bits off LightX2V's: off by default.
-    monkeypatch.setenv("WAN_STUDIO_UNPROVEN", named)
+    monkeypatch.setenv("WAN_STUDIO_OPT_IN", named)
     names = {part.strip() for part in named.split(",")}
     fixes = compat.CompatFixes()
     assert {name: fixes.wanted(name) for name in compat.SPLIT_INVARIANT_NAMES} == {

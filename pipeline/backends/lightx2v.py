@@ -483,8 +483,8 @@ def _build_pipeline(lx: _LightX2VModules, fixes: Any, files: WeightsLayout, buil
         if getattr(pipe.runner, "model", None) is None:
             raise BackendUnavailable("This LightX2V builds the streamed (lazy_load) DiT per request, which the "
                                      "low-RAM settings cannot use; the compat fix dit_streamed_and_kept is off.")
-        compat.streamed_biases_match_resident(fixes, lx.mm_weight_register[scheme],
-                                              pipe.runner.model.transformer_weights)
+        compat.streamed_scales_and_biases_match_resident(fixes, lx.mm_weight_register[scheme],
+                                                         pipe.runner.model.transformer_weights)
     return pipe
 
 

@@ -39,7 +39,7 @@ Host-memory measures (issue 15), applied the same way and recorded with the fixe
 | pinned_weights_packed           | one pinned allocation per weight, rounded up to a power of two |
 | checkpoints_memory_mapped       | torch.load of the .pth T5/VAE into anonymous memory (6.7 GB)  |
 | dit_streamed_and_kept           | lazy_load rebuilds the DiT, T5 and VAE for every request      |
-| streamed_biases_match_resident  | lazy_load keeps fp32 biases the resident load rounds to bf16  |
+| streamed_scales_and_biases_match_resident | lazy_load keeps fp32 scales and biases the resident load rounds to bf16 |
 
 Several GPUs (issue 14): parallel_env_initialised_once lets a GPU worker that already joined its
 torch.distributed group build (and rebuild) a sequence-parallel pipeline, on the process groups of
@@ -80,28 +80,26 @@ FUSION_NAMES = ("rope_fused", "qk_rms_norm_fused", "gate_residual_fused")
 OPTIMIZATION_NAMES = ("ffn_chunked_over_tokens", "non_block_weights_kept_for_the_run",
                       "attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu",
                       "pinned_weights_packed", "checkpoints_memory_mapped", "dit_streamed_and_kept",
-                      "streamed_biases_match_resident", *FUSION_NAMES)
+                      "streamed_scales_and_biases_match_resident", *FUSION_NAMES)
 # Not bugs: what the app needs that LightX2V has no hook for (also recorded).
 # Several GPUs: what makes a sequence-parallel run compute what one GPU computes (the first and the
 # last also run on one GPU).
 SPLIT_INVARIANT_NAMES = ("sage_keys_smoothed_by_head_groups", "seq_cross_attention_in_one_gpu_blocks",
                          "dit_head_in_split_invariant_chunks")
 FEATURE_NAMES = ("clean_latents_estimate_after_each_step", "parallel_env_initialised_once", *SPLIT_INVARIANT_NAMES)
-# Changes that pass their CPU tests (fakes, Triton's interpreter) but have not yet passed their GPU
-# tests: applied only where WAN_STUDIO_UNPROVEN (comma-separated) names them, so that nobody's clip
-# depends on code no GPU has run, and one GPU's frames stay LightX2V's bit for bit. The GPU tests
-# (tests/gpu/conftest.py) and the bench name them; a change leaves this set when its GPU tests have
-# passed (tests/gpu/test_split_invariant_gpu.py, test_multigpu_gpu.py).
-# The split-invariant changes also decide a trade: two of them act on one GPU too, where they would
-# move SageAttention's key mean and the DiT head off LightX2V's own bits (same accuracy) to make N
-# GPUs equal one.
-UNPROVEN_NAMES = frozenset(SPLIT_INVARIANT_NAMES)
-UNPROVEN_ENV = "WAN_STUDIO_UNPROVEN"
+# Changes a user opts into: applied only where WAN_STUDIO_OPT_IN (comma-separated) names them. The
+# split-invariant changes make N GPUs give one GPU's clip bit for bit (GPU-proven 2026-11-30:
+# tests/gpu/test_split_invariant_gpu.py, test_multigpu_gpu.py's sage test), but two of them act on
+# one GPU too, where they move SageAttention's key mean and the DiT head off LightX2V's own bits (same
+# accuracy). By default one GPU's frames stay LightX2V's bit for bit; a two-GPU clip then differs
+# from one GPU's within the accuracy bar (docs/multi-gpu.md). The GPU tests name all of them.
+OPT_IN_NAMES = frozenset(SPLIT_INVARIANT_NAMES)
+OPT_IN_ENV = "WAN_STUDIO_OPT_IN"
 
 
-def unproven_named() -> set[str]:
-    """The unproven changes this process is told to apply (WAN_STUDIO_UNPROVEN)."""
-    return {part.strip() for part in os.environ.get(UNPROVEN_ENV, "").split(",") if part.strip()}
+def opt_in_named() -> set[str]:
+    """The opt-in changes this process is told to apply (WAN_STUDIO_OPT_IN)."""
+    return {part.strip() for part in os.environ.get(OPT_IN_ENV, "").split(",") if part.strip()}
 
 
 # Fixes that patch process-wide LightX2V state (a module-level set, a class attribute) stay in effect
@@ -141,8 +139,8 @@ class CompatFixes:
         if name in self.skip:
             log.warning("LightX2V compat fix %s is DISABLED (test mode)", name)
             return False
-        if name in UNPROVEN_NAMES and name not in unproven_named():
-            log.info("%s has not yet run on a GPU: off unless %s names it", name, UNPROVEN_ENV)
+        if name in OPT_IN_NAMES and name not in opt_in_named():
+            log.info("%s is opt-in: off unless %s names it", name, OPT_IN_ENV)
             return False
         return True
 
@@ -696,34 +694,45 @@ def dit_streamed_and_kept(fixes: CompatFixes, pipe: Any, default_runner_cls: Any
     return True
 
 
-def _round_bias(weight: Any) -> None:
-    pin = getattr(weight, "pin_bias", None)
-    if pin is not None and getattr(weight, "bias_force_fp32", False) and pin.dtype != weight.infer_dtype:
-        pin.copy_(pin.to(weight.infer_dtype))
+# The CPU buffers of a quantized linear that the streamed load fills from the file as stored (fp32).
+_STREAMED_FLOATS = ("pin_weight_scale", "pin_bias")
 
 
-def streamed_biases_match_resident(fixes: CompatFixes, mm_weight_cls: Any, transformer_weights: Any) -> None:
+def _round_like_resident(weight: Any) -> None:
+    for attr in _STREAMED_FLOATS:
+        pin = getattr(weight, attr, None)
+        infer_dtype = getattr(weight, "infer_dtype", None)
+        if pin is not None and infer_dtype is not None and pin.is_floating_point() and pin.dtype != infer_dtype:
+            pin.copy_(pin.to(infer_dtype))
+
+
+def streamed_scales_and_biases_match_resident(fixes: CompatFixes, mm_weight_cls: Any, transformer_weights: Any
+                                              ) -> None:
     """Same frames from disk as from RAM. The resident load converts every float tensor of the
-    checkpoint to the inference dtype (bf16) before a quantized linear keeps its bias in fp32
-    (networks/base_model.py:533-541, common/ops/mm/mm_weight.py:455-466): the fp32 biases of the
-    real files are rounded to bf16. The streamed load copies them from the file into fp32 unrounded
-    (mm_weight.py:570-595, common/ops/utils.py:125-150), so a low-RAM run would differ slightly.
-    Round them the same way: the two CPU buffers built now, and every block read later.
+    checkpoint to the inference dtype (bf16) before a quantized linear keeps it (networks/
+    base_model.py:533-541): the fp32 weight scales and biases of the real files are rounded to bf16
+    (the bias then widened back to fp32, mm_weight.py:455-466). The streamed load copies both from
+    the file into fp32 buffers unrounded (mm_weight.py:569-595, common/ops/utils.py:35-65), so every
+    INT8 GEMM of a low-RAM run would scale by other values (measured on the device: 3e-3 relative L2
+    of the final latents on the tiny checkpoint, with the biases alone rounded). Round both the same
+    way: the CPU buffers built now, and every block read later.
 
-    Detected from the source of load_state_dict_from_disk copying the bias without a dtype."""
-    name = "streamed_biases_match_resident"
+    Detected from the source of load_state_dict_from_disk copying the scale or bias without a dtype."""
+    name = "streamed_scales_and_biases_match_resident"
     method = getattr(mm_weight_cls, "load_state_dict_from_disk", None)
     current = getattr(method, "__wrapped_upstream__", method)
     try:
         source = inspect.getsource(current)
     except (OSError, TypeError):
         return
-    if "pin_bias.copy_(bias_tensor)" not in source or not fixes.wanted(name):
+    copies_as_stored = ("pin_bias.copy_(bias_tensor)" in source
+                        or "pin_weight_scale.copy_(weight_scale_tensor)" in source)
+    if not copies_as_stored or not fixes.wanted(name):
         return
 
     def load_state_dict_from_disk(self: Any, *args: Any, **kwargs: Any) -> Any:
         result = current(self, *args, **kwargs)
-        _round_bias(self)
+        _round_like_resident(self)
         return result
 
     load_state_dict_from_disk.__wrapped_upstream__ = current  # type: ignore[attr-defined]
@@ -734,7 +743,7 @@ def streamed_biases_match_resident(fixes: CompatFixes, mm_weight_cls: Any, trans
         if id(obj) in seen:
             continue
         seen.add(id(obj))
-        _round_bias(obj)
+        _round_like_resident(obj)
         modules = getattr(obj, "_modules", None)
         if isinstance(modules, dict):
             stack.extend(m for m in modules.values() if m is not None)
@@ -746,7 +755,8 @@ def streamed_biases_match_resident(fixes: CompatFixes, mm_weight_cls: Any, trans
     def redo() -> None:
         mm_weight_cls.load_state_dict_from_disk = load_state_dict_from_disk
 
-    fixes.record(name, f"{mm_weight_cls.__name__}: streamed fp32 biases rounded through bf16 like the resident load",
+    fixes.record(name, f"{mm_weight_cls.__name__}: streamed fp32 scales and biases rounded through bf16 "
+                       "like the resident load",
                  undo=undo, redo=redo)
 
 

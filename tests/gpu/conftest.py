@@ -16,20 +16,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.backends.lightx2v_compat import UNPROVEN_ENV, UNPROVEN_NAMES
+from pipeline.backends.lightx2v_compat import OPT_IN_ENV, OPT_IN_NAMES
 from tests.gpu.gpuhelpers import CAP_GIB, make_service, set_cap
 
 
 
-@pytest.fixture(scope="session", autouse=True)
-def unproven_kernel_changes_on():
-    """The GPU tests are where an unproven change gets its proof (lightx2v_compat.UNPROVEN_NAMES):
-    every test under tests/gpu runs with them (unless the variable is already set)."""
-    before = os.environ.get(UNPROVEN_ENV)
-    os.environ.setdefault(UNPROVEN_ENV, ",".join(sorted(UNPROVEN_NAMES)))
-    yield
-    if before is None:
-        os.environ.pop(UNPROVEN_ENV, None)
+@pytest.fixture
+def opt_in_changes_on(monkeypatch):
+    """Every opt-in change on (lightx2v_compat.OPT_IN_NAMES), for the tests that prove them: the
+    other GPU tests run what a user runs by default. Worker processes a test starts inherit it."""
+    monkeypatch.setenv(OPT_IN_ENV, ",".join(sorted(OPT_IN_NAMES)))
 
 
 @pytest.fixture(scope="session")

@@ -23,13 +23,13 @@ ALL_FIXES = {"keep_target_video_length_in_config", "explicit_t5_checkpoint_path"
              "pinned_weights_packed", "checkpoints_memory_mapped"}
 
 
-def one_gpu_unproven() -> set[str]:
-    """The changes not yet proven on a GPU (lightx2v_compat.UNPROVEN_NAMES, on in these tests through
-    tests/gpu/conftest.py) that a one-GPU build applies: the cross-attention change acts only on
+def one_gpu_opt_in() -> set[str]:
+    """The opt-in changes (lightx2v_compat.OPT_IN_NAMES; on where WAN_STUDIO_OPT_IN names them, off
+    by default) that a one-GPU build applies: the cross-attention change acts only on
     sequence-parallel builds."""
     from pipeline.backends import lightx2v_compat as compat
 
-    return {"dit_head_in_split_invariant_chunks", "sage_keys_smoothed_by_head_groups"} & compat.unproven_named()
+    return {"dit_head_in_split_invariant_chunks", "sage_keys_smoothed_by_head_groups"} & compat.opt_in_named()
 
 
 # Only where LightX2V's SageAttention import fails (RTX 40 and 50 with sageattention 1.0.6).
@@ -73,7 +73,7 @@ def test_every_preset_through_the_service_reloading_only_for_another_build(tiny_
     assert loads == expected, (loads, keys)
     assert loads[1] == loads[0]  # 480x832x81 runs on the build 480x832x49 ran on
     model = tiny_service.cache.backend.describe()
-    assert set(model["compat_fixes"]) - CAPABILITY_FIXES == ALL_FIXES | one_gpu_unproven(), model["compat_fixes"]
+    assert set(model["compat_fixes"]) - CAPABILITY_FIXES == ALL_FIXES | one_gpu_opt_in(), model["compat_fixes"]
     assert model["kernels"]["attention"], model["kernels"]  # the measured choice is in the record
     assert model["quant_scheme"] == "int8-triton" and model["attn_mode"] == "sage_attn2"
 

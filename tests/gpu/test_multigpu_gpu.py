@@ -84,6 +84,7 @@ def test_seq_two_gpus_makes_the_clip_of_one_gpu(tiny_ckpt, gpu_report):
 
 
 @needs_two
+@pytest.mark.usefixtures("opt_in_changes_on")
 def test_seq_two_gpus_with_sage_makes_one_gpus_latents_bit_for_bit(tiny_ckpt, gpu_report):
     """LightX2V's own kernel (SageAttention) in the self- and the cross-attention of both runs: with
     lightx2v_compat.SPLIT_INVARIANT_NAMES nothing of the split reaches the arithmetic (the keys'
