@@ -220,7 +220,7 @@ def test_cancel_while_loading_starts_nothing(make_service):
 
 
 def test_an_oom_teaches_the_planner_for_the_next_click(make_service):
-    nvml = FakeNvml(total_gib=12.0, used_gib=12.0 - 10.5)  # 10.5 GiB free: "fast" is predicted to fit
+    nvml = FakeNvml(total_gib=12.0, used_gib=12.0 - 11.0)  # 11.0 GiB free: "fast" is predicted to fit
     backend = FakeBackend(oom_at={("480x832x81", "fast", Phase.DENOISING)})
     service = make_service(backend, nvml=nvml)
     first = service.generate(request("480x832x81"))
