@@ -24,8 +24,8 @@ from pipeline.cache import PipelineCache
 from pipeline.errors import GenerationCancelled, InvalidRequest, OutOfVRAM, StudioError
 from pipeline.store.history import History, HistoryEntry
 from pipeline.store.outputs import OutputStore
-from pipeline.store.records import job_record
-from pipeline.planner import Planner, PresetForecast, Rung, replan
+from pipeline.store.records import job_record, software_fingerprint
+from pipeline.planner import HEADROOM_GIB, Planner, PresetForecast, Rung, replan
 from pipeline.types import (HOST_OOM, LEAN_DECODE_SUFFIX, Attempt, FinishRequest, GenerationRequest,
                             GenerationResult, Phase, Preview, PreviewKind, ProgressEvent, RunSpec)
 from presets import DECODE_SETTINGS, PresetBook, dit_settings, lean_decode
@@ -391,17 +391,23 @@ class VideoService:
             clock.phase(Phase.ENCODING)
         host_memory = {"available_at_start_gib": _round(ram), "predicted_must_hold_gib": chosen.predicted_host_gib,
                        **sampler.timeline.host.as_record()}
+        measured = success.label is None and not request.draft
+        software = regression = None
+        if measured and gpu_name and peak is not None:
+            software = software_fingerprint(self.cache.backend.describe(), (self.monitor.facts() or {}).get("driver"))
+            regression = self._peak_rise(gpu_name, chosen, peak, software)
         result, timings = self._save(job_id, request, chosen, success, attempts, peak=peak, clock=clock,
                                      sampler=sampler, loads=loads, kept=kept, gpu_name=gpu_name,
-                                     available=available, host_memory=host_memory)
-        if success.label is None and not request.draft:
+                                     available=available, host_memory=host_memory,
+                                     **({"peak_rose_since_software_changed": regression} if regression else {}))
+        if measured:
             # The time estimate excludes the one-off weight load and counts only clean runs (a
             # draft decode is quicker and leaner than the clip's full decode). Without a GPU peak
             # (the fake backend) only the time is kept, under the backend's name.
             seconds = timings["total"] - timings.get(Phase.LOADING.value, 0.0)
             seconds = seconds if len(attempts) == 1 else None
             if gpu_name and peak is not None:
-                self._measure(gpu_name, chosen, peak, seconds)
+                self._measure(gpu_name, chosen, peak, seconds, software)
             else:
                 self._measure(self._no_gpu_key(), chosen, None, seconds)
         return result
@@ -514,13 +520,24 @@ class VideoService:
         """What the times of runs without a GPU reading are kept under, in place of a GPU name."""
         return f"no GPU reading ({self.cache.backend.name} backend)"
 
-    def _measure(self, gpu_name: str, rung: Rung, peak_gib: float | None, seconds: float | None) -> None:
+    def _measure(self, gpu_name: str, rung: Rung, peak_gib: float | None, seconds: float | None,
+                 software: str | None = None) -> None:
         # A measurement improves the next prediction; failing to store one must not fail the job.
         try:
-            self.history.record_measurement(gpu_name, rung.preset.name, rung.memory.name, peak_gib, seconds)
+            self.history.record_measurement(gpu_name, rung.preset.name, rung.memory.name, peak_gib, seconds,
+                                            software)
         except Exception:  # noqa: BLE001
             log.warning("could not store the measured peak for %s/%s", rung.preset.name,
                         rung.memory.name, exc_info=True)
+
+    def _peak_rise(self, gpu_name: str, rung: Rung, peak_gib: float, software: str) -> dict[str, Any] | None:
+        # Telling of a memory regression must not fail the job it was found in.
+        try:
+            return self.history.peak_rise(gpu_name, rung.preset.name, rung.memory.name, peak_gib, software,
+                                          HEADROOM_GIB)
+        except Exception:  # noqa: BLE001
+            log.warning("could not compare the peak of %s with earlier runs", rung.label, exc_info=True)
+            return None
 
     def _attempt(self, request: GenerationRequest, rung: Rung, key: LoadKey, hooks: RunHooks) -> _Outcome:
         spec = self._spec(request, rung)

@@ -118,6 +118,45 @@ def test_measurements_predict_the_highest_recent_peak_and_the_median_time(tmp_pa
     assert history.measured_peaks("RTX 2060") == {}
 
 
+def test_the_peak_before_a_software_change_is_asked_once_per_preset_and_rung(tmp_path):
+    history = History(tmp_path / "h.sqlite3")
+    key = ("RTX 3060", "480x832x81", "fast")
+    assert history.peak_before_software_changed(*key, "torch 2.11") is None  # nothing measured yet
+    history.record_measurement(*key, 9.9, 200.0, software="torch 2.9")  # older software still
+    for peak in (9.6, 9.8, 9.7):
+        history.record_measurement(*key, peak, 190.0, software="torch 2.10")
+    history.record_measurement(*key, None, 150.0, software="torch 2.10")  # a time alone: no peak
+    history.record_measurement("H100", "480x832x81", "fast", 12.0, 20.0, software="torch 2.10")
+    # The newest other software's highest recent peak (not the older 9.9, not another GPU's).
+    assert history.peak_before_software_changed(*key, "torch 2.11") == (9.8, "torch 2.10")
+    assert history.peak_before_software_changed(*key, "torch 2.10") is None  # measured it already
+    history.record_measurement(*key, 10.6, 190.0, software="torch 2.11")
+    # The new software measured it now: later runs are compared with nothing.
+    assert history.peak_before_software_changed(*key, "torch 2.11") is None
+    assert history.measured_peaks("RTX 3060") == {("480x832x81", "fast"): 10.6}
+
+
+def test_a_history_written_before_measurements_named_their_software_opens_and_keeps_them(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "h.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript("CREATE TABLE measurements (id INTEGER PRIMARY KEY AUTOINCREMENT, gpu_name TEXT NOT NULL,"
+                      " preset TEXT NOT NULL, rung TEXT NOT NULL, peak_gib REAL NOT NULL, seconds REAL,"
+                      " measured_at REAL NOT NULL);"
+                      " INSERT INTO measurements (gpu_name, preset, rung, peak_gib, seconds, measured_at)"
+                      " VALUES ('RTX 3060', '480x832x49', 'fast', 8.4, 90.0, 0);")
+    old.close()
+    history = History(path)
+    assert history.measured_peaks("RTX 3060") == {("480x832x49", "fast"): 8.4}
+    # A measurement of unknown software is no baseline for a comparison.
+    assert history.peak_before_software_changed("RTX 3060", "480x832x49", "fast", "torch 2.11") is None
+    history.record_measurement("RTX 3060", "480x832x49", "fast", 8.5, 91.0, software="torch 2.11")
+    history.close()
+    assert History(path).peak_before_software_changed("RTX 3060", "480x832x49", "fast", "torch 2.12") == \
+        (8.5, "torch 2.11")
+
+
 def test_a_job_killed_after_its_video_landed_is_adopted_at_restart(tmp_path):
     store = OutputStore(tmp_path)
     history = History(tmp_path / "h.sqlite3")

@@ -246,6 +246,41 @@ def test_a_measurement_that_cannot_be_stored_does_not_fail_a_saved_job(make_serv
     assert entry.status == "done" and entry.video_path == str(result.video_path)
 
 
+def test_the_first_run_after_a_software_update_says_when_its_peak_rose(make_service):
+    from pipeline.machine.gpu import TorchReadings
+    from ui import handlers
+
+    service = make_service(nvml=FakeNvml(total_gib=24.0, used_gib=1.0))
+    peak = {"gib": 6.0}
+    service.monitor.torch = TorchReadings(memory=lambda i: None, peak_reserved_gib=lambda: peak["gib"],
+                                          reset_peak=lambda: None)
+    commit = {"lightx2v_commit": "f8aee98b"}
+    describe = service.cache.backend.describe
+    service.cache.backend.describe = lambda: {**describe(), **commit}
+
+    def run():
+        result = service.generate(request("480x832x49"))
+        saved = json.loads(result.record_path.read_text(encoding="utf-8"))  # the sidecar beside the clip
+        assert saved.get("peak_rose_since_software_changed") == result.record.get("peak_rose_since_software_changed")
+        return result.record.get("peak_rose_since_software_changed")
+
+    assert run() is None  # the first measurement: nothing to compare with
+    peak["gib"] = 6.4
+    assert run() is None  # same software: the planner learns it, no news
+    commit["lightx2v_commit"] = "0123456789abcdef"
+    peak["gib"] = 6.3
+    assert run() is None  # updated, but within the planner's headroom of the 6.4 before
+    commit["lightx2v_commit"] = "fedcba9876543210"
+    peak["gib"] = 7.2
+    rise = run()
+    assert rise["before_gib"] == 6.3 and rise["after_gib"] == 7.2 and rise["rung"] == "fast"
+    assert "LightX2V 0123456789ab" in rise["before_software"] and "LightX2V fedcba987654" in rise["after_software"]
+    assert "driver" in rise["after_software"]  # the NVIDIA driver is part of it
+    text = handlers.peak_rise_summary({"peak_rose_since_software_changed": rise})
+    assert "peaked at 7.2 GiB" in text and "0.9 GiB more than before the software changed" in text
+    assert run() is None  # said once: the next run of the same software compares with nothing
+
+
 def test_cancel_between_steps_stops_and_the_next_run_works(make_service):
     backend = FakeBackend()
     service = make_service(backend)

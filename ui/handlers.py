@@ -99,6 +99,25 @@ def warn_if_fell_back(result: GenerationResult) -> None:
         gr.Warning(fallback_summary(result), duration=None, title="Ran a smaller setting")
 
 
+def peak_rise_summary(record: dict[str, Any]) -> str | None:
+    """What the first run after a software update says when its GPU memory peak rose beyond the
+    planner's headroom (the record's `peak_rose_since_software_changed`), or None."""
+    rise = record.get("peak_rose_since_software_changed")
+    if not rise:
+        return None
+    return (f"{rise['preset']} · {rise['rung']} peaked at {rise['after_gib']:.1f} GiB of GPU memory, "
+            f"{rise['after_gib'] - rise['before_gib']:.1f} GiB more than before the software changed "
+            f"(before: {rise['before_software']}; now: {rise['after_software']}). The next runs plan with the "
+            f"new peak; if a larger preset now runs out of memory, this update is the likely cause.")
+
+
+def warn_if_peak_rose(result: GenerationResult) -> None:
+    """A memory regression after an update is said once, on the run that found it."""
+    text = peak_rise_summary(result.record)
+    if text is not None:
+        gr.Warning(text, duration=None, title="GPU memory peak rose after an update")
+
+
 def failure_status(exc: BaseException, alert: Exception) -> str:
     """The status line after a failed or cancelled job (the alert box fades, this stays)."""
     title = getattr(alert, "title", "Generation failed")

@@ -88,6 +88,10 @@ class History:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
+        # Databases written before measurements named their software gain the column (NULL: unknown).
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(measurements)")}
+        if "software" not in columns:
+            self._conn.execute("ALTER TABLE measurements ADD COLUMN software TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -168,11 +172,34 @@ class History:
         return rows[0] if rows else None
 
     def record_measurement(self, gpu_name: str, preset: str, rung: str, peak_gib: float | None,
-                           seconds: float | None = None) -> None:
-        """`peak_gib` None: a time without a memory reading (stored as 0, which no peak can be)."""
-        self._write("INSERT INTO measurements (gpu_name, preset, rung, peak_gib, seconds, measured_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)", (gpu_name, preset, rung, peak_gib or 0.0, seconds,
-                                                   time.time()))
+                           seconds: float | None = None, software: str | None = None) -> None:
+        """`peak_gib` None: a time without a memory reading (stored as 0, which no peak can be).
+        `software`: what it ran on (records.software_fingerprint)."""
+        self._write("INSERT INTO measurements (gpu_name, preset, rung, peak_gib, seconds, measured_at, software)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)", (gpu_name, preset, rung, peak_gib or 0.0, seconds,
+                                                      time.time(), software))
+
+    def peak_before_software_changed(self, gpu_name: str, preset: str, rung: str, software: str
+                                     ) -> tuple[float, str] | None:
+        """Where `software` has not yet measured this preset and rung on this GPU and other software
+        has: the highest peak of the last few runs under the newest other software, with its
+        fingerprint. None otherwise (no earlier measurement, or this software measured it already)."""
+        with self._lock:
+            key = (gpu_name, preset, rung)
+            seen = self._conn.execute(
+                "SELECT 1 FROM measurements WHERE gpu_name=? AND preset=? AND rung=? AND software=?"
+                " AND peak_gib > 0 LIMIT 1", (*key, software)).fetchone()
+            previous = self._conn.execute(
+                "SELECT software FROM measurements WHERE gpu_name=? AND preset=? AND rung=?"
+                " AND software IS NOT NULL AND software != ? AND peak_gib > 0 ORDER BY id DESC LIMIT 1",
+                (*key, software)).fetchone()
+            if seen is not None or previous is None:
+                return None
+            (peak,) = self._conn.execute(
+                "SELECT MAX(peak_gib) FROM (SELECT peak_gib FROM measurements WHERE gpu_name=? AND preset=?"
+                " AND rung=? AND software=? AND peak_gib > 0 ORDER BY id DESC LIMIT ?)",
+                (*key, previous[0], MEASUREMENT_WINDOW)).fetchone()
+        return float(peak), previous[0]
 
     def _recent_measurements(self, gpu_name: str | None) -> dict[tuple[str, str], list[tuple[float, float | None]]]:
         if not gpu_name:
@@ -189,6 +216,17 @@ class History:
         for preset, rung, peak, seconds in rows:
             out.setdefault((preset, rung), []).append((peak, seconds))
         return out
+
+    def peak_rise(self, gpu_name: str, preset: str, rung: str, peak_gib: float, software: str,
+                  margin_gib: float) -> dict[str, Any] | None:
+        """The first run of a preset and rung after the software changed (a LightX2V, torch or driver
+        update) that peaked more than `margin_gib` above the peaks measured before it: a memory
+        regression the user should hear of before a larger clip runs out. None otherwise."""
+        before = self.peak_before_software_changed(gpu_name, preset, rung, software)
+        if before is None or peak_gib <= before[0] + margin_gib:
+            return None
+        return {"preset": preset, "rung": rung, "before_gib": round(before[0], 3), "after_gib": round(peak_gib, 3),
+                "before_software": before[1], "after_software": software}
 
     def measured_peaks(self, gpu_name: str | None) -> dict[tuple[str, str], float]:
         """The highest peak of the last few runs per preset and rung on this GPU: a first run that

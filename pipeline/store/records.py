@@ -35,6 +35,24 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+# What a GPU memory peak depends on besides the settings: the packages that run the model, the
+# LightX2V commit (a git install has no version of its own) and the NVIDIA driver.
+_PEAK_SOFTWARE = ("torch", "triton", "lightx2v", "sageattention")
+
+
+def software_fingerprint(model: dict[str, Any], driver: str | None) -> str:
+    """One line naming the software a peak was measured with, e.g. "torch 2.11.0, triton 3.6.0,
+    LightX2V f8aee98b, driver 580.65". `model`: the backend's describe()."""
+    versions = package_versions()
+    parts = [f"{name} {versions[name]}" for name in _PEAK_SOFTWARE if name != "lightx2v" and versions.get(name)]
+    lightx2v = model.get("lightx2v_commit") or model.get("lightx2v_version") or versions.get("lightx2v")
+    if lightx2v:
+        parts.append(f"LightX2V {str(lightx2v)[:12]}")
+    if driver:
+        parts.append(f"driver {driver}")
+    return ", ".join(parts)
+
+
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
