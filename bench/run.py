@@ -138,10 +138,12 @@ class PhaseProbe:
         if phase.value == "denoising":
             self._between_steps()
 
-    def _between_steps(self) -> None:
-        if self.before_each_step is not None:
+    def _between_steps(self, last: bool = False) -> None:
+        if self.before_each_step is not None and not last:
+            started = time.perf_counter()
             self.before_each_step()
             self._last_step = time.perf_counter()
+            self.phase_started += self._last_step - started  # nor in the phase's time
         self._io_last = self._hostmem.read_io()
 
     def on_step(self, index: int, total: int) -> None:
@@ -152,7 +154,7 @@ class PhaseProbe:
         io = self._hostmem.read_io()
         self.step_read_bytes.append(None if io is None or self._io_last is None
                                     else io["read_bytes"] - self._io_last["read_bytes"])
-        self._between_steps()
+        self._between_steps(last=index >= total)
 
     def finish(self, name: str = "done") -> None:
         self.torch.cuda.synchronize()

@@ -392,10 +392,8 @@ class VideoService:
         host_memory = {"available_at_start_gib": _round(ram), "predicted_must_hold_gib": chosen.predicted_host_gib,
                        **sampler.timeline.host.as_record()}
         measured = success.label is None and not request.draft
-        software = regression = None
-        if measured and gpu_name and peak is not None:
-            software = software_fingerprint(self.cache.backend.describe(), (self.monitor.facts() or {}).get("driver"))
-            regression = self._peak_rise(gpu_name, chosen, peak, software)
+        software, regression = (self._peak_rise(gpu_name, chosen, peak) if measured and gpu_name and peak is not None
+                                else (None, None))
         result, timings = self._save(job_id, request, chosen, success, attempts, peak=peak, clock=clock,
                                      sampler=sampler, loads=loads, kept=kept, gpu_name=gpu_name,
                                      available=available, host_memory=host_memory,
@@ -530,14 +528,16 @@ class VideoService:
             log.warning("could not store the measured peak for %s/%s", rung.preset.name,
                         rung.memory.name, exc_info=True)
 
-    def _peak_rise(self, gpu_name: str, rung: Rung, peak_gib: float, software: str) -> dict[str, Any] | None:
-        # Telling of a memory regression must not fail the job it was found in.
+    def _peak_rise(self, gpu_name: str, rung: Rung, peak_gib: float) -> tuple[str | None, dict[str, Any] | None]:
+        """The software this run measured with, and the peak's rise since the software changed."""
+        # Telling of a memory regression must not fail (or lose) the clip it was found in.
         try:
-            return self.history.peak_rise(gpu_name, rung.preset.name, rung.memory.name, peak_gib, software,
-                                          HEADROOM_GIB)
+            software = software_fingerprint(self.cache.backend.describe(), (self.monitor.facts() or {}).get("driver"))
+            return software, self.history.peak_rise(gpu_name, rung.preset.name, rung.memory.name, peak_gib,
+                                                    software, HEADROOM_GIB)
         except Exception:  # noqa: BLE001
             log.warning("could not compare the peak of %s with earlier runs", rung.label, exc_info=True)
-            return None
+            return None, None
 
     def _attempt(self, request: GenerationRequest, rung: Rung, key: LoadKey, hooks: RunHooks) -> _Outcome:
         spec = self._spec(request, rung)

@@ -136,6 +136,17 @@ def test_the_peak_before_a_software_change_is_asked_once_per_preset_and_rung(tmp
     assert history.measured_peaks("RTX 3060") == {("480x832x81", "fast"): 10.6}
 
 
+def test_a_first_run_after_an_update_is_compared_with_every_run_before_it_not_only_the_warm_ones(tmp_path):
+    history = History(tmp_path / "h.sqlite3")
+    key = ("RTX 3060", "480x832x81", "fast")
+    history.record_measurement(*key, 10.2, None, software="torch 2.10")  # a first run: it loaded the weights
+    for _ in range(6):
+        history.record_measurement(*key, 9.6, 150.0, software="torch 2.10")  # warm runs
+    # The first run after the update loads the weights too: the same peak is no rise.
+    assert history.peak_rise(*key, 10.2, "torch 2.11", 0.5) is None
+    assert history.peak_rise(*key, 10.8, "torch 2.11", 0.5)["before_gib"] == 10.2
+
+
 def test_a_history_written_before_measurements_named_their_software_opens_and_keeps_them(tmp_path):
     import sqlite3
 

@@ -145,14 +145,14 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
                     result = job.result
                     h.warn_if_fell_back(result)
                     h.warn_if_peak_rose(result)
+                    rose = h.peak_rise_summary(result.record)
                     rows = h.timeline_rows(result.record.get("vram"))
                     # Off the event loop: the gallery reads SQLite and may decode a first frame.
                     items = await asyncio.to_thread(h.gallery_items, ctx.history, ctx.service.outputs)
                     yield {seed: job.request.seed, video: str(result.video_path),
                            status: prefix + h.result_summary(result.record) + (
                                "\n\n⚠️ " + h.fallback_summary(result) if result.fell_back else "") + (
-                               "\n\n⚠️ " + h.peak_rise_summary(result.record)
-                               if h.peak_rise_summary(result.record) else ""),
+                               "\n\n⚠️ " + rose if rose else ""),
                            record_view: json.dumps(result.record, indent=2, default=str),
                            gallery: items,
                            plot: _timeline_frame(rows), plot_note: h.timeline_note(True, rows),

@@ -182,8 +182,11 @@ class History:
     def peak_before_software_changed(self, gpu_name: str, preset: str, rung: str, software: str
                                      ) -> tuple[float, str] | None:
         """Where `software` has not yet measured this preset and rung on this GPU and other software
-        has: the highest peak of the last few runs under the newest other software, with its
-        fingerprint. None otherwise (no earlier measurement, or this software measured it already)."""
+        has: the highest peak of every run under the newest other software (a first run after a
+        restart, which also loaded the weights, peaks higher than a warm one: the comparison must
+        include such runs), with its fingerprint. None otherwise (no earlier measurement, or this
+        software measured it already). Each change is compared with the one before it only, so a
+        creep below the margin per update goes unreported."""
         with self._lock:
             key = (gpu_name, preset, rung)
             seen = self._conn.execute(
@@ -196,9 +199,8 @@ class History:
             if seen is not None or previous is None:
                 return None
             (peak,) = self._conn.execute(
-                "SELECT MAX(peak_gib) FROM (SELECT peak_gib FROM measurements WHERE gpu_name=? AND preset=?"
-                " AND rung=? AND software=? AND peak_gib > 0 ORDER BY id DESC LIMIT ?)",
-                (*key, previous[0], MEASUREMENT_WINDOW)).fetchone()
+                "SELECT MAX(peak_gib) FROM measurements WHERE gpu_name=? AND preset=? AND rung=? AND software=?"
+                " AND peak_gib > 0", (*key, previous[0])).fetchone()
         return float(peak), previous[0]
 
     def _recent_measurements(self, gpu_name: str | None) -> dict[tuple[str, str], list[tuple[float, float | None]]]:
