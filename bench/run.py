@@ -70,7 +70,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from pipeline.backends.lightx2v_compat import FUSION_NAMES
+from pipeline.backends.lightx2v_compat import FUSION_NAMES, OPT_IN_ENV
 from presets import build_settings
 
 log = logging.getLogger("bench")
@@ -274,7 +274,7 @@ class Bench:
         torch.cuda.reset_peak_memory_stats()
         snap = self.monitor.read()
         probe = self.probe_cls(torch, self.monitor, snap.used_bytes if snap else 0)
-        cold = bool(getattr(self.args, "cold_cache", False) and memory.get("dit_from_disk"))
+        cold = bool(self.args.cold_cache and memory.get("dit_from_disk"))
         if cold:
             probe.before_each_step = lambda: drop_from_page_cache(self.block_files)
         outcome, frames, error, failed_phase = "ok", None, None, None
@@ -422,7 +422,7 @@ def environment(torch: Any, args: argparse.Namespace) -> dict[str, Any]:
             "attn_mode": describe["attn_mode"], "platform": platform.platform(),
             "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "prompt": PROMPT, "seed": SEED,
             # opt-in changes (lightx2v_compat.OPT_IN_NAMES) run only where this names them
-            "opt_in_changes": os.environ.get("WAN_STUDIO_OPT_IN", ""),
+            "opt_in_changes": os.environ.get(OPT_IN_ENV, ""),
             "checkpoint": "synthetic full-size (random weights: timings and memory real, pixels noise)"}
 
 
