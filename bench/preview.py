@@ -69,14 +69,17 @@ class _Hooks:
         return sum(gaps) / len(gaps) if gaps else None
 
 
-def measure_preset(model: Any, torch: Any, preset: Any) -> dict[str, Any]:
+def measure_preset(model: Any, torch: Any, preset: Any, warmup: bool = True) -> dict[str, Any]:
     from pipeline.types import PreviewKind, RunSpec
 
     rung = preset.rungs[0]
     base = RunSpec(preset=preset.name, rung=rung.name, prompt=PROMPT, negative_prompt="", seed=SEED,
                    height=preset.height, width=preset.width, frames=preset.frames, steps=preset.steps,
                    shift=preset.shift, guidance=preset.guidance, memory=rung.settings(), preview=None)
-    model.generate(base, _Hooks().run_hooks())  # warm-up: Triton compiles for these shapes
+    if warmup:
+        # Triton compiles and the attention is measured in a run's first step, which step_s leaves
+        # out (steps 2-4); the warm-up keeps them out of the first preview's cost too.
+        model.generate(base, _Hooks().run_hooks())
     row: dict[str, Any] = {"preset": preset.name, "rung": rung.name}
     plain = _Hooks()
     _, _, peak_plain = timed_peak(torch, lambda: model.generate(base, plain.run_hooks()))
@@ -130,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-gib", type=float, default=11.0)
     parser.add_argument("--presets", nargs="*", default=list(PRESETS))
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
+                        help="skip the warm-up run (a 720p run is a minute of device time)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -157,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             if model is not None:
                 model.release()
             model = backend.load(key, lambda p: None)
-        rows.append(measure_preset(model, torch, preset))
+        rows.append(measure_preset(model, torch, preset, args.warmup))
         log.info("%s", json.dumps(rows[-1]))
     if model is not None:
         model.release()
