@@ -5,6 +5,7 @@ shape lives beside the code that writes and reads records (outputs.py)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import platform
 import time
@@ -26,13 +27,20 @@ PREVIEW_SOURCES = {
 
 
 def package_versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
+    return dict(_installed_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_versions() -> tuple[tuple[str, str | None], ...]:
+    """Read once per process: each job's record and its peak's software fingerprint both ask, and
+    the code a process runs does not change when a package is upgraded under it."""
+    out: list[tuple[str, str | None]] = [("python", platform.python_version())]
     for name in _VERSIONED_PACKAGES:
         try:
-            out[name] = importlib.metadata.version(name)
+            out.append((name, importlib.metadata.version(name)))
         except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+            out.append((name, None))
+    return tuple(out)
 
 
 # What a GPU memory peak depends on besides the settings: the packages that run the model, the
