@@ -20,10 +20,10 @@ level before the run. Configurations:
   ours-resident
             `lightx2v-resident` with our kernel choices (attention measured per GPU, INT8 GEMM tiles):
             what the kernels alone buy, same placement
-  ours-nochunk, ours-perstep, ours-noattn, ours-nogemm, ours-nofuse
+  ours-nochunk, ours-perstep, ours-noattn, ours-nogemm, ours-nofuse, ours-hostsync
             `ours` without one optimisation (the FFN over token slices; the non-block weights
             kept on the GPU for a run; the measured attention kernel; the INT8 GEMM tiles; the fused
-            elementwise chains of the DiT block), to
+            elementwise chains of the DiT block; the streamed blocks ordered on the GPU), to
             measure what each buys and to bisect
   (`peer` and `resident` are the old names of the two LightX2V configurations.)
 
@@ -41,7 +41,7 @@ page cache (posix_fadvise DONTNEED: no root needed, clean pages only), so every 
 from storage; the row's disk-read column then shows the bytes really read.
 
 Each row carries a hash of the frames: the same prompt and seed must give the same hash in every
-configuration that only changes memory or copies (ours, ours-nochunk, ours-perstep).
+configuration that only changes memory or copies (ours, ours-nochunk, ours-perstep, ours-hostsync).
 
 It writes <out>/<date>-<gpu>.json and .md (default docs/benchmarks/), and <out>/latest.json: a list
 of runs, each {"gpu", "date", "config", "preset", "s_per_step" (mean of steps 2-4),
@@ -474,10 +474,12 @@ OURS_VARIANTS: dict[str, dict[str, Any]] = {
     "ours-noattn": {"compat_skip": {"attention_chosen_by_measurement"}},
     "ours-nogemm": {"compat_skip": {"int8_gemm_tiles_for_this_gpu"}},
     "ours-nofuse": {"compat_skip": set(FUSION_NAMES)},
+    "ours-hostsync": {"compat_skip": {"streamed_blocks_ordered_on_the_gpu"}},
 }
 KERNEL_SKIP = {"attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu", *FUSION_NAMES}
 # LightX2V as it ships: only the fixes it needs to run (bug 5's fix and every optimisation off).
-PEER_SKIP = {"t5_token_embedding_on_host", "non_block_weights_kept_for_the_run"} | KERNEL_SKIP
+PEER_SKIP = {"t5_token_embedding_on_host", "non_block_weights_kept_for_the_run",
+             "streamed_blocks_ordered_on_the_gpu"} | KERNEL_SKIP
 RESIDENT_KWARGS = {"resident": True, "ffn_chunk_tokens": 0}
 ALIASES = {"peer": "lightx2v-recipe", "resident": "lightx2v-resident"}
 

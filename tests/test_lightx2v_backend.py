@@ -824,3 +824,115 @@ def test_seq_parallel_backend_key_and_attention(tmp_path, caplog):
     assert "seq_p_size" not in dict(LightX2VBackend(tmp_path).load_key({}).build_settings)
     with pytest.raises(ValueError):
         LightX2VBackend(tmp_path, seq_parallel=0)
+
+
+class _Stream:
+    """A CUDA stream as the block-offload path uses it; every call lands in one shared log."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def synchronize(self):
+        self.log.append(f"host waits {self.name}")
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name} waits {other.name}")
+
+
+class _OffloadManager:
+    """WeightAsyncStreamManager's block path as upstream writes it (common/offload/manager.py):
+    prefetch into buffer 1 on the copy stream, swap after each block with a host sync."""
+
+    def __init__(self, log):
+        self.log = log
+        self.cuda_load_stream, self.compute_stream = _Stream("copy", log), _Stream("compute", log)
+        self.cuda_buffers = ["block 0", None]
+
+    def prefetch_weights(self, block_idx, blocks):
+        self.log.append(f"copy block {block_idx}")
+        self.cuda_buffers[1] = f"block {block_idx}"
+
+    def swap_blocks(self):
+        self.cuda_load_stream.synchronize()
+        self.compute_stream.synchronize()
+        self.cuda_buffers[0], self.cuda_buffers[1] = (self.cuda_buffers[1], self.cuda_buffers[0])
+
+
+class _OffloadInfer:
+    """WanOffloadTransformerInfer.infer_with_blocks_offload's loop, bound as infer_func at init."""
+
+    def __init__(self, log, blocks=3, lazy_load=False):
+        self.log, self.blocks, self.lazy_load = log, blocks, lazy_load
+        self.offload_manager = _OffloadManager(log)
+        self.infer_func = self.infer_with_blocks_offload
+
+    def infer_with_blocks_offload(self, blocks, x, pre_infer_out):
+        for index in range(self.blocks):
+            self.offload_manager.prefetch_weights((index + 1) % self.blocks, blocks)
+            assert self.offload_manager.cuda_buffers[0] == f"block {index}", "computed with another block's weights"
+            self.log.append(f"compute block {index}")
+            if x == "raise" and index == 1:
+                raise RuntimeError("CUDA out of memory (fake)")
+            self.offload_manager.swap_blocks()
+        return x
+
+
+def _streams_torch(log):
+    caller = _Stream("caller", log)
+    return types.SimpleNamespace(cuda=types.SimpleNamespace(current_stream=lambda: caller))
+
+
+def test_streamed_blocks_wait_for_each_other_on_the_gpu_not_on_the_host():
+    log = []
+    infer, fixes = _OffloadInfer(log), compat.CompatFixes()
+    compat.streamed_blocks_ordered_on_the_gpu(fixes, infer, _streams_torch(log))
+    assert fixes.has("streamed_blocks_ordered_on_the_gpu")
+    assert infer.infer_func(None, "x", None) == "x"
+    assert not [entry for entry in log if entry.startswith("host waits")]
+    swap = ["compute waits copy", "copy waits compute"]  # the next block's weights; the buffer just used
+    assert log == (["compute waits caller", "copy waits caller"]
+                   + ["copy block 1", "compute block 0", *swap, "copy block 2", "compute block 1", *swap,
+                      "copy block 0", "compute block 2", *swap]
+                   + ["caller waits compute", "caller waits copy"])
+    # Block 0 is in the first buffer again for the next step, as upstream leaves it.
+    assert infer.offload_manager.cuda_buffers == ["block 0", "block 2"]
+
+
+def test_a_block_that_raises_still_leaves_the_caller_waiting_for_the_streams():
+    log = []
+    infer, fixes = _OffloadInfer(log), compat.CompatFixes()
+    compat.streamed_blocks_ordered_on_the_gpu(fixes, infer, _streams_torch(log))
+    with pytest.raises(RuntimeError):
+        infer.infer_func(None, "raise", None)
+    assert log[-2:] == ["caller waits compute", "caller waits copy"]
+
+
+def test_streamed_blocks_upstream_host_sync_comes_back_when_undone():
+    log = []
+    infer, fixes = _OffloadInfer(log, blocks=2), compat.CompatFixes()
+    compat.streamed_blocks_ordered_on_the_gpu(fixes, infer, _streams_torch(log))
+    with fixes.disabled("streamed_blocks_ordered_on_the_gpu"):
+        infer.infer_func(None, "x", None)
+        assert log == ["copy block 1", "compute block 0", "host waits copy", "host waits compute",
+                       "copy block 0", "compute block 1", "host waits copy", "host waits compute"]
+    log.clear()
+    infer.infer_func(None, "x", None)
+    assert "host waits copy" not in log and log[0] == "compute waits caller"
+
+
+@pytest.mark.parametrize("case", ["lazy_load", "phase offload", "upstream without a host sync", "skipped"])
+def test_streamed_blocks_left_alone_where_the_host_must_wait_or_upstream_changed(case):
+    log = []
+    infer = _OffloadInfer(log, lazy_load=case == "lazy_load")
+    fixes = compat.CompatFixes(skip=frozenset({"streamed_blocks_ordered_on_the_gpu"}) if case == "skipped" else frozenset())
+    if case == "phase offload":
+        infer.infer_func = lambda blocks, x, pre_infer_out: x
+    if case == "upstream without a host sync":
+        class Ordered(_OffloadManager):
+            def swap_blocks(self):
+                self.cuda_buffers.reverse()
+
+        infer.offload_manager = Ordered(log)
+    before = (infer.infer_func, infer.offload_manager.swap_blocks)
+    compat.streamed_blocks_ordered_on_the_gpu(fixes, infer, _streams_torch(log))
+    assert fixes.names == [] and (infer.infer_func, infer.offload_manager.swap_blocks) == before

@@ -572,6 +572,7 @@ class LightX2VModel:
                                                                        str(files.t5))
         lx.compat.ffn_chunked_over_tokens(fixes, self._runner.model.transformer_infer, ffn_chunk_tokens)
         lx.compat.non_block_weights_kept_for_the_run(fixes, self._runner.model)
+        lx.compat.streamed_blocks_ordered_on_the_gpu(fixes, self._runner.model.transformer_infer, torch)
         self._step_tap = lx.compat.clean_latents_estimate_after_each_step(fixes, self._runner.scheduler)
         self._tiny_path = tiny_vae_file(files)
         self._tiny: Any = None  # built at its first use (draft decode or preview)

@@ -212,6 +212,18 @@ def test_non_block_weights_kept_for_the_run_same_frames_and_given_back(tiny_serv
     assert np.array_equal(kept, per_step)
 
 
+def test_streamed_blocks_ordered_on_the_gpu_give_the_same_frames_and_survive_a_cancel(tiny_service):
+    model = loaded_model(tiny_service)
+    assert "streamed_blocks_ordered_on_the_gpu" in model.compat.names  # the tiny preset streams blocks
+    ordered = model.generate(spec(seed=8), Recorder().hooks())
+    with pytest.raises(Exception, match="Cancelled"):  # stopped between two blocks of step 2
+        model.generate(spec(seed=8), Recorder(stop_at_check=3).hooks())
+    assert np.array_equal(ordered, model.generate(spec(seed=8), Recorder().hooks()))
+    with model.compat.disabled("streamed_blocks_ordered_on_the_gpu"):
+        host_synced = model.generate(spec(seed=8), Recorder().hooks())
+    assert np.array_equal(ordered, host_synced)
+
+
 # -- one test per compat fix: the upstream failure with the fix off --------------------------------
 
 
