@@ -196,6 +196,17 @@ def test_missing_packages(tmp_path):
     assert report.get("Triton").status is d.Status.FAIL and "triton-windows" in report.get("Triton").fix
 
 
+def test_flash_attention_3_is_offered_on_hopper_only(tmp_path):
+    without = machine(FakeNvml(name="NVIDIA H100 80GB HBM3", total_gib=80.0, cc=(9, 0)),
+                      has_module=lambda name: name != "flash_attn_interface")
+    finding = run(without, tmp_path).get("FlashAttention 3")
+    assert finding.status is d.Status.INFO and "README" in finding.fix
+    hopper = machine(FakeNvml(name="NVIDIA H100 80GB HBM3", total_gib=80.0, cc=(9, 0)))
+    assert run(hopper, tmp_path).get("FlashAttention 3").status is d.Status.OK
+    assert run(machine(FakeNvml(cc=(8, 6))), tmp_path).get("FlashAttention 3") is None  # an RTX 3060: not offered
+    assert run(machine(FakeNvml(cc=(8, 9))), tmp_path).get("FlashAttention 3") is None
+
+
 def test_weights_missing_and_disk_too_small(tmp_path):
     def not_there(path: Path) -> VerifyReport:
         return VerifyReport(path, (VerifyProblem(".", "missing", "folder does not exist"),), 0, 0, False, False,

@@ -162,6 +162,26 @@ def test_a_cached_choice_this_process_cannot_run_is_measured_again():
     assert list(sel.choices.values())[0].source == "measured"
 
 
+def test_a_kernel_installed_after_the_choice_was_stored_is_measured_then():
+    torch = pytest.importorskip("torch")
+    store = kernels.MemoryStore()
+    q, k, v = (torch.randn(64, 2, 8) for _ in range(3))
+    timings = {"sage_attn2": 0.05, "sdpa_cudnn": 0.04, "sdpa_flash": 0.03}
+    before = _selector(torch, store, timings, [])
+    before.offered = ["sage_attn2", "sdpa_cudnn"]  # sdpa_flash not installed yet
+    before(q, k, v)
+    assert list(before.choices.values())[0].backend == "sdpa_cudnn"
+    installed = _selector(torch, store, timings, [])
+    installed.fns["sdpa_flash"] = installed.fns["sdpa_cudnn"]  # now it runs, and faster
+    installed(q, k, v)
+    choice = list(installed.choices.values())[0]
+    assert choice.source == "measured" and choice.backend == "sdpa_flash"
+    later = _selector(torch, store, timings, [])
+    later.fns["sdpa_flash"] = later.fns["sdpa_cudnn"]
+    later(q, k, v)
+    assert list(later.choices.values())[0].source == "cached"
+
+
 # -- a sequence-parallel group runs one kernel ----------------------------------------------------
 
 

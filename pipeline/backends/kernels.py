@@ -522,6 +522,8 @@ class AttentionSelector:
             return None
         if choice.backend not in self.fns or choice.backend not in self.offered:
             return None  # measured with a backend this process cannot run: measure again
+        if set(self.offered) - {trial.backend for trial in choice.trials}:
+            return None  # a kernel installed since (FlashAttention 3, say) was never measured: measure again
         return AttentionChoice(**{**asdict(choice), "trials": choice.trials, "source": "cached"})
 
     def __call__(self, q: Any, k: Any, v: Any) -> Any:
