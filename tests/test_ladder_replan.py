@@ -52,8 +52,8 @@ def test_replan_skips_what_does_not_fit_groups_keys_and_never_goes_back(presets)
     # and the block-offload rungs are dropped (going back would be a second reload).
     assert names(replan(ladder, first, tried, None, key, "block", set(), True)) == [
         "720x1280x81/lean", "480x832x81/lean", "480x832x49/lean"]
-    # 4.5 GiB really free: 720p/lean (6.2), 480x832x81 fast/tiled (6.3/6.3) and 480x832x49/fast
-    # (8.4) are predicted not to fit and skipped.
+    # 4.5 GiB really free: 720p/lean (6.2), 480x832x81 fast/tiled (6.6/6.3) and 480x832x49/fast
+    # (6.6) are predicted not to fit and skipped.
     assert names(replan(ladder, first, tried, 4.5, key, "block", set(), True)) == [
         "480x832x81/lean", "480x832x49/lean"]
     # The reload is spent: only the current key's rungs remain.
@@ -66,10 +66,11 @@ def test_replan_skips_what_does_not_fit_groups_keys_and_never_goes_back(presets)
     assert names(replan(ladder, first, tried, 4.5, key, "block", {"phase", "phase+disk"}, True)) == [
         "480x832x49/tiled-vae"]
     # When the current key's best rung comes first, all its rungs run before the one reload
-    # (480x832x49/tiled-vae before 480x832x81/lean: no reload is worth more than the longer clip).
+    # (480x832x49 fast and tiled-vae before 480x832x81/lean: no reload is worth more than the
+    # longer clip).
     lean_first = planner.ladder("480x832x81")
     assert names(replan(lean_first, lean_first[0], {("480x832x81", "fast")}, 7.0, key, "block",
-                        set(), True)) == ["480x832x81/tiled-vae", "480x832x49/tiled-vae",
+                        set(), True)) == ["480x832x81/tiled-vae", "480x832x49/fast", "480x832x49/tiled-vae",
                                           "480x832x81/lean", "480x832x49/lean"]
     # Nothing predicted to fit: the leanest eligible rung is still tried once.
     assert names(replan(ladder, first, tried, 1.0, key, "block", set(), True)) == ["480x832x49/lean"]
@@ -160,7 +161,7 @@ def test_memory_that_vanishes_mid_click_is_read_again_and_rungs_that_cannot_fit_
     backend.on_step_hook = squeeze
     result = service.generate(request())
     tried = [(a.preset, a.rung, a.outcome) for a in result.attempts]
-    # 720p/lean (6.2), 480x832x81 fast/tiled (6.3/6.3) cannot fit 4.5 GiB: skipped, not tried.
+    # 720p/lean (6.2), 480x832x81 fast/tiled (6.6/6.3) cannot fit 4.5 GiB: skipped, not tried.
     assert tried == [("720x1280x81", "chunked-rope", "out of memory"),
                      ("480x832x81", "lean", "ok")]
     assert key_runs(backend.loads) == ["block", "phase"]
