@@ -830,7 +830,7 @@ class _Stream:
     """A CUDA stream as the block-offload path uses it; every call lands in one shared log."""
 
     def __init__(self, name, log):
-        self.name, self.log = name, log
+        self.name, self.log, self.device = name, log, "cuda:0"
 
     def synchronize(self):
         self.log.append(f"host waits {self.name}")
@@ -879,7 +879,7 @@ class _OffloadInfer:
 
 def _streams_torch(log):
     caller = _Stream("caller", log)
-    return types.SimpleNamespace(cuda=types.SimpleNamespace(current_stream=lambda: caller))
+    return types.SimpleNamespace(cuda=types.SimpleNamespace(current_stream=lambda device: caller))
 
 
 def test_streamed_blocks_wait_for_each_other_on_the_gpu_not_on_the_host():
@@ -918,6 +918,22 @@ def test_streamed_blocks_upstream_host_sync_comes_back_when_undone():
     log.clear()
     infer.infer_func(None, "x", None)
     assert "host waits copy" not in log and log[0] == "compute waits caller"
+
+
+def test_a_call_that_empties_the_cache_after_the_blocks_keeps_upstreams_host_sync():
+    log = []
+    infer, fixes = _OffloadInfer(log, blocks=2), compat.CompatFixes()
+    compat.streamed_blocks_ordered_on_the_gpu(fixes, infer, _streams_torch(log))
+    infer.clean_cuda_cache = True  # a per-call setting: the loop then frees the caller's tensors
+    infer.infer_func(None, "x", None)
+    assert log == ["compute waits caller", "copy waits caller",
+                   "copy block 1", "compute block 0", "host waits copy", "host waits compute",
+                   "copy block 0", "compute block 1", "host waits copy", "host waits compute",
+                   "caller waits compute", "caller waits copy"]
+    log.clear()
+    infer.clean_cuda_cache = False
+    infer.infer_func(None, "x", None)
+    assert "host waits copy" not in log
 
 
 @pytest.mark.parametrize("case", ["lazy_load", "phase offload", "upstream without a host sync", "skipped"])

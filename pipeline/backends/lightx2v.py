@@ -674,6 +674,8 @@ class LightX2VModel:
             self.host_embedding.drop_device_copy()
         self._drop_run_outputs()
         try:
+            # Blocks ordered on the GPU (streamed_blocks_ordered_on_the_gpu) may still be running
+            # when one raises: nothing may refill the offload buffers before they are done.
             torch.cuda.synchronize()
         except RuntimeError:
             log.warning("CUDA synchronize failed during recovery", exc_info=True)

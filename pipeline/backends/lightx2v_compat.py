@@ -918,7 +918,9 @@ def streamed_blocks_ordered_on_the_gpu(fixes: CompatFixes, transformer_infer: An
     as a whole wait for what the calling stream queued before them (the step's inputs) and are
     waited for by what it queues after (the head, the scheduler). The same kernels read the same
     bytes: the frames are bit-identical. Not with lazy_load (the low-RAM rung), where host threads
-    refill the pinned buffers that the copies read: there the host must know a copy has finished.
+    refill the pinned buffers that the copies read: there the host must know a copy has finished;
+    nor on a call with clean_cuda_cache (see swap_blocks). The host may now be many blocks ahead
+    when a block raises: recover() synchronises the device before anything runs again.
     Detected from swap_blocks synchronising on the host."""
     name = "streamed_blocks_ordered_on_the_gpu"
     manager = getattr(transformer_infer, "offload_manager", None)
@@ -935,12 +937,18 @@ def streamed_blocks_ordered_on_the_gpu(fixes: CompatFixes, transformer_infer: An
     upstream_swap = manager.swap_blocks
 
     def swap_blocks() -> None:
+        if getattr(transformer_infer, "clean_cuda_cache", False):
+            # After the last block the loop frees the caller's embed0 and context and empties the
+            # cache, which unmaps their pages once the caller's stream is done with them, not the
+            # compute stream: the host must know every block has run, as upstream makes it.
+            upstream_swap()
+            return
         manager.compute_stream.wait_stream(manager.cuda_load_stream)  # the next block's weights
         manager.cuda_load_stream.wait_stream(manager.compute_stream)  # the buffer this block used
         manager.cuda_buffers[0], manager.cuda_buffers[1] = manager.cuda_buffers[1], manager.cuda_buffers[0]
 
     def infer_with_blocks_offload(blocks: Any, x: Any, pre_infer_out: Any) -> Any:
-        caller = torch.cuda.current_stream()
+        caller = torch.cuda.current_stream(manager.compute_stream.device)
         manager.compute_stream.wait_stream(caller)
         manager.cuda_load_stream.wait_stream(caller)
         try:
