@@ -111,11 +111,13 @@ def peak_rise_summary(record: dict[str, Any]) -> str | None:
             f"new peak; if a larger preset now runs out of memory, this update is the likely cause.")
 
 
-def warn_if_peak_rose(result: GenerationResult) -> None:
-    """A memory regression after an update is said once, on the run that found it."""
+def warn_if_peak_rose(result: GenerationResult) -> str | None:
+    """A memory regression after an update is said once, on the run that found it; returns what
+    was said (for the status line), or None."""
     text = peak_rise_summary(result.record)
     if text is not None:
         gr.Warning(text, duration=None, title="GPU memory peak rose after an update")
+    return text
 
 
 def failure_status(exc: BaseException, alert: Exception) -> str:

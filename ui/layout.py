@@ -144,8 +144,7 @@ def build_ui(ctx: h.UiContext, *, extra_tabs: Callable[[], None] | None = None) 
                         raise job.error
                     result = job.result
                     h.warn_if_fell_back(result)
-                    h.warn_if_peak_rose(result)
-                    rose = h.peak_rise_summary(result.record)
+                    rose = h.warn_if_peak_rose(result)
                     rows = h.timeline_rows(result.record.get("vram"))
                     # Off the event loop: the gallery reads SQLite and may decode a first frame.
                     items = await asyncio.to_thread(h.gallery_items, ctx.history, ctx.service.outputs)

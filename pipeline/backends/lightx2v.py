@@ -74,6 +74,7 @@ from pipeline.machine import hostmem
 from pipeline.machine.gpu import GIB, GpuMonitor, is_oom
 from pipeline.machine.software import module_present
 from pipeline.backends.latent_preview import latents_to_rgb, preview_fps, stride_for
+from pipeline.backends.lightx2v_compat import FUSION_NAMES
 from pipeline.backends.weights_layout import DIT_DIR, TINY_VAE_NAMES, WeightsLayout, locate
 from pipeline.types import Phase, Preview, PreviewKind, RunSpec
 from presets import build_settings
@@ -349,7 +350,7 @@ class LightX2VBackend:
 
 
 _KERNEL_FIXES = ("attention_chosen_by_measurement", "int8_gemm_tiles_for_this_gpu", "sage_attention_on_sm89_sm120",
-                 "rope_fused", "qk_rms_norm_fused", "gate_residual_fused")
+                 *FUSION_NAMES)
 
 
 def _torch_cuda_version() -> str | None:

@@ -957,8 +957,6 @@ def streamed_blocks_ordered_on_the_gpu(fixes: CompatFixes, transformer_infer: An
             caller.wait_stream(manager.compute_stream)
             caller.wait_stream(manager.cuda_load_stream)
 
-    infer_with_blocks_offload.__name__ = "infer_with_blocks_offload"
-
     def undo() -> None:
         manager.swap_blocks = upstream_swap
         transformer_infer.infer_func = blocks_offloaded
